@@ -1,0 +1,1 @@
+"""The thin DALL-E model and trainer built on dalle_kernels."""
