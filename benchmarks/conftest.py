@@ -8,23 +8,10 @@ import platform
 import pytest
 
 
-def pytest_addoption(parser):
-    try:
-        parser.addoption("--device", action="store", default="cpu", choices=("cpu", "cuda"),
-                         help="cpu: small sizes, torch paths; cuda: paper shapes, compiled kernels")
-    except ValueError:  # already added by tests/conftest.py when both folders are collected together
-        pass
-
-
 @pytest.fixture(scope="session")
-def bench_device(request):
-    dev = request.config.getoption("--device")
-    if dev == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            pytest.skip("--device=cuda but no CUDA device is available")
-    return dev
+def bench_device(device):
+    """The lane's device ('cpu' or 'cuda'), from the root conftest's --device option."""
+    return device
 
 
 def environment(device: str) -> dict:

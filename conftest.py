@@ -1,0 +1,43 @@
+"""Test lanes for tests/ and benchmarks/, one option for both.
+
+CPU lane (default, CI):  pytest tests            -> Triton in its interpreter, small shapes, fp32/fp16
+GPU lane:                pytest tests --device=cuda -> compiled Triton and CUDA kernels, bigger shapes, bf16
+
+Nothing here touches the GPU at import time: the lane comes from the command line.
+"""
+import os
+
+import pytest
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", action="store", default="cpu", choices=("cpu", "cuda"),
+                     help="cpu: Triton interpreter lane, small shapes (default); cuda: GPU lane")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (run with --device=cuda)")
+    # Must happen before triton is imported anywhere (the interpreter is chosen at @triton.jit time).
+    if config.getoption("--device") == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--device") == "cuda":
+        return
+    skip = pytest.mark.skip(reason="GPU lane only (run with --device=cuda on a machine with a GPU)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def device(request):
+    """'cpu' or 'cuda' (the lane); skips the session's CUDA tests if no GPU is there."""
+    dev = request.config.getoption("--device")
+    if dev == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("--device=cuda but no CUDA device is available")
+    return dev
