@@ -2,7 +2,8 @@
 from . import masks
 from .masks import dense_mask
 from .ops.attention import attention_ref, sparse_attention
+from .ops.logit_laplace import logit_laplace_loss, logit_laplace_loss_ref, map_pixels, unmap_pixels
 
 __version__ = "0.1.0"
 
-__all__ = ["masks", "dense_mask", "sparse_attention", "attention_ref"]
+__all__ = ["logit_laplace_loss", "logit_laplace_loss_ref", "map_pixels", "unmap_pixels", "masks", "dense_mask", "sparse_attention", "attention_ref"]
