@@ -99,17 +99,270 @@ def check_inputs(params, target, reduction, eps, check_range=True):
                              f"[{lo}, {hi}]")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels. The module imports without triton (the torch backend still works).
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is a dependency on Linux
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _logit_laplace_terms(mu, ln_b, x, eps):
+        """fp32 ``(nll, d/dmu, d/dln_b)`` of one value; ``x`` in [0, 1]. sign(0) = 0 at the kink."""
+        y = x * (1.0 - 2.0 * eps) + eps
+        log_y = tl.log(y)
+        log_1my = tl.log(1.0 - y)
+        d = (log_y - log_1my) - mu
+        inv_b = tl.exp(-ln_b)
+        ad = tl.abs(d)
+        # where(): d == 0 with exp(-ln_b) = inf must give 0, not 0 * inf = nan.
+        scaled = tl.where(ad == 0.0, 0.0, ad * inv_b)
+        nll = scaled + ln_b + log_y + log_1my + 0.6931471805599453
+        g_mu = tl.where(d > 0.0, -inv_b, tl.where(d < 0.0, inv_b, 0.0))
+        g_lnb = 1.0 - scaled
+        return nll, g_mu, g_lnb
+
+    @triton.jit
+    def _logit_laplace_kernel(
+        P_ptr, X_ptr, Loss_ptr, Part_ptr, G_ptr, GO_ptr,
+        CHW, HW, W,
+        stride_pb, stride_pc, stride_ph, stride_pw,
+        stride_xb, stride_xc, stride_xh, stride_xw,
+        stride_gb, stride_gc, stride_gh, stride_gw,
+        eps, grad_scale,
+        X_IS_U8: tl.constexpr, CONTIG: tl.constexpr,
+        WRITE_LOSS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, WRITE_GRAD: tl.constexpr,
+        GO_MODE: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        """One pass over ``BLOCK`` of the ``3*H*W`` values of image ``program_id(1)``.
+
+        Reads mu, ln b and the target once; writes any of: the per-value loss (``WRITE_LOSS``), this program's
+        partial sum (``WRITE_PARTIAL``, summed later in a fixed order: deterministic, no atomics), the gradient
+        (``WRITE_GRAD``) times ``grad_scale`` and, by ``GO_MODE``, nothing (0), the scalar at ``GO_ptr`` (1) or
+        the per-value ``GO_ptr[b, c, h, w]`` (2, contiguous).
+        """
+        pid = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < CHW
+        if CONTIG:
+            p_off = b * stride_pb + offs
+            x_off = b * stride_xb + offs
+            g_off = b * stride_gb + offs
+        else:
+            c = offs // HW
+            hw = offs - c * HW
+            h = hw // W
+            w = hw - h * W
+            p_off = b * stride_pb + c.to(tl.int64) * stride_pc + h.to(tl.int64) * stride_ph + w * stride_pw
+            x_off = b * stride_xb + c.to(tl.int64) * stride_xc + h.to(tl.int64) * stride_xh + w * stride_xw
+            g_off = b * stride_gb + c.to(tl.int64) * stride_gc + h.to(tl.int64) * stride_gh + w * stride_gw
+        mu = tl.load(P_ptr + p_off, mask=mask, other=0.0).to(tl.float32)
+        ln_b = tl.load(P_ptr + p_off + 3 * stride_pc, mask=mask, other=0.0).to(tl.float32)
+        if X_IS_U8:
+            x = tl.load(X_ptr + x_off, mask=mask, other=0).to(tl.float32) * (1.0 / 255.0)
+        else:
+            x = tl.load(X_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
+        nll, g_mu, g_lnb = _logit_laplace_terms(mu, ln_b, x, eps)
+        if WRITE_LOSS:
+            tl.store(Loss_ptr + b * CHW + offs, nll, mask=mask)
+        if WRITE_PARTIAL:
+            tl.store(Part_ptr + b * tl.num_programs(0) + pid, tl.sum(tl.where(mask, nll, 0.0), axis=0))
+        if WRITE_GRAD:
+            if GO_MODE == 1:
+                scale = tl.load(GO_ptr).to(tl.float32) * grad_scale
+            elif GO_MODE == 2:
+                scale = tl.load(GO_ptr + b * CHW + offs, mask=mask, other=0.0).to(tl.float32) * grad_scale
+            else:
+                scale = grad_scale
+            gty = G_ptr.dtype.element_ty
+            tl.store(G_ptr + g_off, (g_mu * scale).to(gty), mask=mask)
+            tl.store(G_ptr + g_off + 3 * stride_gc, (g_lnb * scale).to(gty), mask=mask)
+
+    @triton.jit
+    def _sum_partials_kernel(Part_ptr, Out_ptr, n, scale, BLOCK: tl.constexpr):
+        """``Out[0] = scale * sum(Part[:n])`` in one program, in a fixed order (bit-identical run to run)."""
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, n, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            acc += tl.load(Part_ptr + offs, mask=offs < n, other=0.0)
+        tl.store(Out_ptr, tl.sum(acc, axis=0) * scale)
+
+
+def _block_size(chw: int) -> int:
+    return max(16, min(1024, triton.next_power_of_2(chw)))
+
+
+def _launch_triton(params, target, *, eps, loss=None, partial=None, grad=None, grad_out=None, go_mode=0,
+                   grad_scale=1.0):
+    B, _, H, W = params.shape
+    chw = 3 * H * W
+    block = _block_size(chw)
+    grid = (triton.cdiv(chw, block), B)
+    contig = params.is_contiguous() and target.is_contiguous() and (grad is None or grad.is_contiguous())
+    g = grad if grad is not None else params  # unused pointer when WRITE_GRAD is off
+    dummy = params
+    _logit_laplace_kernel[grid](
+        params, target, loss if loss is not None else dummy, partial if partial is not None else dummy, g,
+        grad_out if grad_out is not None else dummy,
+        chw, H * W, W,
+        *params.stride(), *target.stride(), *g.stride(),
+        float(eps), float(grad_scale),
+        X_IS_U8=target.dtype == torch.uint8, CONTIG=contig,
+        WRITE_LOSS=loss is not None, WRITE_PARTIAL=partial is not None, WRITE_GRAD=grad is not None,
+        GO_MODE=go_mode, BLOCK=block, num_warps=4 if block >= 512 else 2,
+    )
+    return grid
+
+
+def _triton_forward(params, target, reduction, eps, want_grad):
+    """Forward; with ``want_grad`` (mean/sum only) also the gradient for a grad_output of 1."""
+    B, _, H, W = params.shape
+    n = B * 3 * H * W
+    dev = params.device
+    grad = torch.empty_like(params) if want_grad else None
+    if reduction == "none":
+        loss = torch.empty((B, 3, H, W), device=dev, dtype=torch.float32)
+        _launch_triton(params, target, eps=eps, loss=loss)
+        return loss, None
+    nprog = triton.cdiv(3 * H * W, _block_size(3 * H * W))
+    partial = torch.empty(B * nprog, device=dev, dtype=torch.float32)
+    scale = 1.0 / n if reduction == "mean" else 1.0
+    _launch_triton(params, target, eps=eps, partial=partial, grad=grad, grad_scale=scale)
+    out = torch.empty((), device=dev, dtype=torch.float32)
+    _sum_partials_kernel[(1,)](partial, out, partial.numel(), scale, BLOCK=1024)
+    return out, grad
+
+
+def _triton_backward(params, target, eps, grad_out, reduction):
+    grad = torch.empty_like(params)
+    go = grad_out.to(torch.float32).contiguous()
+    if reduction == "none":
+        _launch_triton(params, target, eps=eps, grad=grad, grad_out=go.expand(params.shape[0], 3, *params.shape[2:])
+                       .contiguous(), go_mode=2)
+    else:
+        B, _, H, W = params.shape
+        scale = 1.0 / (B * 3 * H * W) if reduction == "mean" else 1.0
+        _launch_triton(params, target, eps=eps, grad=grad, grad_out=go.reshape(1), go_mode=1, grad_scale=scale)
+    return grad
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CUDA extension (csrc/logit_laplace.cu): contiguous inputs only (made contiguous here).
+_REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2}
+
+
+def _cuda_forward(params, target, reduction, eps, want_grad):
+    from .. import _cuda
+
+    mod = _cuda.ext("logit_laplace_forward")
+    params, target = params.contiguous(), target.contiguous()
+    B, _, H, W = params.shape
+    grad = torch.empty_like(params) if want_grad else None
+    if reduction == "none":
+        loss = torch.empty((B, 3, H, W), device=params.device, dtype=torch.float32)
+    else:
+        loss = torch.empty((), device=params.device, dtype=torch.float32)
+    nblocks = mod.logit_laplace_partial_count(B, H, W)
+    partial = torch.empty(max(nblocks, 1), device=params.device, dtype=torch.float32)
+    mod.logit_laplace_forward(
+        params.data_ptr(), target.data_ptr(), loss.data_ptr(), partial.data_ptr(),
+        grad.data_ptr() if grad is not None else 0,
+        B, H, W, _cuda.dtype_code(params), _cuda.dtype_code(target), float(eps), _REDUCTION_CODES[reduction],
+        _cuda.stream_of(params))
+    return loss, grad
+
+
+def _cuda_backward(params, target, eps, grad_out, reduction):
+    from .. import _cuda
+
+    mod = _cuda.ext("logit_laplace_backward")
+    params, target = params.contiguous(), target.contiguous()
+    B, _, H, W = params.shape
+    grad = torch.empty_like(params)
+    go = grad_out.to(torch.float32)
+    if reduction == "none":
+        go = go.expand(B, 3, H, W).contiguous()
+    else:
+        go = go.reshape(1).contiguous()
+    mod.logit_laplace_backward(
+        params.data_ptr(), target.data_ptr(), go.data_ptr(), grad.data_ptr(),
+        B, H, W, _cuda.dtype_code(params), _cuda.dtype_code(target), float(eps), _REDUCTION_CODES[reduction],
+        _cuda.stream_of(params))
+    return grad
+
+
+_FORWARD = {"triton": _triton_forward, "cuda": _cuda_forward}
+_BACKWARD = {"triton": _triton_backward, "cuda": _cuda_backward}
+
+
+class LogitLaplaceLoss(torch.autograd.Function):
+    """Fused forward (+ the gradient, for mean/sum) and a one-pass backward.
+
+    mean/sum: forward writes d loss / d params for a grad_output of 1 and saves only that tensor (no copy of
+    params or target is kept: peak extra memory is the gradient). Backward scales it in place by grad_output
+    (skipped when grad_output is 1, which costs one host sync) and hands it over, so a second backward through
+    the same graph (``retain_graph=True``) raises a clear error. none: backward recomputes from params and
+    target in one pass, times the per-value grad_output. Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, params, target, reduction, eps, backend):
+        want_grad = ctx.needs_input_grad[0] and reduction != "none"
+        loss, grad = _FORWARD[backend](params, target, reduction, eps, want_grad)
+        ctx.reduction, ctx.eps, ctx.backend = reduction, eps, backend
+        if reduction == "none":
+            ctx.save_for_backward(params, target)
+        else:
+            ctx.grad = grad
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        if ctx.reduction == "none":
+            params, target = ctx.saved_tensors
+            return _BACKWARD[ctx.backend](params, target, ctx.eps, grad_out, ctx.reduction), None, None, None, None
+        grad = ctx.grad
+        if grad is None:
+            raise RuntimeError(
+                "logit_laplace_loss: backward ran twice through the same graph (retain_graph=True); the fused "
+                "gradient is handed over on the first backward. Compute the loss again for a second backward.")
+        ctx.grad = None
+        scale = float(grad_out)  # host sync; lets grad_output == 1 (the usual case) skip a full pass
+        if scale != 1.0:
+            grad.mul_(scale)  # python scalar: multiplied in fp32 opmath, safe for fp16 grads
+        return grad, None, None, None, None
+
+
 def logit_laplace_loss(params: torch.Tensor, target: torch.Tensor, reduction: str = "mean", eps: float = 0.1,
                        backend: str = "auto", check_range: bool = True) -> torch.Tensor:
     """Logit-Laplace NLL of ``target`` pixels under the decoder output ``params`` (SPEC.md section 3).
 
-    ``params`` ``(B, 6, H, W)`` float32/float16/bfloat16 (float64: torch backend), channels 0-2 ``mu`` and
-    3-5 ``ln b``; ``target`` ``(B, 3, H, W)`` floating in [0, 1] or uint8 in [0, 255], mapped with ``eps``
-    inside the op. ``reduction``: ``"mean"`` over all ``B*3*H*W`` values, ``"sum"``, or ``"none"``
-    (float32 ``(B, 3, H, W)``). ``check_range=False`` skips the min/max check of a floating target (a sync).
-    The target gets no gradient.
+    ``params`` ``(B, 6, H, W)`` float32/float16/bfloat16 (float64: torch backend only), channels 0-2 ``mu``
+    and 3-5 ``ln b``; ``target`` ``(B, 3, H, W)`` floating in [0, 1] or uint8 in [0, 255], mapped with
+    ``eps`` inside the op. ``reduction``: ``"mean"`` over all ``B*3*H*W`` values, ``"sum"``, or ``"none"``
+    (``(B, 3, H, W)``). The loss is float32 (float64 for float64 params). ``check_range=False`` skips the
+    min/max check of a floating target (one host sync). The target gets no gradient.
+
+    ``backend``: ``"auto"`` (CUDA extension if built, else Triton, for CUDA tensors; Triton interpreter or
+    torch on CPU), ``"cuda"``, ``"triton"`` or ``"torch"`` (autograd through the reference). The Triton
+    kernel reads any strides (channels-last included); the CUDA backend makes non-contiguous inputs
+    contiguous first (a copy).
     """
     check_inputs(params, target, reduction, eps, check_range)
-    backend = resolve_backend(backend, params)
-    # The fused kernels land next; until then every backend computes the reference.
-    return logit_laplace_loss_ref(params, target.detach(), reduction, float(eps))
+    if backend == "auto" and params.dtype == torch.float64:
+        backend = "torch"  # the fused kernels are float32/16/bf16; float64 is the reference's job
+    backend = resolve_backend(backend, params, cuda_op="logit_laplace_forward")
+    if backend == "torch":
+        return logit_laplace_loss_ref(params, target.detach(), reduction, float(eps))
+    if params.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"params must be float32, float16 or bfloat16 for backend={backend!r}, got {params.dtype}")
+    if 3 * params.shape[2] * params.shape[3] >= 2**31 or params.shape[0] >= 65536:
+        raise ValueError(f"params shape {tuple(params.shape)} too large: need 3*H*W < 2**31 and B < 65536")
+    if params.numel() == 0:
+        return logit_laplace_loss_ref(params, target.detach(), reduction, float(eps))
+    return LogitLaplaceLoss.apply(params, target.detach(), reduction, float(eps), backend)
