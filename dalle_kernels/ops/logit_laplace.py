@@ -255,11 +255,18 @@ def _triton_backward(params, target, eps, grad_out, reduction):
 _REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2}
 
 
+def _cuda_target(target):
+    # The kernel reads fp32/fp16/bf16/uint8 targets; a float64 target (values in [0, 1]) goes in as fp32.
+    if target.dtype == torch.float64:
+        target = target.to(torch.float32)
+    return target.contiguous()
+
+
 def _cuda_forward(params, target, reduction, eps, want_grad):
     from .. import _cuda
 
     mod = _cuda.ext("logit_laplace_forward")
-    params, target = params.contiguous(), target.contiguous()
+    params, target = params.contiguous(), _cuda_target(target)
     B, _, H, W = params.shape
     grad = torch.empty_like(params) if want_grad else None
     if reduction == "none":
@@ -280,7 +287,7 @@ def _cuda_backward(params, target, eps, grad_out, reduction):
     from .. import _cuda
 
     mod = _cuda.ext("logit_laplace_backward")
-    params, target = params.contiguous(), target.contiguous()
+    params, target = params.contiguous(), _cuda_target(target)
     B, _, H, W = params.shape
     grad = torch.empty_like(params)
     go = grad_out.to(torch.float32)
