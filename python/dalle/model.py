@@ -1,0 +1,269 @@
+"""The DALL-E transformer (SPEC.md sections 1, 2 and 4) on ``dalle_kernels.sparse_attention``.
+
+Sequence: ``T`` text slots then the ``H x W`` image grid in raster order, ``N = T + H*W`` positions.
+
+Start-of-image choice (SPEC.md section 2): there is no start-of-image token. The output at the last text
+slot ``T - 1`` predicts image token 0, the output at image position ``k`` predicts image token ``k + 1`` and
+the output at the last image position predicts nothing. Text slot ``t`` predicts text slot ``t + 1`` (the
+per-slot padding tokens included, they are ordinary tokens), so the first text slot is never predicted.
+``loss = (loss_text + 7 * loss_image) / 8``, each term averaged over its own predicted tokens.
+
+Blocks are pre-norm: ``x + attn(ln(x))`` then ``+ mlp(ln(.))``. Layer ``l`` of ``L`` attends with the mask
+``conv`` if ``l == L - 1``, ``column`` if ``l % 4 == 1``, else ``row`` (``layer_masks``). A whole block is one
+"resblock" for per-resblock gradient scaling (``dalle.grad_scale``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from dalle_kernels import sparse_attention
+from dalle_kernels.masks import MASKS, check_layout
+
+
+def layer_masks(n_layers: int, last: str = "conv") -> list[str]:
+    """SPEC.md section 1 schedule: ``last`` for the final layer, ``column`` when ``l % 4 == 1``, else ``row``."""
+    return [last if l == n_layers - 1 else ("column" if l % 4 == 1 else "row") for l in range(n_layers)]
+
+
+@dataclass
+class DALLEConfig:
+    """Sizes of the transformer. ``text_vocab`` is the BPE vocabulary (padding ids come on top of it)."""
+
+    text_len: int = 256
+    text_vocab: int = 16384
+    image_vocab: int = 8192
+    grid: tuple = (32, 32)
+    n_layers: int = 64
+    n_heads: int = 62
+    head_dim: int = 64
+    mlp_ratio: int = 4
+    conv_kernel: int = 11
+    last_mask: str = "conv"
+    checkpoint: bool = False  # recompute each block in backward (activation checkpointing)
+    attn_backend: str = "auto"  # dalle_kernels backend: auto | triton | cuda | torch
+
+    def __post_init__(self):
+        self.grid = tuple(int(g) for g in self.grid)
+        check_layout(self.last_mask, self.text_len, self.grid, self.conv_kernel)
+        for name in ("text_len", "text_vocab", "image_vocab", "n_layers", "n_heads", "head_dim", "mlp_ratio"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"DALLEConfig.{name} must be a positive int, got {v!r}")
+        if self.last_mask not in MASKS:
+            raise ValueError(f"DALLEConfig.last_mask must be one of {MASKS}, got {self.last_mask!r}")
+
+    @property
+    def d_model(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def image_len(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def seq_len(self) -> int:
+        return self.text_len + self.image_len
+
+    @property
+    def text_rows(self) -> int:
+        """Rows of the text embedding and outputs of the text head: BPE ids, then one padding id per slot."""
+        return self.text_vocab + self.text_len
+
+    def masks(self) -> list[str]:
+        return layer_masks(self.n_layers, self.last_mask)
+
+    @classmethod
+    def paper(cls, **kw) -> "DALLEConfig":
+        """The paper's 12B model: 64 layers, 62 heads of 64, T = 256, 32 x 32 grid, 16384 / 8192 vocabularies."""
+        return cls(**kw)
+
+    @classmethod
+    def tiny(cls, **kw) -> "DALLEConfig":
+        """The CPU demo size (the pipeline's default)."""
+        base = dict(text_len=16, text_vocab=128, image_vocab=64, grid=(8, 8), n_layers=4, n_heads=4, head_dim=32,
+                    conv_kernel=5)
+        base.update(kw)
+        return cls(**base)
+
+    @classmethod
+    def micro(cls, **kw) -> "DALLEConfig":
+        """Unit-test size."""
+        base = dict(text_len=6, text_vocab=20, image_vocab=12, grid=(4, 4), n_layers=5, n_heads=2, head_dim=16,
+                    conv_kernel=3)
+        base.update(kw)
+        return cls(**base)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DALLEConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention under one DALL-E mask; parameters only, the math is ``sparse_attention``."""
+
+    def __init__(self, cfg: DALLEConfig, mask: str):
+        super().__init__()
+        self.cfg, self.mask = cfg, mask
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def split(self, x):
+        B, N, _ = x.shape
+        c = self.cfg
+        q, k, v = self.qkv(x).view(B, N, 3, c.n_heads, c.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v  # each (B, heads, N, head_dim)
+
+    def merge(self, o):
+        B, nh, N, hd = o.shape
+        return self.proj(o.transpose(1, 2).reshape(B, N, nh * hd))
+
+    def forward(self, x):
+        c = self.cfg
+        q, k, v = self.split(x)
+        o = sparse_attention(q, k, v, mask=self.mask, text_len=c.text_len, grid=c.grid, kernel=c.conv_kernel,
+                             backend=c.attn_backend)
+        return self.merge(o)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: attention then MLP, each added to the residual stream."""
+
+    def __init__(self, cfg: DALLEConfig, mask: str):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = Attention(cfg, mask)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.fc = nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model)
+        self.out = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model)
+
+    def mlp(self, x):
+        return self.out(F.gelu(self.fc(self.ln2(x))))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(x)
+
+
+class DALLE(nn.Module):
+    """Decoder-only transformer over text + image tokens."""
+
+    def __init__(self, cfg: DALLEConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, (H, W) = cfg.d_model, cfg.grid
+        self.text_emb = nn.Embedding(cfg.text_rows, d)
+        self.text_pos = nn.Parameter(torch.zeros(cfg.text_len, d))
+        self.image_emb = nn.Embedding(cfg.image_vocab, d)
+        self.row_emb = nn.Parameter(torch.zeros(H, d))
+        self.col_emb = nn.Parameter(torch.zeros(W, d))
+        self.blocks = nn.ModuleList(Block(cfg, m) for m in cfg.masks())
+        self.ln_f = nn.LayerNorm(d)
+        self.text_head = nn.Linear(d, cfg.text_rows, bias=False)
+        self.image_head = nn.Linear(d, cfg.image_vocab, bias=False)
+        self.grad_scaler = None  # set by dalle.grad_scale.BlockGradScaler.attach
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        std = 0.02
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=std)
+        for p in (self.text_pos, self.row_emb, self.col_emb):
+            nn.init.normal_(p, std=std)
+        for b in self.blocks:  # residual branches scaled down with depth (GPT-2 style)
+            nn.init.normal_(b.attn.proj.weight, std=std / math.sqrt(2 * self.cfg.n_layers))
+            nn.init.normal_(b.out.weight, std=std / math.sqrt(2 * self.cfg.n_layers))
+
+    # -- inputs ----------------------------------------------------------------------------------------
+    def check_tokens(self, text, image=None):
+        c = self.cfg
+        if not isinstance(text, torch.Tensor) or text.dtype != torch.long or text.dim() != 2 \
+                or text.shape[1] != c.text_len:
+            raise ValueError(f"text must be a LongTensor (batch, {c.text_len}), got "
+                             f"{getattr(text, 'dtype', type(text))} {tuple(getattr(text, 'shape', ()))}")
+        if image is not None:
+            if not isinstance(image, torch.Tensor) or image.dtype != torch.long:
+                raise ValueError(f"image must be a LongTensor of image tokens, got {getattr(image, 'dtype', image)}")
+            if image.dim() == 3:
+                image = image.flatten(1)
+            if image.dim() != 2 or image.shape != (text.shape[0], c.image_len):
+                raise ValueError(f"image must have shape ({text.shape[0]}, {c.image_len}) or "
+                                 f"({text.shape[0]}, {c.grid[0]}, {c.grid[1]}), got {tuple(image.shape)}")
+        return image
+
+    def image_position_embedding(self):
+        H, W = self.cfg.grid
+        return (self.row_emb[:, None, :] + self.col_emb[None, :, :]).reshape(H * W, -1)
+
+    def embed(self, text, image):
+        """``(B, N, d)`` input: text + per-slot padding + text position; image + row + column."""
+        t = self.text_emb(text) + self.text_pos
+        i = self.image_emb(image) + self.image_position_embedding()
+        return torch.cat([t, i], dim=1)
+
+    # -- forward ---------------------------------------------------------------------------------------
+    def run_blocks(self, x):
+        scaler = self.grad_scaler if torch.is_grad_enabled() else None
+        for l, block in enumerate(self.blocks):
+            if scaler is not None:
+                x = scaler.enter(l, x)
+            if self.cfg.checkpoint and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+            if scaler is not None:
+                x = scaler.exit(l, x)
+        return self.ln_f(x)
+
+    def forward(self, text, image):
+        """Logits: text ``(B, T-1, text_rows)`` for slots ``1..T-1``; image ``(B, H*W, image_vocab)``.
+
+        Image logit ``k`` is the prediction of image token ``k`` (from position ``T - 1 + k``).
+        """
+        image = self.check_tokens(text, image)
+        T = self.cfg.text_len
+        h = self.run_blocks(self.embed(text, image))
+        text_logits = self.text_head(h[:, : T - 1])
+        image_logits = self.image_head(h[:, T - 1: -1])
+        return text_logits, image_logits
+
+    def loss(self, text, image, return_parts=False):
+        """``(loss_text + 7 * loss_image) / 8`` (SPEC.md section 2), losses computed in float32."""
+        image = self.check_tokens(text, image)
+        text_logits, image_logits = self(text, image)
+        loss_text = F.cross_entropy(text_logits.float().flatten(0, 1), text[:, 1:].flatten())
+        loss_image = F.cross_entropy(image_logits.float().flatten(0, 1), image.flatten())
+        loss = combine_losses(loss_text, loss_image)
+        if return_parts:
+            return loss, loss_text.detach(), loss_image.detach()
+        return loss
+
+    def param_groups(self, weight_decay: float):
+        """AdamW groups (SPEC.md section 4): decay on linear-layer matrices, none on gains, biases, embeddings."""
+        decay, no_decay = [], []
+        for m in self.modules():
+            for name, p in m.named_parameters(recurse=False):
+                if isinstance(m, nn.Linear) and name == "weight":
+                    decay.append(p)
+                else:
+                    no_decay.append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def combine_losses(loss_text, loss_image):
+    return (loss_text + 7.0 * loss_image) / 8.0
