@@ -97,3 +97,140 @@ def transposed_column_mask(text_len: int, grid, device=None) -> torch.Tensor:
     ti, tj = i - T, j - T
     img = (ti // H == tj // H) & causal
     return (j < T) & causal | ((i >= T) & (j >= T) & img)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The layout the kernels run, block lookup tables, tile counts.
+
+# Mask codes shared with the Triton predicate (``tl_allowed``). ``column`` runs in the transposed layout.
+MASK_CODES = {"causal": 0, "row": 1, "column": 2, "conv": 3, "conv_clipped": 4}
+
+
+def kernel_mask(mask: str, text_len: int, grid, kernel: int = 11, device=None) -> torch.Tensor:
+    """``dense_mask`` in the layout the kernels run: raster order, except ``column`` (transposed image part)."""
+    if mask == "column":
+        return transposed_column_mask(text_len, grid, device=device)
+    return dense_mask(mask, text_len, grid, kernel, device=device)
+
+
+def tile_any_all(m: torch.Tensor, block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tile-level OR and AND of a bool ``(N, N)`` matrix; tiles reaching past ``N`` are never "all"."""
+    n = m.shape[0]
+    nqb, nkb = -(-n // block_m), -(-n // block_n)
+    pad = torch.zeros(nqb * block_m, nkb * block_n, dtype=torch.bool, device=m.device)
+    pad[:n, :n] = m
+    tiles = pad.view(nqb, block_m, nkb, block_n)
+    any_ = tiles.any(dim=3).any(dim=1)
+    all_ = tiles.all(dim=3).all(dim=1)
+    return any_, all_
+
+
+class BlockTables:
+    """Which key blocks each query block visits (and the transpose), as int32 tables for the kernels.
+
+    ``q_lut[m, :q_count[m]]``: key-block indices visited by query block ``m`` in increasing order;
+    ``q_full[m, i]`` is 1 when that tile is entirely allowed and inside the sequence (the kernel skips the
+    predicate there). ``k_lut``/``k_full``/``k_count``: the same per key block (the query blocks that see it),
+    for the dK/dV pass. Unused entries are 0. Built from the dense mask in the kernel's layout.
+    """
+
+    def __init__(self, any_: torch.Tensor, all_: torch.Tensor, block_m: int, block_n: int):
+        self.block_m, self.block_n = block_m, block_n
+        self.tiles = any_
+        self.q_lut, self.q_full, self.q_count = self._pack(any_, all_)
+        self.k_lut, self.k_full, self.k_count = self._pack(any_.t(), all_.t())
+
+    @staticmethod
+    def _pack(any_, all_):
+        count = any_.sum(dim=1).to(torch.int32)
+        width = max(int(count.max()) if count.numel() else 0, 1)
+        lut = torch.zeros(any_.shape[0], width, dtype=torch.int32)
+        full = torch.zeros(any_.shape[0], width, dtype=torch.int32)
+        for r in range(any_.shape[0]):
+            idx = any_[r].nonzero().flatten()
+            lut[r, : idx.numel()] = idx.to(torch.int32)
+            full[r, : idx.numel()] = all_[r, idx].to(torch.int32)
+        return lut, full, count
+
+    def to(self, device) -> "BlockTables":
+        out = object.__new__(BlockTables)
+        out.__dict__.update({k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()})
+        return out
+
+    @property
+    def visited(self) -> int:
+        return int(self.q_count.sum())
+
+    @property
+    def full(self) -> int:
+        return int(self.q_full.sum())
+
+
+_TABLE_CACHE: dict = {}
+
+
+def block_tables(mask: str, text_len: int, grid, kernel: int, block_m: int, block_n: int, device=None) -> BlockTables:
+    """Cached ``BlockTables`` per ``(mask, T, H, W, kernel, block_m, block_n, device)``."""
+    T, H, W = check_layout(mask, text_len, grid, kernel)
+    if mask in ("row", "column", "causal"):
+        kernel = 0  # the kernel size does not change these masks: one cache entry
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    key = (mask, T, H, W, kernel, int(block_m), int(block_n), str(dev))
+    tables = _TABLE_CACHE.get(key)
+    if tables is None:
+        cpu_key = key[:-1] + ("cpu",)
+        tables = _TABLE_CACHE.get(cpu_key)
+        if tables is None:
+            any_, all_ = tile_any_all(kernel_mask(mask, T, (H, W), kernel or 1), block_m, block_n)
+            tables = _TABLE_CACHE[cpu_key] = BlockTables(any_, all_, block_m, block_n)
+        if dev.type != "cpu":
+            tables = _TABLE_CACHE[key] = tables.to(dev)
+    return tables
+
+
+def tile_stats(mask: str, text_len: int, grid, kernel: int = 11, block_m: int = 64, block_n: int = 64) -> dict:
+    """Tiles a block-sparse kernel visits under ``mask`` vs a dense causal kernel with the same tiles."""
+    tables = block_tables(mask, text_len, grid, kernel, block_m, block_n)
+    causal = block_tables("causal", text_len, grid, kernel, block_m, block_n)
+    return {"mask": mask, "block_m": block_m, "block_n": block_n, "tiles": tables.visited,
+            "full_tiles": tables.full, "causal_tiles": causal.visited,
+            "ratio": tables.visited / causal.visited}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The same predicate inside Triton kernels (on int32 index tensors, in the kernel's layout).
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is a dependency on Linux
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def tl_allowed(i, j, T, H, W, S, MASK: tl.constexpr):
+        """``allowed`` for positions ``i`` (query) and ``j`` (key) in the kernel's layout; ``MASK`` a MASK_CODES value.
+
+        For ``column`` (code 2) the image part is transposed (``t = c * H + r``) and the rule is
+        block-diagonal causal with blocks of ``H``. Every ``//`` and ``%`` sees non-negative operands, so
+        C (GPU) and floor (interpreter) division agree.
+        """
+        causal = j <= i
+        if MASK == 0:
+            res = causal
+        else:
+            q = tl.maximum(i - T, 0)
+            k = tl.maximum(j - T, 0)
+            if MASK == 1:
+                img = (q - k) <= W
+            elif MASK == 2:
+                img = (q // H) == (k // H)
+            elif MASK == 3:
+                d = tl.maximum(q - k, 0)
+                dm = d % W
+                img = ((d // W) <= S) & ((dm <= S) | (dm >= W - S))
+            else:
+                dc = (q % W) - (k % W)
+                img = ((q // W) - (k // W) <= S) & (dc <= S) & (dc >= -S)
+            res = causal & ((j < T) | ((i >= T) & img))
+        return res

@@ -53,6 +53,397 @@ def check_inputs(q, k, v, mask, text_len, grid, kernel, scale):
     return T, H, W, float(scale)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Tile configurations. One table per head_dim for sm_80 / sm_90 (chosen from the ahead-of-time compile:
+# no spills, tensor-core MMAs, shared memory well inside 100 KB so two CTAs fit per SM; see
+# tests/test_aot_compile.py). Block sizes are also the sparsity granularity: 64 x 64 tiles visit 0.50 / 0.43 /
+# 0.63 of dense causal's tiles for row / column / conv at the paper shape (SPEC.md), 128 x 128 only 0.62 / 0.49 /
+# 0.73, so the tiles stay at 64. The interpreter (CPU tests at small shapes) uses 16 x 16 tiles so that a
+# sequence of a few dozen positions already spans several blocks, full and partial.
+
+class TileConfig(tuple):
+    """``(block_m, block_n, num_warps, num_stages)``."""
+
+    def __new__(cls, block_m, block_n, num_warps, num_stages):
+        return super().__new__(cls, (block_m, block_n, num_warps, num_stages))
+
+    block_m = property(lambda self: self[0])
+    block_n = property(lambda self: self[1])
+    num_warps = property(lambda self: self[2])
+    num_stages = property(lambda self: self[3])
+
+
+FWD_CONFIGS = {16: TileConfig(64, 64, 4, 3), 32: TileConfig(64, 64, 4, 3), 64: TileConfig(64, 64, 4, 3),
+               128: TileConfig(64, 64, 4, 2)}
+BWD_CONFIGS = {16: TileConfig(64, 64, 4, 2), 32: TileConfig(64, 64, 4, 2), 64: TileConfig(64, 64, 4, 2),
+               128: TileConfig(64, 64, 8, 1)}
+INTERPRETER_CONFIG = TileConfig(16, 16, 4, 1)
+
+
+def pick_configs(head_dim: int, device: torch.device, block_m: int = 0, block_n: int = 0):
+    """Forward and backward tile configs for a call; ``block_m``/``block_n`` > 0 override the tile shape."""
+    if device.type == "cuda":
+        fwd, bwd = FWD_CONFIGS[head_dim], BWD_CONFIGS[head_dim]
+    else:
+        fwd = bwd = INTERPRETER_CONFIG
+    if block_m or block_n:
+        fwd = TileConfig(block_m or fwd.block_m, block_n or fwd.block_n, fwd.num_warps, fwd.num_stages)
+        bwd = TileConfig(block_m or bwd.block_m, block_n or bwd.block_n, bwd.num_warps, bwd.num_stages)
+    return fwd, bwd
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels. The module imports without triton (the torch backend still works).
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is a dependency on Linux
+    triton = None
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+if triton is not None:
+    from ..masks import tl_allowed
+
+    @triton.jit
+    def _phys_rows(offs, T, H, W, TRANSPOSED: tl.constexpr):
+        """Kernel-layout position -> raster row of the tensor. ``column`` runs transposed (SPEC.md): logical
+        image position ``T + c*H + r`` reads raster row ``T + r*W + c``, so no permuted copy is ever made."""
+        if TRANSPOSED:
+            t = tl.maximum(offs - T, 0)
+            rows = tl.where(offs >= T, T + (t % H) * W + t // H, offs)
+        else:
+            rows = offs
+        return rows
+
+    @triton.jit
+    def _load_rows(base, rows, valid, stride_n, HEAD_DIM: tl.constexpr):
+        """A ``(len(rows), HEAD_DIM)`` tile; rows outside the sequence read as 0."""
+        offs_d = tl.arange(0, HEAD_DIM)
+        ptrs = base + rows.to(tl.int64)[:, None] * stride_n + offs_d[None, :]
+        return tl.load(ptrs, mask=valid[:, None], other=0.0)
+
+    @triton.jit
+    def _logits(q, k, offs_m, offs_n, full, N, T, H, W, S, qk_scale,
+                MASK: tl.constexpr, PRECISION: tl.constexpr):
+        """``qk_scale * q k^T`` (log2 domain), ``-inf`` where the mask forbids a pair or a position is past ``N``.
+
+        ``full`` (from the lookup table) says the tile is entirely allowed and inside the sequence: no
+        predicate work there.
+        """
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if full == 0:
+            ok = tl_allowed(offs_m[:, None], offs_n[None, :], T, H, W, S, MASK)
+            ok = ok & (offs_m[:, None] < N) & (offs_n[None, :] < N)
+            s = tl.where(ok, s, float("-inf"))
+        return s
+
+    @triton.jit
+    def _online_softmax_step(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
+        """Fold one key tile into the running max ``m_i``, sum ``l_i`` and output ``acc`` (all fp32).
+
+        A row with no allowed key so far has ``m = -inf``; shifting by 0 instead keeps ``exp2`` at 0, not NaN.
+        """
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_shift)
+        p = tl.math.exp2(s - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        return m_new, l_i, acc
+
+    @triton.jit
+    def _probs_and_dscores(q, k, v, do, lse2, delta, offs_m, offs_n, full, N, T, H, W, S, qk_scale,
+                           MASK: tl.constexpr, PRECISION: tl.constexpr):
+        """Backward core, shared by the dQ and dK/dV kernels: recompute ``P = exp(S - lse)`` from the saved
+        row log-sum-exp, and ``dS = P * (dO V^T - delta)`` with ``delta = rowsum(dO * O)``."""
+        s = _logits(q, k, offs_m, offs_n, full, N, T, H, W, S, qk_scale, MASK, PRECISION)
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        return p, ds
+
+    @triton.jit
+    def _attn_fwd_kernel(
+        Q_ptr, K_ptr, V_ptr, O_ptr, LSE_ptr, LUT_ptr, FULL_ptr, CNT_ptr,
+        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+        HEADS, N, T, H, W, S, LUT_W, qk_scale,
+        MASK: tl.constexpr, TRANSPOSED: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """One query block of one (batch, head): ``O = softmax(scale * Q K^T + mask) V`` with an online softmax
+        over the key blocks listed in the lookup table only; also writes the row log-sum-exp (natural log)."""
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        off_b = (pid_bh // HEADS).to(tl.int64)
+        off_h = (pid_bh % HEADS).to(tl.int64)
+        q_base = Q_ptr + off_b * stride_qb + off_h * stride_qh
+        k_base = K_ptr + off_b * stride_kb + off_h * stride_kh
+        v_base = V_ptr + off_b * stride_vb + off_h * stride_vh
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows_m = _phys_rows(offs_m, T, H, W, TRANSPOSED)
+        valid_m = offs_m < N
+        q = _load_rows(q_base, rows_m, valid_m, stride_qn, HEAD_DIM)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        count = tl.load(CNT_ptr + pid_m)
+        for idx in range(0, count):
+            kb = tl.load(LUT_ptr + pid_m * LUT_W + idx)
+            full = tl.load(FULL_ptr + pid_m * LUT_W + idx)
+            offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+            rows_n = _phys_rows(offs_n, T, H, W, TRANSPOSED)
+            valid_n = offs_n < N
+            k = _load_rows(k_base, rows_n, valid_n, stride_kn, HEAD_DIM)
+            v = _load_rows(v_base, rows_n, valid_n, stride_vn, HEAD_DIM)
+            s = _logits(q, k, offs_m, offs_n, full, N, T, H, W, S, qk_scale, MASK, PRECISION)
+            m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, PRECISION)
+
+        # Only padding rows past N can end with l = 0 (the diagonal is always allowed); keep them finite.
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+        out = acc / l_safe[:, None]
+        lse = (m_safe + tl.math.log2(l_safe)) * 0.6931471805599453
+        offs_d = tl.arange(0, HEAD_DIM)
+        o_ptrs = O_ptr + off_b * stride_ob + off_h * stride_oh + rows_m.to(tl.int64)[:, None] * stride_on
+        tl.store(o_ptrs + offs_d[None, :], out.to(O_ptr.dtype.element_ty), mask=valid_m[:, None])
+        tl.store(LSE_ptr + pid_bh.to(tl.int64) * N + rows_m, lse, mask=valid_m)
+
+    @triton.jit
+    def _attn_bwd_preprocess_kernel(
+        O_ptr, DO_ptr, DELTA_ptr,
+        stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don,
+        HEADS, N, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    ):
+        """``delta = rowsum(dO * O)`` in fp32, per raster row (the softmax backward's correction term)."""
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        off_b = (pid_bh // HEADS).to(tl.int64)
+        off_h = (pid_bh % HEADS).to(tl.int64)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        valid = rows < N
+        o = _load_rows(O_ptr + off_b * stride_ob + off_h * stride_oh, rows, valid, stride_on, HEAD_DIM)
+        do = _load_rows(DO_ptr + off_b * stride_dob + off_h * stride_doh, rows, valid, stride_don, HEAD_DIM)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA_ptr + pid_bh.to(tl.int64) * N + rows, delta, mask=valid)
+
+    @triton.jit
+    def _attn_bwd_dq_kernel(
+        Q_ptr, K_ptr, V_ptr, DO_ptr, DQ_ptr, LSE_ptr, DELTA_ptr, LUT_ptr, FULL_ptr, CNT_ptr,
+        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+        stride_dqb, stride_dqh, stride_dqn,
+        HEADS, N, T, H, W, S, LUT_W, qk_scale, sm_scale,
+        MASK: tl.constexpr, TRANSPOSED: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """One query block: ``dQ = scale * dS K`` over the key blocks of the forward lookup table."""
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        off_b = (pid_bh // HEADS).to(tl.int64)
+        off_h = (pid_bh % HEADS).to(tl.int64)
+        k_base = K_ptr + off_b * stride_kb + off_h * stride_kh
+        v_base = V_ptr + off_b * stride_vb + off_h * stride_vh
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows_m = _phys_rows(offs_m, T, H, W, TRANSPOSED)
+        valid_m = offs_m < N
+        q = _load_rows(Q_ptr + off_b * stride_qb + off_h * stride_qh, rows_m, valid_m, stride_qn, HEAD_DIM)
+        do = _load_rows(DO_ptr + off_b * stride_dob + off_h * stride_doh, rows_m, valid_m, stride_don, HEAD_DIM)
+        lse2 = tl.load(LSE_ptr + pid_bh.to(tl.int64) * N + rows_m, mask=valid_m, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA_ptr + pid_bh.to(tl.int64) * N + rows_m, mask=valid_m, other=0.0)
+
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        count = tl.load(CNT_ptr + pid_m)
+        for idx in range(0, count):
+            kb = tl.load(LUT_ptr + pid_m * LUT_W + idx)
+            full = tl.load(FULL_ptr + pid_m * LUT_W + idx)
+            offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+            rows_n = _phys_rows(offs_n, T, H, W, TRANSPOSED)
+            valid_n = offs_n < N
+            k = _load_rows(k_base, rows_n, valid_n, stride_kn, HEAD_DIM)
+            v = _load_rows(v_base, rows_n, valid_n, stride_vn, HEAD_DIM)
+            p, ds = _probs_and_dscores(q, k, v, do, lse2, delta, offs_m, offs_n, full, N, T, H, W, S, qk_scale,
+                                       MASK, PRECISION)
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+        offs_d = tl.arange(0, HEAD_DIM)
+        dq_ptrs = DQ_ptr + off_b * stride_dqb + off_h * stride_dqh + rows_m.to(tl.int64)[:, None] * stride_dqn
+        tl.store(dq_ptrs + offs_d[None, :], (dq * sm_scale).to(DQ_ptr.dtype.element_ty), mask=valid_m[:, None])
+
+    @triton.jit
+    def _attn_bwd_dkdv_kernel(
+        Q_ptr, K_ptr, V_ptr, DO_ptr, DK_ptr, DV_ptr, LSE_ptr, DELTA_ptr, LUT_ptr, FULL_ptr, CNT_ptr,
+        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+        stride_dkb, stride_dkh, stride_dkn,
+        HEADS, N, T, H, W, S, LUT_W, qk_scale, sm_scale,
+        MASK: tl.constexpr, TRANSPOSED: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """One key block: ``dV = P^T dO`` and ``dK = scale * dS^T Q`` over the query blocks of the transposed
+        lookup table. ``DK_ptr`` and ``DV_ptr`` share the strides ``stride_dk*``."""
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        off_b = (pid_bh // HEADS).to(tl.int64)
+        off_h = (pid_bh % HEADS).to(tl.int64)
+        q_base = Q_ptr + off_b * stride_qb + off_h * stride_qh
+        do_base = DO_ptr + off_b * stride_dob + off_h * stride_doh
+
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows_n = _phys_rows(offs_n, T, H, W, TRANSPOSED)
+        valid_n = offs_n < N
+        k = _load_rows(K_ptr + off_b * stride_kb + off_h * stride_kh, rows_n, valid_n, stride_kn, HEAD_DIM)
+        v = _load_rows(V_ptr + off_b * stride_vb + off_h * stride_vh, rows_n, valid_n, stride_vn, HEAD_DIM)
+
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        count = tl.load(CNT_ptr + pid_n)
+        for idx in range(0, count):
+            qb = tl.load(LUT_ptr + pid_n * LUT_W + idx)
+            full = tl.load(FULL_ptr + pid_n * LUT_W + idx)
+            offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+            rows_m = _phys_rows(offs_m, T, H, W, TRANSPOSED)
+            valid_m = offs_m < N
+            q = _load_rows(q_base, rows_m, valid_m, stride_qn, HEAD_DIM)
+            do = _load_rows(do_base, rows_m, valid_m, stride_don, HEAD_DIM)
+            lse2 = tl.load(LSE_ptr + pid_bh.to(tl.int64) * N + rows_m, mask=valid_m, other=0.0) * 1.4426950408889634
+            delta = tl.load(DELTA_ptr + pid_bh.to(tl.int64) * N + rows_m, mask=valid_m, other=0.0)
+            p, ds = _probs_and_dscores(q, k, v, do, lse2, delta, offs_m, offs_n, full, N, T, H, W, S, qk_scale,
+                                       MASK, PRECISION)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+
+        offs_d = tl.arange(0, HEAD_DIM)
+        base = off_b * stride_dkb + off_h * stride_dkh + rows_n.to(tl.int64)[:, None] * stride_dkn + offs_d[None, :]
+        tl.store(DK_ptr + base, (dk * sm_scale).to(DK_ptr.dtype.element_ty), mask=valid_n[:, None])
+        tl.store(DV_ptr + base, dv.to(DV_ptr.dtype.element_ty), mask=valid_n[:, None])
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get fp32 products (not TF32): "correct first"; fp16/bf16 use tensor cores either way.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _rows_stride_ok(t: torch.Tensor) -> torch.Tensor:
+    """The kernels read any (batch, head, row) strides but need the head_dim axis contiguous."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _kernel_args(mask, T, H, W, kernel):
+    return dict(T=T, H=H, W=W, S=kernel // 2, MASK=_masks.MASK_CODES[mask], TRANSPOSED=mask == "column")
+
+
+def _triton_forward(q, k, v, mask, T, H, W, kernel, scale, block_m=0, block_n=0):
+    """Launch the forward kernel; returns ``o`` (contiguous, q's dtype) and the fp32 row log-sum-exp ``(B, h, N)``."""
+    q, k, v = (_rows_stride_ok(t) for t in (q, k, v))
+    B, heads, N, D = q.shape
+    cfg, _ = pick_configs(D, q.device, block_m, block_n)
+    tables = _masks.block_tables(mask, T, (H, W), kernel, cfg.block_m, cfg.block_n, device=q.device)
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, heads, N), dtype=torch.float32, device=q.device)
+    if o.numel() == 0:
+        return o, lse
+    grid = (triton.cdiv(N, cfg.block_m), B * heads)
+    ka = _kernel_args(mask, T, H, W, kernel)
+    _attn_fwd_kernel[grid](
+        q, k, v, o, lse, tables.q_lut, tables.q_full, tables.q_count,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        heads, N, ka["T"], ka["H"], ka["W"], ka["S"], tables.q_lut.shape[1], scale * LOG2E,
+        MASK=ka["MASK"], TRANSPOSED=ka["TRANSPOSED"], HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        PRECISION=_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return o, lse
+
+
+def _triton_backward(do, q, k, v, o, lse, mask, T, H, W, kernel, scale, block_m=0, block_n=0):
+    """Launch preprocess, dQ and dK/dV kernels; returns ``(dq, dk, dv)`` in the inputs' dtype."""
+    q, k, v, o, do = (_rows_stride_ok(t) for t in (q, k, v, o, do))
+    B, heads, N, D = q.shape
+    _, cfg = pick_configs(D, q.device, block_m, block_n)
+    tables = _masks.block_tables(mask, T, (H, W), kernel, cfg.block_m, cfg.block_n, device=q.device)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if q.numel() == 0:
+        return dq, dk, dv
+    do = do.to(q.dtype)
+    delta = torch.empty((B, heads, N), dtype=torch.float32, device=q.device)
+    _attn_bwd_preprocess_kernel[(triton.cdiv(N, cfg.block_m), B * heads)](
+        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        heads, N, HEAD_DIM=D, BLOCK_M=cfg.block_m)
+    ka = _kernel_args(mask, T, H, W, kernel)
+    common = dict(MASK=ka["MASK"], TRANSPOSED=ka["TRANSPOSED"], HEAD_DIM=D, BLOCK_M=cfg.block_m,
+                  BLOCK_N=cfg.block_n, PRECISION=_precision(q.dtype), num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
+    _attn_bwd_dq_kernel[(triton.cdiv(N, cfg.block_m), B * heads)](
+        q, k, v, do, dq, lse, delta, tables.q_lut, tables.q_full, tables.q_count,
+        *strides, dq.stride(0), dq.stride(1), dq.stride(2),
+        heads, N, ka["T"], ka["H"], ka["W"], ka["S"], tables.q_lut.shape[1], scale * LOG2E, scale, **common)
+    _attn_bwd_dkdv_kernel[(triton.cdiv(N, cfg.block_n), B * heads)](
+        q, k, v, do, dk, dv, lse, delta, tables.k_lut, tables.k_full, tables.k_count,
+        *strides, dk.stride(0), dk.stride(1), dk.stride(2),
+        heads, N, ka["T"], ka["H"], ka["W"], ka["S"], tables.k_lut.shape[1], scale * LOG2E, scale, **common)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Autograd: two custom ops (forward, backward) so torch.compile traces calls without a graph break; the
+# forward op's autograd is registered with register_autograd. Only o and the row log-sum-exp are saved.
+
+@torch.library.custom_op("dalle_kernels::sparse_attention_fwd", mutates_args=())
+def _sparse_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: str, text_len: int, H: int,
+                          W: int, kernel: int, scale: float, block_m: int, block_n: int
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _triton_forward(q, k, v, mask, text_len, H, W, kernel, scale, block_m, block_n)
+
+
+@_sparse_attention_fwd.register_fake
+def _(q, k, v, mask, text_len, H, W, kernel, scale, block_m, block_n):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("dalle_kernels::sparse_attention_bwd", mutates_args=())
+def _sparse_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                          lse: torch.Tensor, mask: str, text_len: int, H: int, W: int, kernel: int, scale: float,
+                          block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _triton_backward(do, q, k, v, o, lse, mask, text_len, H, W, kernel, scale, block_m, block_n)
+
+
+@_sparse_attention_bwd.register_fake
+def _(do, q, k, v, o, lse, mask, text_len, H, W, kernel, scale, block_m, block_n):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, *settings = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.settings = settings
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = _sparse_attention_bwd(do, q, k, v, o, lse, *ctx.settings)
+    return (dq, dk, dv) + (None,) * len(ctx.settings)
+
+
+_sparse_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def triton_attention(q, k, v, mask, text_len, grid, kernel, scale, block_m=0, block_n=0):
+    """The Triton path after validation: ``(o, lse)``; differentiable in q, k, v."""
+    H, W = grid
+    return _sparse_attention_fwd(q, k, v, mask, text_len, H, W, kernel, scale, block_m, block_n)
+
+
 def sparse_attention(q, k, v, mask="row", text_len=0, grid=(32, 32), kernel=11, scale=None, backend="auto"):
     """Causal softmax attention under one of DALL-E's masks (``dalle_kernels.masks.dense_mask``).
 
@@ -62,4 +453,4 @@ def sparse_attention(q, k, v, mask="row", text_len=0, grid=(32, 32), kernel=11, 
     backend = resolve_backend(backend, q)
     if backend == "torch":
         return attention_ref(q, k, v, mask, T, (H, W), kernel, scale)
-    raise NotImplementedError(f"backend={backend!r} is not implemented yet")
+    return triton_attention(q, k, v, mask, T, (H, W), kernel, scale)[0]
