@@ -1,0 +1,170 @@
+"""Autoregressive image sampling with a key/value cache (SPEC.md sections 1 and 2).
+
+Each layer keeps the keys and values of every position produced so far. A new image position ``i`` reads
+only the keys its layer's mask allows: the indices come from the mask predicate
+``dalle_kernels.masks.allowed(mask, i, j, ...)`` over ``j = 0..i`` (cached per mask and position), so a row
+layer reads ``T + W + 1`` keys, a column layer ``T + r + 1``, a conv layer its window, whatever the grid.
+The prompt (text, plus the first image tokens for image-prompt completion) is processed in one chunk under
+the dense mask restricted to the prompt.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from dalle_kernels import masks as _masks
+
+from .model import DALLE
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Set to ``-inf`` the logits outside the ``top_k`` largest and outside the smallest set of mass ``top_p``."""
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0:
+            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+        k = min(top_k, logits.shape[-1])
+        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        if not (0.0 < float(top_p) <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the mass before it already reaches top_p (the top token always stays)
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_from_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token per row of ``logits`` (B, V); ``temperature == 0`` is greedy."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class KVCache:
+    """Keys and values of every layer, ``(B, heads, N, head_dim)`` each, filled left to right."""
+
+    def __init__(self, model: DALLE, batch: int, device, dtype):
+        c = model.cfg
+        shape = (batch, c.n_heads, c.seq_len, c.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.n_layers)]
+        self.length = 0
+
+
+class Sampler:
+    """Runs a ``DALLE`` model position by position with a ``KVCache``."""
+
+    def __init__(self, model: DALLE):
+        self.model = model
+        self.cfg = model.cfg
+        self._keys: dict[tuple[str, int], torch.Tensor] = {}
+
+    def allowed_keys(self, mask: str, i: int, device) -> torch.Tensor:
+        """Key positions ``j <= i`` that position ``i`` attends under ``mask`` (from the mask predicate)."""
+        key = (mask, i)
+        idx = self._keys.get(key)
+        if idx is None or idx.device != torch.device(device):
+            c = self.cfg
+            j = torch.arange(i + 1)
+            ok = _masks.allowed(mask, i, j, c.text_len, c.grid[0], c.grid[1], c.conv_kernel)
+            idx = torch.nonzero(ok).flatten().to(device)
+            self._keys[key] = idx
+        return idx
+
+    def _attend(self, q, k, v, allow=None):
+        s = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        if allow is not None:
+            s = s.masked_fill(~allow, float("-inf"))
+        return torch.matmul(torch.softmax(s, dim=-1), v.float()).to(q.dtype)
+
+    def _run(self, x, cache: KVCache, start: int):
+        """Positions ``start .. start + x.shape[1] - 1`` through every block; returns final-norm hidden states."""
+        m, c = self.model, self.cfg
+        n = x.shape[1]
+        chunk_allow = None
+        for l, block in enumerate(m.blocks):
+            mask = block.attn.mask
+            q, k, v = block.attn.split(block.ln1(x))
+            cache.k[l][:, :, start: start + n] = k
+            cache.v[l][:, :, start: start + n] = v
+            if n == 1:
+                idx = self.allowed_keys(mask, start, x.device)
+                o = self._attend(q, cache.k[l][:, :, idx], cache.v[l][:, :, idx])
+            else:
+                if start != 0:
+                    raise ValueError("a multi-position chunk must start at position 0")
+                chunk_allow = _masks.dense_mask(mask, c.text_len, c.grid, c.conv_kernel, device=x.device)[:n, :n]
+                o = self._attend(q, cache.k[l][:, :, :n], cache.v[l][:, :, :n], chunk_allow)
+            x = x + block.attn.merge(o)
+            x = x + block.mlp(x)
+        cache.length = start + n
+        return m.ln_f(x)
+
+    def _embed(self, text, image_prefix):
+        m = self.model
+        x = m.text_emb(text) + m.text_pos
+        if image_prefix is not None and image_prefix.shape[1]:
+            n = image_prefix.shape[1]
+            x = torch.cat([x, m.image_emb(image_prefix) + m.image_position_embedding()[:n]], dim=1)
+        return x
+
+    @torch.no_grad()
+    def generate(self, text, image_prefix=None, temperature=1.0, top_k=None, top_p=None, generator=None,
+                 return_logits=False):
+        """Image tokens ``(B, H*W)`` for captions ``text`` ``(B, T)``.
+
+        ``image_prefix`` ``(B, n)`` (or ``(B, rows, W)``): the first ``n`` raster tokens are given (image-prompt
+        completion) and kept; the rest are sampled. ``return_logits``: also return the image logits used at
+        each sampled position, ``(B, H*W - n, image_vocab)`` in float32.
+        """
+        m, c = self.model, self.cfg
+        m.check_tokens(text)
+        B, dev = text.shape[0], text.device
+        n0 = 0
+        if image_prefix is not None:
+            if image_prefix.dim() == 3:
+                image_prefix = image_prefix.flatten(1)
+            if image_prefix.dtype != torch.long or image_prefix.dim() != 2 or image_prefix.shape[0] != B \
+                    or image_prefix.shape[1] >= c.image_len:
+                raise ValueError(f"image_prefix must be a LongTensor ({B}, n) with n < {c.image_len}, got "
+                                 f"{image_prefix.dtype} {tuple(image_prefix.shape)}")
+            n0 = image_prefix.shape[1]
+        dtype = next(m.parameters()).dtype
+        cache = KVCache(m, B, dev, dtype)
+        out = torch.empty(B, c.image_len, dtype=torch.long, device=dev)
+        if n0:
+            out[:, :n0] = image_prefix
+        h = self._run(self._embed(text, image_prefix), cache, 0)[:, -1]
+        all_logits = []
+        for k in range(n0, c.image_len):
+            logits = m.image_head(h).float()
+            if return_logits:
+                all_logits.append(logits)
+            out[:, k] = sample_from_logits(logits, temperature, top_k, top_p, generator)
+            if k + 1 < c.image_len:
+                pos = c.text_len + k
+                x = m.image_emb(out[:, k: k + 1]) + m.image_position_embedding()[k: k + 1]
+                h = self._run(x, cache, pos)[:, -1]
+        if return_logits:
+            return out, torch.stack(all_logits, dim=1)
+        return out
+
+
+def generate_images(model: DALLE, text, **kw):
+    """``Sampler(model).generate(text, **kw)`` with the model in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        return Sampler(model).generate(text, **kw)
+    finally:
+        model.train(was_training)
