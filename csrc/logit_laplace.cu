@@ -13,6 +13,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "common.h"
 
@@ -41,10 +43,35 @@ struct alignas(sizeof(T) * kItems) Pack {
   T v[kItems];
 };
 
+// Move a Pack as 16-byte (or, for 8-byte packs, 8-byte) words through the load/store intrinsics: a plain
+// struct assignment is scalarized by the compiler into 4- and 2-byte stores (seen in the PTX).
 template <typename T>
-__device__ __forceinline__ void load_items(const T* p, int64_t base, int64_t n, bool full, float (&out)[kItems]) {
-  if (full) {
-    Pack<T> pk = *reinterpret_cast<const Pack<T>*>(p + base);
+using Word = typename std::conditional<(sizeof(Pack<T>) >= 16), uint4, uint2>::type;
+
+template <typename T>
+__device__ __forceinline__ Pack<T> vec_load(const Pack<T>* src) {
+  constexpr int kWords = sizeof(Pack<T>) / sizeof(Word<T>);
+  Word<T> w[kWords];
+#pragma unroll
+  for (int i = 0; i < kWords; ++i) w[i] = __ldg(reinterpret_cast<const Word<T>*>(src) + i);
+  Pack<T> pk;
+  memcpy(&pk, w, sizeof(pk));
+  return pk;
+}
+
+template <typename T>
+__device__ __forceinline__ void vec_store(Pack<T>* dst, const Pack<T>& pk) {
+  constexpr int kWords = sizeof(Pack<T>) / sizeof(Word<T>);
+  Word<T> w[kWords];
+  memcpy(w, &pk, sizeof(pk));
+#pragma unroll
+  for (int i = 0; i < kWords; ++i) __stwb(reinterpret_cast<Word<T>*>(dst) + i, w[i]);
+}
+
+template <bool kFull, typename T>
+__device__ __forceinline__ void load_items(const T* p, int64_t base, int64_t n, float (&out)[kItems]) {
+  if constexpr (kFull) {
+    Pack<T> pk = vec_load(reinterpret_cast<const Pack<T>*>(p + base));
 #pragma unroll
     for (int i = 0; i < kItems; ++i) out[i] = to_f(pk.v[i]);
   } else {
@@ -53,13 +80,13 @@ __device__ __forceinline__ void load_items(const T* p, int64_t base, int64_t n, 
   }
 }
 
-template <typename T>
-__device__ __forceinline__ void store_items(T* p, int64_t base, int64_t n, bool full, const float (&in)[kItems]) {
-  if (full) {
+template <bool kFull, typename T>
+__device__ __forceinline__ void store_items(T* p, int64_t base, int64_t n, const float (&in)[kItems]) {
+  if constexpr (kFull) {
     Pack<T> pk;
 #pragma unroll
     for (int i = 0; i < kItems; ++i) pk.v[i] = from_f<T>(in[i]);
-    *reinterpret_cast<Pack<T>*>(p + base) = pk;
+    vec_store(reinterpret_cast<Pack<T>*>(p + base), pk);
   } else {
 #pragma unroll
     for (int i = 0; i < kItems; ++i)
@@ -98,19 +125,17 @@ struct Args {
   bool vec;                // sizes and pointers allow Pack accesses
 };
 
-template <typename P, typename X>
-__global__ void __launch_bounds__(kThreads) logit_laplace_kernel(Args a) {
-  const int64_t b = blockIdx.y;
+// One thread's kItems values; kFull: all in range and Pack-aligned (straight-line vector accesses).
+template <bool kFull, typename P, typename X>
+__device__ __forceinline__ float tile(const Args& a, int64_t b, int64_t base) {
   const int64_t n = a.chw;
-  const int64_t base = int64_t(blockIdx.x) * kTile + int64_t(threadIdx.x) * kItems;
-  const bool full = a.vec && base + kItems <= n;
   const P* mu_p = static_cast<const P*>(a.params) + b * 2 * n;  // image b holds 6HW = 2 * chw values
   const X* x_p = static_cast<const X*>(a.target) + b * n;
 
   float mu[kItems], ln_b[kItems], x[kItems];
-  load_items(mu_p, base, n, full, mu);
-  load_items(mu_p + n, base, n, full, ln_b);
-  load_items(x_p, base, n, full, x);
+  load_items<kFull>(mu_p, base, n, mu);
+  load_items<kFull>(mu_p + n, base, n, ln_b);
+  load_items<kFull>(x_p, base, n, x);
 
   const float ln2 = 0.69314718055994531f;
   const float slope = 1.0f - 2.0f * a.eps;
@@ -130,12 +155,12 @@ __global__ void __launch_bounds__(kThreads) logit_laplace_kernel(Args a) {
     local += base + i < n ? nll[i] : 0.0f;
   }
 
-  if (a.loss != nullptr) store_items(a.loss + b * n, base, n, full, nll);
+  if (a.loss != nullptr) store_items<kFull>(a.loss + b * n, base, n, nll);
 
   if (a.grad != nullptr) {
     float go[kItems];
     if (a.go_mode == 2) {
-      load_items(a.grad_out + b * n, base, n, full, go);
+      load_items<kFull>(a.grad_out + b * n, base, n, go);
     } else {
       const float s = a.go_mode == 1 ? a.grad_out[0] : 1.0f;
 #pragma unroll
@@ -148,10 +173,17 @@ __global__ void __launch_bounds__(kThreads) logit_laplace_kernel(Args a) {
       g_lnb[i] *= s;
     }
     P* g_p = static_cast<P*>(a.grad) + b * 2 * n;
-    store_items(g_p, base, n, full, g_mu);
-    store_items(g_p + n, base, n, full, g_lnb);
+    store_items<kFull>(g_p, base, n, g_mu);
+    store_items<kFull>(g_p + n, base, n, g_lnb);
   }
+  return local;
+}
 
+template <typename P, typename X>
+__global__ void __launch_bounds__(kThreads) logit_laplace_kernel(Args a) {
+  const int64_t b = blockIdx.y;
+  const int64_t base = int64_t(blockIdx.x) * kTile + int64_t(threadIdx.x) * kItems;
+  const float local = a.vec && base + kItems <= a.chw ? tile<true, P, X>(a, b, base) : tile<false, P, X>(a, b, base);
   if (a.partial != nullptr) {
     const float s = block_sum(local);
     if (threadIdx.x == 0) a.partial[b * gridDim.x + blockIdx.x] = s;
