@@ -52,7 +52,8 @@ def logit_laplace_loss_ref(params: torch.Tensor, target: torch.Tensor, reduction
     """
     dtype = torch.promote_types(params.dtype, torch.float32)
     mu, ln_b = params.to(dtype).split(3, dim=1)
-    y = map_pixels(target, eps).to(dtype)
+    x = target.to(dtype) / 255.0 if target.dtype == torch.uint8 else target.to(dtype)
+    y = (1.0 - 2.0 * eps) * x + eps  # map_pixels, in the compute dtype
     log_y, log_1my = torch.log(y), torch.log1p(-y)
     dev = torch.abs((log_y - log_1my) - mu)
     # |d| * exp(-ln_b) with 0 where d == 0, so that d == 0 and a huge exp(-ln_b) give 0, not 0 * inf = nan.
