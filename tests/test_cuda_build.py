@@ -1,0 +1,85 @@
+"""The compiled extension dalle_kernels._C: built, complete, and checking arguments before any CUDA call.
+
+Runs where the build was asked for (DALLE_KERNELS_CUDA=1, as CI sets when nvcc is present); needs no GPU:
+every call below has exactly one bad argument and must be rejected by validation, before a launch.
+"""
+import importlib
+import os
+
+import pytest
+
+pytestmark = pytest.mark.skipif(os.environ.get("DALLE_KERNELS_CUDA") != "1",
+                                reason="the CUDA build was not requested (DALLE_KERNELS_CUDA=1)")
+
+ENTRY_POINTS = ("cuda_runtime_version", "device_count", "logit_laplace_forward", "logit_laplace_backward",
+                "logit_laplace_partial_count")
+FAKE_PTR = 1 << 20  # never dereferenced: each call is rejected before launch
+F32, F16, BF16, F64, U8 = 0, 1, 2, 3, 4
+
+
+@pytest.fixture(scope="module")
+def ext():
+    return importlib.import_module("dalle_kernels._C")
+
+
+def test_extension_imports_with_entry_points(ext):
+    missing = [name for name in ENTRY_POINTS if not hasattr(ext, name)]
+    assert not missing, f"dalle_kernels._C lacks {missing}"
+    assert ext.cuda_runtime_version() >= 11000
+    assert ext.device_count() >= 0  # 0 without a driver: must not raise
+
+
+def test_partial_count(ext):
+    # One partial per 2048-value tile per image: 8 x 3 x 256 x 256 -> 8 * 96.
+    assert ext.logit_laplace_partial_count(8, 256, 256) == 8 * 96
+    assert ext.logit_laplace_partial_count(1, 5, 7) == 1
+
+
+def forward_args(**changes):
+    args = dict(params=FAKE_PTR, target=FAKE_PTR, loss=FAKE_PTR, partial=FAKE_PTR, grad=0, batch=2, height=5,
+                width=7, params_dtype=F32, target_dtype=U8, eps=0.1, reduction=2, stream=0)
+    args.update(changes)
+    return args
+
+
+def backward_args(**changes):
+    args = dict(params=FAKE_PTR, target=FAKE_PTR, grad_out=FAKE_PTR, grad=FAKE_PTR, batch=2, height=5, width=7,
+                params_dtype=F16, target_dtype=F32, eps=0.1, reduction=0, stream=0)
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(params=0), "params: null data pointer"),
+    (dict(target=0), "target: null data pointer"),
+    (dict(loss=0), "loss: null data pointer"),
+    (dict(partial=0, reduction=1), "partial: null data pointer"),
+    (dict(grad=FAKE_PTR, reduction=0), "grad must be 0 for reduction 'none'"),
+    (dict(batch=0), "batch, height, width must be positive"),
+    (dict(width=-3), "batch, height, width must be positive"),
+    (dict(batch=70000), "batch must be < 65536"),
+    (dict(height=40000, width=40000), r"3 \* height \* width must be < 2\*\*31"),
+    (dict(params_dtype=F64), "params_dtype must be float32"),
+    (dict(params_dtype=U8), "params_dtype must be float32"),
+    (dict(target_dtype=F64), "target_dtype must be"),
+    (dict(target_dtype=9), "target_dtype must be"),
+    (dict(eps=0.5), r"eps must be in \(0, 0.5\)"),
+    (dict(eps=0.0), r"eps must be in \(0, 0.5\)"),
+    (dict(reduction=3), "reduction must be 0"),
+])
+def test_forward_rejects_bad_arguments(ext, change, message):
+    with pytest.raises(ValueError, match=message):
+        ext.logit_laplace_forward(**forward_args(**change))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(grad_out=0), "grad_out: null data pointer"),
+    (dict(grad=0), "grad: null data pointer"),
+    (dict(params=0), "params: null data pointer"),
+    (dict(params_dtype=7), "params_dtype must be float32"),
+    (dict(eps=-0.1), r"eps must be in \(0, 0.5\)"),
+    (dict(reduction=-1), "reduction must be 0"),
+])
+def test_backward_rejects_bad_arguments(ext, change, message):
+    with pytest.raises(ValueError, match=message):
+        ext.logit_laplace_backward(**backward_args(**change))
