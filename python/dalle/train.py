@@ -1,0 +1,427 @@
+"""Train the DALL-E transformer on captioned images (SPEC.md sections 2 and 4).
+
+    python -m dalle.train --run runs/demo --dvae runs/demo/dvae.pt --steps 2000
+    torchrun --nproc_per_node 2 -m dalle.train --run runs/ddp --dvae runs/demo/dvae.pt [--powersgd-rank 4]
+
+Data (built-in captioned shapes): the captions train a BPE tokenizer (``RUN/tokenizer.json``); every image is
+encoded once by the frozen dVAE (argmax codes) and cached with the tokenized captions in
+``RUN/data_cache.pt`` (rebuilt only when the dataset, dVAE or text settings change). BPE dropout: the cache
+holds ``--dropout-variants`` dropout encodings of every caption, drawn once; each step picks one per sample
+from a generator seeded by the step, so training is an exact function of the step (the tokenizer's own
+dropout RNG cannot be seeded, and exact resume needs that).
+
+Optimizer: AdamW betas (0.9, 0.96), eps 1e-8, weight decay 4.5e-2 on matrices only; step size warmed up
+linearly, then halved each time the training loss plateaus (at most five times); gradient norm clipped at 4.
+Per-resblock gradient scaling (``dalle.grad_scale``) is on with ``--precision fp16`` (or ``--grad-scale on``).
+
+Outputs in RUN: ``checkpoint.pt`` (atomic, every ``--ckpt-every`` steps; ``--resume`` continues from it and
+reproduces an uninterrupted run's losses), ``dalle.pt`` (final weights + config), ``metrics.csv``
+(TensorBoard in ``RUN/tb`` when installed), ``samples/step_XXXXXX.png`` grids.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .common import (MetricsLogger, atomic_save, autocast_context, load_checkpoint, pick_device, rng_state,
+                     seed_everything, set_rng_state)
+from .grad_scale import BlockGradScaler
+from .model import DALLE, DALLEConfig
+
+PRESETS = {
+    "micro": dict(n_layers=2, n_heads=2, head_dim=16, conv_kernel=3),
+    "tiny": dict(n_layers=4, n_heads=4, head_dim=32, conv_kernel=5),
+    "small": dict(n_layers=8, n_heads=8, head_dim=32, conv_kernel=5),
+    "paper": dict(n_layers=64, n_heads=62, head_dim=64, conv_kernel=11),
+}
+
+
+@dataclass
+class TrainConfig:
+    run: str
+    dvae: str = ""  # path to the frozen dVAE (default: RUN/dvae.pt)
+    preset: str = "tiny"
+    n_layers: int = 0  # 0: from the preset
+    n_heads: int = 0
+    head_dim: int = 0
+    text_len: int = 24
+    bpe_vocab: int = 256
+    dataset_size: int = 4000
+    data_seed: int = 0
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 4.5e-4
+    warmup: int = 5000
+    plateau_window: int = 100  # steps per loss window for plateau detection
+    plateau_patience: int = 3  # windows without 1% improvement before halving
+    max_halvings: int = 5
+    weight_decay: float = 4.5e-2
+    clip: float = 4.0
+    bpe_dropout: float = 0.1
+    dropout_variants: int = 4
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    grad_scale: str = "auto"  # auto: on with fp16 | on | off
+    checkpoint_activations: bool = False
+    attn_backend: str = "auto"
+    powersgd_rank: int = 0
+    ckpt_every: int = 200
+    log_every: int = 10
+    sample_every: int = 0  # 0: only at the end
+    n_sample_captions: int = 8
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {self.preset!r}")
+        for name in ("steps", "batch_size", "text_len", "bpe_vocab", "dataset_size", "ckpt_every", "log_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.grad_scale not in ("auto", "on", "off"):
+            raise ValueError(f"grad_scale must be auto, on or off, got {self.grad_scale!r}")
+        if not self.lr > 0 or self.warmup < 0 or self.clip <= 0:
+            raise ValueError("lr and clip must be > 0 and warmup >= 0")
+        if self.powersgd_rank < 0:
+            raise ValueError(f"powersgd_rank must be >= 0, got {self.powersgd_rank}")
+
+    @property
+    def dvae_path(self) -> Path:
+        return Path(self.dvae) if self.dvae else Path(self.run) / "dvae.pt"
+
+
+class PlateauSchedule:
+    """Linear warm-up to ``lr``, then halve when the windowed training loss stops improving by 1%."""
+
+    def __init__(self, lr, warmup, window, patience, max_halvings=5, threshold=0.01):
+        self.lr, self.warmup, self.window, self.patience = lr, warmup, window, patience
+        self.max_halvings, self.threshold = max_halvings, threshold
+        self.halvings, self.best, self.bad, self.acc, self.n = 0, math.inf, 0, 0.0, 0
+
+    def __call__(self, step: int) -> float:
+        warm = min(1.0, (step + 1) / self.warmup) if self.warmup else 1.0
+        return self.lr * warm * 0.5 ** self.halvings
+
+    def observe(self, step: int, loss: float) -> None:
+        if step < self.warmup or not math.isfinite(loss):
+            return
+        self.acc, self.n = self.acc + loss, self.n + 1
+        if self.n < self.window:
+            return
+        mean, self.acc, self.n = self.acc / self.n, 0.0, 0
+        if mean < self.best * (1 - self.threshold):
+            self.best, self.bad = mean, 0
+            return
+        self.bad += 1
+        if self.bad >= self.patience and self.halvings < self.max_halvings:
+            self.halvings, self.bad = self.halvings + 1, 0
+
+    def state_dict(self):
+        return {k: getattr(self, k) for k in ("halvings", "best", "bad", "acc", "n")}
+
+    def load_state_dict(self, s):
+        for k, v in s.items():
+            setattr(self, k, v)
+
+
+# ------------------------------------------------------------------------------------------------ data
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def load_dvae(path, device="cpu"):
+    from .dvae import DVAE
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no dVAE at {path}: train one first (python -m dalle.train_dvae --run DIR) "
+                                "or pass --dvae PATH")
+    return DVAE.load(path, map_location=device).to(device).eval()
+
+
+def prepare_data(cfg: TrainConfig, dvae, log=print) -> dict:
+    """Tokenizer + cached (text variants, image codes) for the training split; built once per settings."""
+    from .data.shapes import ShapesDataset
+    from .tokenizer import CaptionTokenizer, train_tokenizer
+
+    run = Path(cfg.run)
+    ds = ShapesDataset("train", size=cfg.dataset_size, image_size=dvae.cfg.image_size, seed=cfg.data_seed)
+    key = {"dataset": ("shapes", cfg.dataset_size, dvae.cfg.image_size, cfg.data_seed),
+           "dvae": _file_digest(cfg.dvae_path), "text_len": cfg.text_len, "bpe_vocab": cfg.bpe_vocab,
+           "bpe_dropout": cfg.bpe_dropout, "variants": cfg.dropout_variants, "version": 1}
+    cache_path, tok_path = run / "data_cache.pt", run / "tokenizer.json"
+    if cache_path.is_file() and tok_path.is_file():
+        cache = load_checkpoint(cache_path)
+        if cache.get("key") == key:
+            return cache
+    log(f"preparing data: {len(ds)} captions -> BPE, images -> dVAE codes (once)")
+    captions = ds.captions()
+    tok = train_tokenizer(captions, cfg.bpe_vocab, tok_path, dropout=cfg.bpe_dropout)
+    text = [tok.encode_batch(captions, cfg.text_len)]
+    if cfg.bpe_dropout > 0:
+        text += [tok.encode_batch(captions, cfg.text_len, dropout=True) for _ in range(cfg.dropout_variants)]
+    device = next(dvae.parameters()).device
+    codes = []
+    for i in range(0, len(ds), 256):
+        imgs = torch.stack([ds[j][0] for j in range(i, min(i + 256, len(ds)))])
+        codes.append(dvae.encode(imgs.to(device)).flatten(1).cpu())
+    cache = {"key": key, "text": torch.stack(text), "image": torch.cat(codes),
+             "text_vocab": tok.vocab_size, "grid": tuple(dvae.grid_size), "image_vocab": dvae.vocab_size,
+             "captions": captions}
+    atomic_save(cache, cache_path)
+    return cache
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
+    """Indices of the global batch at ``step``: epochs of seeded permutations, a pure function of the step."""
+    start = step * batch_size
+    out = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        out.extend(perm[offset: offset + batch_size - len(out)].tolist())
+    return torch.tensor(out)
+
+
+def get_batch(data: dict, step: int, cfg: TrainConfig, rank: int = 0, world: int = 1):
+    idx = batch_indices(step, cfg.batch_size, data["image"].shape[0], cfg.seed)[rank::world]
+    n_var = data["text"].shape[0]
+    if n_var > 1:  # one of the cached BPE-dropout encodings per sample (index 0 is the clean one)
+        g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+        var = torch.randint(1, n_var, (len(idx),), generator=g)
+    else:
+        var = torch.zeros(len(idx), dtype=torch.long)
+    return data["text"][var, idx], data["image"][idx].long()
+
+
+# ------------------------------------------------------------------------------------------------ model
+def model_config(cfg: TrainConfig, data: dict) -> DALLEConfig:
+    p = dict(PRESETS[cfg.preset])
+    for name in ("n_layers", "n_heads", "head_dim"):
+        if getattr(cfg, name):
+            p[name] = getattr(cfg, name)
+    return DALLEConfig(text_len=cfg.text_len, text_vocab=int(data["text_vocab"]), image_vocab=int(data["image_vocab"]),
+                       grid=tuple(data["grid"]), checkpoint=cfg.checkpoint_activations,
+                       attn_backend=cfg.attn_backend, **p)
+
+
+class Objective(nn.Module):
+    """``forward`` = the model's loss, so DistributedDataParallel hooks the right call."""
+
+    def __init__(self, model: DALLE):
+        super().__init__()
+        self.model = model
+
+    def forward(self, text, image):
+        return self.model.loss(text, image, return_parts=True)
+
+
+def load_run_model(run, device="cpu") -> tuple[DALLE, dict]:
+    """The trained model of a run (``dalle.pt``, else the latest checkpoint) and its saved metadata."""
+    run = Path(run)
+    path = run / "dalle.pt" if (run / "dalle.pt").is_file() else run / "checkpoint.pt"
+    ckpt = load_checkpoint(path, map_location=device)
+    model = DALLE(DALLEConfig.from_dict(ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt
+
+
+def _setup_distributed(device_str: str):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, pick_device(device_str)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_str)
+    if device.type == "cuda":
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def _powersgd(ddp, rank: int):
+    try:
+        from dalle_kernels.powersgd import PowerSGDState, powersgd_hook
+    except ImportError as exc:
+        raise RuntimeError("--powersgd-rank needs dalle_kernels.powersgd (PowerSGDState, powersgd_hook), "
+                           f"which this installation does not have ({exc})") from None
+    state = PowerSGDState(rank=rank)
+    ddp.register_comm_hook(state, powersgd_hook)
+    return state
+
+
+# ------------------------------------------------------------------------------------------------ train
+def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
+    """Train per ``cfg``; returns the path of ``RUN/dalle.pt``."""
+    rank, world, device = _setup_distributed(cfg.device)
+    run = Path(cfg.run)
+    is_main = rank == 0
+    log = log if is_main else (lambda *a, **k: None)
+    seed_everything(cfg.seed)
+    dvae = load_dvae(cfg.dvae_path, device)
+    if is_main:
+        data = prepare_data(cfg, dvae, log)
+    if world > 1:
+        dist.barrier()
+        if not is_main:
+            data = prepare_data(cfg, dvae, log)
+    mcfg = model_config(cfg, data)
+    model = DALLE(mcfg).to(device)
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    use_scaler = cfg.grad_scale == "on" or (cfg.grad_scale == "auto" and precision == "fp16")
+    scaler = BlockGradScaler(mcfg.n_layers, world_size=world).attach(model) if use_scaler else None
+    opt = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.96), eps=1e-8)
+    sched = PlateauSchedule(cfg.lr, cfg.warmup, cfg.plateau_window, cfg.plateau_patience, cfg.max_halvings)
+    step = 0
+    ckpt_path = run / "checkpoint.pt"
+    powersgd_state = None
+    if resume and ckpt_path.is_file():
+        ck = load_checkpoint(ckpt_path, map_location=device)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["schedule"])
+        if scaler is not None and ck.get("grad_scaler"):
+            scaler.load_state_dict(ck["grad_scaler"])
+        set_rng_state(ck["rng"])
+        step = ck["step"]
+        log(f"resumed from {ckpt_path} at step {step}")
+    elif resume:
+        log(f"--resume: no checkpoint in {run}, starting from scratch")
+    objective = Objective(model)
+    if world > 1:
+        objective = nn.parallel.DistributedDataParallel(
+            objective, device_ids=[device.index] if device.type == "cuda" else None)
+        if cfg.powersgd_rank:
+            powersgd_state = _powersgd(objective, cfg.powersgd_rank)
+            if resume and ckpt_path.is_file() and ck.get("powersgd") is not None \
+                    and hasattr(powersgd_state, "load_state_dict"):
+                powersgd_state.load_state_dict(ck["powersgd"][rank] if isinstance(ck["powersgd"], list)
+                                               else ck["powersgd"])
+    elif cfg.powersgd_rank:
+        raise ValueError("--powersgd-rank needs several data-parallel workers (run under torchrun)")
+    logger = MetricsLogger(run, resume_step=step) if is_main else None
+    sample_text = data["text"][0, : cfg.n_sample_captions].to(device)
+
+    def save(final=False):
+        if not is_main:
+            return
+        state = {"model": model.state_dict(), "model_config": mcfg.to_dict(), "train_config": dataclasses.asdict(cfg),
+                 "step": step, "dvae": str(cfg.dvae_path)}
+        if final:
+            atomic_save(state, run / "dalle.pt")
+            return
+        state.update(optimizer=opt.state_dict(), schedule=sched.state_dict(), rng=rng_state(),
+                     grad_scaler=scaler.state_dict() if scaler else None)
+        if powersgd_state is not None and hasattr(powersgd_state, "state_dict"):
+            state["powersgd"] = powersgd_state.state_dict()
+        atomic_save(state, ckpt_path)
+
+    bar = None
+    if cfg.progress and is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, desc="transformer", dynamic_ncols=True, file=sys.stderr)
+    t0 = time.time()
+    model.train()
+    while step < cfg.steps:
+        text, image = get_batch(data, step, cfg, rank, world)
+        text, image = text.to(device), image.to(device)
+        lr = sched(step)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        with autocast_context(device, precision):
+            loss, lt, li = objective(text, image)
+        loss.backward()
+        skipped = scaler.unscale_() if scaler is not None else [False] * mcfg.n_layers
+        params = [p for p in model.parameters() if p.grad is not None]
+        other_ok = all(torch.isfinite(p.grad).all() for p in params)
+        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip) if params else torch.zeros(())
+        if other_ok:
+            opt.step()
+        if scaler is not None:
+            scaler.update(skipped)
+        loss_v = float(loss.detach())
+        if world > 1:
+            lv = torch.tensor([loss_v], device=device)
+            dist.all_reduce(lv)
+            loss_v = float(lv) / world
+        sched.observe(step, loss_v)
+        step += 1
+        if is_main and (step % cfg.log_every == 0 or step == cfg.steps):
+            logger.log(step, loss=loss_v, loss_text=float(lt), loss_image=float(li), lr=lr,
+                       grad_norm=float(gnorm), skipped_blocks=sum(skipped), elapsed=time.time() - t0)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_v:.3f}", lr=f"{lr:.2e}")
+        if cfg.sample_every and step % cfg.sample_every == 0 and is_main:
+            write_samples(model, dvae, sample_text, run / "samples" / f"step_{step:06d}.png", data, cfg)
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            save()
+    if bar is not None:
+        bar.close()
+    save(final=True)
+    if is_main:
+        write_samples(model, dvae, sample_text, run / "samples" / f"step_{step:06d}.png", data, cfg)
+        logger.close()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return run / "dalle.pt"
+
+
+def write_samples(model, dvae, text, path, data, cfg):
+    from .images import save_grid
+    from .sampling import generate_images
+
+    g = torch.Generator(device=text.device).manual_seed(cfg.seed)
+    state = torch.get_rng_state()
+    tokens = generate_images(model, text, top_k=max(1, int(data["image_vocab"]) // 8), generator=g)
+    torch.set_rng_state(state)
+    images = dvae.decode(tokens.view(-1, *data["grid"]))
+    caps = data["captions"][: len(text)]
+    save_grid(images, path, nrow=min(8, len(text)), captions=caps)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m dalle.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt when present")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            p.add_argument(flag, type=typ, default=f.default if f.default is not dataclasses.MISSING else None,
+                           required=f.default is dataclasses.MISSING)
+    a = p.parse_args(argv)
+    resume = a.resume
+    cfg = TrainConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)})
+    return cfg, resume
+
+
+def main(argv=None):
+    cfg, resume = parse_args(argv)
+    train(cfg, resume=resume)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Trainer: exact resume after SIGKILL, plateau schedule, data order, CLI validation."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dalle.train import PlateauSchedule, TrainConfig, batch_indices, parse_args
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dvae_file(tmp_path_factory):
+    from dalle.dvae import DVAE, DVAEConfig
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("dvae") / "dvae.pt"
+    DVAE(DVAEConfig.tiny(n_hid=8, n_init=8, vocab_size=32)).save(path)
+    return path
+
+
+def train_cmd(run, dvae, steps, *extra):
+    return [sys.executable, "-m", "dalle.train", "--run", str(run), "--dvae", str(dvae), "--preset", "micro",
+            "--steps", str(steps), "--dataset-size", "48", "--batch-size", "8", "--text-len", "16",
+            "--bpe-vocab", "64", "--warmup", "5", "--plateau-window", "3", "--plateau-patience", "1",
+            "--log-every", "1", "--ckpt-every", "5", "--attn-backend", "torch", "--no-progress",
+            "--n-sample-captions", "2", *extra]
+
+
+def env():
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join([str(REPO / "python"), e.get("PYTHONPATH", "")])
+    e["OMP_NUM_THREADS"] = "1"  # same arithmetic in every run
+    return e
+
+
+def losses(run):
+    with open(Path(run) / "metrics.csv", newline="") as f:
+        return [(int(r["step"]), r["loss"], r["loss_text"], r["loss_image"], r["lr"], r["grad_norm"])
+                for r in csv.DictReader(f)]
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, dvae_file):
+    steps = 60
+    a_run, b_run = tmp_path / "a", tmp_path / "b"
+    a = subprocess.Popen(train_cmd(a_run, dvae_file, steps), env=env(), cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    b = subprocess.Popen(train_cmd(b_run, dvae_file, steps), env=env(), cwd=tmp_path,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (b_run / "checkpoint.pt").exists() and b.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert b.poll() is None, "the run finished before it could be killed"
+    os.kill(b.pid, signal.SIGKILL)
+    b.wait()
+    killed_at = torch.load(b_run / "checkpoint.pt", weights_only=False)["step"]
+    assert 0 < killed_at < steps and not (b_run / "dalle.pt").exists()
+    out, _ = a.communicate(timeout=300)
+    assert a.returncode == 0, out.decode()[-3000:]
+    r = subprocess.run(train_cmd(b_run, dvae_file, steps, "--resume"), env=env(), cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert f"resumed from" in r.stdout and f"at step {killed_at}" in r.stdout
+    la, lb = losses(a_run), losses(b_run)
+    assert [x[0] for x in la] == list(range(1, steps + 1))
+    assert la == lb
+    # training made progress
+    assert float(la[-1][1]) < float(la[0][1])
+    wa = torch.load(a_run / "dalle.pt", weights_only=False)["model"]
+    wb = torch.load(b_run / "dalle.pt", weights_only=False)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert any((a_run / "samples").glob("*.png"))
+
+
+def test_plateau_schedule():
+    s = PlateauSchedule(1.0, warmup=4, window=2, patience=2, max_halvings=2)
+    assert [s(i) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    for step in range(4):
+        s.observe(step, 10.0)  # warm-up steps are not observed
+    assert s.n == 0
+    step = 4
+    for loss in [5, 5, 5, 5, 5, 5]:  # window means 5 (best), 5 (bad 1), 5 (bad 2 -> halve)
+        s.observe(step, loss)
+        step += 1
+    assert s.halvings == 1 and s(step) == 0.5
+    for loss in [5] * 8:
+        s.observe(step, loss)
+        step += 1
+    assert s.halvings == 2  # capped
+    t = PlateauSchedule(1.0, 4, 2, 2, 2)
+    t.load_state_dict(s.state_dict())
+    assert t(100) == s(100)
+
+
+def test_batch_indices_cover_each_epoch_once():
+    n, bs = 10, 4
+    seen = torch.cat([batch_indices(s, bs, n, seed=3) for s in range(5)])  # 20 = two epochs
+    assert sorted(seen[:10].tolist()) == list(range(10))
+    assert sorted(seen[10:].tolist()) == list(range(10))
+    assert torch.equal(batch_indices(2, bs, n, 3), batch_indices(2, bs, n, 3))
+
+
+def test_config_validation(tmp_path):
+    with pytest.raises(ValueError, match="preset"):
+        TrainConfig(run=str(tmp_path), preset="huge")
+    with pytest.raises(ValueError, match="steps"):
+        TrainConfig(run=str(tmp_path), steps=0)
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(run=str(tmp_path), precision="fp8")
+    cfg, resume = parse_args(["--run", str(tmp_path), "--steps", "7", "--resume", "--no-progress"])
+    assert cfg.steps == 7 and resume and not cfg.progress
+
+
+def test_missing_dvae_is_a_clear_error(tmp_path):
+    from dalle.train import train
+
+    with pytest.raises(FileNotFoundError, match="dVAE"):
+        train(TrainConfig(run=str(tmp_path), dvae=str(tmp_path / "nope.pt"), progress=False))
