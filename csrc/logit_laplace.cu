@@ -117,11 +117,10 @@ struct Args {
   float* loss;             // (B, 3, H, W) fp32, or null
   float* partial;          // (B * gridDim.x) fp32, or null
   void* grad;              // (B, 6, H, W) in the params dtype, or null
-  const float* grad_out;   // go_mode 1: one scalar; 2: (B, 3, H, W) fp32
+  const float* grad_out;   // (B, 3, H, W) fp32 per-value grad_output, or null (then 1)
   int64_t chw;             // 3 * H * W
   float eps;
   float grad_scale;
-  int go_mode;             // 0: grad times grad_scale; 1: times grad_out[0] * grad_scale; 2: per value
   bool vec;                // sizes and pointers allow Pack accesses
 };
 
@@ -159,12 +158,11 @@ __device__ __forceinline__ float tile(const Args& a, int64_t b, int64_t base) {
 
   if (a.grad != nullptr) {
     float go[kItems];
-    if (a.go_mode == 2) {
+    if (a.grad_out != nullptr) {
       load_items<kFull>(a.grad_out + b * n, base, n, go);
     } else {
-      const float s = a.go_mode == 1 ? a.grad_out[0] : 1.0f;
 #pragma unroll
-      for (int i = 0; i < kItems; ++i) go[i] = s;
+      for (int i = 0; i < kItems; ++i) go[i] = 1.0f;
     }
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
@@ -273,7 +271,6 @@ void forward(uintptr_t params, uintptr_t target, uintptr_t loss, uintptr_t parti
   a.chw = chw;
   a.eps = static_cast<float>(eps);
   a.grad_scale = reduction == kMean ? static_cast<float>(1.0 / static_cast<double>(batch * chw)) : 1.0f;
-  a.go_mode = 0;
   a.vec = chw % kItems == 0 && aligned(params, ps * kItems) && aligned(target, ts * kItems) &&
           (grad == 0 || aligned(grad, ps * kItems)) && (reduction != kNone || aligned(loss, 4 * kItems));
   auto s = reinterpret_cast<cudaStream_t>(stream);
@@ -286,10 +283,10 @@ void forward(uintptr_t params, uintptr_t target, uintptr_t loss, uintptr_t parti
   }
 }
 
+// Backward of reduction 'none' (sum/mean get their gradient from forward): grad = d nll / d params * grad_out.
 void backward(uintptr_t params, uintptr_t target, uintptr_t grad_out, uintptr_t grad, int64_t batch,
-              int64_t height, int64_t width, int params_dtype, int target_dtype, double eps, int reduction,
-              uintptr_t stream) {
-  check_common(params, target, batch, height, width, params_dtype, target_dtype, eps, reduction);
+              int64_t height, int64_t width, int params_dtype, int target_dtype, double eps, uintptr_t stream) {
+  check_common(params, target, batch, height, width, params_dtype, target_dtype, eps, kNone);
   check_arg(grad_out != 0, "grad_out: null data pointer");
   check_arg(grad != 0, "grad: null data pointer");
   const int64_t chw = 3 * height * width;
@@ -303,10 +300,9 @@ void backward(uintptr_t params, uintptr_t target, uintptr_t grad_out, uintptr_t 
   a.grad_out = reinterpret_cast<const float*>(grad_out);
   a.chw = chw;
   a.eps = static_cast<float>(eps);
-  a.grad_scale = reduction == kMean ? static_cast<float>(1.0 / static_cast<double>(batch * chw)) : 1.0f;
-  a.go_mode = reduction == kNone ? 2 : 1;
+  a.grad_scale = 1.0f;
   a.vec = chw % kItems == 0 && aligned(params, ps * kItems) && aligned(target, ts * kItems) &&
-          aligned(grad, ps * kItems) && (reduction != kNone || aligned(grad_out, 4 * kItems));
+          aligned(grad, ps * kItems) && aligned(grad_out, 4 * kItems);
   launch(a, params_dtype, target_dtype, batch, reinterpret_cast<cudaStream_t>(stream));
 }
 
@@ -324,9 +320,9 @@ void register_logit_laplace(pybind11::module_& m) {
         "reduction 0 none, 1 sum, 2 mean; with grad != 0 also writes d loss / d params for grad_output 1.");
   m.def("logit_laplace_backward", &backward, arg("params"), arg("target"), arg("grad_out"), arg("grad"),
         arg("batch"), arg("height"), arg("width"), arg("params_dtype"), arg("target_dtype"), arg("eps"),
-        arg("reduction"), arg("stream"),
-        "Gradient of the logit-Laplace NLL w.r.t. params, times grad_out (fp32: one scalar for sum/mean, "
-        "(B,3,H,W) for none), written to grad (B,6,H,W) in the params dtype.");
+        arg("stream"),
+        "Backward of reduction 'none': d nll / d params times grad_out (fp32 (B,3,H,W)), written to grad "
+        "(B,6,H,W) in the params dtype (sum/mean take their gradient from logit_laplace_forward).");
 }
 
 }  // namespace dalle

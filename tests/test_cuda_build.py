@@ -44,7 +44,7 @@ def forward_args(**changes):
 
 def backward_args(**changes):
     args = dict(params=FAKE_PTR, target=FAKE_PTR, grad_out=FAKE_PTR, grad=FAKE_PTR, batch=2, height=5, width=7,
-                params_dtype=F16, target_dtype=F32, eps=0.1, reduction=0, stream=0)
+                params_dtype=F16, target_dtype=F32, eps=0.1, stream=0)
     args.update(changes)
     return args
 
@@ -78,7 +78,7 @@ def test_forward_rejects_bad_arguments(ext, change, message):
     (dict(params=0), "params: null data pointer"),
     (dict(params_dtype=7), "params_dtype must be float32"),
     (dict(eps=-0.1), r"eps must be in \(0, 0.5\)"),
-    (dict(reduction=-1), "reduction must be 0"),
+    (dict(height=0), "batch, height, width must be positive"),
 ])
 def test_backward_rejects_bad_arguments(ext, change, message):
     with pytest.raises(ValueError, match=message):

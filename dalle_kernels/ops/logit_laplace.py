@@ -136,14 +136,14 @@ if triton is not None:
         eps, grad_scale,
         X_IS_U8: tl.constexpr, CONTIG: tl.constexpr,
         WRITE_LOSS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, WRITE_GRAD: tl.constexpr,
-        GO_MODE: tl.constexpr, BLOCK: tl.constexpr,
+        HAS_GO: tl.constexpr, BLOCK: tl.constexpr,
     ):
         """One pass over ``BLOCK`` of the ``3*H*W`` values of image ``program_id(1)``.
 
         Reads mu, ln b and the target once; writes any of: the per-value loss (``WRITE_LOSS``), this program's
         partial sum (``WRITE_PARTIAL``, summed later in a fixed order: deterministic, no atomics), the gradient
-        (``WRITE_GRAD``) times ``grad_scale`` and, by ``GO_MODE``, nothing (0), the scalar at ``GO_ptr`` (1) or
-        the per-value ``GO_ptr[b, c, h, w]`` (2, contiguous).
+        (``WRITE_GRAD``) times ``grad_scale`` and, with ``HAS_GO``, the per-value grad_output ``GO_ptr[b, c, h, w]``
+        (contiguous fp32).
         """
         pid = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
@@ -173,10 +173,8 @@ if triton is not None:
         if WRITE_PARTIAL:
             tl.store(Part_ptr + b * tl.num_programs(0) + pid, tl.sum(tl.where(mask, nll, 0.0), axis=0))
         if WRITE_GRAD:
-            if GO_MODE == 1:
-                scale = tl.load(GO_ptr).to(tl.float32) * grad_scale
-            elif GO_MODE == 2:
-                scale = tl.load(GO_ptr + b * CHW + offs, mask=mask, other=0.0).to(tl.float32) * grad_scale
+            if HAS_GO:
+                scale = tl.load(GO_ptr + b * CHW + offs, mask=mask, other=0.0) * grad_scale
             else:
                 scale = grad_scale
             gty = G_ptr.dtype.element_ty
@@ -197,7 +195,7 @@ def _block_size(chw: int) -> int:
     return max(16, min(1024, triton.next_power_of_2(chw)))
 
 
-def _launch_triton(params, target, *, eps, loss=None, partial=None, grad=None, grad_out=None, go_mode=0,
+def _launch_triton(params, target, *, eps, loss=None, partial=None, grad=None, grad_out=None,
                    grad_scale=1.0):
     B, _, H, W = params.shape
     chw = 3 * H * W
@@ -214,7 +212,7 @@ def _launch_triton(params, target, *, eps, loss=None, partial=None, grad=None, g
         float(eps), float(grad_scale),
         X_IS_U8=target.dtype == torch.uint8, CONTIG=contig,
         WRITE_LOSS=loss is not None, WRITE_PARTIAL=partial is not None, WRITE_GRAD=grad is not None,
-        GO_MODE=go_mode, BLOCK=block, num_warps=4 if block >= 512 else 2,
+        HAS_GO=grad_out is not None, BLOCK=block, num_warps=4 if block >= 512 else 2,
     )
     return grid
 
@@ -238,16 +236,10 @@ def _triton_forward(params, target, reduction, eps, want_grad):
     return out, grad
 
 
-def _triton_backward(params, target, eps, grad_out, reduction):
+def _triton_backward(params, target, eps, grad_out):
+    """Backward of reduction='none': the gradient times the per-value grad_out, recomputed in one pass."""
     grad = torch.empty_like(params)
-    go = grad_out.to(torch.float32).contiguous()
-    if reduction == "none":
-        _launch_triton(params, target, eps=eps, grad=grad, grad_out=go.expand(params.shape[0], 3, *params.shape[2:])
-                       .contiguous(), go_mode=2)
-    else:
-        B, _, H, W = params.shape
-        scale = 1.0 / (B * 3 * H * W) if reduction == "mean" else 1.0
-        _launch_triton(params, target, eps=eps, grad=grad, grad_out=go.reshape(1), go_mode=1, grad_scale=scale)
+    _launch_triton(params, target, eps=eps, grad=grad, grad_out=grad_out.to(torch.float32).contiguous())
     return grad
 
 
@@ -284,22 +276,17 @@ def _cuda_forward(params, target, reduction, eps, want_grad):
     return loss, grad
 
 
-def _cuda_backward(params, target, eps, grad_out, reduction):
+def _cuda_backward(params, target, eps, grad_out):
     from .. import _cuda
 
     mod = _cuda.ext("logit_laplace_backward")
     params, target = params.contiguous(), _cuda_target(target)
     B, _, H, W = params.shape
     grad = torch.empty_like(params)
-    go = grad_out.to(torch.float32)
-    if reduction == "none":
-        go = go.expand(B, 3, H, W).contiguous()
-    else:
-        go = go.reshape(1).contiguous()
+    go = grad_out.to(torch.float32).contiguous()
     mod.logit_laplace_backward(
         params.data_ptr(), target.data_ptr(), go.data_ptr(), grad.data_ptr(),
-        B, H, W, _cuda.dtype_code(params), _cuda.dtype_code(target), float(eps), _REDUCTION_CODES[reduction],
-        _cuda.stream_of(params))
+        B, H, W, _cuda.dtype_code(params), _cuda.dtype_code(target), float(eps), _cuda.stream_of(params))
     return grad
 
 
@@ -333,7 +320,7 @@ class LogitLaplaceLoss(torch.autograd.Function):
     def backward(ctx, grad_out):
         if ctx.reduction == "none":
             params, target = ctx.saved_tensors
-            return _BACKWARD[ctx.backend](params, target, ctx.eps, grad_out, ctx.reduction), None, None, None, None
+            return _BACKWARD[ctx.backend](params, target, ctx.eps, grad_out), None, None, None, None
         grad = ctx.grad
         if grad is None:
             raise RuntimeError(
