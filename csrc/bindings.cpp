@@ -6,4 +6,5 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "CUDA kernels of dalle_kernels (raw-pointer entry points; see dalle_kernels/_cuda.py)";
   dalle::register_runtime(m);
   dalle::register_logit_laplace(m);
+  dalle::register_orthogonalize(m);
 }

@@ -20,6 +20,7 @@ inline void check_arg(bool ok, const std::string& msg) {
 // Each op's file defines one register_* function; bindings.cpp calls them all.
 void register_runtime(pybind11::module_& m);
 void register_logit_laplace(pybind11::module_& m);
+void register_orthogonalize(pybind11::module_& m);
 
 }  // namespace dalle
 
