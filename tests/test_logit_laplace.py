@@ -271,3 +271,21 @@ def test_cuda_backend_without_extension(monkeypatch):
 def test_public_names():
     for name in ("logit_laplace_loss", "logit_laplace_loss_ref", "map_pixels", "unmap_pixels"):
         assert name in dalle_kernels.__all__ and hasattr(dalle_kernels, name)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torch_compile_traces_without_graph_break(device, reduction):
+    """fullgraph=True: the kernels are custom ops that torch.compile traces, gradients included."""
+    backend = "cuda" if device == "cuda" else "triton"
+    params, target = make_inputs((2, 5, 7), torch.float32, device, "uint8")
+
+    def f(p, t):
+        return logit_laplace_loss(p, t, reduction, backend=backend).sum() * 0.5
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    p = params.clone().requires_grad_()
+    out = compiled(p, target)
+    out.backward()
+    ref_loss, ref_grad = ref64(params, target, reduction, None)
+    assert_close(out, ref_loss.sum() * 0.5, 2e-5, 1e-4, f"compiled {reduction}")
+    assert_close(p.grad, ref_grad * 0.5, 2e-5, 1e-6 * float(ref_grad.abs().max()), f"compiled grad {reduction}")

@@ -93,7 +93,7 @@ def check_inputs(params, target, reduction, eps, check_range=True):
     if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     _check_eps(eps)
-    if check_range and target.is_floating_point() and target.numel() > 0:
+    if check_range and target.is_floating_point() and target.numel() > 0 and not torch.compiler.is_compiling():
         lo, hi = (float(v) for v in torch.aminmax(target.detach()))  # one host sync
         if not (lo >= 0.0 and hi <= 1.0):  # also false for nan
             raise ValueError(f"target must hold pixels in [0, 1] (floating) or be uint8; got values in "
@@ -333,6 +333,61 @@ class LogitLaplaceLoss(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The same kernels as torch.library custom ops, so torch.compile traces the loss without a graph break. Used only
+# while compiling: a traced backward cannot skip the scale on grad_output == 1 (a host sync) or hand the saved
+# gradient over in place, so mean/sum multiply out of place (which the compiler can fuse into the consumer).
+@torch.library.custom_op("dalle_kernels::logit_laplace_forward", mutates_args=())
+def _forward_op(params: torch.Tensor, target: torch.Tensor, reduction: str, eps: float, backend: str,
+                want_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    loss, grad = _FORWARD[backend](params, target, reduction, eps, want_grad)
+    return loss, grad if grad is not None else params.new_empty(0)
+
+
+@_forward_op.register_fake
+def _(params, target, reduction, eps, backend, want_grad):
+    B, _, H, W = params.shape
+    shape = (B, 3, H, W) if reduction == "none" else ()
+    grad = torch.empty_like(params) if want_grad else params.new_empty(0)
+    return params.new_empty(shape, dtype=torch.float32), grad
+
+
+@torch.library.custom_op("dalle_kernels::logit_laplace_backward", mutates_args=())
+def _backward_op(params: torch.Tensor, target: torch.Tensor, grad_out: torch.Tensor, eps: float,
+                 backend: str) -> torch.Tensor:
+    return _BACKWARD[backend](params, target, eps, grad_out)
+
+
+@_backward_op.register_fake
+def _(params, target, grad_out, eps, backend):
+    return torch.empty_like(params)
+
+
+def _op_setup_context(ctx, inputs, output):
+    params, target, reduction, eps, backend, _ = inputs
+    ctx.reduction, ctx.eps, ctx.backend = reduction, eps, backend
+    ctx.save_for_backward(*((params, target) if reduction == "none" else (output[1],)))
+
+
+def _op_backward(ctx, grad_loss, _grad_of_grad):
+    if ctx.reduction == "none":
+        params, target = ctx.saved_tensors
+        grad = _backward_op(params, target, grad_loss, ctx.eps, ctx.backend)
+    else:
+        (fused,) = ctx.saved_tensors
+        grad = (fused.float() * grad_loss).to(fused.dtype)
+    return grad, None, None, None, None, None
+
+
+_forward_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+@torch.compiler.assume_constant_result
+def _resolve(backend: str, device: torch.device) -> str:
+    # The dispatch decision is a constant of the traced graph: torch.compile runs this once while tracing.
+    return resolve_backend(backend, torch.empty(0, device=device), cuda_op="logit_laplace_forward")
+
+
 def logit_laplace_loss(params: torch.Tensor, target: torch.Tensor, reduction: str = "mean", eps: float = 0.1,
                        backend: str = "auto", check_range: bool = True) -> torch.Tensor:
     """Logit-Laplace NLL of ``target`` pixels under the decoder output ``params`` (SPEC.md section 3).
@@ -346,12 +401,14 @@ def logit_laplace_loss(params: torch.Tensor, target: torch.Tensor, reduction: st
     ``backend``: ``"auto"`` (CUDA extension if built, else Triton, for CUDA tensors; Triton interpreter or
     torch on CPU), ``"cuda"``, ``"triton"`` or ``"torch"`` (autograd through the reference). The Triton
     kernel reads any strides (channels-last included); the CUDA backend makes non-contiguous inputs
-    contiguous first (a copy).
+    contiguous first (a copy). Under ``torch.compile`` the kernels are traced as custom ops (no graph break)
+    and the target range check is skipped.
     """
     check_inputs(params, target, reduction, eps, check_range)
     if backend == "auto" and params.dtype == torch.float64:
         backend = "torch"  # the fused kernels are float32/16/bf16; float64 is the reference's job
-    backend = resolve_backend(backend, params, cuda_op="logit_laplace_forward")
+    backend = _resolve(backend, params.device) if torch.compiler.is_compiling() else \
+        resolve_backend(backend, params, cuda_op="logit_laplace_forward")
     if backend == "torch":
         return logit_laplace_loss_ref(params, target.detach(), reduction, float(eps))
     if params.dtype not in KERNEL_DTYPES:
@@ -360,4 +417,7 @@ def logit_laplace_loss(params: torch.Tensor, target: torch.Tensor, reduction: st
         raise ValueError(f"params shape {tuple(params.shape)} too large: need 3*H*W < 2**31 and B < 65536")
     if params.numel() == 0:
         return logit_laplace_loss_ref(params, target.detach(), reduction, float(eps))
+    if torch.compiler.is_compiling():
+        want_grad = reduction != "none" and params.requires_grad and torch.is_grad_enabled()
+        return _forward_op(params, target.detach(), reduction, float(eps), backend, want_grad)[0]
     return LogitLaplaceLoss.apply(params, target.detach(), reduction, float(eps), backend)
