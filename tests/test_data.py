@@ -118,3 +118,122 @@ def test_scorer_rejects_wrong_captions():
     assert matches(img, parse_caption("a small blue square to the right of a red circle"))
     with pytest.raises(ValueError, match="shape"):
         read_scene(torch.zeros(32, 32))
+
+
+# ------------------------------------------------------------------------------------------ real data
+from PIL import Image  # noqa: E402
+
+from dalle.data.folder import ImageCaptionDataset  # noqa: E402
+from dalle.data.transforms import aspect_ok, caption_problem, preprocess  # noqa: E402
+
+
+def _gradient_image(w, h):
+    yy, xx = np.mgrid[0:h, 0:w]
+    arr = np.stack([xx * 255 // max(1, w - 1), yy * 255 // max(1, h - 1), np.full_like(xx, 77)], -1)
+    return Image.fromarray(arr.astype(np.uint8))
+
+
+@pytest.mark.parametrize("mode", ["dvae", "transformer", "eval"])
+@pytest.mark.parametrize("size", [(97, 61), (40, 40), (23, 45)])
+def test_preprocess_shapes_and_determinism(mode, size):
+    img = _gradient_image(*size)
+    outs = [preprocess(img, 32, mode, torch.Generator().manual_seed(s)) for s in (0, 0, 1, 2, 3, 4)]
+    for o in outs:
+        assert o.dtype == torch.uint8 and o.shape == (3, 32, 32)
+    assert torch.equal(outs[0], outs[1])  # a function of the generator's seed
+    if mode == "eval":
+        assert all(torch.equal(outs[0], o) for o in outs)
+    elif min(size) >= 40:
+        assert any(not torch.equal(outs[0], o) for o in outs[2:])  # and it is random
+
+
+def test_preprocess_flip_only_for_dvae():
+    img = _gradient_image(64, 64)  # red grows left to right
+    flips = {"dvae": 0, "transformer": 0}
+    for mode in flips:
+        for s in range(24):
+            red = preprocess(img, 16, mode, torch.Generator().manual_seed(s))[0].float()
+            flips[mode] += int(red[:, 0].mean() > red[:, -1].mean())
+    assert 0 < flips["dvae"] < 24 and flips["transformer"] == 0
+
+
+def test_transformer_crop_stays_near_centre():
+    # red encodes the source column: the crop's left edge tells where the square crop started
+    arr = np.zeros((100, 300, 3), dtype=np.uint8)
+    arr[..., 0] = (np.arange(300) * 255 // 299)[None]
+    img = Image.fromarray(arr)
+    lefts = {"transformer": [], "dvae": []}
+    for mode in lefts:
+        for s in range(20):
+            out = preprocess(img, 32, mode, torch.Generator().manual_seed(s))[0].float()
+            lefts[mode].append(min(out[:, 0].mean(), out[:, -1].mean()) * 299 / 255)  # source column
+    # offsets from the middle quarter of the free range [0, 200] -> [75, 125], plus at most 1/8 of the crop
+    assert all(70 <= x <= 125 + 100 / 8 + 3 for x in lefts["transformer"])
+    assert min(lefts["dvae"]) < 60 or max(lefts["dvae"]) > 140  # the dVAE crop may be anywhere
+
+
+def test_caption_and_aspect_filters():
+    assert caption_problem("") == "empty_caption" and caption_problem("   \n") == "empty_caption"
+    assert caption_problem("cat") == "short_caption"
+    assert caption_problem("ein schöner großer Hund im Garten") is None  # mostly ASCII letters
+    assert caption_problem("большая красная собака") == "non_english"
+    assert caption_problem("a red dog") is None
+    assert aspect_ok(200, 100) and aspect_ok(100, 200) and not aspect_ok(201, 100) and not aspect_ok(100, 201)
+
+
+def _write_folder(root, n_good=5):
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n_good):
+        _gradient_image(40 + i, 36).save(root / f"good{i}.png")
+        (root / f"good{i}.txt").write_text(f"a gradient picture number {i}\n")
+    (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (root / "corrupt.txt").write_text("a broken image file")
+    (root / "nocap.png").write_bytes((root / "good0.png").read_bytes())
+    _gradient_image(40, 40).save(root / "empty.png")
+    (root / "empty.txt").write_text("   ")
+    _gradient_image(90, 30).save(root / "wide.png")
+    (root / "wide.txt").write_text("a very wide picture")
+    # a file whose header opens but whose pixel data is cut off: only decoding finds out
+    data = (root / "good1.png").read_bytes()
+    (root / "truncated.png").write_bytes(data[: len(data) // 2])
+    (root / "truncated.txt").write_text("a truncated picture")
+
+
+def test_folder_skips_and_counts(tmp_path):
+    _write_folder(tmp_path / "imgs")
+    ds = ImageCaptionDataset(tmp_path / "imgs", image_size=16)
+    assert ds.skipped["corrupt_image"] == 1 and ds.skipped["missing_caption"] == 1
+    assert ds.skipped["empty_caption"] == 1 and ds.skipped["aspect"] == 1
+    assert len(ds) == 6  # 5 good + the truncated one (its header reads fine)
+    seen = [ds[i] for i in range(len(ds))]  # a whole epoch: no crash
+    assert all(im.shape == (3, 16, 16) and im.dtype == torch.uint8 for im, _ in seen)
+    assert ds.skipped["corrupt_image"] == 2  # the truncated file, found at load time
+    assert "6 usable pairs" in ds.report() and "corrupt_image 2" in ds.report()
+    assert ds.captions()[0] == "a gradient picture number 0"
+    # verify=True finds the truncated file up front
+    strict = ImageCaptionDataset(tmp_path / "imgs", image_size=16, verify=True)
+    assert len(strict) == 5 and strict.skipped["corrupt_image"] == 2
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".csv"])
+def test_table_of_paths_and_captions(tmp_path, suffix):
+    _write_folder(tmp_path / "imgs", n_good=3)
+    sep = "\t" if suffix == ".tsv" else ","
+    rows = ["path" + sep + "caption"] + [f"imgs/good{i}.png{sep}a gradient number {i}" for i in range(3)]
+    rows += [f"imgs/missing.png{sep}a file that is not there", f"imgs/corrupt.png{sep}a broken one", "lonely"]
+    table = tmp_path / f"data{suffix}"
+    table.write_text("\n".join(rows) + "\n")
+    ds = ImageCaptionDataset(table, image_size=8, mode="transformer")
+    assert len(ds) == 3 and ds.captions() == [f"a gradient number {i}" for i in range(3)]
+    assert ds.skipped["missing_image"] == 1 and ds.skipped["corrupt_image"] == 1 and ds.skipped["bad_row"] == 1
+    assert ds[2][0].shape == (3, 8, 8)
+
+
+def test_no_usable_pairs_is_a_clear_error(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"garbage")
+    (tmp_path / "a.txt").write_text("a garbage file here")
+    with pytest.raises(ValueError, match="no usable image/caption pairs.*corrupt_image: 1"):
+        ImageCaptionDataset(tmp_path)
+    with pytest.raises(ValueError, match="no image files found"):
+        (tmp_path / "empty").mkdir()
+        ImageCaptionDataset(tmp_path / "empty")
