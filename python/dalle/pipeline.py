@@ -1,0 +1,151 @@
+"""The whole demo on the built-in captioned shapes: dVAE -> transformer -> samples -> scorer accuracies.
+
+    python -m dalle.pipeline --run runs/demo
+
+1. trains the tiny dVAE (``RUN/dvae/``, skipped when ``RUN/dvae/dvae.pt`` exists),
+2. encodes the training images once and trains the tiny transformer (``RUN/``; ``--resume`` continues),
+3. samples images for captions of the training split and for held-out colour-shape combinations never seen
+   in training (zero-shot), ``--rerank`` candidates per caption,
+4. prints the deterministic scorer's accuracy on each: a single sample (averaged over all candidates) and
+   the best of ``--rerank`` candidates chosen by the same scorer; also the scorer on dVAE reconstructions
+   of the real images (the ceiling the transformer can reach through this dVAE),
+5. writes ``RUN/samples_train.png``, ``RUN/samples_heldout.png`` and ``RUN/results.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .common import pick_device
+
+
+def evaluate_split(model, tok, dvae, split, n_captions, rerank, top_k, temperature, seed, data_seed, log=print):
+    """Scorer accuracy on ``n_captions`` captions of ``split``: single-sample and best-of-``rerank``."""
+    from .data.shapes import ShapesDataset, matches
+    from .generate import sample_captions
+
+    ds = ShapesDataset(split, size=n_captions, image_size=dvae.cfg.image_size, seed=data_seed)
+    captions = ds.captions()
+    scenes = [ds.scene(i) for i in range(len(ds))]
+    dev = next(model.parameters()).device
+    g = torch.Generator(device=dev).manual_seed(seed)
+    t0 = time.time()
+    images = sample_captions(model, tok, dvae, captions, n=rerank, temperature=temperature, top_k=top_k,
+                             generator=g)  # (C, K, 3, S, S), candidates in draw order
+    ok = torch.tensor([[bool(matches(im, sc)) for im in cand] for cand, sc in zip(images, scenes)])
+    real = torch.stack([ds[i][0] for i in range(len(ds))])
+    recon = dvae.reconstruct(real.to(next(dvae.parameters()).device)).cpu()
+    res = {
+        "captions": len(captions),
+        "candidates_per_caption": rerank,
+        "acc_single": ok.float().mean().item(),
+        f"acc_best_of_{rerank}": ok.any(1).float().mean().item(),
+        "acc_real_images": sum(matches(im, sc) for im, sc in zip(real, scenes)) / len(ds),
+        "acc_dvae_reconstructions": sum(matches(im, sc) for im, sc in zip(recon, scenes)) / len(ds),
+        "sampling_s": time.time() - t0,
+    }
+    best = torch.stack([cand[(~o).long().argsort(stable=True)[0]] for cand, o in zip(images, ok)])
+    return res, captions, images[:, 0], best
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m dalle.pipeline", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", default="runs/demo")
+    p.add_argument("--dvae-steps", type=int, default=1200)
+    p.add_argument("--dvae-images", type=int, default=20000)
+    p.add_argument("--dvae-eval-images", type=int, default=256)
+    p.add_argument("--steps", type=int, default=1500, help="transformer updates")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--dataset-size", type=int, default=8000, help="training captions/images for the transformer")
+    p.add_argument("--text-len", type=int, default=20)
+    p.add_argument("--eval-captions", type=int, default=100)
+    p.add_argument("--rerank", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=16)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--attn-backend", default="auto")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted transformer run")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    a = p.parse_args(argv)
+
+    from .generate import load_run
+    from .images import save_grid
+    from .train import TrainConfig, train
+    from .train_dvae import TrainDVAEConfig, train_dvae
+
+    run = Path(a.run)
+    run.mkdir(parents=True, exist_ok=True)
+    device = pick_device(a.device)
+    t_start = time.time()
+    times = {}
+
+    dvae_path = run / "dvae" / "dvae.pt"
+    t0 = time.time()
+    if dvae_path.is_file():
+        print(f"[1/3] dVAE: reusing {dvae_path}")
+    else:
+        print(f"[1/3] dVAE: training {a.dvae_steps} steps -> {dvae_path}")
+        dvae_ckpt = run / "dvae" / "checkpoint.pt"
+        train_dvae(TrainDVAEConfig(run=str(run / "dvae"), steps=a.dvae_steps, num_images=a.dvae_images, eval_images=a.dvae_eval_images,
+                                   seed=a.seed, device=a.device, progress=a.progress,
+                                   resume=a.resume and dvae_ckpt.is_file()))
+    times["dvae_s"] = time.time() - t0
+
+    t0 = time.time()
+    print(f"[2/3] transformer: {a.steps} steps ({a.preset}) -> {run / 'dalle.pt'}")
+    cfg = TrainConfig(run=str(run), dvae=str(dvae_path), preset=a.preset, steps=a.steps, batch_size=a.batch_size,
+                      lr=a.lr, warmup=a.warmup, plateau_window=50, plateau_patience=3,
+                      dataset_size=a.dataset_size, text_len=a.text_len, seed=a.seed, device=a.device,
+                      attn_backend=a.attn_backend, ckpt_every=max(50, a.steps // 10), log_every=10,
+                      progress=a.progress)
+    train(cfg, resume=a.resume)
+    times["transformer_s"] = time.time() - t0
+
+    t0 = time.time()
+    print(f"[3/3] sampling {a.eval_captions} training and {a.eval_captions} held-out captions, "
+          f"{a.rerank} candidates each (top-k {a.top_k})")
+    model, tok, dvae = load_run(run, device)
+    results = {}
+    for split in ("train", "heldout"):
+        res, captions, single, best = evaluate_split(model, tok, dvae, split, a.eval_captions, a.rerank, a.top_k,
+                                                     a.temperature, a.seed, data_seed=a.seed)
+        results[split] = res
+        n = min(32, len(captions))
+        save_grid(torch.cat([single[:n], best[:n]]), run / f"samples_{split}.png", nrow=8,
+                  captions=[f"{c}" for c in captions[:n]] + [f"best of {a.rerank}: {c}" for c in captions[:n]])
+    times["sampling_s"] = time.time() - t0
+    times["total_s"] = time.time() - t_start
+
+    import csv
+
+    with open(run / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    last = rows[-10:]
+    losses = {k: sum(float(r[k]) for r in last) / len(last) for k in ("loss", "loss_text", "loss_image")}
+    summary = {"times": times, "final_losses_last_100_steps": losses, "accuracy": results,
+               "settings": vars(a)}
+    (run / "results.json").write_text(json.dumps(summary, indent=2))
+    print()
+    print(f"transformer loss (last 100 steps): {losses['loss']:.3f} "
+          f"(text {losses['loss_text']:.3f}, image {losses['loss_image']:.3f})")
+    k = a.rerank
+    print(f"{'split':9s} {'single':>7s} {'best-of-' + str(k):>10s} {'real':>6s} {'dVAE recon':>11s}")
+    for split, r in results.items():
+        print(f"{split:9s} {r['acc_single']:7.1%} {r[f'acc_best_of_{k}']:10.1%} {r['acc_real_images']:6.1%} "
+              f"{r['acc_dvae_reconstructions']:11.1%}")
+    print(f"time: dVAE {times['dvae_s']:.0f}s, transformer {times['transformer_s']:.0f}s, "
+          f"sampling {times['sampling_s']:.0f}s, total {times['total_s']:.0f}s")
+    print(f"wrote {run / 'samples_train.png'}, {run / 'samples_heldout.png'}, {run / 'results.json'}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
