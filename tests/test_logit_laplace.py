@@ -219,10 +219,16 @@ def test_backward_twice_and_double_backward(backend):
             g.sum().backward()
 
 
-def test_no_grad_and_float64(device):
+def test_no_grad_and_float64(device, monkeypatch):
+    from dalle_kernels.ops import logit_laplace as module
+
     params, target = make_inputs((1, 5, 7), torch.float32, device)
-    with torch.no_grad():
-        loss = logit_laplace_loss(params, target)
+    seen = []
+    forward = module._FORWARD["triton"]
+    monkeypatch.setitem(module._FORWARD, "triton", lambda *a: seen.append(a[-1]) or forward(*a))
+    with torch.no_grad():  # no gradient written under no_grad, even for params that require grad
+        loss = logit_laplace_loss(params.requires_grad_(), target, backend="triton")
+    assert seen == [False]
     assert_close(loss, ref64(params, target, "mean")[0], 2e-5, 2e-5, "no_grad")
     p64 = params.double().requires_grad_()
     out = logit_laplace_loss(p64, target)  # auto -> the reference for float64

@@ -8,6 +8,11 @@ Per value, with ``y = (1 - 2 eps) x + eps`` the mapped pixel, ``mu`` and ``ln_b`
 
 The loss is returned in float32 (float64 for float64 params on the torch backend), whatever the params dtype:
 a sum over a 256 x 256 batch does not fit in float16. Gradients come back in the params dtype.
+
+Numerics: the kernels compute in float32. exp(-ln_b) amplifies the rounding of logit(y) - mu, so the error of a
+value is about 2**-24 (|logit(y)| + |mu|) exp(-ln_b) (the tests use this bound). Results are finite while
+|logit(y) - mu| exp(-ln_b) fits in float32, e.g. for |ln_b| <= 20 and any |mu| <= 1e20; float16/bfloat16
+gradients can round to inf where exp(-ln_b) exceeds their range (as an fp32-computed gradient cast would).
 """
 from __future__ import annotations
 
@@ -305,8 +310,9 @@ class LogitLaplaceLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, params, target, reduction, eps, backend):
-        want_grad = ctx.needs_input_grad[0] and reduction != "none"
+    def forward(ctx, params, target, reduction, eps, backend, want_grad):
+        # want_grad comes from the caller: inside forward grad mode is off, and needs_input_grad is True even
+        # under torch.no_grad(), where writing a gradient would be wasted work and memory.
         loss, grad = _FORWARD[backend](params, target, reduction, eps, want_grad)
         ctx.reduction, ctx.eps, ctx.backend = reduction, eps, backend
         if reduction == "none":
@@ -320,7 +326,7 @@ class LogitLaplaceLoss(torch.autograd.Function):
     def backward(ctx, grad_out):
         if ctx.reduction == "none":
             params, target = ctx.saved_tensors
-            return _BACKWARD[ctx.backend](params, target, ctx.eps, grad_out), None, None, None, None
+            return _BACKWARD[ctx.backend](params, target, ctx.eps, grad_out), None, None, None, None, None
         grad = ctx.grad
         if grad is None:
             raise RuntimeError(
@@ -330,7 +336,7 @@ class LogitLaplaceLoss(torch.autograd.Function):
         scale = float(grad_out)  # host sync; lets grad_output == 1 (the usual case) skip a full pass
         if scale != 1.0:
             grad.mul_(scale)  # python scalar: multiplied in fp32 opmath, safe for fp16 grads
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -417,7 +423,7 @@ def logit_laplace_loss(params: torch.Tensor, target: torch.Tensor, reduction: st
         raise ValueError(f"params shape {tuple(params.shape)} too large: need 3*H*W < 2**31 and B < 65536")
     if params.numel() == 0:
         return logit_laplace_loss_ref(params, target.detach(), reduction, float(eps))
+    want_grad = reduction != "none" and params.requires_grad and torch.is_grad_enabled()
     if torch.compiler.is_compiling():
-        want_grad = reduction != "none" and params.requires_grad and torch.is_grad_enabled()
         return _forward_op(params, target.detach(), reduction, float(eps), backend, want_grad)[0]
-    return LogitLaplaceLoss.apply(params, target.detach(), reduction, float(eps), backend)
+    return LogitLaplaceLoss.apply(params, target.detach(), reduction, float(eps), backend, want_grad)
