@@ -234,3 +234,102 @@ if triton is not None:
                 img = ((q // W) - (k // W) <= S) & (dc <= S) & (dc >= -S)
             res = causal & ((j < T) | ((i >= T) & img))
         return res
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pictures: one PNG per mask (Pillow), text/image boundary and the kernel's tiles visible.
+
+PNG_CELL = 16  # pixels per position in the small views
+PNG_MARGIN = 4
+PNG_COLORS = {"text": (38, 110, 200), "image": (230, 120, 30), "off": (255, 255, 255),
+              "visited": (222, 222, 222), "grid": (90, 90, 90), "boundary": (200, 0, 0)}
+# (text_len, (H, W), kernel, tile): SPEC.md's worked example, then a paper-like view.
+PNG_SIZES = [(6, (4, 4), 3, 8), (16, (16, 16), 11, 16)]
+
+
+def draw_mask(mask: str, text_len: int, grid, kernel: int = 11, tile: int = 16, cell: int | None = None,
+              transposed: bool = False):
+    """A PIL image of the mask: row = query, column = key; allowed pairs blue (key is text) or orange (image),
+    forbidden pairs grey inside a tile the block-sparse kernel visits and white in a skipped tile; tile lines
+    in dark grey and the text/image boundary in red. ``transposed`` draws ``column`` in the kernel's layout."""
+    from PIL import Image, ImageDraw
+
+    T, H, W = check_layout(mask, text_len, grid, kernel)
+    n = T + H * W
+    m = transposed_column_mask(T, (H, W)) if transposed else dense_mask(mask, T, (H, W), kernel)
+    visited, _ = tile_any_all(kernel_mask(mask, T, (H, W), kernel) if transposed or mask != "column" else m,
+                              tile, tile)
+    cell = cell or (PNG_CELL if n <= 64 else max(2, 800 // n))
+    size = 2 * PNG_MARGIN + n * cell
+    pixels = np.empty((n, n, 3), dtype=np.uint8)
+    allowed_np = m.numpy()
+    vis = visited.repeat_interleave(tile, 0).repeat_interleave(tile, 1)[:n, :n].numpy()
+    key_text = np.arange(n)[None, :] < T
+    pixels[:] = PNG_COLORS["off"]
+    pixels[vis] = PNG_COLORS["visited"]
+    pixels[allowed_np & key_text] = PNG_COLORS["text"]
+    pixels[allowed_np & ~key_text] = PNG_COLORS["image"]
+    big = pixels.repeat(cell, 0).repeat(cell, 1)
+    img = Image.new("RGB", (size, size), (255, 255, 255))
+    img.paste(Image.fromarray(big), (PNG_MARGIN, PNG_MARGIN))
+    draw = ImageDraw.Draw(img)
+    end = PNG_MARGIN + n * cell
+    for b in range(0, n + 1, tile):
+        p = PNG_MARGIN + b * cell
+        draw.line([(p, PNG_MARGIN), (p, end)], fill=PNG_COLORS["grid"])
+        draw.line([(PNG_MARGIN, p), (end, p)], fill=PNG_COLORS["grid"])
+    if 0 < T < n:
+        p = PNG_MARGIN + T * cell
+        draw.line([(p, PNG_MARGIN), (p, end)], fill=PNG_COLORS["boundary"], width=max(1, cell // 4))
+        draw.line([(PNG_MARGIN, p), (end, p)], fill=PNG_COLORS["boundary"], width=max(1, cell // 4))
+    return img
+
+
+def save_mask_pngs(out_dir, sizes=None, names=("row", "column", "conv", "conv_clipped", "causal")):
+    """Write ``<mask>.png`` for the first size, ``<mask>_t<T>_<H>x<W>.png`` for the others, and the kernel
+    layout of ``column`` as ``column_transposed*.png``. Returns the paths."""
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for idx, (T, (H, W), kernel, tile) in enumerate(sizes or PNG_SIZES):
+        suffix = "" if idx == 0 else f"_t{T}_{H}x{W}"
+        for name in names:
+            views = [(name, False)] + ([("column_transposed", True)] if name == "column" else [])
+            for label, transposed in views:
+                path = out / f"{label}{suffix}.png"
+                draw_mask(name, T, (H, W), kernel, tile, transposed=transposed).save(path)
+                paths.append(path)
+    return paths
+
+
+def _main(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m dalle_kernels.masks",
+                                     description="Draw DALL-E's attention masks as PNGs, or count kernel tiles.")
+    parser.add_argument("--out", help="directory for the PNGs (SPEC.md's T=6, 4x4, 3x3 conv example and "
+                                      "a T=16, 16x16 view)")
+    parser.add_argument("--tiles", action="store_true",
+                        help="print tiles visited per mask vs dense causal at the paper shape (T=256, 32x32)")
+    parser.add_argument("--block", type=int, nargs=2, action="append", metavar=("BM", "BN"),
+                        help="tile shape for --tiles (repeatable; default: 128 128, 64 64, 64 32)")
+    args = parser.parse_args(argv)
+    if not args.out and not args.tiles:
+        parser.error("give --out DIR and/or --tiles")
+    if args.out:
+        for path in save_mask_pngs(args.out):
+            print(path)
+    if args.tiles:
+        print("| tiles (q x k) | mask | tiles visited | of which full | dense causal tiles | ratio |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for bm, bn in args.block or [(128, 128), (64, 64), (64, 32)]:
+            for name in ("row", "column", "conv", "conv_clipped"):
+                s = tile_stats(name, 256, (32, 32), 11, bm, bn)
+                print(f"| {bm} x {bn} | {name} | {s['tiles']} | {s['full_tiles']} | {s['causal_tiles']} | "
+                      f"{s['ratio']:.3f} |")
+
+
+if __name__ == "__main__":
+    _main()

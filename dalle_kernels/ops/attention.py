@@ -54,12 +54,15 @@ def check_inputs(q, k, v, mask, text_len, grid, kernel, scale):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Tile configurations. One table per head_dim for sm_80 / sm_90 (chosen from the ahead-of-time compile:
-# no spills, tensor-core MMAs, shared memory well inside 100 KB so two CTAs fit per SM; see
-# tests/test_aot_compile.py). Block sizes are also the sparsity granularity: 64 x 64 tiles visit 0.50 / 0.43 /
-# 0.63 of dense causal's tiles for row / column / conv at the paper shape (SPEC.md), 128 x 128 only 0.62 / 0.49 /
-# 0.73, so the tiles stay at 64. The interpreter (CPU tests at small shapes) uses 16 x 16 tiles so that a
-# sequence of a few dozen positions already spans several blocks, full and partial.
+# Tile configurations, one table per head_dim for sm_80 / sm_90, chosen from the ahead-of-time compile
+# (tests/test_aot_compile.py; `python tests/test_aot_compile.py --all` prints registers, shared memory and spills):
+# - 4 warps stacked along the query rows, so the softmax row max/sum never crosses warps;
+# - no register spills on either target (the dK/dV kernel holds two fp32 accumulators: key blocks of 32);
+# - tiles stay small because they are also the sparsity granularity: 64 x 64 tiles visit 0.50 / 0.43 / 0.63 of
+#   dense causal's tiles for row / column / conv at the paper shape, 64 x 32 tiles 0.46 / 0.43 / 0.63,
+#   128 x 128 tiles 0.62 / 0.49 / 0.73 (SPEC.md; `python -m dalle_kernels.masks --tiles`).
+# The interpreter (CPU tests at small shapes) uses 16 x 16 tiles so that a sequence of a few dozen positions
+# already spans several blocks, full and partial.
 
 class TileConfig(tuple):
     """``(block_m, block_n, num_warps, num_stages)``."""
@@ -73,10 +76,12 @@ class TileConfig(tuple):
     num_stages = property(lambda self: self[3])
 
 
-FWD_CONFIGS = {16: TileConfig(64, 64, 4, 3), 32: TileConfig(64, 64, 4, 3), 64: TileConfig(64, 64, 4, 3),
-               128: TileConfig(64, 64, 4, 2)}
-BWD_CONFIGS = {16: TileConfig(64, 64, 4, 2), 32: TileConfig(64, 64, 4, 2), 64: TileConfig(64, 64, 4, 2),
-               128: TileConfig(64, 64, 8, 1)}
+FWD_CONFIGS = {16: TileConfig(64, 64, 4, 2), 32: TileConfig(64, 64, 4, 2), 64: TileConfig(64, 64, 4, 2),
+               128: TileConfig(64, 32, 4, 2)}
+# Backward: the same tiling serves dQ (query block 64, key blocks of 32) and dK/dV (key block 32, query blocks
+# of 64), so one pair of lookup tables covers both.
+BWD_CONFIGS = {16: TileConfig(64, 32, 4, 2), 32: TileConfig(64, 32, 4, 2), 64: TileConfig(64, 32, 4, 2),
+               128: TileConfig(64, 32, 4, 1)}
 INTERPRETER_CONFIG = TileConfig(16, 16, 4, 1)
 
 
@@ -438,6 +443,13 @@ def _backward(ctx, do, _dlse):
 _sparse_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.compiler.assume_constant_result
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    """``resolve_backend`` run eagerly even under torch.compile (it imports and reads the environment, which
+    Dynamo does not trace); its answer is a constant for a given device and environment."""
+    return resolve_backend(backend, torch.empty(0, device=device))
+
+
 def triton_attention(q, k, v, mask, text_len, grid, kernel, scale, block_m=0, block_n=0):
     """The Triton path after validation: ``(o, lse)``; differentiable in q, k, v."""
     H, W = grid
@@ -450,7 +462,7 @@ def sparse_attention(q, k, v, mask="row", text_len=0, grid=(32, 32), kernel=11, 
     ``q, k, v``: ``(batch, heads, text_len + H*W, head_dim)``; returns a tensor of the same shape and dtype.
     """
     T, H, W, scale = check_inputs(q, k, v, mask, text_len, grid, kernel, scale)
-    backend = resolve_backend(backend, q)
+    backend = _resolve_backend(backend, q.device)
     if backend == "torch":
         return attention_ref(q, k, v, mask, T, (H, W), kernel, scale)
     return triton_attention(q, k, v, mask, T, (H, W), kernel, scale)[0]
