@@ -295,3 +295,30 @@ def test_torch_compile_traces_without_graph_break(device, reduction):
     ref_loss, ref_grad = ref64(params, target, reduction, None)
     assert_close(out, ref_loss.sum() * 0.5, 2e-5, 1e-4, f"compiled {reduction}")
     assert_close(p.grad, ref_grad * 0.5, 2e-5, 1e-6 * float(ref_grad.abs().max()), f"compiled grad {reduction}")
+
+
+def test_loss_scale_on_half_gradients(device):
+    """A GradScaler-sized grad_output (2**16, above float16's max) scales fp16 gradients without overflow."""
+    params, target = make_inputs((2, 16, 24), torch.float16, device)
+    scale = torch.tensor(2.0**16, device=device)
+    for backend in lane_backends(device):
+        loss, grad = run(params, target, "mean", backend, scale)
+        _, ref_grad = ref64(params, target, "mean", scale)
+        assert torch.isfinite(grad).all(), backend
+        assert_close(grad, ref_grad, 1e-3, 1e-4 * float(ref_grad.abs().max()), f"{backend} scaled fp16 grad")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_peak_memory_is_the_gradient(cuda_only, backend):
+    """Forward + backward allocate the gradient and nothing else full-size (it becomes params.grad)."""
+    params, target = make_inputs((8, 256, 256), torch.bfloat16, "cuda", "uint8")
+    params.requires_grad_()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    logit_laplace_loss(params, target, backend=backend).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    grad_bytes = params.numel() * params.element_size()
+    assert extra <= grad_bytes + 2**20, f"peak extra {extra} bytes, gradient {grad_bytes}"
