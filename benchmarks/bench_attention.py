@@ -1,0 +1,136 @@
+"""sparse_attention (Triton) against dense causal SDPA, SDPA with the same boolean mask, and FlexAttention.
+
+GPU (``pytest benchmarks/bench_attention.py --device=cuda``): the paper shape, batch 8, 16 heads, T = 256,
+32 x 32 grid, head_dim 64, bf16; forward and forward+backward. CPU (default): the torch providers at a small
+shape (the Triton interpreter is not a speed figure).
+
+Providers: ``triton`` (this package), ``dense`` (``scaled_dot_product_attention(is_causal=True)``, the mask-free
+baseline the targets are stated against), ``sdpa_mask`` (SDPA with the boolean ``dense_mask``), ``flex``
+(``flex_attention`` with a block mask from the same predicate; compiled on GPU, eager on CPU).
+extra_info: ``tflops`` = useful FLOPs (allowed pairs only: 4 * pairs * head_dim forward, 2.5x that backward) /
+median time; ``peak_mem_mb`` = peak memory above the inputs (GPU); ``tiles`` / ``causal_tiles`` for the Triton
+kernel's forward tiling.
+
+Tile counts per mask at the paper shape (no GPU needed): ``python benchmarks/bench_attention.py``.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dalle_kernels import masks, sparse_attention
+from dalle_kernels.ops import attention as A
+
+from conftest import sync
+
+SHAPES = {"cuda": dict(B=8, heads=16, T=256, grid=(32, 32), d=64, dtype=torch.bfloat16),
+          "cpu": dict(B=1, heads=2, T=16, grid=(8, 8), d=32, dtype=torch.float32)}
+PROVIDERS = ("triton", "dense", "sdpa_mask", "flex")
+MASKS = ("row", "column", "conv")
+KERNEL = 11
+
+_flex = {}
+
+
+def flex_fn(mask, T, grid, device):
+    """FlexAttention with a block mask built from the same predicate (``masks.allowed``)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    H, W = grid
+    n = T + H * W
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return masks.allowed(mask, q_idx, kv_idx, T, H, W, KERNEL)
+
+    block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=device)
+    if device == "cuda":
+        if "compiled" not in _flex:
+            _flex["compiled"] = torch.compile(flex_attention, dynamic=False)
+        fn = _flex["compiled"]
+    else:
+        fn = flex_attention
+    return lambda q, k, v: fn(q, k, v, block_mask=block_mask)
+
+
+def make_fn(provider, mask, T, grid, device):
+    if provider == "triton":
+        return lambda q, k, v: sparse_attention(q, k, v, mask=mask, text_len=T, grid=grid, kernel=KERNEL,
+                                                backend="triton")
+    if provider == "dense":
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if provider == "sdpa_mask":
+        allow = masks.dense_mask(mask, T, grid, KERNEL, device=device)
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=allow)
+    if provider == "flex":
+        return flex_fn(mask, T, grid, device)
+    raise ValueError(provider)
+
+
+def useful_flops(mask, T, grid, B, heads, d, mode):
+    pairs = int(masks.dense_mask(mask, T, grid, KERNEL).sum())
+    fwd = 4 * pairs * d * B * heads
+    return fwd if mode == "fwd" else fwd * 3.5
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("mask", MASKS)
+def test_attention(benchmark, record_env, bench_device, mask, provider, mode):
+    dev = bench_device
+    if dev == "cpu" and provider == "triton":
+        pytest.skip("CPU: the Triton interpreter is not a speed figure")
+    if provider == "flex":
+        pytest.importorskip("torch.nn.attention.flex_attention")
+        if dev == "cpu" and mode == "fwd_bwd":
+            pytest.skip("FlexAttention has no backward on CPU")
+    s = SHAPES[dev]
+    B, heads, T, grid, d, dtype = s["B"], s["heads"], s["T"], s["grid"], s["d"], s["dtype"]
+    n = T + grid[0] * grid[1]
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, heads, n, d, generator=gen).to(dev, dtype).requires_grad_(mode == "fwd_bwd")
+               for _ in range(3))
+    do = torch.randn(B, heads, n, d, generator=gen).to(dev, dtype)
+    fn = make_fn(provider, mask, T, grid, dev)
+
+    def step():
+        o = fn(q, k, v)
+        if mode == "fwd_bwd":
+            o.backward(do)
+            q.grad = k.grad = v.grad = None
+        sync(dev)
+
+    step()  # warm-up (compiles)
+    if dev == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        record_env["peak_mem_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    benchmark(step)
+    flops = useful_flops(mask, T, grid, B, heads, d, mode)
+    record_env.update(shape=(B, heads, n, d), text_len=T, grid=grid, dtype=str(dtype), mask=mask,
+                      provider=provider, mode=mode, useful_flops=flops)
+    if provider == "triton":
+        cfg, _ = A.pick_configs(d, q.device)
+        st = masks.tile_stats(mask, T, grid, KERNEL, cfg.block_m, cfg.block_n)
+        record_env.update(tiles=st["tiles"], causal_tiles=st["causal_tiles"], tile_ratio=st["ratio"])
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None and getattr(stats, "stats", None) is not None:
+        record_env["tflops"] = flops / stats.stats.median / 1e12
+
+
+def tile_report(T=256, grid=(32, 32)):
+    """Tiles the Triton kernels visit per mask at the paper shape vs dense causal with the same tiles."""
+    fwd, bwd = A.FWD_CONFIGS[64], A.BWD_CONFIGS[64]
+    lines = ["| mask | pass | tile (q x k) | tiles visited | full (no predicate) | dense causal tiles | ratio |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for mask in ("row", "column", "conv", "conv_clipped"):
+        for name, cfg in (("forward", fwd), ("backward", bwd)):
+            st = masks.tile_stats(mask, T, grid, KERNEL, cfg.block_m, cfg.block_n)
+            lines.append(f"| {mask} | {name} | {cfg.block_m} x {cfg.block_n} | {st['tiles']} | {st['full_tiles']} | "
+                         f"{st['causal_tiles']} | {st['ratio']:.3f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(f"paper shape T=256, 32 x 32, head_dim 64, conv {KERNEL} x {KERNEL}")
+    print(tile_report())
