@@ -122,3 +122,30 @@ def test_missing_dvae_is_a_clear_error(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="dVAE"):
         train(TrainConfig(run=str(tmp_path), dvae=str(tmp_path / "nope.pt"), progress=False))
+
+
+def test_ddp_two_workers_match_one_process_then_powersgd(tmp_path, dvae_file):
+    """torchrun, 2 gloo workers with half a batch each: the same losses as one process until PowerSGD
+    compression starts (update 3), then a compressed run that still trains; per-worker PowerSGD state saved."""
+    steps = 6
+    flags = ["--ckpt-every", "3"]
+    one = subprocess.run(train_cmd(tmp_path / "one", dvae_file, steps, *flags), env=env(), cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    cmd = train_cmd(tmp_path / "two", dvae_file, steps, *flags, "--powersgd-rank", "2", "--powersgd-start", "3",
+                    "--grad-scale", "on")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "dalle.train", *["--run-dir" if c == "--run" else c for c in cmd[3:]]]
+    r = subprocess.run(cmd, env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    lo, lt = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert [x[0] for x in lt] == list(range(1, steps + 1))
+    for i, (a, b) in enumerate(zip(lo[:4], lt[:4])):  # losses of steps 1..4 follow uncompressed updates 0..2
+        n = 6 if i < 3 else 5  # the grad norm of step 4 is already a compressed gradient's
+        for x, y in zip(a[1:n], b[1:n]):
+            assert float(x) == pytest.approx(float(y), rel=1e-4, abs=1e-6), i
+    assert lo[5][1] != lt[5][1]  # compressed updates differ
+    assert float(lt[5][1]) < float(lt[0][1])
+    for rank in (0, 1):
+        state = torch.load(tmp_path / "two" / f"powersgd_rank{rank}.pt", weights_only=False)
+        assert state["step"] == steps and state["state"]["rank"] == 2 and state["state"]["error"]

@@ -1,7 +1,7 @@
 """Train the DALL-E transformer on captioned images (SPEC.md sections 2 and 4).
 
     python -m dalle.train --run runs/demo --dvae runs/demo/dvae.pt --steps 2000
-    torchrun --nproc_per_node 2 -m dalle.train --run runs/ddp --dvae runs/demo/dvae.pt [--powersgd-rank 4]
+    torchrun --nproc_per_node 2 -m dalle.train --run-dir runs/ddp --dvae runs/demo/dvae.pt [--powersgd-rank 4]
 
 Data (built-in captioned shapes): the captions train a BPE tokenizer (``RUN/tokenizer.json``); every image is
 encoded once by the frozen dVAE (argmax codes) and cached with the tokenized captions in
@@ -77,6 +77,7 @@ class TrainConfig:
     checkpoint_activations: bool = False
     attn_backend: str = "auto"
     powersgd_rank: int = 0
+    powersgd_start: int = 10  # plain all-reduce for this many updates before compressing
     ckpt_every: int = 200
     log_every: int = 10
     sample_every: int = 0  # 0: only at the end
@@ -257,13 +258,15 @@ def _setup_distributed(device_str: str):
     return rank, world, device
 
 
-def _powersgd(ddp, rank: int):
+def _powersgd(ddp, objective: nn.Module, rank: int, start_iter: int):
+    """Register the PowerSGD hook: matrices compressed; gains, biases, embeddings and heads sent whole."""
     try:
-        from dalle_kernels.powersgd import PowerSGDState, powersgd_hook
+        from dalle_kernels.powersgd import PowerSGDState, powersgd_hook, uncompressed_parameter_names
     except ImportError as exc:
         raise RuntimeError("--powersgd-rank needs dalle_kernels.powersgd (PowerSGDState, powersgd_hook), "
                            f"which this installation does not have ({exc})") from None
-    state = PowerSGDState(rank=rank)
+    exclude = uncompressed_parameter_names(objective) | {"model.text_head.weight", "model.image_head.weight"}
+    state = PowerSGDState(objective, rank=rank, start_iter=start_iter, exclude=exclude)
     ddp.register_comm_hook(state, powersgd_hook)
     return state
 
@@ -310,17 +313,22 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         objective = nn.parallel.DistributedDataParallel(
             objective, device_ids=[device.index] if device.type == "cuda" else None)
         if cfg.powersgd_rank:
-            powersgd_state = _powersgd(objective, cfg.powersgd_rank)
-            if resume and ckpt_path.is_file() and ck.get("powersgd") is not None \
-                    and hasattr(powersgd_state, "load_state_dict"):
-                powersgd_state.load_state_dict(ck["powersgd"][rank] if isinstance(ck["powersgd"], list)
-                                               else ck["powersgd"])
+            powersgd_state = _powersgd(objective, objective.module, cfg.powersgd_rank, cfg.powersgd_start)
+            psgd_path = run / f"powersgd_rank{rank}.pt"
+            if resume and ckpt_path.is_file() and psgd_path.is_file():
+                ps = load_checkpoint(psgd_path)
+                if ps["step"] != step:
+                    raise RuntimeError(f"{psgd_path} is from step {ps['step']} but the checkpoint from step {step}")
+                powersgd_state.load_state_dict(ps["state"])
     elif cfg.powersgd_rank:
         raise ValueError("--powersgd-rank needs several data-parallel workers (run under torchrun)")
     logger = MetricsLogger(run, resume_step=step) if is_main else None
     sample_text = data["text"][0, : cfg.n_sample_captions].to(device)
 
     def save(final=False):
+        if powersgd_state is not None and not final:  # error feedback is per worker: one file each
+            atomic_save({"step": step, "state": powersgd_state.state_dict()}, run / f"powersgd_rank{rank}.pt")
+            dist.barrier()
         if not is_main:
             return
         state = {"model": model.state_dict(), "model_config": mcfg.to_dict(), "train_config": dataclasses.asdict(cfg),
@@ -330,8 +338,6 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
             return
         state.update(optimizer=opt.state_dict(), schedule=sched.state_dict(), rng=rng_state(),
                      grad_scaler=scaler.state_dict() if scaler else None)
-        if powersgd_state is not None and hasattr(powersgd_state, "state_dict"):
-            state["powersgd"] = powersgd_state.state_dict()
         atomic_save(state, ckpt_path)
 
     bar = None
@@ -358,12 +364,17 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         if other_ok:
             opt.step()
         if scaler is not None:
+            old = list(scaler.scales)
             scaler.update(skipped)
-        loss_v = float(loss.detach())
-        if world > 1:
-            lv = torch.tensor([loss_v], device=device)
-            dist.all_reduce(lv)
-            loss_v = float(lv) / world
+            if powersgd_state is not None:  # keep the error feedback in the units of the new scales
+                for l, (a, b) in enumerate(zip(old, scaler.scales)):
+                    names = [f"model.blocks.{l}.{n}" for n, _ in model.blocks[l].named_parameters()]
+                    powersgd_state.rescale_error(b / a, names)
+        parts = torch.stack([loss.detach().float(), lt.float(), li.float()])
+        if world > 1:  # log the global batch's losses
+            dist.all_reduce(parts)
+            parts /= world
+        loss_v, lt, li = parts.tolist()
         sched.observe(step, loss_v)
         step += 1
         if is_main and (step % cfg.log_every == 0 or step == cfg.steps):
@@ -410,7 +421,8 @@ def parse_args(argv=None):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
         else:
             typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            p.add_argument(flag, type=typ, default=f.default if f.default is not dataclasses.MISSING else None,
+            flags = [flag, "--run-dir"] if f.name == "run" else [flag]  # torchrun takes --run as ambiguous
+            p.add_argument(*flags, type=typ, default=f.default if f.default is not dataclasses.MISSING else None,
                            required=f.default is dataclasses.MISSING)
     a = p.parse_args(argv)
     resume = a.resume
