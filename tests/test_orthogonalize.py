@@ -201,3 +201,22 @@ def test_kernel_limits_fall_back_under_auto(device):
 def test_empty_batch(backend, device):
     P = torch.empty(0, 10, 3, device=device)
     assert orthogonalize(P, backend=backend) is P
+
+
+def test_cuda_entry_point_validates_before_launch():
+    """The raw-pointer entry point rejects bad sizes/dtypes with a ValueError (no GPU needed: nothing launches)."""
+    from dalle_kernels._dispatch import cuda_extension_has
+
+    if not cuda_extension_has("orthogonalize"):
+        pytest.skip("CUDA extension not built (DALLE_KERNELS_CUDA=1 pip install --no-build-isolation -e .)")
+    from dalle_kernels._cuda import ext
+
+    fn = ext("orthogonalize").orthogonalize
+    good = dict(p=1, w=2, batch=1, n=8, r=4, stride_pb=32, stride_pn=4, stride_pr=1, stride_wb=32, stride_wn=4,
+                stride_wr=1, dtype=0, stream=0)
+    for bad, msg in [(dict(n=3), "n >= r"), (dict(r=65), r"r must be in \[1, 64\]"), (dict(r=0), "r must be"),
+                     (dict(dtype=3), "dtype must be"), (dict(batch=-1), "batch must be"),
+                     (dict(dtype=1, w=1), "fp32 workspace"), (dict(p=0), "null data pointer")]:
+        with pytest.raises(ValueError, match=msg):
+            fn(**{**good, **bad})
+    fn(**{**good, "batch": 0, "p": 0, "w": 0})  # empty batch: nothing to do
