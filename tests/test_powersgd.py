@@ -305,3 +305,29 @@ def test_state_arguments_and_state_dict_checks():
         other.load_state_dict(bad)
     other.rescale_error(0.5, ["2.weight"])
     assert torch.equal(other.error["2.weight"], torch.full((32, 24), 0.5))
+
+
+@pytest.mark.gpu
+def test_hook_on_cuda_with_fused_kernel_matches_reference(cuda_only):
+    """GPU lane: one-process NCCL group; the hook with the fused kernel (auto) follows the reference one."""
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(free_port())
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    try:
+        x, y = (t.cuda() for t in data())
+        runs = {}
+        for backend in ("auto", "torch"):
+            model = make_model(0).cuda()
+            ddp, state = wrap(model, rank=2, start_iter=1, backend=backend)
+            opt = torch.optim.SGD(ddp.parameters(), lr=0.2)
+            record = []
+            train(ddp, opt, x, y, 5, record)
+            runs[backend] = record
+            assert state.compression_ratio() < 1
+        for step, (a, b) in enumerate(zip(runs["auto"], runs["torch"])):
+            for k in a:
+                torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"step {step} {k}: {m}")
+    finally:
+        dist.destroy_process_group()
