@@ -180,8 +180,10 @@ if triton is not None:
     ):
         """One query block of one (batch, head): ``O = softmax(scale * Q K^T + mask) V`` with an online softmax
         over the key blocks listed in the lookup table only; also writes the row log-sum-exp (natural log)."""
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        # Grid (batch * heads, query blocks), last query block first: under causal-like masks it has the most
+        # key blocks, and starting it first shortens the tail. (batch * heads on axis 0: no 65535 limit.)
+        pid_bh = tl.program_id(0)
+        pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
         off_b = (pid_bh // HEADS).to(tl.int64)
         off_h = (pid_bh % HEADS).to(tl.int64)
         q_base = Q_ptr + off_b * stride_qb + off_h * stride_qh
@@ -225,8 +227,8 @@ if triton is not None:
         HEADS, N, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
     ):
         """``delta = rowsum(dO * O)`` in fp32, per raster row (the softmax backward's correction term)."""
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        pid_bh = tl.program_id(0)
+        pid_m = tl.program_id(1)
         off_b = (pid_bh // HEADS).to(tl.int64)
         off_h = (pid_bh % HEADS).to(tl.int64)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -247,8 +249,8 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     ):
         """One query block: ``dQ = scale * dS K`` over the key blocks of the forward lookup table."""
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        pid_bh = tl.program_id(0)
+        pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
         off_b = (pid_bh // HEADS).to(tl.int64)
         off_h = (pid_bh % HEADS).to(tl.int64)
         k_base = K_ptr + off_b * stride_kb + off_h * stride_kh
@@ -291,9 +293,10 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     ):
         """One key block: ``dV = P^T dO`` and ``dK = scale * dS^T Q`` over the query blocks of the transposed
-        lookup table. ``DK_ptr`` and ``DV_ptr`` share the strides ``stride_dk*``."""
-        pid_n = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        lookup table. ``DK_ptr`` and ``DV_ptr`` share the strides ``stride_dk*``. The first key blocks (text)
+        are seen by every image query: natural order starts the heaviest first."""
+        pid_bh = tl.program_id(0)
+        pid_n = tl.program_id(1)
         off_b = (pid_bh // HEADS).to(tl.int64)
         off_h = (pid_bh % HEADS).to(tl.int64)
         q_base = Q_ptr + off_b * stride_qb + off_h * stride_qh
@@ -353,7 +356,7 @@ def _triton_forward(q, k, v, mask, T, H, W, kernel, scale, block_m=0, block_n=0)
     lse = torch.empty((B, heads, N), dtype=torch.float32, device=q.device)
     if o.numel() == 0:
         return o, lse
-    grid = (triton.cdiv(N, cfg.block_m), B * heads)
+    grid = (B * heads, triton.cdiv(N, cfg.block_m))
     ka = _kernel_args(mask, T, H, W, kernel)
     _attn_fwd_kernel[grid](
         q, k, v, o, lse, tables.q_lut, tables.q_full, tables.q_count,
@@ -378,7 +381,7 @@ def _triton_backward(do, q, k, v, o, lse, mask, T, H, W, kernel, scale, block_m=
         return dq, dk, dv
     do = do.to(q.dtype)
     delta = torch.empty((B, heads, N), dtype=torch.float32, device=q.device)
-    _attn_bwd_preprocess_kernel[(triton.cdiv(N, cfg.block_m), B * heads)](
+    _attn_bwd_preprocess_kernel[(B * heads, triton.cdiv(N, cfg.block_m))](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
         heads, N, HEAD_DIM=D, BLOCK_M=cfg.block_m)
     ka = _kernel_args(mask, T, H, W, kernel)
@@ -387,11 +390,11 @@ def _triton_backward(do, q, k, v, o, lse, mask, T, H, W, kernel, scale, block_m=
                   num_stages=cfg.num_stages)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
-    _attn_bwd_dq_kernel[(triton.cdiv(N, cfg.block_m), B * heads)](
+    _attn_bwd_dq_kernel[(B * heads, triton.cdiv(N, cfg.block_m))](
         q, k, v, do, dq, lse, delta, tables.q_lut, tables.q_full, tables.q_count,
         *strides, dq.stride(0), dq.stride(1), dq.stride(2),
         heads, N, ka["T"], ka["H"], ka["W"], ka["S"], tables.q_lut.shape[1], scale * LOG2E, scale, **common)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(N, cfg.block_n), B * heads)](
+    _attn_bwd_dkdv_kernel[(B * heads, triton.cdiv(N, cfg.block_n))](
         q, k, v, do, dk, dv, lse, delta, tables.k_lut, tables.k_full, tables.k_count,
         *strides, dk.stride(0), dk.stride(1), dk.stride(2),
         heads, N, ka["T"], ka["H"], ka["W"], ka["S"], tables.k_lut.shape[1], scale * LOG2E, scale, **common)
@@ -457,9 +460,17 @@ def triton_attention(q, k, v, mask, text_len, grid, kernel, scale, block_m=0, bl
 
 
 def sparse_attention(q, k, v, mask="row", text_len=0, grid=(32, 32), kernel=11, scale=None, backend="auto"):
-    """Causal softmax attention under one of DALL-E's masks (``dalle_kernels.masks.dense_mask``).
+    """Causal softmax attention under one of DALL-E's masks: equal to softmax attention under
+    ``dalle_kernels.masks.dense_mask(mask, text_len, grid, kernel)`` (True = attend).
 
-    ``q, k, v``: ``(batch, heads, text_len + H*W, head_dim)``; returns a tensor of the same shape and dtype.
+    ``q, k, v``: ``(batch, heads, text_len + H*W, head_dim)``, float32/float16/bfloat16, head_dim 16/32/64/128,
+    any strides (the head_dim axis is made contiguous if it is not); returns a tensor of q's shape and dtype.
+    ``mask``: ``"row"``, ``"column"``, ``"conv"`` (``kernel`` x ``kernel`` window, odd), ``"conv_clipped"`` or
+    ``"causal"``; ``scale`` defaults to ``1 / sqrt(head_dim)``.
+    ``backend``: ``"triton"`` (block-sparse kernels; CUDA tensors, or CPU under ``TRITON_INTERPRET=1``),
+    ``"torch"`` (the dense-masked reference, differentiable by autograd) or ``"auto"`` (Triton for CUDA tensors
+    and in the interpreter, else torch). The Triton path is a ``torch.library`` custom op
+    (``torch.ops.dalle_kernels.sparse_attention_fwd``): ``torch.compile(fullgraph=True)`` traces it.
     """
     T, H, W, scale = check_inputs(q, k, v, mask, text_len, grid, kernel, scale)
     backend = _resolve_backend(backend, q.device)
