@@ -16,6 +16,7 @@ gradients can round to inf where exp(-ln_b) exceeds their range (as an fp32-comp
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -295,8 +296,19 @@ def _cuda_backward(params, target, eps, grad_out):
     return grad
 
 
-_FORWARD = {"triton": _triton_forward, "cuda": _cuda_forward}
-_BACKWARD = {"triton": _triton_backward, "cuda": _cuda_backward}
+def _on_params_device(fn):
+    """Run ``fn`` with the params' GPU as the current device (launches go to the current device and stream)."""
+    @functools.wraps(fn)
+    def wrapper(params, *args):
+        if params.device.type != "cuda":
+            return fn(params, *args)
+        with torch.cuda.device(params.device):
+            return fn(params, *args)
+    return wrapper
+
+
+_FORWARD = {"triton": _on_params_device(_triton_forward), "cuda": _on_params_device(_cuda_forward)}
+_BACKWARD = {"triton": _on_params_device(_triton_backward), "cuda": _on_params_device(_cuda_backward)}
 
 
 class LogitLaplaceLoss(torch.autograd.Function):
