@@ -4,15 +4,21 @@ import pytest
 import torch
 
 from dalle_kernels import orthogonalize, orthogonalize_list, orthogonalize_ref
+from dalle_kernels.ops import orthogonalize as ortho_ops
 
 # (max |Q^T Q - I|, relative span residual) allowed per input dtype
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
-@pytest.fixture(params=["torch", "triton", "cuda"])
-def backend(request, device):
+@pytest.fixture(params=["torch", "triton", "triton_stream", "cuda"])
+def backend(request, device, monkeypatch):
+    """``triton``: small matrices take the register-resident kernel; ``triton_stream`` forces the streaming
+    kernel (the one for large n) at the same small shapes."""
     if request.param == "cuda" and device != "cuda":
         pytest.skip("CUDA backend: GPU lane only (run with --device=cuda)")
+    if request.param == "triton_stream":
+        monkeypatch.setattr(ortho_ops, "RESIDENT_ELEMENTS", 0)
+        return "triton"
     return request.param
 
 

@@ -24,7 +24,8 @@ and finite (no division by a vanishing norm); it simply adds a direction that ``
 A zero matrix therefore gives the first ``r`` columns of the identity. Non-finite input gives
 non-finite output (check before calling; the PowerSGD hook does).
 
-Streaming: each pass reads the ``n x r`` matrix once in chunks of ``BLOCK_N`` rows while the ``r``-vectors
+Triton has two kernels: matrices of up to ``RESIDENT_ELEMENTS`` (padded) elements are held in registers
+for the whole computation (one load, one store); larger ones stream. Streaming: each pass reads the ``n x r`` matrix once in chunks of ``BLOCK_N`` rows while the ``r``-vectors
 that the next pass needs (``x^T A``, row ``k``, ``beta``, ``v_0``, signs) stay in registers, so ``n`` is
 unbounded (65k rows are fine) and one launch handles the whole batch, one program (CUDA: one block) per
 matrix. Pass ``k`` of the factorization applies ``H_k`` and accumulates the dot products of ``H_{k+1}``
@@ -150,6 +151,59 @@ if triton is not None:
         return tl.where(rows > k, col, tl.where(rows == k, v0, 0.0))
 
     @triton.jit
+    def _apply_reflection(tile, rows, cols, k, v0, beta, w):
+        """Factorization step on a row chunk: ``A[:, j] -= beta v (v^T A[:, j])`` for ``j > k``
+        (``w[j] = v^T A[:, j]``); column ``k`` keeps ``v``."""
+        v = _column(tile, rows, cols, k, v0)
+        return tl.where((cols > k)[None, :], tile - beta * v[:, None] * w[None, :], tile)
+
+    @triton.jit
+    def _form_step(tile, rows, cols, k, v0, beta, wq):
+        """Formation step on a row chunk: ``Q[:, j] <- H_k Q[:, j]`` for ``j > k`` (``wq[j] = v^T Q[:, j]``) and
+        column ``k`` (which held ``v``) becomes ``H_k e_k``. Columns ``< k`` (later ``v``s) are unchanged."""
+        v = _column(tile, rows, cols, k, v0)
+        new = tl.where((cols > k)[None, :], tile - beta * v[:, None] * wq[None, :], tile)
+        qk = tl.where(rows == k, 1.0, 0.0) - beta * v0 * v  # H_k e_k; zero above row k
+        return tl.where((cols == k)[None, :], qk[:, None], new)
+
+    @triton.jit
+    def _orthogonalize_resident_kernel(
+        P_ptr, n, r, stride_pb, stride_pn, stride_pr,
+        TINY: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """Small matrices (``n <= BLOCK_N``): the same algorithm with the whole matrix in registers, one load
+        and one store; the passes of the streaming kernel become in-register reductions."""
+        pid = tl.program_id(0).to(tl.int64)
+        p_base = P_ptr + pid * stride_pb
+        cols = tl.arange(0, R_PAD)
+        rows = tl.arange(0, BLOCK_N)
+        m = (rows < n)[:, None] & (cols < r)[None, :]
+        ptrs = p_base + rows.to(tl.int64)[:, None] * stride_pn + cols[None, :] * stride_pr
+        tile = tl.load(ptrs, mask=m, other=0.0).to(tl.float32)
+        cmax = tl.max(tl.abs(tile), axis=0)
+        tile = tile * (1.0 / tl.where(cmax > 0, cmax, 1.0))[None, :]
+        betas = tl.zeros([R_PAD], dtype=tl.float32)
+        v0s = tl.zeros([R_PAD], dtype=tl.float32)
+        signs = tl.full([R_PAD], 1.0, dtype=tl.float32)
+        for k in range(0, r):
+            x = tl.where(rows >= k, tl.sum(tl.where(cols[None, :] == k, tile, 0.0), axis=1), 0.0)
+            s = tl.sum(x[:, None] * tile, axis=0)
+            a_row = tl.sum(tl.where(rows[:, None] == k, tile, 0.0), axis=0)
+            beta, v0, alpha, sign = _reflection(s, a_row, k, cols, TINY)
+            betas = tl.where(cols == k, beta, betas)
+            v0s = tl.where(cols == k, v0, v0s)
+            signs = tl.where(cols == k, sign, signs)
+            tile = _apply_reflection(tile, rows, cols, k, v0, beta, s - alpha * a_row)
+        for kk in range(0, r):
+            k = r - 1 - kk
+            beta = tl.sum(tl.where(cols == k, betas, 0.0), axis=0)
+            v0 = tl.sum(tl.where(cols == k, v0s, 0.0), axis=0)
+            v = _column(tile, rows, cols, k, v0)
+            wq = tl.sum(tl.where((cols > k)[None, :], v[:, None] * tile, 0.0), axis=0)
+            tile = _form_step(tile, rows, cols, k, v0, beta, wq)
+        tl.store(ptrs, (tile * signs[None, :]).to(P_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
     def _orthogonalize_kernel(
         P_ptr, W_ptr, n, r,
         stride_pb, stride_pn, stride_pr,
@@ -208,8 +262,7 @@ if triton is not None:
                 row_ok = rows < n
                 ptrs = w_base + rows.to(tl.int64)[:, None] * stride_wn + cols[None, :] * stride_wr
                 tile = tl.load(ptrs, mask=row_ok[:, None] & (cols >= k)[None, :] & col_ok[None, :], other=0.0)
-                v = _column(tile, rows, cols, k, v0)
-                tile = tl.where(upd[None, :], tile - beta * v[:, None] * w[None, :], tile)
+                tile = _apply_reflection(tile, rows, cols, k, v0, beta, w)
                 tl.store(ptrs, tile, mask=row_ok[:, None] & upd[None, :])
                 x1 = tl.where(rows >= k + 1, tl.sum(tl.where(cols[None, :] == k + 1, tile, 0.0), axis=1), 0.0)
                 s += tl.sum(x1[:, None] * tile, axis=0)
@@ -234,11 +287,8 @@ if triton is not None:
                 wptrs = w_base + rows.to(tl.int64)[:, None] * stride_wn + cols[None, :] * stride_wr
                 tile = tl.load(wptrs, mask=row_ok[:, None] & (cols >= k - 1)[None, :] & col_ok[None, :],
                                other=0.0)
-                v = _column(tile, rows, cols, k, v0)
                 v_prev = _column(tile, rows, cols, k - 1, v0_prev)
-                new = tl.where((cols > k)[None, :], tile - beta * v[:, None] * wq[None, :], tile)
-                qk = tl.where(rows == k, 1.0, 0.0) - beta * v0 * v  # H_k e_k; zero above row k
-                new = tl.where((cols == k)[None, :], qk[:, None], new)
+                new = _form_step(tile, rows, cols, k, v0, beta, wq)
                 wq_next += tl.sum(tl.where((cols >= k)[None, :], v_prev[:, None] * new, 0.0), axis=0)
                 keep = row_ok[:, None] & (cols >= k)[None, :] & col_ok[None, :]
                 tl.store(wptrs, new, mask=keep & ~last[None, :])
@@ -253,10 +303,22 @@ def _block_n(n: int, r_pad: int) -> int:
     return max(16, min(triton.next_power_of_2(n), 2048 // r_pad))
 
 
+# Matrices of up to this many (padded) elements are kept in registers. ptxas -v for sm_90 on the AOT-compiled
+# resident kernel: 32 fp32 elements per thread fit in 254 registers without spills (8192 elements, 8 warps);
+# 16384 elements spill at 8 or 16 warps, so larger matrices take the streaming kernel.
+RESIDENT_ELEMENTS = 8192
+
+
 def _launch_triton(P3: torch.Tensor) -> None:
     B, n, r = P3.shape
-    W = P3 if P3.dtype == torch.float32 else torch.empty((B, n, r), dtype=torch.float32, device=P3.device)
     r_pad = max(2, triton.next_power_of_2(r))
+    n_pad = max(16, triton.next_power_of_2(n))
+    if n_pad * r_pad <= RESIDENT_ELEMENTS:
+        _orthogonalize_resident_kernel[(B,)](
+            P3, n, r, *P3.stride(), TINY=_tiny(torch.float32), R_PAD=r_pad, BLOCK_N=n_pad,
+            num_warps=max(4, min(8, n_pad * r_pad // 1024)))
+        return
+    W = P3 if P3.dtype == torch.float32 else torch.empty((B, n, r), dtype=torch.float32, device=P3.device)
     _orthogonalize_kernel[(B,)](
         P3, W, n, r, *P3.stride(), *W.stride(),
         TINY=_tiny(torch.float32), R_PAD=r_pad, BLOCK_N=_block_n(n, r_pad), num_warps=4)
