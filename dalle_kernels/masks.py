@@ -213,7 +213,8 @@ if triton is not None:
 
         For ``column`` (code 2) the image part is transposed (``t = c * H + r``) and the rule is
         block-diagonal causal with blocks of ``H``. Every ``//`` and ``%`` sees non-negative operands, so
-        C (GPU) and floor (interpreter) division agree.
+        C (GPU) and floor (interpreter) division agree. Called with ``i`` of shape (BLOCK_M, 1) and ``j`` of
+        shape (1, BLOCK_N), the divisions run per row and per column, and only adds and compares per pair.
         """
         causal = j <= i
         if MASK == 0:
@@ -226,9 +227,14 @@ if triton is not None:
             elif MASK == 2:
                 img = (q // H) == (k // H)
             elif MASK == 3:
-                d = tl.maximum(q - k, 0)
-                dm = d % W
-                img = ((d // W) <= S) & ((dm <= S) | (dm >= W - S))
+                # d = q - k, d // W and d % W from row/column parts, so that the only divisions run on the
+                # (BLOCK, 1) and (1, BLOCK) index vectors, never per pair: dc < 0 borrows one row.
+                rq = q // W
+                rk = k // W
+                dc = (q - rq * W) - (k - rk * W)
+                borrow = dc < 0
+                dm = tl.where(borrow, dc + W, dc)
+                img = ((rq - rk) - borrow.to(tl.int32) <= S) & ((dm <= S) | (dm >= W - S))
             else:
                 dc = (q % W) - (k % W)
                 img = ((q // W) - (k // W) <= S) & (dc <= S) & (dc >= -S)

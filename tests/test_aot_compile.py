@@ -62,8 +62,9 @@ def compile_one(case):
     if kernel == "preprocess":
         constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=cfg.block_m)
     else:
-        constexprs = dict(MASK=masks.MASK_CODES[mask], TRANSPOSED=mask == "column", HEAD_DIM=head_dim,
-                          BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PRECISION="tf32")
+        # The layout is compile-time (divisions by H and W become shifts): the paper's T = 256, 32 x 32, 11 x 11.
+        constexprs = dict(T=256, H=32, W=32, S=5, MASK=masks.MASK_CODES[mask], TRANSPOSED=mask == "column",
+                          HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PRECISION="tf32")
     # What the JIT specializes at launch for contiguous (B, h, N, 64) tensors: 16-byte aligned pointers and
     # strides divisible by 16. Sizes (N, T, H, W) get no hint: the figures hold for any shape.
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)

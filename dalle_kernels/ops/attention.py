@@ -174,7 +174,8 @@ if triton is not None:
         Q_ptr, K_ptr, V_ptr, O_ptr, LSE_ptr, LUT_ptr, FULL_ptr, CNT_ptr,
         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-        HEADS, N, T, H, W, S, LUT_W, qk_scale,
+        HEADS, N, LUT_W, qk_scale,
+        T: tl.constexpr, H: tl.constexpr, W: tl.constexpr, S: tl.constexpr,
         MASK: tl.constexpr, TRANSPOSED: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     ):
@@ -213,7 +214,7 @@ if triton is not None:
         # Only padding rows past N can end with l = 0 (the diagonal is always allowed); keep them finite.
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-        out = acc / l_safe[:, None]
+        out = acc * (1.0 / l_safe)[:, None]
         lse = (m_safe + tl.math.log2(l_safe)) * 0.6931471805599453
         offs_d = tl.arange(0, HEAD_DIM)
         o_ptrs = O_ptr + off_b * stride_ob + off_h * stride_oh + rows_m.to(tl.int64)[:, None] * stride_on
@@ -244,7 +245,8 @@ if triton is not None:
         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
         stride_dqb, stride_dqh, stride_dqn,
-        HEADS, N, T, H, W, S, LUT_W, qk_scale, sm_scale,
+        HEADS, N, LUT_W, qk_scale, sm_scale,
+        T: tl.constexpr, H: tl.constexpr, W: tl.constexpr, S: tl.constexpr,
         MASK: tl.constexpr, TRANSPOSED: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     ):
@@ -288,7 +290,8 @@ if triton is not None:
         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
         stride_dkb, stride_dkh, stride_dkn,
-        HEADS, N, T, H, W, S, LUT_W, qk_scale, sm_scale,
+        HEADS, N, LUT_W, qk_scale, sm_scale,
+        T: tl.constexpr, H: tl.constexpr, W: tl.constexpr, S: tl.constexpr,
         MASK: tl.constexpr, TRANSPOSED: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     ):
@@ -343,6 +346,8 @@ def _rows_stride_ok(t: torch.Tensor) -> torch.Tensor:
 
 
 def _kernel_args(mask, T, H, W, kernel):
+    # The layout is compile-time: divisions by H and W become multiplies and shifts (shifts for 32 x 32), and
+    # a model compiles one variant per (mask, T, H, W, kernel) it uses.
     return dict(T=T, H=H, W=W, S=kernel // 2, MASK=_masks.MASK_CODES[mask], TRANSPOSED=mask == "column")
 
 
@@ -357,14 +362,13 @@ def _triton_forward(q, k, v, mask, T, H, W, kernel, scale, block_m=0, block_n=0)
     if o.numel() == 0:
         return o, lse
     grid = (B * heads, triton.cdiv(N, cfg.block_m))
-    ka = _kernel_args(mask, T, H, W, kernel)
     _attn_fwd_kernel[grid](
         q, k, v, o, lse, tables.q_lut, tables.q_full, tables.q_count,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        heads, N, ka["T"], ka["H"], ka["W"], ka["S"], tables.q_lut.shape[1], scale * LOG2E,
-        MASK=ka["MASK"], TRANSPOSED=ka["TRANSPOSED"], HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        PRECISION=_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        heads, N, tables.q_lut.shape[1], scale * LOG2E, **_kernel_args(mask, T, H, W, kernel), HEAD_DIM=D,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PRECISION=_precision(q.dtype), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     return o, lse
 
 
@@ -384,8 +388,7 @@ def _triton_backward(do, q, k, v, o, lse, mask, T, H, W, kernel, scale, block_m=
     _attn_bwd_preprocess_kernel[(B * heads, triton.cdiv(N, cfg.block_m))](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
         heads, N, HEAD_DIM=D, BLOCK_M=cfg.block_m)
-    ka = _kernel_args(mask, T, H, W, kernel)
-    common = dict(MASK=ka["MASK"], TRANSPOSED=ka["TRANSPOSED"], HEAD_DIM=D, BLOCK_M=cfg.block_m,
+    common = dict(**_kernel_args(mask, T, H, W, kernel), HEAD_DIM=D, BLOCK_M=cfg.block_m,
                   BLOCK_N=cfg.block_n, PRECISION=_precision(q.dtype), num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -393,11 +396,11 @@ def _triton_backward(do, q, k, v, o, lse, mask, T, H, W, kernel, scale, block_m=
     _attn_bwd_dq_kernel[(B * heads, triton.cdiv(N, cfg.block_m))](
         q, k, v, do, dq, lse, delta, tables.q_lut, tables.q_full, tables.q_count,
         *strides, dq.stride(0), dq.stride(1), dq.stride(2),
-        heads, N, ka["T"], ka["H"], ka["W"], ka["S"], tables.q_lut.shape[1], scale * LOG2E, scale, **common)
+        heads, N, tables.q_lut.shape[1], scale * LOG2E, scale, **common)
     _attn_bwd_dkdv_kernel[(B * heads, triton.cdiv(N, cfg.block_n))](
         q, k, v, do, dk, dv, lse, delta, tables.k_lut, tables.k_full, tables.k_count,
         *strides, dk.stride(0), dk.stride(1), dk.stride(2),
-        heads, N, ka["T"], ka["H"], ka["W"], ka["S"], tables.k_lut.shape[1], scale * LOG2E, scale, **common)
+        heads, N, tables.k_lut.shape[1], scale * LOG2E, scale, **common)
     return dq, dk, dv
 
 
