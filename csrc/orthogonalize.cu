@@ -5,8 +5,11 @@
 // Q = H_0 ... H_{r-1} [I; 0] backwards in place; multiply column k by sign(R_kk). A column whose remaining
 // sum of squares is <= tiny gets the identity reflection (Q's column is then a unit vector orthogonal to
 // the others, never NaN). Each pass streams the rows once (thread i takes rows i, i + blockDim, ...); the
-// r-vectors the next pass needs are block-reduced into shared memory, so n is unbounded.
-// All arithmetic is fp32; fp16/bf16 input is staged in an fp32 workspace W (W == P for fp32 input).
+// r-vectors the next pass needs are block-reduced into shared memory, so n is unbounded. When the n x r fp32
+// matrix fits in the block's shared memory (up to ~55k elements on sm_90), it is staged there instead of the
+// workspace, so global memory is read twice (column maxima, staging) and written once.
+// All arithmetic is fp32; fp16/bf16 input is staged in an fp32 workspace W (W == P for fp32 input, so P and W
+// may alias: no __restrict__).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -66,12 +69,19 @@ __device__ __forceinline__ float pick(const float (&a)[R], int k) {
 
 template <typename T, int R>
 __global__ void __launch_bounds__(kThreads) orthogonalize_kernel(
-    T* __restrict__ P, float* W, int64_t n, int r, int64_t spb, int64_t spn, int64_t spr, int64_t swb,
-    int64_t swn, int64_t swr, float tiny) {
+    T* P, float* W, int64_t n, int r, int64_t spb, int64_t spn, int64_t spr, int64_t swb,
+    int64_t swn, int64_t swr, float tiny, bool in_smem) {
   __shared__ float red[kWarps * R];
   __shared__ float s[R], arow[R], w[R], beta_s[R], v0_s[R], sign_s[R];
+  extern __shared__ float smem_matrix[];  // n x r, row-major, when the whole matrix fits (in_smem)
   P += static_cast<int64_t>(blockIdx.x) * spb;
-  W += static_cast<int64_t>(blockIdx.x) * swb;
+  if (in_smem) {
+    W = smem_matrix;  // generic addressing: the passes below read and write shared memory instead
+    swn = r;
+    swr = 1;
+  } else {
+    W += static_cast<int64_t>(blockIdx.x) * swb;
+  }
   float acc[R], row[R];
 
   // Pass 1: largest magnitude per column -> scale factors (kept in w).
@@ -168,12 +178,32 @@ __global__ void __launch_bounds__(kThreads) orthogonalize_kernel(
   }
 }
 
+// Bytes of dynamic shared memory a block may use on the current device (opt-in maximum, minus room for the
+// kernel's static shared memory).
+int64_t smem_budget() {
+  int dev = 0, optin = 0;
+  DALLE_CUDA_CHECK(cudaGetDevice(&dev));
+  DALLE_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  return static_cast<int64_t>(optin) - 4096;
+}
+
+template <typename T, int R>
+void launch_r(T* p, float* w, int64_t batch, int64_t n, int r, int64_t spb, int64_t spn, int64_t spr, int64_t swb,
+              int64_t swn, int64_t swr, float tiny, cudaStream_t stream) {
+  // Matrices that fit in shared memory stay there between passes (one read and one write of global memory).
+  const int64_t bytes = n * r * static_cast<int64_t>(sizeof(float));
+  const bool in_smem = bytes <= smem_budget();
+  if (in_smem && bytes > 48 * 1024)
+    DALLE_CUDA_CHECK(cudaFuncSetAttribute(orthogonalize_kernel<T, R>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(bytes)));
+  orthogonalize_kernel<T, R><<<static_cast<unsigned>(batch), kThreads, in_smem ? bytes : 0, stream>>>(
+      p, w, n, r, spb, spn, spr, swb, swn, swr, tiny, in_smem);
+}
+
 template <typename T>
 void launch(T* p, float* w, int64_t batch, int64_t n, int r, int64_t spb, int64_t spn, int64_t spr, int64_t swb,
             int64_t swn, int64_t swr, float tiny, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(batch)), block(kThreads);
-#define DALLE_ORTHO_LAUNCH(R)                                                                              \
-  orthogonalize_kernel<T, R><<<grid, block, 0, stream>>>(p, w, n, r, spb, spn, spr, swb, swn, swr, tiny)
+#define DALLE_ORTHO_LAUNCH(R) launch_r<T, R>(p, w, batch, n, r, spb, spn, spr, swb, swn, swr, tiny, stream)
   if (r <= 4) DALLE_ORTHO_LAUNCH(4);
   else if (r <= 8) DALLE_ORTHO_LAUNCH(8);
   else if (r <= 16) DALLE_ORTHO_LAUNCH(16);
