@@ -28,7 +28,12 @@ carried into the next step stays in the same units as the new gradients.
 Checkpoints: ``state.state_dict()`` holds the step count, ``E`` and the warm-start ``Q`` of every
 compressed parameter, keyed by parameter name; ``load_state_dict`` restores them, so a resumed run
 continues exactly as the uninterrupted one would (``P`` is recomputed from ``M`` and ``Q`` each step, so
-``Q`` is all the warm-start state there is).
+``Q`` is all the warm-start state there is). ``E`` differs between ranks: save every rank's state_dict
+(one file per rank) and load each rank its own.
+
+Collectives are issued synchronously inside the hook, in bucket order (two all-reduces per compressed
+bucket, one per uncompressed bucket), so every rank issues them in the same order on any backend; the
+cost is that a bucket's compression does not overlap the rest of the backward pass.
 """
 
 import zlib
