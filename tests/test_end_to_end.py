@@ -1,6 +1,10 @@
 """End-to-end at micro size: dVAE -> transformer -> sampling -> scorer, through the pipeline's entry point."""
 import json
 
+from PIL import Image
+
+from dalle.data.shapes import ShapesDataset
+from dalle.generate import main as generate
 from dalle.pipeline import main
 
 
@@ -29,3 +33,14 @@ def test_pipeline_micro_run(tmp_path, capsys):
                   "--resume", "--no-progress"])
     assert "reusing" in capsys.readouterr().out
     assert again["accuracy"]["train"]["captions"] == 2
+
+    # the sampling CLI on the same run: reranked grid, then image-prompt completion from a PNG
+    out = tmp_path / "gen.png"
+    generate(["--run", str(run), "a red circle above a blue square", "a green triangle", "-n", "2",
+              "--rerank", "2", "--top-k", "4", "--out", str(out)])
+    assert Image.open(out).size[0] > 0
+    prompt = tmp_path / "prompt.png"
+    Image.fromarray(ShapesDataset("train", size=1)[0][0].permute(1, 2, 0).numpy()).save(prompt)
+    generate(["--run", str(run), "a red square", "-n", "1", "--prompt-image", str(prompt), "--prompt-rows", "2",
+              "--out", str(tmp_path / "completed.png")])
+    assert (tmp_path / "completed.png").is_file()

@@ -96,3 +96,14 @@ def test_generate_is_reproducible_with_a_generator():
     b = generate_images(m, text, generator=torch.Generator().manual_seed(5), temperature=1.0)
     assert torch.equal(a, b) and a.shape == (2, cfg.image_len)
     assert a.min() >= 0 and a.max() < cfg.image_vocab
+
+
+@pytest.mark.gpu
+def test_gpu_kv_cache_logits_equal_full_forward(cuda_only):
+    cfg = DALLEConfig.tiny(text_len=16, text_vocab=100, image_vocab=64, grid=(8, 8))
+    m = sharp_model(cfg, 4).cuda()
+    text = torch.randint(0, cfg.text_rows, (4, cfg.text_len), device="cuda")
+    image, logits = Sampler(m).generate(text, return_logits=True, top_k=8)
+    with torch.no_grad():
+        _, full = m(text, image)
+    assert (logits - full.float()).abs().max() < 1e-3 * full.abs().max()
