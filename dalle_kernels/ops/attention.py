@@ -1,4 +1,16 @@
-"""Block-sparse DALL-E attention: PyTorch reference, Triton kernels, autograd Function, public op."""
+"""Block-sparse DALL-E attention: PyTorch reference, Triton kernels, autograd op, public function.
+
+``O = softmax(scale * Q K^T + M) V`` with ``M`` = 0 where ``dense_mask`` allows a pair and -inf elsewhere.
+
+Triton path: per query block, the forward walks only the key blocks listed in a lookup table built from the
+mask predicate (``masks.block_tables``: int32 block indices plus a "full" flag; full tiles skip the predicate,
+partial tiles apply it per token with ``masks.tl_allowed``), with a flash-style online softmax in fp32, and
+saves ``O`` and the row log-sum-exp only (O(N) extra memory). The backward recomputes ``P`` from the
+log-sum-exp: a preprocess kernel computes ``delta = rowsum(dO * O)``, one kernel computes dQ over the same
+table, one computes dK and dV per key block over the transposed table. ``column`` runs the transposed layout
+(block-diagonal causal, SPEC.md) by mapping each kernel position to its raster row in the loads and stores:
+inputs and outputs stay in raster order and no permuted copy is made.
+"""
 from __future__ import annotations
 
 import math
@@ -106,7 +118,6 @@ except ImportError:  # pragma: no cover - triton is a dependency on Linux
     triton = None
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 if triton is not None:
     from ..masks import tl_allowed
