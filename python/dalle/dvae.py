@@ -1,0 +1,251 @@
+"""Discrete VAE (SPEC.md section 3): the encoder/decoder of the released DALL-E dVAE, with config presets.
+
+Encoder: 7x7 conv to ``n_hid``; ``group_count`` groups of ``n_blk_per_group`` residual blocks of widths
+``n_hid * 2**g``; a 2x2 max-pool after every group but the last; ReLU and a 1x1 conv to ``vocab_size`` logits.
+Decoder: 1x1 conv from the (relaxed) one-hot codes to ``n_init``; groups of widths ``n_hid * 2**(G-1-g)``,
+nearest 2x upsampling after every group but the last; ReLU and a 1x1 conv to 6 channels (``mu``, ``ln b``
+of the logit-Laplace likelihood). The grid factor is ``2**(group_count - 1)``: 8 for the paper's 4 groups.
+
+Training loss (``DVAE.loss``): Gumbel-softmax relaxation at temperature ``tau``, logit-Laplace NLL from
+``dalle_kernels.logit_laplace_loss`` (the fused op), KL of the code posterior to the uniform prior weighted by
+``beta``; the total is divided by ``H * W * 3`` per image.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dalle_kernels import logit_laplace_loss, map_pixels, unmap_pixels
+
+from .common import atomic_save, load_checkpoint
+
+LOGIT_LAPLACE_EPS = 0.1
+
+
+@dataclass
+class DVAEConfig:
+    image_size: int = 256
+    n_hid: int = 256
+    n_init: int = 128
+    vocab_size: int = 8192  # codebook size
+    group_count: int = 4  # grid factor 2**(group_count - 1)
+    n_blk_per_group: int = 2
+    input_channels: int = 3
+
+    @classmethod
+    def paper(cls, **overrides) -> "DVAEConfig":
+        """The paper's dVAE: 256x256 images to a 32x32 grid of 8192 codes."""
+        return cls(**overrides)
+
+    @classmethod
+    def tiny(cls, **overrides) -> "DVAEConfig":
+        """A CPU-sized dVAE: 32x32 images to an 8x8 grid of 512 codes."""
+        return cls(**{**dict(image_size=32, n_hid=32, n_init=64, vocab_size=512, group_count=3,
+                             n_blk_per_group=1), **overrides})
+
+    @property
+    def grid_factor(self) -> int:
+        return 2 ** (self.group_count - 1)
+
+    def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"DVAEConfig.{f.name} must be a positive int, got {v!r}")
+        if self.vocab_size < 2:
+            raise ValueError(f"DVAEConfig.vocab_size must be >= 2, got {self.vocab_size}")
+        if self.image_size % self.grid_factor:
+            raise ValueError(f"DVAEConfig.image_size ({self.image_size}) must be divisible by the grid factor "
+                             f"2**(group_count - 1) = {self.grid_factor}")
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, n_in: int, n_out: int, n_layers: int):
+        super().__init__()
+        n_hid = max(1, n_out // 4)
+        self.post_gain = 1.0 / n_layers**2
+        self.id_path = nn.Conv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
+        self.res_path = nn.Sequential(
+            nn.ReLU(), nn.Conv2d(n_in, n_hid, 3, padding=1),
+            nn.ReLU(), nn.Conv2d(n_hid, n_hid, 3, padding=1),
+            nn.ReLU(), nn.Conv2d(n_hid, n_hid, 3, padding=1),
+            nn.ReLU(), nn.Conv2d(n_hid, n_out, 1))
+
+    def forward(self, x):
+        return self.id_path(x) + self.post_gain * self.res_path(x)
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, n_in: int, n_out: int, n_layers: int):
+        super().__init__()
+        n_hid = max(1, n_out // 4)
+        self.post_gain = 1.0 / n_layers**2
+        self.id_path = nn.Conv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
+        self.res_path = nn.Sequential(
+            nn.ReLU(), nn.Conv2d(n_in, n_hid, 1),
+            nn.ReLU(), nn.Conv2d(n_hid, n_hid, 3, padding=1),
+            nn.ReLU(), nn.Conv2d(n_hid, n_hid, 3, padding=1),
+            nn.ReLU(), nn.Conv2d(n_hid, n_out, 3, padding=1))
+
+    def forward(self, x):
+        return self.id_path(x) + self.post_gain * self.res_path(x)
+
+
+class Encoder(nn.Module):
+    """Mapped pixels (B, 3, H, W) in (eps, 1 - eps) to code logits (B, vocab_size, H/f, W/f)."""
+
+    def __init__(self, cfg: DVAEConfig):
+        super().__init__()
+        n_layers = cfg.group_count * cfg.n_blk_per_group
+        layers = [nn.Conv2d(cfg.input_channels, cfg.n_hid, 7, padding=3)]
+        width = cfg.n_hid
+        for g in range(cfg.group_count):
+            out = cfg.n_hid * 2**g
+            for i in range(cfg.n_blk_per_group):
+                layers.append(EncoderBlock(width, out, n_layers))
+                width = out
+            if g < cfg.group_count - 1:
+                layers.append(nn.MaxPool2d(2))
+        layers += [nn.ReLU(), nn.Conv2d(width, cfg.vocab_size, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Decoder(nn.Module):
+    """Codes to logit-Laplace parameters (B, 6, H, W). Codes are token ids (B, h, w) int64 or a (relaxed)
+    one-hot (B, vocab_size, h, w); the input 1x1 conv is the codebook, so ids are looked up, not one-hot."""
+
+    def __init__(self, cfg: DVAEConfig):
+        super().__init__()
+        self.vocab_size = cfg.vocab_size
+        n_layers = cfg.group_count * cfg.n_blk_per_group
+        self.input = nn.Conv2d(cfg.vocab_size, cfg.n_init, 1)
+        layers = []
+        width = cfg.n_init
+        for g in range(cfg.group_count):
+            out = cfg.n_hid * 2 ** (cfg.group_count - 1 - g)
+            for i in range(cfg.n_blk_per_group):
+                layers.append(DecoderBlock(width, out, n_layers))
+                width = out
+            if g < cfg.group_count - 1:
+                layers.append(nn.Upsample(scale_factor=2, mode="nearest"))
+        layers += [nn.ReLU(), nn.Conv2d(width, 2 * cfg.input_channels, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def embed(self, z):
+        if z.dtype == torch.long:
+            w = self.input.weight.flatten(1)  # (n_init, vocab)
+            return F.embedding(z, w.t()).permute(0, 3, 1, 2) + self.input.bias[None, :, None, None]
+        return self.input(z)
+
+    def forward(self, z):
+        return self.net(self.embed(z))
+
+
+def _as_unit_float(images: torch.Tensor) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+    if images.dtype == torch.uint8:
+        return images.float() / 255.0
+    if not images.is_floating_point():
+        raise TypeError(f"images must be uint8 or float in [0, 1], got {images.dtype}")
+    return images.float()
+
+
+class DVAE(nn.Module):
+    def __init__(self, cfg: DVAEConfig):
+        super().__init__()
+        if not isinstance(cfg, DVAEConfig):
+            raise TypeError(f"cfg must be a DVAEConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        g = self.cfg.image_size // self.cfg.grid_factor
+        return (g, g)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.cfg.vocab_size
+
+    def _check_images(self, images):
+        x = _as_unit_float(images)
+        s, c = self.cfg.image_size, self.cfg.input_channels
+        if x.ndim != 4 or x.shape[1] != c or x.shape[2] % self.cfg.grid_factor or x.shape[3] % self.cfg.grid_factor:
+            raise ValueError(f"images must have shape (B, {c}, H, W) with H, W divisible by "
+                             f"{self.cfg.grid_factor} (trained at {s}x{s}), got {tuple(images.shape)}")
+        return x
+
+    def logits(self, images) -> torch.Tensor:
+        """Code logits (B, vocab_size, h, w) of images (uint8 or float in [0, 1]); float32."""
+        x = self._check_images(images).to(self.encoder.net[0].weight.device)
+        return self.encoder(map_pixels(x, LOGIT_LAPLACE_EPS)).float()
+
+    def loss(self, images, tau: float, beta: float, hard: bool = False, backend: str = "auto"):
+        """Negative ELBO per image pixel-channel: ``(nll + beta * KL) / (H * W * 3)``, averaged over the batch.
+
+        ``hard=True`` feeds the decoder the one-hot of the Gumbel sample's argmax with the relaxed sample's
+        gradient (straight-through); the default is the paper's relaxed one-hot.
+
+        Returns ``(loss, stats)`` with ``stats`` holding detached ``nll`` and ``kl`` (same normalisation).
+        """
+        if not tau > 0:
+            raise ValueError(f"tau must be > 0, got {tau!r}")
+        x = self._check_images(images).to(self.encoder.net[0].weight.device)
+        logits = self.logits(x)
+        z = F.gumbel_softmax(logits, tau=tau, hard=hard, dim=1)
+        params = self.decoder(z.to(logits.dtype))
+        nll = logit_laplace_loss(params, x, reduction="mean", eps=LOGIT_LAPLACE_EPS, backend=backend)
+        log_q = F.log_softmax(logits, dim=1)
+        kl_per_image = (log_q.exp() * (log_q + math.log(self.cfg.vocab_size))).sum(dim=(1, 2, 3))
+        kl = kl_per_image.mean() / (x.shape[1] * x.shape[2] * x.shape[3])
+        loss = nll + beta * kl
+        return loss, {"nll": nll.detach(), "kl": kl.detach()}
+
+    @staticmethod
+    def params_to_images(params: torch.Tensor) -> torch.Tensor:
+        """Decoder output (B, 6, H, W) to images in [0, 1]: ``clamp((sigmoid(mu) - eps) / (1 - 2 eps), 0, 1)``."""
+        return unmap_pixels(torch.sigmoid(params[:, :3].float()), LOGIT_LAPLACE_EPS)
+
+    @torch.no_grad()
+    def encode(self, images) -> torch.Tensor:
+        """Token grid (B, h, w) int64: argmax of the encoder logits, no noise."""
+        return self.logits(images).argmax(dim=1)
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) float in [0, 1] from a token grid (B, h, w)."""
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.long, torch.int32, torch.int16):
+            raise TypeError(f"tokens must be an integer tensor (B, h, w), got {getattr(tokens, 'dtype', tokens)}")
+        if tokens.ndim != 3:
+            raise ValueError(f"tokens must have shape (B, h, w), got {tuple(tokens.shape)}")
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.cfg.vocab_size):
+            raise ValueError(f"tokens must be in [0, {self.cfg.vocab_size}), got [{int(tokens.min())}, "
+                             f"{int(tokens.max())}]")
+        tokens = tokens.long().to(self.decoder.input.weight.device)
+        return self.params_to_images(self.decoder(tokens))
+
+    @torch.no_grad()
+    def reconstruct(self, images) -> torch.Tensor:
+        return self.decode(self.encode(images))
+
+    def save(self, path):
+        """Atomic save of the config and weights (``DVAE.load`` reads it back)."""
+        return atomic_save({"config": asdict(self.cfg), "state_dict": self.state_dict()}, path)
+
+    @classmethod
+    def load(cls, path, map_location="cpu") -> "DVAE":
+        ckpt = load_checkpoint(path, map_location=map_location)
+        if "config" not in ckpt or "state_dict" not in ckpt:
+            raise ValueError(f"{path} is not a dVAE file (expected keys 'config' and 'state_dict')")
+        model = cls(DVAEConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt["state_dict"])
+        return model.eval()

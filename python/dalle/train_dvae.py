@@ -1,0 +1,315 @@
+"""Train the dVAE (SPEC.md section 3): ``python -m dalle.train_dvae --run DIR [--preset tiny] [--steps N] [--resume]``.
+
+Writes into the run folder: ``checkpoint.pt`` (model, optimizer, step, RNG state, config; atomic, every
+``--ckpt-every`` steps and at the end), ``dvae.pt`` (the final model, ``DVAE.load``), ``metrics.csv``
+(and TensorBoard scalars when installed), ``recon_XXXXXX.png`` grids (held-out images above their
+reconstructions) and ``eval.json`` (held-out per-pixel mean absolute error of ``decode(encode(x))``).
+
+The batch at step ``s`` is a pure function of ``(seed, s)`` (a per-epoch permutation), and the Gumbel noise
+comes from the global torch RNG saved in the checkpoint, so ``--resume`` continues exactly as an
+uninterrupted run would.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .common import (MetricsLogger, atomic_save, autocast_context, load_checkpoint, pick_device, rng_state,
+                     seed_everything, set_rng_state)
+from .dvae import DVAE, DVAEConfig
+from .images import save_grid
+from .schedules import cosine
+
+PRESETS = {"tiny": DVAEConfig.tiny, "paper": DVAEConfig.paper}
+
+
+@dataclass
+class TrainDVAEConfig:
+    run: str = "runs/dvae"
+    preset: str = "tiny"
+    data: str = "shapes"  # "shapes" (built-in) or an image folder / .tsv / .csv of (path, caption)
+    image_size: int | None = None  # model overrides of the preset (None: the preset's value)
+    n_hid: int | None = None
+    n_init: int | None = None
+    vocab_size: int | None = None
+    group_count: int | None = None
+    n_blk_per_group: int | None = None
+    num_images: int = 20000  # built-in data: size of the training split
+    eval_images: int = 256  # held-out images for the reconstruction error
+    steps: int = 1200
+    batch_size: int = 32
+    lr: float | None = None  # peak step size; preset default (paper 1e-4, tiny 2e-3)
+    lr_end: float | None = None  # paper 1.25e-6; tiny lr / 100
+    lr_steps: int | None = None  # paper 1.2M; tiny: steps
+    beta: float | None = None  # final KL weight; paper 6.6
+    beta_steps: int | None = None  # paper 5000; tiny: steps / 4
+    tau_start: float = 1.0
+    straight_through: bool = False  # decoder sees the hard one-hot (gradient of the relaxed one)
+    tau_end: float = 1.0 / 16
+    tau_steps: int | None = None  # paper 150000; tiny: steps
+    weight_decay: float = 1e-4
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"  # autocast on CUDA: "auto"/"bf16", "fp16" or "fp32"; CPU is always fp32
+    threads: int = 0  # torch CPU threads (0: torch's default)
+    workers: int = 0  # DataLoader workers for real data
+    log_every: int = 10
+    sample_every: int = 200
+    ckpt_every: int = 200
+    resume: bool = False
+    progress: bool = True
+    stop_at: int | None = None  # stop (with a checkpoint) after this step, as if interrupted
+
+    def resolved(self) -> "TrainDVAEConfig":
+        """Fill preset-dependent defaults; raises ValueError on bad values."""
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {self.preset!r}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"steps and batch_size must be >= 1, got {self.steps} and {self.batch_size}")
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
+        paper = self.preset == "paper"
+        c = dataclasses.replace(self)
+        if c.lr is None:
+            c.lr = 1e-4 if paper else 2e-3
+        if c.lr_end is None:
+            c.lr_end = 1.25e-6 if paper else c.lr / 100
+        if c.lr_steps is None:
+            c.lr_steps = 1_200_000 if paper else c.steps
+        if c.beta is None:
+            c.beta = 6.6 if paper else 1.0
+        if c.beta_steps is None:
+            c.beta_steps = 5000 if paper else max(1, c.steps // 4)
+        if c.tau_steps is None:
+            c.tau_steps = 150_000 if paper else c.steps
+        return c
+
+    def model_config(self) -> DVAEConfig:
+        names = ("image_size", "n_hid", "n_init", "vocab_size", "group_count", "n_blk_per_group")
+        return PRESETS[self.preset](**{k: getattr(self, k) for k in names if getattr(self, k) is not None})
+
+
+def schedules(cfg: TrainDVAEConfig, step: int) -> dict:
+    """beta, tau and step size at ``step`` (cosine, SPEC.md section 3)."""
+    return {"beta": cosine(step, 0.0, cfg.beta, cfg.beta_steps),
+            "tau": cosine(step, cfg.tau_start, cfg.tau_end, cfg.tau_steps),
+            "lr": cosine(step, cfg.lr, cfg.lr_end, cfg.lr_steps)}
+
+
+# ------------------------------------------------------------------------------------------------- data
+class _Batches:
+    """Batch of step ``s``: global sample indices ``[s*B, (s+1)*B)``, each mapped through the permutation of
+    its epoch (seeded by ``(seed, epoch)``). Real-data samples also get their own augmentation generator."""
+
+    def __init__(self, cfg: TrainDVAEConfig, image_size: int):
+        self.cfg = cfg
+        self.real = cfg.data != "shapes"
+        if self.real:
+            from .data.folder import ImageCaptionDataset
+
+            self.ds = ImageCaptionDataset(cfg.data, image_size=image_size, mode="dvae")
+            self.n = len(self.ds)
+        else:
+            from .data.shapes import ShapesDataset
+
+            self.images = ShapesDataset("train", cfg.num_images, image_size, seed=cfg.seed).images()
+            self.n = len(self.images)
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(
+                self.cfg.seed * 1_000_003 + epoch))}
+        return self._perms[epoch]
+
+    def indices(self, step: int) -> list[tuple[int, int]]:
+        """(global index, dataset index) for each sample of the batch at ``step``."""
+        out = []
+        for g in range(step * self.cfg.batch_size, (step + 1) * self.cfg.batch_size):
+            out.append((g, int(self.perm(g // self.n)[g % self.n])))
+        return out
+
+    def batch(self, step: int) -> torch.Tensor:
+        idx = self.indices(step)
+        if not self.real:
+            return self.images[torch.tensor([i for _, i in idx])]
+        return torch.stack([self.ds.load(i, seed=(self.cfg.seed, g))[0] for g, i in idx])
+
+
+def _heldout(cfg: TrainDVAEConfig, image_size: int):
+    """Images for the reconstruction error: the built-in held-out split, or the last real images."""
+    if cfg.data == "shapes":
+        from .data.shapes import ShapesDataset
+
+        ds = ShapesDataset("heldout", cfg.eval_images, image_size, seed=cfg.seed)
+        return ds.images(), [ds.scene(i) for i in range(len(ds))]
+    from .data.folder import ImageCaptionDataset
+
+    ds = ImageCaptionDataset(cfg.data, image_size=image_size, mode="dvae")
+    n = min(cfg.eval_images, len(ds))
+    return torch.stack([ds.load(len(ds) - 1 - i, train=False)[0] for i in range(n)]), None
+
+
+@torch.no_grad()
+def evaluate(model: DVAE, images: torch.Tensor, scenes=None, batch_size: int = 128) -> tuple[dict, torch.Tensor]:
+    """Per-pixel mean absolute error of ``decode(encode(x))`` in [0, 1] units (and scorer accuracy for shapes)."""
+    model.eval()
+    device = next(model.parameters()).device
+    err, recons = 0.0, []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].to(device)
+        r = model.reconstruct(x)
+        err += (r - x.float() / 255).abs().sum().item()
+        recons.append(r.cpu())
+    model.train()
+    out = {"heldout_mae": err / images.numel(), "heldout_scorer_acc": "", "codes_used": None}
+    recon = torch.cat(recons)
+    if scenes is not None:
+        from .data.shapes import accuracy
+
+        out["heldout_scorer_acc"] = accuracy(recon, scenes)
+    with torch.no_grad():
+        codes = torch.cat([model.encode(images[i:i + batch_size].to(device)).flatten().cpu()
+                           for i in range(0, len(images), batch_size)])
+    out["codes_used"] = int(codes.unique().numel())
+    return out, recon
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+def train_dvae(config: TrainDVAEConfig) -> Path:
+    """Train (or resume) a dVAE run; returns the path of the final model (``RUN/dvae.pt``), or the checkpoint
+    when ``stop_at`` ends it early."""
+    threads = torch.get_num_threads()
+    try:
+        return _train(config)
+    finally:
+        torch.set_num_threads(threads)  # --threads is for this run only, not the caller's process
+
+
+def _train(config: TrainDVAEConfig) -> Path:
+    cfg = config.resolved()
+    run = Path(cfg.run)
+    run.mkdir(parents=True, exist_ok=True)
+    ckpt_path = run / "checkpoint.pt"
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+
+    start = 0
+    ckpt = None
+    if cfg.resume:
+        if not ckpt_path.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = load_checkpoint(ckpt_path)
+        saved = TrainDVAEConfig(**ckpt["train_config"])
+        # The schedules and data of the run being resumed win; only the length and bookkeeping may change.
+        keep = {"steps", "stop_at", "resume", "progress", "device", "threads", "workers", "log_every",
+                "sample_every", "ckpt_every", "run"}
+        cfg = dataclasses.replace(saved, **{k: getattr(cfg, k) for k in keep})
+        start = ckpt["step"]
+    else:
+        seed_everything(cfg.seed)
+    mcfg = DVAEConfig(**ckpt["model_config"]) if ckpt else cfg.model_config()
+    model = DVAE(mcfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
+                            weight_decay=cfg.weight_decay)
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"])
+    (run / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+
+    data = _Batches(cfg, mcfg.image_size)
+    eval_images, eval_scenes = _heldout(cfg, mcfg.image_size)
+    logger = MetricsLogger(run, resume_step=start if cfg.resume else None)
+    end = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
+
+    def save_checkpoint(step):
+        atomic_save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                     "rng": rng_state(), "train_config": asdict(cfg), "model_config": asdict(mcfg)}, ckpt_path)
+
+    try:
+        from tqdm import tqdm
+        bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not cfg.progress, desc="dvae",
+                   dynamic_ncols=True)
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        bar = range(start, end)
+    model.train()
+    t0 = time.time()
+    for step in bar:
+        s = schedules(cfg, step)
+        for group in opt.param_groups:
+            group["lr"] = s["lr"]
+        x = data.batch(step).to(device, non_blocking=True)
+        with autocast_context(device, cfg.precision):
+            loss, stats = model.loss(x, tau=s["tau"], beta=s["beta"], hard=cfg.straight_through)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite dVAE loss {loss.item()} at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        done = step + 1
+        ev = {"heldout_mae": "", "heldout_scorer_acc": "", "codes_used": ""}
+        if done % cfg.sample_every == 0 or done == cfg.steps:
+            ev, recon = evaluate(model, eval_images, eval_scenes)
+            n = min(16, len(eval_images))
+            save_grid(torch.cat([eval_images[:n].float() / 255, recon[:n]]), run / f"recon_{done:06d}.png", nrow=n)
+        if done % cfg.log_every == 0 or done == end or ev["heldout_mae"] != "":
+            row = {"loss": loss.item(), "nll": stats["nll"].item(), "kl": stats["kl"].item(), **s,
+                   "wall_s": time.time() - t0, **ev}
+            logger.log(done, **row)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{row['loss']:.4f}", kl=f"{row['kl']:.4f}", tau=f"{s['tau']:.3f}")
+        if done % cfg.ckpt_every == 0 or done == end:
+            save_checkpoint(done)
+    logger.close()
+    if hasattr(bar, "close"):
+        bar.close()
+    if getattr(data, "real", False):
+        data.ds.report(file=sys.stderr)
+    if end < cfg.steps:
+        return ckpt_path
+    path = model.save(run / "dvae.pt")
+    ev, _ = evaluate(model, eval_images, eval_scenes)
+    ev.update(steps=cfg.steps, train_wall_s=time.time() - t0 if start == 0 else None)
+    (run / "eval.json").write_text(json.dumps(ev, indent=2))
+    return path
+
+
+def parse_args(argv=None) -> TrainDVAEConfig:
+    p = argparse.ArgumentParser(prog="python -m dalle.train_dvae", description=__doc__.split("\n")[0])
+    defaults = TrainDVAEConfig()
+    for f in dataclasses.fields(TrainDVAEConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            if default:
+                p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false")
+            else:
+                p.add_argument(flag, dest=f.name, action="store_true")
+            continue
+        typ = {"run": str, "preset": str, "data": str, "device": str, "precision": str}.get(f.name)
+        if typ is None:
+            typ = float if f.name in ("lr", "lr_end", "beta", "tau_start", "tau_end", "weight_decay") else int
+        p.add_argument(flag, dest=f.name, type=typ, default=default)
+    return TrainDVAEConfig(**vars(p.parse_args(argv)))
+
+
+def main(argv=None) -> None:
+    cfg = parse_args(argv)
+    path = train_dvae(cfg)
+    print(f"wrote {path}")
+    ev = Path(cfg.run) / "eval.json"
+    if ev.exists():
+        print(ev.read_text())
+
+
+if __name__ == "__main__":
+    main()

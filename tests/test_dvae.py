@@ -1,0 +1,217 @@
+"""dVAE: shapes through encoder/decoder, schedules, loss wiring to the fused logit-Laplace op, training and
+exact resume of the trainer, image grids."""
+import csv
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import dalle.dvae as dvae_mod
+from dalle.data.shapes import ShapesDataset
+from dalle.dvae import DVAE, DVAEConfig
+from dalle.images import save_grid
+from dalle.schedules import PAPER_BETA, PAPER_LR, PAPER_TAU, CosineSchedule, cosine
+from dalle.train_dvae import TrainDVAEConfig, main, schedules, train_dvae
+from dalle_kernels import logit_laplace_loss_ref
+
+
+def _small(**kw):
+    return DVAEConfig.tiny(**{"n_hid": 8, "n_init": 16, "vocab_size": 32, **kw})
+
+
+def test_tiny_encode_decode_shapes_and_dtypes():
+    torch.manual_seed(0)
+    model = DVAE(DVAEConfig.tiny())
+    assert model.grid_size == (8, 8) and model.cfg.grid_factor == 4
+    ds = ShapesDataset("train", 3)
+    x = torch.stack([ds[i][0] for i in range(3)])
+    tokens = model.encode(x)
+    assert tokens.dtype == torch.long and tokens.shape == (3, 8, 8)
+    assert 0 <= tokens.min() and tokens.max() < 512
+    assert torch.equal(tokens, model.encode(x.float() / 255))  # uint8 and float [0, 1] are the same image
+    assert torch.equal(tokens, model.encode(x))  # argmax, no noise
+    out = model.decode(tokens)
+    assert out.dtype == torch.float32 and out.shape == (3, 3, 32, 32) and not out.requires_grad
+    assert 0 <= out.min() and out.max() <= 1
+    # decoding ids through the codebook lookup equals decoding their one-hot through the 1x1 conv
+    one_hot = F.one_hot(tokens, 512).permute(0, 3, 1, 2).float()
+    with torch.no_grad():
+        torch.testing.assert_close(model.decoder(tokens), model.decoder(one_hot), rtol=1e-5, atol=1e-5)
+    logits = model.logits(x)
+    assert logits.shape == (3, 512, 8, 8) and logits.dtype == torch.float32
+
+
+def test_paper_preset_shapes_at_a_tiny_input():
+    cfg = DVAEConfig.paper()
+    assert (cfg.n_hid, cfg.n_init, cfg.vocab_size, cfg.grid_factor, cfg.image_size) == (256, 128, 8192, 8, 256)
+    # shapes only: the full-size model on the meta device costs no memory or compute
+    with torch.device("meta"):
+        model = DVAE(cfg)
+        logits = model.encoder(torch.empty(1, 3, 64, 64))
+        params = model.decoder(torch.zeros(1, 8, 8, dtype=torch.long))
+    assert logits.shape == (1, 8192, 8, 8) and params.shape == (1, 6, 64, 64)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert 90e6 < n_params < 110e6  # the released encoder + decoder hold about 98M parameters
+    widths = [m.out_channels for m in model.encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert widths[0] == 256 and max(widths) == 8192 and 2048 in widths
+
+
+def test_config_and_input_errors():
+    with pytest.raises(ValueError, match="divisible"):
+        DVAEConfig.tiny(image_size=30)
+    with pytest.raises(ValueError, match="n_hid"):
+        DVAEConfig.tiny(n_hid=0)
+    model = DVAE(_small())
+    with pytest.raises(ValueError, match="shape"):
+        model.encode(torch.zeros(2, 32, 32))
+    with pytest.raises(TypeError, match="uint8 or float"):
+        model.encode(torch.zeros(1, 3, 32, 32, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"tokens must be in \[0, 32\)"):
+        model.decode(torch.full((1, 8, 8), 32))
+    with pytest.raises(TypeError, match="integer"):
+        model.decode(torch.zeros(1, 8, 8))
+    with pytest.raises(ValueError, match="tau"):
+        model.loss(torch.zeros(1, 3, 32, 32), tau=0.0, beta=1.0)
+
+
+def test_schedules_at_known_steps():
+    assert cosine(0, 1.0, 0.0, 10) == 1.0 and cosine(10, 1.0, 0.0, 10) == 0.0 and cosine(99, 1.0, 0.0, 10) == 0.0
+    assert cosine(5, 1.0, 0.0, 10) == pytest.approx(0.5)
+    assert cosine(2, 0.0, 1.0, 8) == pytest.approx((1 - math.cos(math.pi / 4)) / 2)
+    assert PAPER_BETA(0) == 0.0 and PAPER_BETA(2500) == pytest.approx(3.3) and PAPER_BETA(5000) == 6.6
+    assert PAPER_BETA(10**6) == 6.6
+    assert PAPER_TAU(0) == 1.0 and PAPER_TAU(75_000) == pytest.approx((1 + 1 / 16) / 2)
+    assert PAPER_TAU(150_000) == 1 / 16
+    assert PAPER_LR(0) == 1e-4 and PAPER_LR(600_000) == pytest.approx((1e-4 + 1.25e-6) / 2)
+    assert PAPER_LR(1_200_000) == 1.25e-6
+    # the trainer's paper preset uses exactly these
+    cfg = TrainDVAEConfig(preset="paper").resolved()
+    for step in (0, 1234, 5000, 75_000, 600_000, 2_000_000):
+        s = schedules(cfg, step)
+        assert s == {"beta": PAPER_BETA(step), "tau": PAPER_TAU(step), "lr": PAPER_LR(step)}
+    assert isinstance(PAPER_LR, CosineSchedule)
+    with pytest.raises(ValueError):
+        cosine(-1, 0.0, 1.0, 5)
+
+
+def test_loss_wiring_matches_float64_reference(monkeypatch):
+    torch.manual_seed(1)
+    model = DVAE(_small())
+    x = torch.stack([ShapesDataset("train", 4)[i][0] for i in range(4)])
+    calls = []
+    real = dvae_mod.logit_laplace_loss
+
+    def spy(params, target, **kw):
+        calls.append(kw)
+        return real(params, target, **kw)
+
+    monkeypatch.setattr(dvae_mod, "logit_laplace_loss", spy)
+    tau, beta = 0.7, 2.5
+    torch.manual_seed(123)
+    loss, stats = model.loss(x, tau=tau, beta=beta)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert calls == [{"reduction": "mean", "eps": 0.1, "backend": "auto"}]  # the fused op, backend auto
+
+    # float64 reference of the same draw: the same Gumbel noise from the same seed
+    model64 = DVAE(_small()).double()
+    model64.load_state_dict(model.state_dict())
+    torch.manual_seed(123)
+    xf = x.double() / 255
+    logits = model64.encoder(0.8 * xf + 0.1)
+    z = F.gumbel_softmax(logits.float(), tau=tau, dim=1).double()  # noise drawn as in the model (float32)
+    params = model64.decoder(z)
+    nll = logit_laplace_loss_ref(params, xf, reduction="mean")
+    log_q = F.log_softmax(logits, dim=1)
+    kl = (log_q.exp() * (log_q + math.log(32))).sum() / 4 / (3 * 32 * 32)
+    ref = nll + beta * kl
+    ref.backward()
+    assert stats["nll"].item() == pytest.approx(nll.item(), rel=1e-4, abs=1e-5)
+    assert stats["kl"].item() == pytest.approx(kl.item(), rel=1e-4, abs=1e-7)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-4, abs=1e-5)
+    for name, p in model64.named_parameters():
+        torch.testing.assert_close(grads[name].double(), p.grad, rtol=2e-3, atol=1e-5, msg=name)
+
+
+def _cfg(run, **kw):
+    base = dict(run=str(run), preset="tiny", num_images=96, eval_images=8, batch_size=8, steps=8, lr=3e-3,
+                log_every=1, sample_every=4, ckpt_every=4, progress=False, threads=1)
+    return TrainDVAEConfig(**{**base, **kw})
+
+
+def _rows(run):
+    with open(run / "metrics.csv", newline="") as f:
+        return [{k: v for k, v in r.items() if k != "wall_s"} for r in csv.DictReader(f)]
+
+
+def test_tiny_dvae_loss_falls(tmp_path):
+    path = train_dvae(_cfg(tmp_path, steps=40, batch_size=16, sample_every=40, ckpt_every=40, log_every=1,
+                           beta=0.1, image_size=16, n_hid=8, n_init=16, vocab_size=64))
+    losses = [float(r["loss"]) for r in _rows(tmp_path)]
+    assert len(losses) == 40
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 0.5, (first, last)
+    model = DVAE.load(path)
+    assert model.cfg.vocab_size == 64 and (tmp_path / "recon_000040.png").is_file()
+    assert (tmp_path / "eval.json").is_file()
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    small = dict(image_size=16, n_hid=8, n_init=8, vocab_size=16)
+    a, b = tmp_path / "a", tmp_path / "b"
+    # 96 images, batch 8: 12 steps per epoch; 16 steps cross an epoch boundary (new permutation)
+    train_dvae(_cfg(a, steps=16, num_images=96, **small))
+    main(["--run", str(b), "--steps", "16", "--num-images", "96", "--eval-images", "8", "--batch-size", "8",
+          "--lr", "0.003", "--log-every", "1", "--sample-every", "4", "--ckpt-every", "4", "--no-progress",
+          "--stop-at", "6", "--image-size", "16", "--n-hid", "8", "--n-init", "8", "--vocab-size", "16"])
+    assert not (b / "dvae.pt").exists() and (b / "checkpoint.pt").exists()
+    train_dvae(_cfg(b, steps=16, num_images=96, resume=True, **small))
+    sa, sb = DVAE.load(a / "dvae.pt").state_dict(), DVAE.load(b / "dvae.pt").state_dict()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    assert _rows(a) == _rows(b)
+    with pytest.raises(FileNotFoundError, match="resume"):
+        train_dvae(_cfg(tmp_path / "c", resume=True))
+
+
+def test_save_load_round_trip(tmp_path):
+    model = DVAE(_small())
+    path = model.save(tmp_path / "m" / "dvae.pt")
+    again = DVAE.load(path)
+    assert again.cfg == model.cfg
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(again.encode(x), model.encode(x))
+    torch.save({"weights": 1}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="not a dVAE"):
+        DVAE.load(tmp_path / "bad.pt")
+
+
+def test_save_grid(tmp_path):
+    imgs = torch.rand(5, 3, 16, 16)
+    p = save_grid(imgs, tmp_path / "g.png", nrow=3, scale=2)
+    with Image.open(p) as im:
+        assert im.size == (2 + 3 * (32 + 2), 2 + 2 * (32 + 2))
+    u8 = (imgs * 255).to(torch.uint8)
+    p = save_grid(u8, tmp_path / "c.png", nrow=5, captions=[f"caption {i}" for i in range(5)])
+    with Image.open(p) as im:
+        assert im.size[0] == 2 + 5 * (128 + 2) and im.size[1] > 128
+        assert im.getpixel((2, 2)) == tuple(int(v) for v in u8[0, :, 0, 0])
+    with pytest.raises(ValueError, match="captions"):
+        save_grid(imgs, tmp_path / "x.png", captions=["one"])
+
+
+def test_train_step_autocast_on_gpu(cuda_only):
+    torch.manual_seed(0)
+    model = DVAE(DVAEConfig.tiny()).cuda()
+    x = torch.stack([ShapesDataset("train", 8)[i][0] for i in range(8)]).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        with torch.autocast("cuda", dtype=dtype):
+            loss, stats = model.loss(x, tau=1.0, beta=1.0)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        assert torch.isfinite(loss) and torch.isfinite(stats["kl"]), precision
+    assert model.decode(model.encode(x)).shape == (8, 3, 32, 32)
