@@ -326,3 +326,23 @@ def test_gpu_paper_like_shapes(cuda_only, mask, d, dtype):
 def test_gpu_paper_shape_large_logits_bf16(cuda_only, mask):
     q, k, v, do = make_inputs(1, 2, 256 + 32 * 32, 64, torch.bfloat16, "cuda", magnitude=8.0, seed=17)
     check_against_reference(q, k, v, do, "triton", mask, 256, (32, 32), 11)
+
+
+@pytest.mark.gpu
+def test_gpu_extra_memory_is_linear_in_n(cuda_only):
+    # Forward + backward at the paper's sequence: peak memory above the inputs stays a few times q's size
+    # (o, dq, dk, dv, dO, row statistics), far below one (B, heads, N, N) score matrix.
+    B, heads, T, H, W, d = 2, 4, 256, 32, 32, 64
+    n = T + H * W
+    q, k, v, do = make_inputs(B, heads, n, d, torch.bfloat16, "cuda", seed=19)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    for _ in range(2):  # the first call compiles and caches the lookup tables
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        sparse_attention(q, k, v, mask="conv", text_len=T, grid=(H, W), backend="triton").backward(do)
+        torch.cuda.synchronize()
+        q.grad = k.grad = v.grad = None
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra <= 8 * q.nbytes, (extra, q.nbytes)
+    assert extra < B * heads * n * n, (extra, "a quarter of one fp32 (B, heads, N, N) score matrix")
