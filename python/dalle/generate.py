@@ -31,8 +31,9 @@ def load_run(run, device="cpu"):
     model, ckpt = load_run_model(run, device)
     tok = CaptionTokenizer.load(run / "tokenizer.json")
     dvae_path = Path(ckpt.get("dvae") or run / "dvae.pt")
-    if not dvae_path.is_file():
-        dvae_path = run / "dvae.pt"
+    for candidate in (run / "dvae.pt", run / "dvae" / "dvae.pt"):  # the run folder was moved
+        if not dvae_path.is_file() and candidate.is_file():
+            dvae_path = candidate
     return model, tok, load_dvae(dvae_path, device)
 
 

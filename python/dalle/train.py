@@ -50,7 +50,7 @@ PRESETS = {
 @dataclass
 class TrainConfig:
     run: str
-    dvae: str = ""  # path to the frozen dVAE (default: RUN/dvae.pt)
+    dvae: str = ""  # path to the frozen dVAE (default: RUN/dvae.pt, else RUN/dvae/dvae.pt)
     preset: str = "tiny"
     n_layers: int = 0  # 0: from the preset
     n_heads: int = 0
@@ -102,7 +102,11 @@ class TrainConfig:
 
     @property
     def dvae_path(self) -> Path:
-        return Path(self.dvae) if self.dvae else Path(self.run) / "dvae.pt"
+        if self.dvae:
+            return Path(self.dvae)
+        run = Path(self.run)  # a dVAE trained into the run folder, or by the pipeline into RUN/dvae/
+        return run / "dvae.pt" if (run / "dvae.pt").is_file() or not (run / "dvae" / "dvae.pt").is_file() \
+            else run / "dvae" / "dvae.pt"
 
 
 class PlateauSchedule:
