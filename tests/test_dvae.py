@@ -165,7 +165,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     train_dvae(_cfg(a, steps=16, num_images=96, **small))
     main(["--run", str(b), "--steps", "16", "--num-images", "96", "--eval-images", "8", "--batch-size", "8",
           "--lr", "0.003", "--log-every", "1", "--sample-every", "4", "--ckpt-every", "4", "--no-progress",
-          "--stop-at", "6", "--image-size", "16", "--n-hid", "8", "--n-init", "8", "--vocab-size", "16"])
+          "--stop-at", "6", "--threads", "1", "--image-size", "16", "--n-hid", "8", "--n-init", "8", "--vocab-size", "16"])
     assert not (b / "dvae.pt").exists() and (b / "checkpoint.pt").exists()
     train_dvae(_cfg(b, steps=16, num_images=96, resume=True, **small))
     sa, sb = DVAE.load(a / "dvae.pt").state_dict(), DVAE.load(b / "dvae.pt").state_dict()

@@ -24,6 +24,7 @@ from dalle_kernels import logit_laplace_loss, map_pixels, unmap_pixels
 from .common import atomic_save, load_checkpoint
 
 LOGIT_LAPLACE_EPS = 0.1
+LOGIT_INIT_SCALE = 0.02
 
 
 @dataclass
@@ -112,6 +113,11 @@ class Encoder(nn.Module):
                 layers.append(nn.MaxPool2d(2))
         layers += [nn.ReLU(), nn.Conv2d(width, cfg.vocab_size, 1)]
         self.net = nn.Sequential(*layers)
+        # The ReLU features reaching the logits are large and mostly position-independent: with PyTorch's
+        # default init the logits spread by ~20 across codes, the softmax saturates on one code everywhere and
+        # the posterior starts (and stays) collapsed. Small output weights start it near uniform instead.
+        with torch.no_grad():
+            self.net[-1].weight.mul_(LOGIT_INIT_SCALE)
 
     def forward(self, x):
         return self.net(x)

@@ -45,10 +45,10 @@ class TrainDVAEConfig:
     eval_images: int = 256  # held-out images for the reconstruction error
     steps: int = 1200
     batch_size: int = 32
-    lr: float | None = None  # peak step size; preset default (paper 1e-4, tiny 2e-3)
+    lr: float | None = None  # peak step size; preset default (paper 1e-4, tiny 3e-3)
     lr_end: float | None = None  # paper 1.25e-6; tiny lr / 100
     lr_steps: int | None = None  # paper 1.2M; tiny: steps
-    beta: float | None = None  # final KL weight; paper 6.6
+    beta: float | None = None  # final KL weight; paper 6.6, tiny 0.1
     beta_steps: int | None = None  # paper 5000; tiny: steps / 4
     tau_start: float = 1.0
     straight_through: bool = False  # decoder sees the hard one-hot (gradient of the relaxed one)
@@ -78,13 +78,13 @@ class TrainDVAEConfig:
         paper = self.preset == "paper"
         c = dataclasses.replace(self)
         if c.lr is None:
-            c.lr = 1e-4 if paper else 2e-3
+            c.lr = 1e-4 if paper else 3e-3
         if c.lr_end is None:
             c.lr_end = 1.25e-6 if paper else c.lr / 100
         if c.lr_steps is None:
             c.lr_steps = 1_200_000 if paper else c.steps
         if c.beta is None:
-            c.beta = 6.6 if paper else 1.0
+            c.beta = 6.6 if paper else 0.1
         if c.beta_steps is None:
             c.beta_steps = 5000 if paper else max(1, c.steps // 4)
         if c.tau_steps is None:
