@@ -1,0 +1,113 @@
+"""Diagnostic runs of the tiny dVAE on the built-in shapes (see NOTES.md): what stops it from learning.
+
+    python docs/dvae/probe.py --steps 500 [--init released] [--relax gumbel|hard|softmax|continuous]
+                              [--loss logit-laplace|mse] [--lnb-min X] [--vocab N] [--lr LR] [--beta B]
+                              [--centre-logits S]
+
+Prints, every 100 updates, the training loss, the KL term, the held-out per-pixel mean absolute error of
+``decode(encode(x))`` (argmax codes), the scorer's accuracy on those reconstructions and the number of codes
+used. ``--relax continuous`` feeds the encoder logits straight to the decoder (no bottleneck) and reports the
+error of that reconstruction instead: how fast the architecture and the likelihood learn without quantization.
+``--loss mse`` replaces the logit-Laplace NLL by a squared error on ``sigmoid(mu)``; it is a comparison only.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from dalle.dvae import DVAE, DVAEConfig, LOGIT_LAPLACE_EPS
+from dalle.schedules import cosine
+from dalle.train_dvae import TrainDVAEConfig, _Batches, _heldout, evaluate
+from dalle_kernels import logit_laplace_loss, map_pixels
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--vocab", type=int, default=512)
+    p.add_argument("--init", choices=("default", "released"), default="default",
+                   help="released: conv weights N(0, 1/fan_in), zero biases, as in the released dVAE code")
+    p.add_argument("--relax", choices=("gumbel", "hard", "softmax", "continuous"), default="gumbel")
+    p.add_argument("--loss", choices=("logit-laplace", "mse"), default="logit-laplace")
+    p.add_argument("--lnb-min", type=float, default=None, help="soft floor on the decoder's ln b")
+    p.add_argument("--centre-logits", type=float, default=None,
+                   help="data-dependent init: remove the position-independent part of the logits, scale to this std")
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    cfg = TrainDVAEConfig(steps=a.steps, batch_size=a.batch_size)
+    m = DVAE(DVAEConfig.tiny(vocab_size=a.vocab))
+    if a.init == "released":
+        with torch.no_grad():
+            for mod in m.modules():
+                if isinstance(mod, torch.nn.Conv2d):
+                    mod.weight.normal_(0, 1 / math.sqrt(mod.weight[0].numel()))
+                    mod.bias.zero_()
+    data = _Batches(cfg, 32)
+    eval_images, eval_scenes = _heldout(cfg, 32)
+    with torch.no_grad():
+        f = m.encoder.net[:-1](map_pixels(data.batch(10**6).float() / 255, LOGIT_LAPLACE_EPS))
+        ff = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+        lg = m.encoder.net[-1](f).permute(0, 2, 3, 1).reshape(-1, a.vocab)
+        print(f"init: logit std over positions {lg.std(0).mean():.5f}, over codes {lg.std(1).mean():.5f}, "
+              f"argmax codes {lg.argmax(1).unique().numel()}")
+        if a.centre_logits is not None:
+            conv = m.encoder.net[-1]
+            W = conv.weight.view(a.vocab, -1)
+            mu = ff.mean(0)
+            W -= (W @ mu)[:, None] * mu[None] / (mu @ mu)
+            conv.bias.zero_()
+            W *= a.centre_logits / ((ff - mu) @ W.t()).std(0).mean()
+    opt = torch.optim.AdamW(m.parameters(), lr=a.lr, weight_decay=1e-4)
+    t0 = time.time()
+    for step in range(a.steps):
+        for g in opt.param_groups:
+            g["lr"] = cosine(step, a.lr, a.lr / 100, a.steps)
+        tau = cosine(step, 1.0, 1 / 16, a.steps)
+        beta = cosine(step, 0.0, a.beta, max(1, a.steps // 4))
+        x = data.batch(step).float() / 255
+        logits = m.logits(x)
+        if a.relax == "continuous":
+            z = logits
+        elif a.relax == "softmax":
+            z = logits.softmax(1)
+        else:
+            z = F.gumbel_softmax(logits, tau=tau, hard=a.relax == "hard", dim=1)
+        params = m.decoder(z)
+        if a.lnb_min is not None:
+            params = torch.cat([params[:, :3], a.lnb_min + F.softplus(params[:, 3:] - a.lnb_min)], 1)
+        if a.loss == "mse":
+            nll = ((torch.sigmoid(params[:, :3]) - map_pixels(x, LOGIT_LAPLACE_EPS)) ** 2).mean()
+        else:
+            nll = logit_laplace_loss(params, x, reduction="mean", eps=LOGIT_LAPLACE_EPS)
+        log_q = F.log_softmax(logits, 1)
+        kl = (log_q.exp() * (log_q + math.log(a.vocab))).sum((1, 2, 3)).mean() / x[0].numel()
+        loss = nll + beta * kl
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if (step + 1) % 100:
+            continue
+        if a.relax == "continuous":
+            with torch.no_grad():
+                xe = eval_images.float() / 255
+                r = m.params_to_images(m.decoder(m.encoder(map_pixels(xe, LOGIT_LAPLACE_EPS))))
+            print(f"{step + 1:5d} {time.time() - t0:5.0f}s loss {loss.item():7.3f} "
+                  f"continuous held-out MAE {(r - xe).abs().mean().item():.4f}", flush=True)
+        else:
+            ev, _ = evaluate(m, eval_images, eval_scenes)
+            print(f"{step + 1:5d} {time.time() - t0:5.0f}s loss {loss.item():7.3f} kl {kl.item():.4f} "
+                  f"held-out MAE {ev['heldout_mae']:.4f} scorer {ev['heldout_scorer_acc']:.3f} "
+                  f"codes {ev['codes_used']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
