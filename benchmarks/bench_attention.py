@@ -8,8 +8,10 @@ Providers: ``triton`` (this package), ``dense`` (``scaled_dot_product_attention(
 baseline the targets are stated against), ``sdpa_mask`` (SDPA with the boolean ``dense_mask``), ``flex``
 (``flex_attention`` with a block mask from the same predicate; compiled on GPU, eager on CPU).
 extra_info: ``tflops`` = useful FLOPs (allowed pairs only: 4 * pairs * head_dim forward, 2.5x that backward) /
-median time; ``peak_mem_mb`` = peak memory above the inputs (GPU); ``tiles`` / ``causal_tiles`` for the Triton
-kernel's forward tiling.
+median time (absent under ``--benchmark-disable``); ``peak_mem_mb`` = peak memory above the inputs (GPU);
+``max_err`` / ``grad_max_err`` = max abs error of the output / of dq, dk, dv against ``attention_ref`` in float64
+on the same inputs (providers that compute the masked attention, i.e. not ``dense``); ``tiles`` /
+``causal_tiles`` for the Triton kernel's forward tiling.
 
 Tile counts per mask at the paper shape (no GPU needed): ``python benchmarks/bench_attention.py``.
 """
@@ -17,10 +19,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dalle_kernels import masks, sparse_attention
+from dalle_kernels import attention_ref, masks, sparse_attention
+from dalle_kernels._bench import max_abs_error, median_seconds, peak_memory_mb, sync
 from dalle_kernels.ops import attention as A
-
-from conftest import sync
 
 SHAPES = {"cuda": dict(B=8, heads=16, T=256, grid=(32, 32), d=64, dtype=torch.bfloat16),
           "cpu": dict(B=1, heads=2, T=16, grid=(8, 8), d=32, dtype=torch.float32)}
@@ -65,12 +66,26 @@ def make_fn(provider, mask, T, grid, device):
     raise ValueError(provider)
 
 
+def errors(fn, q, k, v, do, mask, T, grid, mode):
+    """Max abs error of the output (and, for fwd_bwd, of the input gradients) against the float64 reference."""
+    q64, k64, v64 = (t.detach().double().requires_grad_(mode == "fwd_bwd") for t in (q, k, v))
+    ref = attention_ref(q64, k64, v64, mask=mask, text_len=T, grid=grid, kernel=KERNEL, upcast=torch.float64)
+    o = fn(q, k, v)
+    out = {"max_err": max_abs_error(o, ref)}
+    if mode == "fwd_bwd":
+        grads = torch.autograd.grad(o, (q, k, v), do)
+        ref_grads = torch.autograd.grad(ref, (q64, k64, v64), do.double())
+        out["grad_max_err"] = max(max_abs_error(g, r) for g, r in zip(grads, ref_grads))
+    return out
+
+
 def useful_flops(mask, T, grid, B, heads, d, mode):
     pairs = int(masks.dense_mask(mask, T, grid, KERNEL).sum())
     fwd = 4 * pairs * d * B * heads
     return fwd if mode == "fwd" else fwd * 3.5
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile:UserWarning")  # eager on CPU
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("mask", MASKS)
@@ -99,12 +114,11 @@ def test_attention(benchmark, record_env, bench_device, mask, provider, mode):
         sync(dev)
 
     step()  # warm-up (compiles)
-    if dev == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        record_env["peak_mem_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    peak = peak_memory_mb(step, dev)
+    if peak is not None:
+        record_env["peak_mem_mb"] = peak
+    if provider != "dense":  # dense causal is the speed baseline, not the masked function
+        record_env.update(errors(fn, q, k, v, do, mask, T, grid, mode))
     benchmark(step)
     flops = useful_flops(mask, T, grid, B, heads, d, mode)
     record_env.update(shape=(B, heads, n, d), text_len=T, grid=grid, dtype=str(dtype), mask=mask,
@@ -113,9 +127,9 @@ def test_attention(benchmark, record_env, bench_device, mask, provider, mode):
         cfg, _ = A.pick_configs(d, q.device)
         st = masks.tile_stats(mask, T, grid, KERNEL, cfg.block_m, cfg.block_n)
         record_env.update(tiles=st["tiles"], causal_tiles=st["causal_tiles"], tile_ratio=st["ratio"])
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None and getattr(stats, "stats", None) is not None:
-        record_env["tflops"] = flops / stats.stats.median / 1e12
+    median = median_seconds(benchmark)
+    if median:
+        record_env["tflops"] = flops / median / 1e12
 
 
 def tile_report(T=256, grid=(32, 32)):

@@ -3,15 +3,16 @@
 GPU (``pytest benchmarks/bench_logit_laplace.py --device=cuda``): bf16 params, uint8 target, the paper's dVAE batch
 per GPU (8 x 6 x 256 x 256) and 32 x 6 x 256 x 256; forward and forward+backward. ``copy`` is a device copy of
 params (read + write), the bandwidth yardstick. extra_info: ``gbps`` = bytes that must move (params and target read
-once, the gradient written once) / median time; ``peak_mem_mb`` = peak memory above the inputs.
+once, the gradient written once) / median time (absent under ``--benchmark-disable``); ``peak_mem_mb`` = peak
+memory above the inputs (GPU); ``loss_rel_err`` / ``grad_max_err`` = relative error of the loss / max abs error of
+the gradient against ``logit_laplace_loss_ref`` in float64 on the same inputs.
 CPU (default): eager PyTorch only at 2 x 6 x 64 x 64 (the Triton interpreter is not a speed figure).
 """
 import pytest
 import torch
 
 from dalle_kernels import logit_laplace_loss, logit_laplace_loss_ref
-
-from conftest import sync
+from dalle_kernels._bench import max_abs_error, median_seconds, peak_memory_mb, sync
 
 SIZES = {"cuda": {"paper": (8, 256, 256), "large": (32, 256, 256)}, "cpu": {"paper": (2, 64, 64)}}
 PROVIDERS = ("copy", "torch", "compile", "triton", "cuda")
@@ -27,6 +28,19 @@ def make_fn(provider):
             _compiled["fn"] = torch.compile(logit_laplace_loss_ref, dynamic=False)
         return _compiled["fn"]
     return lambda p, t: logit_laplace_loss(p, t, backend=provider, check_range=False)
+
+
+def errors(fn, params, target, mode):
+    """Relative error of the loss (and, for fwd_bwd, max abs error of the gradient) against float64."""
+    p64 = params.detach().double().requires_grad_(mode == "fwd_bwd")
+    ref = logit_laplace_loss_ref(p64, target)
+    loss = fn(params, target)
+    out = {"loss_rel_err": abs(loss.item() - ref.item()) / abs(ref.item())}
+    if mode == "fwd_bwd":
+        (grad,) = torch.autograd.grad(loss, params)
+        (ref_grad,) = torch.autograd.grad(ref, p64)
+        out["grad_max_err"] = max_abs_error(grad, ref_grad)
+    return out
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
@@ -67,15 +81,14 @@ def test_logit_laplace(benchmark, record_env, bench_device, size, provider, mode
         moved = params.numel() * params.element_size() * (2 if mode == "fwd_bwd" else 1) + target.numel()
 
     step()  # warm-up (compiles)
-    if dev == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        record_env["peak_mem_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    peak = peak_memory_mb(step, dev)
+    if peak is not None:
+        record_env["peak_mem_mb"] = peak
+    if provider != "copy":
+        record_env.update(errors(fn, params, target, mode))
     benchmark(step)
     record_env.update(shape=(B, 6, H, W), dtype=str(dtype), target_dtype="uint8", provider=provider, mode=mode,
                       bytes_moved=moved)
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None and getattr(stats, "stats", None) is not None:
-        record_env["gbps"] = moved / stats.stats.median / 1e9
+    median = median_seconds(benchmark)
+    if median:
+        record_env["gbps"] = moved / median / 1e9

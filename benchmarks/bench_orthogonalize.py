@@ -9,7 +9,8 @@ Providers: ``triton`` / ``cuda`` (GPU only; the Triton interpreter is not a spee
 package's Householder reference), ``gram_schmidt`` (``powerSGD_hook._orthogonalize_gram_schmidt``, what the
 hook uses at rank <= 2 or in 16-bit), ``linalg_qr`` (batched ``torch.linalg.qr``, what the hook uses otherwise).
 extra_info: ``ortho_error`` = max |Q^T Q - I| of the output (float64), ``gbps`` = one read + one write of P per
-median time (a lower bound on the traffic: the kernels make 2r + 1 passes).
+median time (a lower bound on the traffic: the kernels make 2r + 1 passes; absent under ``--benchmark-disable``),
+``peak_mem_mb`` = peak memory of a step above its inputs (GPU).
 
     pytest benchmarks/bench_orthogonalize.py --device=cuda --benchmark-json=out.json
 """
@@ -18,9 +19,8 @@ import torch
 from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import _orthogonalize_gram_schmidt
 
 from dalle_kernels import orthogonalize
+from dalle_kernels._bench import median_seconds, peak_memory_mb, sync
 from dalle_kernels._dispatch import cuda_extension_has
-
-from conftest import sync
 
 PROVIDERS = ("triton", "cuda", "torch", "gram_schmidt", "linalg_qr")
 
@@ -72,9 +72,12 @@ def test_orthogonalize(benchmark, record_env, bench_device, case, provider):
 
     step()
     record_env["ortho_error"] = max(ortho_error(w) for w in work)
+    peak = peak_memory_mb(step, dev)
+    if peak is not None:
+        record_env["peak_mem_mb"] = peak
     benchmark(step)
     numel = sum(s.numel() for s in sources)
     record_env.update(case=case, provider=provider, shapes=shapes(case, dev), dtype="float32")
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None and getattr(stats, "stats", None) is not None:
-        record_env["gbps"] = 2 * 4 * numel / stats.stats.median / 1e9
+    median = median_seconds(benchmark)
+    if median:
+        record_env["gbps"] = 2 * 4 * numel / median / 1e9

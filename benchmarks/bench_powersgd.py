@@ -5,7 +5,7 @@ decompress, error feedback) plus forward/backward; ``allreduce`` (DDP's default)
 stack of DALL-E-like transformer MLP/attention weights (per layer ``3d x d``, ``d x d``, ``4d x d``,
 ``d x 4d`` plus LayerNorm gains and biases). GPU: ``d = 1024``, 8 layers, rank 32; CPU: ``d = 128``,
 2 layers, rank 4. Both hooks at the same rank, warm start and error feedback on, compression from step 2.
-extra_info: ``compression`` = elements sent / gradient elements.
+extra_info: ``compression`` = elements sent / gradient elements; ``peak_mem_mb`` = peak memory of a step (GPU).
 
     pytest benchmarks/bench_powersgd.py --device=cuda --benchmark-json=out.json
 """
@@ -19,9 +19,8 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as torch_psgd
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from dalle_kernels._bench import peak_memory_mb, sync
 from dalle_kernels.powersgd import PowerSGDState, powersgd_hook
-
-from conftest import sync
 
 PROVIDERS = ("allreduce", "torch_powersgd", "dalle_powersgd")
 SIZES = {"cuda": dict(d=1024, layers=8, rank=32, batch=64), "cpu": dict(d=128, layers=2, rank=4, batch=16)}
@@ -82,9 +81,14 @@ def test_powersgd_step(benchmark, record_env, bench_device, group, provider):
 
     for _ in range(3):  # past start_iter: warm-start buffers allocated
         step()
+    peak = peak_memory_mb(step, dev)
+    if peak is not None:
+        record_env["peak_mem_mb"] = peak
     benchmark(step)
     record_env.update(provider=provider, **cfg)
-    if provider == "dalle_powersgd":
+    if provider == "allreduce":
+        record_env["compression"] = 1.0
+    elif provider == "dalle_powersgd":
         record_env["compression"] = state.compression_ratio()
     elif provider == "torch_powersgd":
         record_env["compression"] = state.total_numel_after_compression / max(1, state.total_numel_before_compression)

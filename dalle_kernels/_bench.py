@@ -1,0 +1,72 @@
+"""Helpers the benchmarks share: synchronization, the environment saved with every result, derived figures.
+
+A module of the package rather than of ``benchmarks/`` so that benchmark files import it by name
+(``from dalle_kernels._bench import sync``) however pytest sets up ``sys.path``. Nothing here touches a GPU
+at import time; every function takes the device string of the lane (``"cpu"`` or ``"cuda"``).
+"""
+from __future__ import annotations
+
+import platform
+from typing import Callable
+
+
+def sync(device: str) -> None:
+    """Synchronize inside a timed function so GPU time is measured, not launch time."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def environment(device: str) -> dict:
+    """Device, library versions and build facts to store in a benchmark's ``extra_info``."""
+    import torch
+
+    from . import __version__
+    from ._dispatch import _load_cuda_extension
+
+    info = {"device": device, "torch": torch.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "dalle_kernels": __version__,
+            "cuda_extension": _load_cuda_extension()[0] is not None}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device == "cuda":
+        info["device_name"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    else:
+        info["device_name"] = platform.processor() or "cpu"
+        info["threads"] = torch.get_num_threads()
+    return info
+
+
+def peak_memory_mb(step: Callable[[], object], device: str) -> float | None:
+    """Run ``step`` once; return the peak memory it allocated above what was allocated before, in MiB.
+
+    CUDA only (the caching allocator's counters); ``None`` on the CPU, where PyTorch keeps no such count.
+    """
+    if device != "cuda":
+        return None
+    import torch
+
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def median_seconds(benchmark) -> float | None:
+    """Median time of a finished pytest-benchmark run; ``None`` under ``--benchmark-disable`` (no timing)."""
+    stats = getattr(benchmark, "stats", None)
+    inner = getattr(stats, "stats", None)
+    return None if inner is None else inner.median
+
+
+def max_abs_error(got, want) -> float:
+    """``max |got - want|`` in float64 (tensors of the same shape, any dtype and device)."""
+    return (got.double() - want.double()).abs().max().item()
