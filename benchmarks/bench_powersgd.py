@@ -5,6 +5,8 @@ decompress, error feedback) plus forward/backward; ``allreduce`` (DDP's default)
 stack of DALL-E-like transformer MLP/attention weights (per layer ``3d x d``, ``d x d``, ``4d x d``,
 ``d x 4d`` plus LayerNorm gains and biases). GPU: ``d = 1024``, 8 layers, rank 32; CPU: ``d = 128``,
 2 layers, rank 4. Both hooks at the same rank, warm start and error feedback on, compression from step 2.
+On CPU the model's gradients go in one DDP bucket: with gloo and two or more buckets, ``powerSGD_hook`` can
+deadlock (its ``then`` callbacks wait on further all-reduces from gloo's two callback threads).
 extra_info: ``compression`` = elements sent / gradient elements; ``peak_mem_mb`` = peak memory of a step (GPU).
 
     pytest benchmarks/bench_powersgd.py --device=cuda --benchmark-json=out.json
@@ -24,6 +26,8 @@ from dalle_kernels.powersgd import PowerSGDState, powersgd_hook
 
 PROVIDERS = ("allreduce", "torch_powersgd", "dalle_powersgd")
 SIZES = {"cuda": dict(d=1024, layers=8, rank=32, batch=64), "cpu": dict(d=128, layers=2, rank=4, batch=16)}
+# An explicit cap also sizes DDP's first bucket; 25 MiB holds every gradient of the CPU model (1.6 MB).
+BUCKET_CAP_MB = {"cuda": None, "cpu": 25}
 
 
 class Block(nn.Module):
@@ -60,7 +64,7 @@ def test_powersgd_step(benchmark, record_env, bench_device, group, provider):
     cfg = SIZES[dev]
     torch.manual_seed(0)
     model = nn.Sequential(*[Block(cfg["d"]) for _ in range(cfg["layers"])]).to(dev)
-    ddp = DDP(model)
+    ddp = DDP(model, bucket_cap_mb=BUCKET_CAP_MB[dev])
     state = None
     if provider == "torch_powersgd":
         state = torch_psgd.PowerSGDState(process_group=None, matrix_approximation_rank=cfg["rank"],
