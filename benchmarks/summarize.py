@@ -1,29 +1,68 @@
-"""Turn a pytest-benchmark JSON file into a markdown table (median time and the throughput in extra_info).
+"""Turn pytest-benchmark JSON files into markdown tables: median time and the figures in extra_info.
 
-    python benchmarks/summarize.py results/benchmarks.json
+    python benchmarks/summarize.py results/attention.json results/logit_laplace.json ...
+
+One table per benchmark function (``test_attention``, ``test_logit_laplace``, ...), with only the columns its
+benchmarks wrote. The figures are the ``extra_info`` keys the files under ``benchmarks/`` record:
+``tflops`` (useful TFLOP/s), ``gbps`` (GB/s), ``peak_mem_mb`` (GPU), ``max_err`` / ``loss_rel_err`` /
+``ortho_error`` / ``grad_max_err`` (accuracy against a float64 reference), ``compression`` (PowerSGD).
 """
 import json
 import sys
 
+FIGURES = ["tflops", "gbps", "peak_mem_mb", "max_err", "loss_rel_err", "ortho_error", "grad_max_err", "compression"]
+ENV_KEYS = ["device_name", "torch", "triton", "cuda", "dalle_kernels", "cuda_extension"]
 
-def main(path: str) -> None:
-    with open(path) as f:
-        data = json.load(f)
-    rows = data.get("benchmarks", [])
-    if not rows:
-        print("no benchmarks in", path)
-        return
-    env = rows[0].get("extra_info", {})
-    print(f"device: {env.get('device_name')}  torch {env.get('torch')}  triton {env.get('triton')}  "
-          f"date {data.get('datetime', '')[:10]}\n")
-    keys = ["tflops", "gbps", "peak_mem_mb", "ortho_error"]
-    print("| benchmark | median ms | " + " | ".join(keys) + " |")
-    print("|---|---|" + "---|" * len(keys))
+
+def fmt(x) -> str:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return "" if x is None else str(x)
+    return f"{x:.3g}"
+
+
+def load(paths):
+    rows, headers = [], []
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        bench = data.get("benchmarks", [])
+        if not bench:
+            headers.append(f"{path}: no benchmarks")
+            continue
+        env = bench[0].get("extra_info", {})
+        headers.append(f"{path}: " + "  ".join(f"{k} {env[k]}" for k in ENV_KEYS if k in env)
+                       + f"  date {data.get('datetime', '')[:10]}")
+        rows.extend(bench)
+    return rows, headers
+
+
+def tables(rows) -> str:
+    groups = {}
     for b in rows:
-        ex = b.get("extra_info", {})
-        vals = [f"{ex[k]:.3g}" if isinstance(ex.get(k), (int, float)) else "" for k in keys]
-        print(f"| {b['name']} | {b['stats']['median'] * 1e3:.3f} | " + " | ".join(vals) + " |")
+        groups.setdefault(b["name"].split("[")[0], []).append(b)
+    out = []
+    for name, bench in groups.items():
+        keys = [k for k in FIGURES if any(k in b.get("extra_info", {}) for b in bench)]
+        out.append(f"### {name}\n")
+        out.append("| benchmark | median ms | rounds | " + " | ".join(keys) + " |")
+        out.append("|---|---|---|" + "---|" * len(keys))
+        for b in bench:
+            ex = b.get("extra_info", {})
+            params = b["name"][len(name):].strip("[]") or name
+            stats = b.get("stats") or {}
+            median = f"{stats['median'] * 1e3:.3f}" if "median" in stats else ""
+            out.append(f"| {params} | {median} | {stats.get('rounds', '')} | "
+                       + " | ".join(fmt(ex.get(k)) for k in keys) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(paths) -> None:
+    rows, headers = load(paths)
+    print("\n".join(headers) + "\n")
+    if rows:
+        print(tables(rows))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "benchmarks.json")
+    main(sys.argv[1:] or ["benchmarks.json"])
