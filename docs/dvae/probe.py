@@ -2,7 +2,7 @@
 
     python docs/dvae/probe.py --steps 500 [--init released] [--relax gumbel|hard|softmax|continuous]
                               [--loss logit-laplace|mse] [--lnb-min X] [--vocab N] [--lr LR] [--beta B]
-                              [--centre-logits S]
+                              [--centre-logits S] [--usage W]
 
 Prints, every 100 updates, the training loss, the KL term, the held-out per-pixel mean absolute error of
 ``decode(encode(x))`` (argmax codes), the scorer's accuracy on those reconstructions and the number of codes
@@ -39,6 +39,8 @@ def main():
     p.add_argument("--lnb-min", type=float, default=None, help="soft floor on the decoder's ln b")
     p.add_argument("--centre-logits", type=float, default=None,
                    help="data-dependent init: remove the position-independent part of the logits, scale to this std")
+    p.add_argument("--usage", type=float, default=0.0,
+                   help="weight of a codebook-usage term: minus the entropy of the batch-mean posterior")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -90,7 +92,8 @@ def main():
             nll = logit_laplace_loss(params, x, reduction="mean", eps=LOGIT_LAPLACE_EPS)
         log_q = F.log_softmax(logits, 1)
         kl = (log_q.exp() * (log_q + math.log(a.vocab))).sum((1, 2, 3)).mean() / x[0].numel()
-        loss = nll + beta * kl
+        q_mean = log_q.exp().mean((0, 2, 3))
+        loss = nll + beta * kl + a.usage * (q_mean * (q_mean + 1e-12).log()).sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
