@@ -6,6 +6,7 @@ GPU lane:                pytest tests --device=cuda -> compiled Triton and CUDA 
 Nothing here touches the GPU at import time: the lane comes from the command line.
 """
 import os
+import sys
 
 import pytest
 
@@ -19,6 +20,10 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (run with --device=cuda)")
     # Must happen before triton is imported anywhere (the interpreter is chosen at @triton.jit time).
     if config.getoption("--device") == "cpu":
+        if "TRITON_INTERPRET" not in os.environ and "dalle_kernels" in sys.modules:
+            # A conftest imported the package (and defined its kernels) before this hook ran.
+            raise pytest.UsageError("dalle_kernels was imported before the CPU lane could set TRITON_INTERPRET=1 "
+                                    "(a conftest imports it at module level); import it inside fixtures instead")
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
