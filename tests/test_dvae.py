@@ -215,3 +215,46 @@ def test_train_step_autocast_on_gpu(cuda_only):
         opt.zero_grad()
         assert torch.isfinite(loss) and torch.isfinite(stats["kl"]), precision
     assert model.decode(model.encode(x)).shape == (8, 3, 32, 32)
+
+
+def test_fixed_ln_b_uses_unit_scale():
+    torch.manual_seed(2)
+    model = DVAE(_small())
+    x = torch.stack([ShapesDataset("train", 3)[i][0] for i in range(3)])
+    torch.manual_seed(7)
+    loss, stats = model.loss(x, tau=0.5, beta=0.0, fixed_ln_b=True)
+    model64 = DVAE(_small()).double()
+    model64.load_state_dict(model.state_dict())
+    torch.manual_seed(7)
+    xf = x.double() / 255
+    logits = model64.encoder(0.8 * xf + 0.1)
+    params = model64.decoder(F.gumbel_softmax(logits.float(), tau=0.5, dim=1).double())
+    y = 0.8 * xf + 0.1
+    ref = ((torch.logit(y) - params[:, :3]).abs() + torch.log(y) + torch.log1p(-y) + math.log(2)).mean()
+    assert stats["nll"].item() == pytest.approx(ref.item(), rel=1e-4, abs=1e-5)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-4, abs=1e-5)
+    # the decoder's ln b channels get no gradient through the NLL
+    loss.backward()
+    assert model.decoder.net[-1].weight.grad[3:].abs().max() == 0
+    assert model.decoder.net[-1].weight.grad[:3].abs().max() > 0
+
+
+def test_released_init_and_logits_from_data():
+    torch.manual_seed(3)
+    model = DVAE(DVAEConfig.tiny(vocab_size=64))
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            assert m.bias.abs().max() == 0
+            fan_in = m.weight[0].numel()
+            if m.weight.numel() >= 4096:
+                assert m.weight.std().item() == pytest.approx(fan_in ** -0.5, rel=0.1)
+    x = 0.8 * torch.stack([ShapesDataset("train", 16)[i][0] for i in range(16)]).float() / 255 + 0.1
+    model.encoder.init_logits_from_data(x, std=3.0)
+    logits = model.encoder(x).permute(0, 2, 3, 1).reshape(-1, 64).double()
+    # no part common to all positions is left: every code's mean logit over the batch is ~0 ...
+    assert logits.mean(0).abs().max().item() < 1e-3 * logits.std(0).mean().item() + 1e-4
+    # ... and the position-dependent spread is the requested one, so cells start on many different codes
+    assert logits.std(0).mean().item() == pytest.approx(3.0, rel=1e-3)
+    assert logits.argmax(1).unique().numel() > 8
+    with pytest.raises(ValueError, match="std"):
+        model.encoder.init_logits_from_data(x, std=0.0)

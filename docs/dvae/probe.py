@@ -2,7 +2,8 @@
 
     python docs/dvae/probe.py --steps 500 [--init released] [--relax gumbel|hard|softmax|continuous]
                               [--loss logit-laplace|mse] [--lnb-min X] [--vocab N] [--lr LR] [--beta B]
-                              [--centre-logits S] [--usage W]
+                              [--centre-logits S] [--usage W] [--encoder-lr M]
+                              [--dequant LEVELS] [--fixed-lnb-steps N]
 
 Prints, every 100 updates, the training loss, the KL term, the held-out per-pixel mean absolute error of
 ``decode(encode(x))`` (argmax codes), the scorer's accuracy on those reconstructions and the number of codes
@@ -41,6 +42,11 @@ def main():
                    help="data-dependent init: remove the position-independent part of the logits, scale to this std")
     p.add_argument("--usage", type=float, default=0.0,
                    help="weight of a codebook-usage term: minus the entropy of the batch-mean posterior")
+    p.add_argument("--encoder-lr", type=float, default=1.0, help="encoder step size as a multiple of --lr")
+    p.add_argument("--dequant", type=float, default=0.0,
+                   help="uniform dequantization noise of the NLL target, in 8-bit levels")
+    p.add_argument("--fixed-lnb-steps", type=int, default=0,
+                   help="for the first N updates the NLL uses ln b = 0 (the decoder's ln b output is not used)")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -68,11 +74,12 @@ def main():
             W -= (W @ mu)[:, None] * mu[None] / (mu @ mu)
             conv.bias.zero_()
             W *= a.centre_logits / ((ff - mu) @ W.t()).std(0).mean()
-    opt = torch.optim.AdamW(m.parameters(), lr=a.lr, weight_decay=1e-4)
+    groups = [{"params": m.encoder.parameters(), "mult": a.encoder_lr}, {"params": m.decoder.parameters(), "mult": 1.0}]
+    opt = torch.optim.AdamW(groups, lr=a.lr, weight_decay=1e-4)
     t0 = time.time()
     for step in range(a.steps):
         for g in opt.param_groups:
-            g["lr"] = cosine(step, a.lr, a.lr / 100, a.steps)
+            g["lr"] = g["mult"] * cosine(step, a.lr, a.lr / 100, a.steps)
         tau = cosine(step, 1.0, 1 / 16, a.steps)
         beta = cosine(step, 0.0, a.beta, max(1, a.steps // 4))
         x = data.batch(step).float() / 255
@@ -84,12 +91,15 @@ def main():
         else:
             z = F.gumbel_softmax(logits, tau=tau, hard=a.relax == "hard", dim=1)
         params = m.decoder(z)
-        if a.lnb_min is not None:
+        if step < a.fixed_lnb_steps:
+            params = torch.cat([params[:, :3], torch.zeros_like(params[:, 3:])], 1)
+        elif a.lnb_min is not None:
             params = torch.cat([params[:, :3], a.lnb_min + F.softplus(params[:, 3:] - a.lnb_min)], 1)
         if a.loss == "mse":
             nll = ((torch.sigmoid(params[:, :3]) - map_pixels(x, LOGIT_LAPLACE_EPS)) ** 2).mean()
         else:
-            nll = logit_laplace_loss(params, x, reduction="mean", eps=LOGIT_LAPLACE_EPS)
+            target = (x * 255 + a.dequant * torch.rand_like(x)) / (255 + a.dequant) if a.dequant else x
+            nll = logit_laplace_loss(params, target, reduction="mean", eps=LOGIT_LAPLACE_EPS)
         log_q = F.log_softmax(logits, 1)
         kl = (log_q.exp() * (log_q + math.log(a.vocab))).sum((1, 2, 3)).mean() / x[0].numel()
         q_mean = log_q.exp().mean((0, 2, 3))

@@ -24,7 +24,20 @@ from dalle_kernels import logit_laplace_loss, map_pixels, unmap_pixels
 from .common import atomic_save, load_checkpoint
 
 LOGIT_LAPLACE_EPS = 0.1
-LOGIT_INIT_SCALE = 0.02
+
+
+def released_init_(module: nn.Module) -> None:
+    """Initialise every conv as the released dVAE code does: weights ``N(0, 1 / fan_in)``, zero biases.
+
+    PyTorch's default (uniform weights, non-zero biases) makes the encoder's logits almost position-independent
+    at step 0 (on the built-in shapes their spread over positions is ~200x smaller than over codes), so every
+    cell starts on the same code."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.normal_(0.0, 1.0 / math.sqrt(m.weight[0].numel()))
+                if m.bias is not None:
+                    m.bias.zero_()
 
 
 @dataclass
@@ -113,14 +126,28 @@ class Encoder(nn.Module):
                 layers.append(nn.MaxPool2d(2))
         layers += [nn.ReLU(), nn.Conv2d(width, cfg.vocab_size, 1)]
         self.net = nn.Sequential(*layers)
-        # The ReLU features reaching the logits are large and mostly position-independent: with PyTorch's
-        # default init the logits spread by ~20 across codes, the softmax saturates on one code everywhere and
-        # the posterior starts (and stays) collapsed. Small output weights start it near uniform instead.
-        with torch.no_grad():
-            self.net[-1].weight.mul_(LOGIT_INIT_SCALE)
+        released_init_(self)
 
     def forward(self, x):
         return self.net(x)
+
+    @torch.no_grad()
+    def init_logits_from_data(self, x: torch.Tensor, std: float) -> None:
+        """Data-dependent init of the logit layer from a batch of mapped images ``x``: remove the part of the
+        logits that is the same at every position (the ReLU features share a large mean, which acts as a
+        per-code bias and starts every cell on one code) and scale the rest to ``std`` over positions, so
+        the codes at step 0 already differ with the image content and stand out of the Gumbel noise."""
+        if not std > 0:
+            raise ValueError(f"std must be > 0, got {std!r}")
+        conv = self.net[-1]
+        f = self.net[:-1](x)
+        f = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]).float()
+        mean = f.mean(0)
+        w = conv.weight.view(conv.weight.shape[0], -1)
+        w -= (w @ mean)[:, None] * mean[None] / (mean @ mean).clamp_min(1e-12)
+        conv.bias.zero_()
+        spread = ((f - mean) @ w.t()).std(0).mean()
+        w *= std / spread.clamp_min(1e-12)
 
 
 class Decoder(nn.Module):
@@ -143,6 +170,7 @@ class Decoder(nn.Module):
                 layers.append(nn.Upsample(scale_factor=2, mode="nearest"))
         layers += [nn.ReLU(), nn.Conv2d(width, 2 * cfg.input_channels, 1)]
         self.net = nn.Sequential(*layers)
+        released_init_(self)
 
     def embed(self, z):
         if z.dtype == torch.long:
@@ -195,11 +223,15 @@ class DVAE(nn.Module):
         x = self._check_images(images).to(self.encoder.net[0].weight.device)
         return self.encoder(map_pixels(x, LOGIT_LAPLACE_EPS)).float()
 
-    def loss(self, images, tau: float, beta: float, hard: bool = False, backend: str = "auto"):
+    def loss(self, images, tau: float, beta: float, hard: bool = False, backend: str = "auto",
+             fixed_ln_b: bool = False):
         """Negative ELBO per image pixel-channel: ``(nll + beta * KL) / (H * W * 3)``, averaged over the batch.
 
         ``hard=True`` feeds the decoder the one-hot of the Gumbel sample's argmax with the relaxed sample's
-        gradient (straight-through); the default is the paper's relaxed one-hot.
+        gradient (straight-through); the default is the paper's relaxed one-hot. ``fixed_ln_b=True`` evaluates
+        the logit-Laplace NLL with ``ln b = 0`` instead of the decoder's channels 3-5 (a fixed-scale Laplace in
+        logit space): on images whose pixels are exactly predictable the learned scale otherwise spends the
+        updates shrinking ``b`` on the background and down-weights the pixels that are still wrong.
 
         Returns ``(loss, stats)`` with ``stats`` holding detached ``nll`` and ``kl`` (same normalisation).
         """
@@ -209,6 +241,8 @@ class DVAE(nn.Module):
         logits = self.logits(x)
         z = F.gumbel_softmax(logits, tau=tau, hard=hard, dim=1)
         params = self.decoder(z.to(logits.dtype))
+        if fixed_ln_b:
+            params = torch.cat([params[:, :3], torch.zeros_like(params[:, 3:])], dim=1)
         nll = logit_laplace_loss(params, x, reduction="mean", eps=LOGIT_LAPLACE_EPS, backend=backend)
         log_q = F.log_softmax(logits, dim=1)
         kl_per_image = (log_q.exp() * (log_q + math.log(self.cfg.vocab_size))).sum(dim=(1, 2, 3))

@@ -52,6 +52,10 @@ class TrainDVAEConfig:
     beta_steps: int | None = None  # paper 5000; tiny: steps / 4
     tau_start: float = 1.0
     straight_through: bool = False  # decoder sees the hard one-hot (gradient of the relaxed one)
+    logit_init_std: float | None = None  # data-dependent init of the logit layer (Encoder.init_logits_from_data);
+    #                                      tiny 3.0, paper: off (0)
+    encoder_lr: float | None = None  # encoder step size as a multiple of lr; tiny 0.1, paper 1.0
+    fixed_ln_b_steps: int | None = None  # first N updates use ln b = 0 in the NLL (DVAE.loss); tiny: all, paper 0
     tau_end: float = 1.0 / 16
     tau_steps: int | None = None  # paper 150000; tiny: steps
     weight_decay: float = 1e-4
@@ -84,7 +88,16 @@ class TrainDVAEConfig:
         if c.lr_steps is None:
             c.lr_steps = 1_200_000 if paper else c.steps
         if c.beta is None:
-            c.beta = 6.6 if paper else 0.1
+            c.beta = 6.6 if paper else 0.0
+        if c.logit_init_std is None:
+            c.logit_init_std = 0.0 if paper else 3.0
+        if c.encoder_lr is None:
+            c.encoder_lr = 1.0 if paper else 0.1
+        if c.fixed_ln_b_steps is None:
+            c.fixed_ln_b_steps = 0 if paper else c.steps
+        if c.logit_init_std < 0 or c.encoder_lr <= 0 or c.fixed_ln_b_steps < 0:
+            raise ValueError(f"logit_init_std must be >= 0, encoder_lr > 0 and fixed_ln_b_steps >= 0, got "
+                             f"{c.logit_init_std}, {c.encoder_lr} and {c.fixed_ln_b_steps}")
         if c.beta_steps is None:
             c.beta_steps = 5000 if paper else max(1, c.steps // 4)
         if c.tau_steps is None:
@@ -218,15 +231,24 @@ def _train(config: TrainDVAEConfig) -> Path:
         seed_everything(cfg.seed)
     mcfg = DVAEConfig(**ckpt["model_config"]) if ckpt else cfg.model_config()
     model = DVAE(mcfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
-                            weight_decay=cfg.weight_decay)
+    groups = [{"params": list(model.encoder.parameters()), "lr_mult": cfg.encoder_lr},
+              {"params": list(model.decoder.parameters()), "lr_mult": 1.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+    data = _Batches(cfg, mcfg.image_size)
     if ckpt:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
+    elif cfg.logit_init_std:
+        from dalle_kernels import map_pixels
+
+        from .dvae import LOGIT_LAPLACE_EPS
+
+        x0 = data.batch(0).to(device)
+        x0 = x0.float() / 255 if x0.dtype == torch.uint8 else x0.float()
+        model.encoder.init_logits_from_data(map_pixels(x0, LOGIT_LAPLACE_EPS), cfg.logit_init_std)
     (run / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
-    data = _Batches(cfg, mcfg.image_size)
     eval_images, eval_scenes = _heldout(cfg, mcfg.image_size)
     logger = MetricsLogger(run, resume_step=start if cfg.resume else None)
     end = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
@@ -246,10 +268,11 @@ def _train(config: TrainDVAEConfig) -> Path:
     for step in bar:
         s = schedules(cfg, step)
         for group in opt.param_groups:
-            group["lr"] = s["lr"]
+            group["lr"] = s["lr"] * group["lr_mult"]
         x = data.batch(step).to(device, non_blocking=True)
         with autocast_context(device, cfg.precision):
-            loss, stats = model.loss(x, tau=s["tau"], beta=s["beta"], hard=cfg.straight_through)
+            loss, stats = model.loss(x, tau=s["tau"], beta=s["beta"], hard=cfg.straight_through,
+                                     fixed_ln_b=step < cfg.fixed_ln_b_steps)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite dVAE loss {loss.item()} at step {step}")
         opt.zero_grad(set_to_none=True)
@@ -297,7 +320,8 @@ def parse_args(argv=None) -> TrainDVAEConfig:
             continue
         typ = {"run": str, "preset": str, "data": str, "device": str, "precision": str}.get(f.name)
         if typ is None:
-            typ = float if f.name in ("lr", "lr_end", "beta", "tau_start", "tau_end", "weight_decay") else int
+            typ = float if f.name in ("lr", "lr_end", "beta", "tau_start", "tau_end", "weight_decay",
+                                      "logit_init_std", "encoder_lr") else int
         p.add_argument(flag, dest=f.name, type=typ, default=default)
     return TrainDVAEConfig(**vars(p.parse_args(argv)))
 
