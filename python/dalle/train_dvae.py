@@ -21,9 +21,11 @@ from pathlib import Path
 
 import torch
 
+from dalle_kernels import map_pixels
+
 from .common import (MetricsLogger, atomic_save, autocast_context, load_checkpoint, pick_device, rng_state,
                      seed_everything, set_rng_state)
-from .dvae import DVAE, DVAEConfig
+from .dvae import DVAE, LOGIT_LAPLACE_EPS, DVAEConfig
 from .images import save_grid
 from .schedules import cosine
 
@@ -240,10 +242,6 @@ def _train(config: TrainDVAEConfig) -> Path:
         opt.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
     elif cfg.logit_init_std:
-        from dalle_kernels import map_pixels
-
-        from .dvae import LOGIT_LAPLACE_EPS
-
         x0 = data.batch(0).to(device)
         x0 = x0.float() / 255 if x0.dtype == torch.uint8 else x0.float()
         model.encoder.init_logits_from_data(map_pixels(x0, LOGIT_LAPLACE_EPS), cfg.logit_init_std)
