@@ -34,12 +34,13 @@ def main():
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--vocab", type=int, default=512)
     p.add_argument("--init", choices=("default", "released"), default="default",
-                   help="released: conv weights N(0, 1/fan_in), zero biases, as in the released dVAE code")
+                   help="released: conv weights N(0, 1/fan_in), zero biases, as in the released dVAE code (the "
+                        "model's own init); default: PyTorch's default, logit layer scaled by 0.02 (the old init)")
     p.add_argument("--relax", choices=("gumbel", "hard", "softmax", "continuous"), default="gumbel")
     p.add_argument("--loss", choices=("logit-laplace", "mse"), default="logit-laplace")
     p.add_argument("--lnb-min", type=float, default=None, help="soft floor on the decoder's ln b")
     p.add_argument("--centre-logits", type=float, default=None,
-                   help="data-dependent init: remove the position-independent part of the logits, scale to this std")
+                   help="Encoder.init_logits_from_data with this std (the trainer's --logit-init-std)")
     p.add_argument("--usage", type=float, default=0.0,
                    help="weight of a codebook-usage term: minus the entropy of the batch-mean posterior")
     p.add_argument("--encoder-lr", type=float, default=1.0, help="encoder step size as a multiple of --lr")
@@ -52,28 +53,23 @@ def main():
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     cfg = TrainDVAEConfig(steps=a.steps, batch_size=a.batch_size)
-    m = DVAE(DVAEConfig.tiny(vocab_size=a.vocab))
-    if a.init == "released":
+    m = DVAE(DVAEConfig.tiny(vocab_size=a.vocab))  # the model's own init: the released code's
+    if a.init == "default":
+        # what the dVAE had before: PyTorch's default conv init, the logit layer's weights scaled by 0.02
         with torch.no_grad():
             for mod in m.modules():
                 if isinstance(mod, torch.nn.Conv2d):
-                    mod.weight.normal_(0, 1 / math.sqrt(mod.weight[0].numel()))
-                    mod.bias.zero_()
+                    mod.reset_parameters()
+            m.encoder.net[-1].weight.mul_(0.02)
     data = _Batches(cfg, 32)
     eval_images, eval_scenes = _heldout(cfg, 32)
     with torch.no_grad():
-        f = m.encoder.net[:-1](map_pixels(data.batch(10**6).float() / 255, LOGIT_LAPLACE_EPS))
-        ff = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
-        lg = m.encoder.net[-1](f).permute(0, 2, 3, 1).reshape(-1, a.vocab)
+        x0 = map_pixels(data.batch(10**6).float() / 255, LOGIT_LAPLACE_EPS)
+        lg = m.encoder(x0).permute(0, 2, 3, 1).reshape(-1, a.vocab)
         print(f"init: logit std over positions {lg.std(0).mean():.5f}, over codes {lg.std(1).mean():.5f}, "
               f"argmax codes {lg.argmax(1).unique().numel()}")
-        if a.centre_logits is not None:
-            conv = m.encoder.net[-1]
-            W = conv.weight.view(a.vocab, -1)
-            mu = ff.mean(0)
-            W -= (W @ mu)[:, None] * mu[None] / (mu @ mu)
-            conv.bias.zero_()
-            W *= a.centre_logits / ((ff - mu) @ W.t()).std(0).mean()
+    if a.centre_logits is not None:
+        m.encoder.init_logits_from_data(x0, a.centre_logits)
     groups = [{"params": m.encoder.parameters(), "mult": a.encoder_lr}, {"params": m.decoder.parameters(), "mult": 1.0}]
     opt = torch.optim.AdamW(groups, lr=a.lr, weight_decay=1e-4)
     t0 = time.time()
