@@ -10,10 +10,10 @@ from PIL import Image
 
 import dalle.dvae as dvae_mod
 from dalle.data.shapes import ShapesDataset
-from dalle.dvae import DVAE, DVAEConfig
+from dalle.dvae import DVAE, DVAEConfig, assign_cells, cell_patches, kmeans_cells
 from dalle.images import save_grid
 from dalle.schedules import PAPER_BETA, PAPER_LR, PAPER_TAU, CosineSchedule, cosine
-from dalle.train_dvae import TrainDVAEConfig, main, schedules, train_dvae
+from dalle.train_dvae import TrainDVAEConfig, _Batches, main, schedules, train_dvae
 from dalle_kernels import logit_laplace_loss_ref
 
 
@@ -148,7 +148,7 @@ def _rows(run):
 
 def test_tiny_dvae_loss_falls(tmp_path):
     path = train_dvae(_cfg(tmp_path, steps=40, batch_size=16, sample_every=40, ckpt_every=40, log_every=1,
-                           beta=0.1, image_size=16, n_hid=8, n_init=16, vocab_size=64))
+                           beta=0.1, image_size=16, n_hid=8, n_init=16, vocab_size=64, kmeans_warmup_steps=0))
     losses = [float(r["loss"]) for r in _rows(tmp_path)]
     assert len(losses) == 40
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
@@ -258,3 +258,114 @@ def test_released_init_and_logits_from_data():
     assert logits.argmax(1).unique().numel() > 8
     with pytest.raises(ValueError, match="std"):
         model.encoder.init_logits_from_data(x, std=0.0)
+
+
+def _patch_images(patches, layout, f):
+    """Images (B, 3, g*f, g*f) whose cells are ``patches[layout]`` (layout (B, g, g) of patch indices)."""
+    b, g, _ = layout.shape
+    cells = patches[layout].view(b, g, g, 3, f, f)
+    return cells.permute(0, 3, 1, 4, 2, 5).reshape(b, 3, g * f, g * f)
+
+
+@pytest.mark.parametrize("f,g,n_patterns,k", [(4, 8, 40, 64), (2, 5, 7, 7), (4, 3, 9, 12)])
+def test_kmeans_cells_recovers_every_pattern(f, g, n_patterns, k):
+    torch.manual_seed(f * 100 + k)
+    patches = torch.randint(0, 256, (n_patterns, 3 * f * f), dtype=torch.uint8)
+    layout = torch.randint(0, n_patterns, (30, g, g))
+    layout.view(-1)[:n_patterns] = torch.arange(n_patterns)  # every pattern occurs
+    x = _patch_images(patches, layout, f)
+    cells = cell_patches(x.double() / 255, f)
+    assert torch.equal(cells, patches[layout].double() / 255)
+    centres = kmeans_cells(x, f, k, generator=torch.Generator().manual_seed(0))
+    assert centres.shape == (k, 3 * f * f) and centres.dtype == torch.float32
+    # with at least as many centres as patterns, every cell is drawn exactly by its centre
+    assign = assign_cells(x, centres, f)
+    torch.testing.assert_close(centres[assign].double(), cells, rtol=0, atol=1e-5)
+    assert assign.unique().numel() == n_patterns
+
+
+def test_assign_cells_is_the_nearest_centre_in_float64():
+    torch.manual_seed(5)
+    x = torch.rand(6, 3, 12, 12)  # odd grid: 3 x 3 cells of 4 x 4
+    centres = torch.rand(17, 48)
+    got = assign_cells(x, centres, 4)
+    cells = cell_patches(x.double(), 4).reshape(-1, 48)
+    ref = ((cells[:, None] - centres.double()[None]) ** 2).sum(-1).argmin(1).view(6, 3, 3)
+    assert torch.equal(got, ref)
+    with pytest.raises(ValueError, match="centres must have shape"):
+        assign_cells(x, torch.rand(17, 12), 4)
+    with pytest.raises(ValueError, match="k must be"):
+        kmeans_cells(x, 4, 0)
+
+
+def test_warmup_loss_matches_float64_reference():
+    torch.manual_seed(2)
+    model = DVAE(_small())
+    x = torch.stack([ShapesDataset("train", 4)[i][0] for i in range(4)])
+    centres = kmeans_cells(x, 4, 32, generator=torch.Generator().manual_seed(0))
+    loss, stats = model.warmup_loss(x, centres)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model64 = DVAE(_small()).double()
+    model64.load_state_dict(model.state_dict())
+    xf = x.double() / 255
+    cells = cell_patches(xf, 4)
+    target = ((cells[..., None, :] - centres.double()) ** 2).sum(-1).argmin(-1)
+    ce = F.cross_entropy(model64.encoder(0.8 * xf + 0.1), target)
+    params = model64.decoder(F.one_hot(target, 32).permute(0, 3, 1, 2).double())
+    params = torch.cat([params[:, :3], torch.zeros_like(params[:, 3:])], 1)  # ln b = 0
+    nll = logit_laplace_loss_ref(params, xf, reduction="mean")
+    (ce + nll).backward()
+    assert stats["ce"].item() == pytest.approx(ce.item(), rel=1e-5)
+    assert stats["nll"].item() == pytest.approx(nll.item(), rel=1e-4, abs=1e-5)
+    assert loss.item() == pytest.approx((ce + nll).item(), rel=1e-5)
+    for name, p in model64.named_parameters():
+        torch.testing.assert_close(grads[name].double(), p.grad, rtol=2e-3, atol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="centres"):
+        model.warmup_loss(x, centres[:5])
+
+
+def test_warm_start_learns_the_cell_codes(tmp_path):
+    """Trainer with one ELBO update after the warm start: the warm start's cross-entropy falls, and the
+    encoder's codes for the cells that hold a shape move towards the k-means codes of those cells."""
+    train_dvae(_cfg(tmp_path, steps=61, kmeans_warmup_steps=60, batch_size=16, num_images=256, lr=3e-3,
+                    image_size=16, n_hid=8, n_init=16, vocab_size=16, sample_every=61, ckpt_every=61))
+    rows = _rows(tmp_path)
+    ce = [float(r["warmup_ce"]) for r in rows[:60]]
+    assert rows[60]["warmup_ce"] == "" and rows[60]["tau"] != ""
+    assert sum(ce[-5:]) / 5 < 0.5 * sum(ce[:5]) / 5, (ce[:5], ce[-5:])
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    model = DVAE.load(tmp_path / "dvae.pt")
+    x = ShapesDataset("train", 64, 16, seed=7).images()
+    target = assign_cells(x, ckpt["kmeans_centres"], 4)
+    shape_cells = target != target.flatten().mode().values  # not the background code (about 60% of cells)
+    agree = (model.encode(x) == target)[shape_cells].float().mean().item()
+    assert agree > 0.25, agree  # a guess among the 15 other codes agrees on about 7% (60 updates of a tiny model)
+
+
+def test_channel_shuffle_permutes_channels_per_image():
+    cfg = TrainDVAEConfig(num_images=64, batch_size=16, image_size=16, channel_shuffle="on").resolved()
+    plain = _Batches(TrainDVAEConfig(num_images=64, batch_size=16, channel_shuffle="off").resolved(), 16)
+    shuffled = _Batches(cfg, 16)
+    palette = {tuple(c) for c in plain.images.permute(0, 2, 3, 1).reshape(-1, 3).tolist()}
+    assert {tuple(c) for c in shuffled.batch(0).permute(0, 2, 3, 1).reshape(-1, 3).tolist()} <= palette
+    noise = torch.randint(0, 256, plain.images.shape, dtype=torch.uint8)  # every channel tells itself apart
+    plain.images, shuffled.images = noise, noise.clone()
+    orders = []
+    for step in range(3):
+        a, b = plain.batch(step), shuffled.batch(step)
+        assert torch.equal(b, shuffled.batch(step))  # a pure function of the step
+        for xa, xb in zip(a, b):
+            order = [next(c for c in range(3) if torch.equal(xb[j], xa[c])) for j in range(3)]
+            assert sorted(order) == [0, 1, 2]
+            orders.append(tuple(order))
+    orders = set(orders)
+    assert len(orders) == 6  # 48 images: every order of the channels, not one fixed swap
+    assert TrainDVAEConfig(data="some/folder").resolved().channel_shuffle == "off"
+    assert TrainDVAEConfig().resolved().channel_shuffle == "on"
+    with pytest.raises(ValueError, match="channel_shuffle"):
+        TrainDVAEConfig(channel_shuffle="yes").resolved()
+    with pytest.raises(ValueError, match="kmeans_warmup_steps"):
+        TrainDVAEConfig(steps=10, kmeans_warmup_steps=10).resolved()
+    assert TrainDVAEConfig(steps=10).resolved().kmeans_warmup_steps == 5
+    assert TrainDVAEConfig(preset="paper", steps=10).resolved().kmeans_warmup_steps == 0

@@ -182,6 +182,58 @@ class Decoder(nn.Module):
         return self.net(self.embed(z))
 
 
+def cell_patches(images: torch.Tensor, grid_factor: int) -> torch.Tensor:
+    """Pixels of each grid cell: images (B, C, H, W) to (B, H/f, W/f, C*f*f), ``f = grid_factor``."""
+    f = grid_factor
+    b, c, h, w = images.shape
+    if h % f or w % f:
+        raise ValueError(f"images of {h}x{w} do not split into {f}x{f} cells")
+    return images.unfold(2, f, f).unfold(3, f, f).permute(0, 2, 3, 1, 4, 5).reshape(b, h // f, w // f, c * f * f)
+
+
+@torch.no_grad()
+def kmeans_cells(images: torch.Tensor, grid_factor: int, k: int, iters: int = 20,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """k-means (k-means++ seeding, then ``iters`` Lloyd steps) of the pixels of every grid cell of
+    ``images`` (uint8 or float in [0, 1]): ``(k, C*f*f)`` float32 centres in [0, 1].
+
+    Seeding draws each next centre with probability proportional to the squared distance to the nearest
+    centre chosen so far, so repeated cells are not drawn twice while unseen patterns remain; when fewer
+    than ``k`` distinct cells exist the leftover centres repeat a drawn one. A centre that loses all its
+    cells in a Lloyd step keeps its place."""
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    x = cell_patches(_as_unit_float(images), grid_factor).reshape(-1, images.shape[1] * grid_factor ** 2)
+    if len(x) == 0:
+        raise ValueError("kmeans_cells needs at least one image")
+    first = int(torch.randint(len(x), (1,), generator=generator))
+    idx = [first]
+    d2 = ((x - x[first]) ** 2).sum(1)
+    for _ in range(k - 1):
+        total = d2.sum()
+        i = int(torch.multinomial(d2 / total, 1, generator=generator)) if total > 0 else idx[-1]
+        idx.append(i)
+        d2 = torch.minimum(d2, ((x - x[i]) ** 2).sum(1))
+    centres = x[idx].clone()
+    for _ in range(iters):
+        assign = torch.cdist(x, centres).argmin(1)
+        count = torch.bincount(assign, minlength=k).to(x.dtype)
+        sums = torch.zeros_like(centres).index_add_(0, assign, x)
+        centres = torch.where(count[:, None] > 0, sums / count.clamp_min(1)[:, None], centres)
+    return centres
+
+
+@torch.no_grad()
+def assign_cells(images: torch.Tensor, centres: torch.Tensor, grid_factor: int) -> torch.Tensor:
+    """Index of the nearest of ``centres`` (k, C*f*f) for every cell of ``images``: (B, H/f, W/f) int64."""
+    cells = cell_patches(_as_unit_float(images), grid_factor)
+    b, h, w, d = cells.shape
+    if centres.ndim != 2 or centres.shape[1] != d:
+        raise ValueError(f"centres must have shape (k, {d}) for {grid_factor}x{grid_factor} cells, "
+                         f"got {tuple(centres.shape)}")
+    return torch.cdist(cells.reshape(b, h * w, d), centres.to(cells)[None].expand(b, -1, -1)).argmin(-1).view(b, h, w)
+
+
 def _as_unit_float(images: torch.Tensor) -> torch.Tensor:
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
@@ -249,6 +301,25 @@ class DVAE(nn.Module):
         kl = kl_per_image.mean() / (x.shape[1] * x.shape[2] * x.shape[3])
         loss = nll + beta * kl
         return loss, {"nll": nll.detach(), "kl": kl.detach()}
+
+    def warmup_loss(self, images, centres: torch.Tensor, backend: str = "auto", fixed_ln_b: bool = True):
+        """k-means warm start (the tiny preset's first updates, before the ELBO): each cell's target code is
+        its nearest pixel-space k-means centre (``kmeans_cells``); the encoder learns it by cross-entropy of
+        its logits and the decoder learns to draw the image from the target codes (the logit-Laplace NLL of
+        ``loss``, hard one-hot input). Both terms start the autoencoder on codes that tell apart every cell
+        pattern, including sub-cell edges that the relaxation alone takes thousands of updates to find.
+
+        Returns ``(ce + nll, {"ce", "nll"})`` (detached stats; ``nll`` normalised as in ``loss``)."""
+        x = self._check_images(images).to(self.encoder.net[0].weight.device)
+        if centres.ndim != 2 or centres.shape[0] != self.cfg.vocab_size:
+            raise ValueError(f"centres must have shape ({self.cfg.vocab_size}, C*f*f), got {tuple(centres.shape)}")
+        target = assign_cells(x, centres, self.cfg.grid_factor)
+        ce = F.cross_entropy(self.logits(x), target)
+        params = self.decoder(target)
+        if fixed_ln_b:
+            params = torch.cat([params[:, :3], torch.zeros_like(params[:, 3:])], dim=1)
+        nll = logit_laplace_loss(params, x, reduction="mean", eps=LOGIT_LAPLACE_EPS, backend=backend)
+        return ce + nll, {"ce": ce.detach(), "nll": nll.detach()}
 
     @staticmethod
     def params_to_images(params: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import sys
 import time
@@ -25,7 +26,7 @@ from dalle_kernels import map_pixels
 
 from .common import (MetricsLogger, atomic_save, autocast_context, load_checkpoint, pick_device, rng_state,
                      seed_everything, set_rng_state)
-from .dvae import DVAE, LOGIT_LAPLACE_EPS, DVAEConfig
+from .dvae import DVAE, LOGIT_LAPLACE_EPS, DVAEConfig, kmeans_cells
 from .images import save_grid
 from .schedules import cosine
 
@@ -47,7 +48,7 @@ class TrainDVAEConfig:
     eval_images: int = 256  # held-out images for the reconstruction error
     steps: int = 1200
     batch_size: int = 32
-    lr: float | None = None  # peak step size; preset default (paper 1e-4, tiny 3e-3)
+    lr: float | None = None  # peak step size; preset default (paper 1e-4, tiny 6e-3)
     lr_end: float | None = None  # paper 1.25e-6; tiny lr / 100
     lr_steps: int | None = None  # paper 1.2M; tiny: steps
     beta: float | None = None  # final KL weight; paper 6.6, tiny 0.1
@@ -58,6 +59,11 @@ class TrainDVAEConfig:
     #                                      tiny 3.0, paper: off (0)
     encoder_lr: float | None = None  # encoder step size as a multiple of lr; tiny 0.1, paper 1.0
     fixed_ln_b_steps: int | None = None  # first N updates use ln b = 0 in the NLL (DVAE.loss); tiny: all, paper 0
+    kmeans_warmup_steps: int | None = None  # first N of the ``steps`` updates are the k-means warm start
+    #                                         (DVAE.warmup_loss); tiny: steps // 2, paper: 0
+    kmeans_images: int = 1024  # images whose cells the warm start's k-means clusters
+    channel_shuffle: str = "auto"  # random RGB channel order per training image: on | off | auto (on for the
+    #                                built-in shapes, whose palette it maps onto itself; off for real data)
     tau_end: float = 1.0 / 16
     tau_steps: int | None = None  # paper 150000; tiny: steps
     weight_decay: float = 1e-4
@@ -83,12 +89,22 @@ class TrainDVAEConfig:
             raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
         paper = self.preset == "paper"
         c = dataclasses.replace(self)
+        if c.kmeans_warmup_steps is None:
+            c.kmeans_warmup_steps = 0 if paper else c.steps // 2
+        if not 0 <= c.kmeans_warmup_steps < c.steps or c.kmeans_images < 1:
+            raise ValueError(f"kmeans_warmup_steps must be in [0, steps) and kmeans_images >= 1, got "
+                             f"{c.kmeans_warmup_steps} (steps {c.steps}) and {c.kmeans_images}")
+        if c.channel_shuffle not in ("auto", "on", "off"):
+            raise ValueError(f"channel_shuffle must be auto, on or off, got {c.channel_shuffle!r}")
+        if c.channel_shuffle == "auto":
+            c.channel_shuffle = "on" if c.data == "shapes" else "off"
+        elbo = c.steps - c.kmeans_warmup_steps  # the schedules run over the updates after the warm start
         if c.lr is None:
-            c.lr = 1e-4 if paper else 3e-3
+            c.lr = 1e-4 if paper else 6e-3
         if c.lr_end is None:
             c.lr_end = 1.25e-6 if paper else c.lr / 100
         if c.lr_steps is None:
-            c.lr_steps = 1_200_000 if paper else c.steps
+            c.lr_steps = 1_200_000 if paper else elbo
         if c.beta is None:
             c.beta = 6.6 if paper else 0.0
         if c.logit_init_std is None:
@@ -101,9 +117,9 @@ class TrainDVAEConfig:
             raise ValueError(f"logit_init_std must be >= 0, encoder_lr > 0 and fixed_ln_b_steps >= 0, got "
                              f"{c.logit_init_std}, {c.encoder_lr} and {c.fixed_ln_b_steps}")
         if c.beta_steps is None:
-            c.beta_steps = 5000 if paper else max(1, c.steps // 4)
+            c.beta_steps = 5000 if paper else max(1, elbo // 4)
         if c.tau_steps is None:
-            c.tau_steps = 150_000 if paper else c.steps
+            c.tau_steps = 150_000 if paper else elbo
         return c
 
     def model_config(self) -> DVAEConfig:
@@ -112,7 +128,8 @@ class TrainDVAEConfig:
 
 
 def schedules(cfg: TrainDVAEConfig, step: int) -> dict:
-    """beta, tau and step size at ``step`` (cosine, SPEC.md section 3)."""
+    """beta, tau and step size at ELBO update ``step`` (cosine, SPEC.md section 3); the ELBO updates are
+    counted from the end of the k-means warm start."""
     return {"beta": cosine(step, 0.0, cfg.beta, cfg.beta_steps),
             "tau": cosine(step, cfg.tau_start, cfg.tau_end, cfg.tau_steps),
             "lr": cosine(step, cfg.lr, cfg.lr_end, cfg.lr_steps)}
@@ -154,8 +171,18 @@ class _Batches:
     def batch(self, step: int) -> torch.Tensor:
         idx = self.indices(step)
         if not self.real:
-            return self.images[torch.tensor([i for _, i in idx])]
-        return torch.stack([self.ds.load(i, seed=(self.cfg.seed, g))[0] for g, i in idx])
+            x = self.images[torch.tensor([i for _, i in idx])]
+        else:
+            x = torch.stack([self.ds.load(i, seed=(self.cfg.seed, g))[0] for g, i in idx])
+        if self.cfg.channel_shuffle == "on":
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step + 1)
+            order = _CHANNEL_ORDERS[torch.randint(len(_CHANNEL_ORDERS), (len(x),), generator=g)]
+            x = torch.gather(x, 1, order[:, :, None, None].expand_as(x))
+        return x
+
+
+# the six orders of (R, G, B); the built-in palette (red, green, blue, yellow, magenta, cyan) maps onto itself
+_CHANNEL_ORDERS = torch.tensor(list(itertools.permutations(range(3))))
 
 
 def _heldout(cfg: TrainDVAEConfig, image_size: int):
@@ -223,7 +250,8 @@ def _train(config: TrainDVAEConfig) -> Path:
         if not ckpt_path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         ckpt = load_checkpoint(ckpt_path)
-        saved = TrainDVAEConfig(**ckpt["train_config"])
+        # a checkpoint written before the warm start and channel shuffle existed trained without them
+        saved = TrainDVAEConfig(**{"kmeans_warmup_steps": 0, "channel_shuffle": "off", **ckpt["train_config"]})
         # The schedules and data of the run being resumed win; only the length and bookkeeping may change.
         keep = {"steps", "stop_at", "resume", "progress", "device", "threads", "workers", "log_every",
                 "sample_every", "ckpt_every", "run"}
@@ -245,6 +273,16 @@ def _train(config: TrainDVAEConfig) -> Path:
         x0 = data.batch(0).to(device)
         x0 = x0.float() / 255 if x0.dtype == torch.uint8 else x0.float()
         model.encoder.init_logits_from_data(map_pixels(x0, LOGIT_LAPLACE_EPS), cfg.logit_init_std)
+    centres = None
+    if cfg.kmeans_warmup_steps:
+        if ckpt:
+            centres = ckpt["kmeans_centres"]
+        else:  # cells of the first kmeans_images training images (as the first updates see them)
+            n = -(-cfg.kmeans_images // cfg.batch_size)
+            x = torch.cat([data.batch(i) for i in range(n)])[:cfg.kmeans_images]
+            centres = kmeans_cells(x, mcfg.grid_factor, mcfg.vocab_size,
+                                   generator=torch.Generator().manual_seed(cfg.seed))
+        centres = centres.to(device)
     (run / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
     eval_images, eval_scenes = _heldout(cfg, mcfg.image_size)
@@ -253,7 +291,8 @@ def _train(config: TrainDVAEConfig) -> Path:
 
     def save_checkpoint(step):
         atomic_save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                     "rng": rng_state(), "train_config": asdict(cfg), "model_config": asdict(mcfg)}, ckpt_path)
+                     "rng": rng_state(), "train_config": asdict(cfg), "model_config": asdict(mcfg),
+                     "kmeans_centres": None if centres is None else centres.cpu()}, ckpt_path)
 
     try:
         from tqdm import tqdm
@@ -264,13 +303,20 @@ def _train(config: TrainDVAEConfig) -> Path:
     model.train()
     t0 = time.time()
     for step in bar:
-        s = schedules(cfg, step)
+        warm = step < cfg.kmeans_warmup_steps
+        elbo_step = step - cfg.kmeans_warmup_steps
+        # the warm start runs both halves at the peak step size; the schedules start after it
+        s = {"beta": "", "tau": "", "lr": cfg.lr} if warm else schedules(cfg, elbo_step)
         for group in opt.param_groups:
-            group["lr"] = s["lr"] * group["lr_mult"]
+            group["lr"] = s["lr"] * (1.0 if warm else group["lr_mult"])
         x = data.batch(step).to(device, non_blocking=True)
         with autocast_context(device, cfg.precision):
-            loss, stats = model.loss(x, tau=s["tau"], beta=s["beta"], hard=cfg.straight_through,
-                                     fixed_ln_b=step < cfg.fixed_ln_b_steps)
+            if warm:
+                loss, stats = model.warmup_loss(x, centres, fixed_ln_b=cfg.fixed_ln_b_steps > 0)
+                stats["kl"] = torch.zeros(())
+            else:
+                loss, stats = model.loss(x, tau=s["tau"], beta=s["beta"], hard=cfg.straight_through,
+                                         fixed_ln_b=elbo_step < cfg.fixed_ln_b_steps)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite dVAE loss {loss.item()} at step {step}")
         opt.zero_grad(set_to_none=True)
@@ -283,11 +329,12 @@ def _train(config: TrainDVAEConfig) -> Path:
             n = min(16, len(eval_images))
             save_grid(torch.cat([eval_images[:n].float() / 255, recon[:n]]), run / f"recon_{done:06d}.png", nrow=n)
         if done % cfg.log_every == 0 or done == end or ev["heldout_mae"] != "":
-            row = {"loss": loss.item(), "nll": stats["nll"].item(), "kl": stats["kl"].item(), **s,
-                   "wall_s": time.time() - t0, **ev}
+            row = {"loss": loss.item(), "nll": stats["nll"].item(), "kl": stats["kl"].item(),
+                   "warmup_ce": stats["ce"].item() if warm else "", **s, "wall_s": time.time() - t0, **ev}
             logger.log(done, **row)
             if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{row['loss']:.4f}", kl=f"{row['kl']:.4f}", tau=f"{s['tau']:.3f}")
+                bar.set_postfix(loss=f"{row['loss']:.4f}", **({"ce": f"{row['warmup_ce']:.3f}"} if warm else
+                                                             {"kl": f"{row['kl']:.4f}", "tau": f"{s['tau']:.3f}"}))
         if done % cfg.ckpt_every == 0 or done == end:
             save_checkpoint(done)
     logger.close()
@@ -316,7 +363,8 @@ def parse_args(argv=None) -> TrainDVAEConfig:
             else:
                 p.add_argument(flag, dest=f.name, action="store_true")
             continue
-        typ = {"run": str, "preset": str, "data": str, "device": str, "precision": str}.get(f.name)
+        typ = {"run": str, "preset": str, "data": str, "device": str, "precision": str,
+               "channel_shuffle": str}.get(f.name)
         if typ is None:
             typ = float if f.name in ("lr", "lr_end", "beta", "tau_start", "tau_end", "weight_decay",
                                       "logit_init_std", "encoder_lr") else int
