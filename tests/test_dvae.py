@@ -158,14 +158,15 @@ def test_tiny_dvae_loss_falls(tmp_path):
     assert (tmp_path / "eval.json").is_file()
 
 
-def test_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("stop", [6, 10])  # 16 steps, the first 8 the k-means warm start: stop inside and after it
+def test_resume_equals_uninterrupted(tmp_path, stop):
     small = dict(image_size=16, n_hid=8, n_init=8, vocab_size=16)
     a, b = tmp_path / "a", tmp_path / "b"
     # 96 images, batch 8: 12 steps per epoch; 16 steps cross an epoch boundary (new permutation)
     train_dvae(_cfg(a, steps=16, num_images=96, **small))
     main(["--run", str(b), "--steps", "16", "--num-images", "96", "--eval-images", "8", "--batch-size", "8",
           "--lr", "0.003", "--log-every", "1", "--sample-every", "4", "--ckpt-every", "4", "--no-progress",
-          "--stop-at", "6", "--threads", "1", "--image-size", "16", "--n-hid", "8", "--n-init", "8", "--vocab-size", "16"])
+          "--stop-at", str(stop), "--threads", "1", "--image-size", "16", "--n-hid", "8", "--n-init", "8", "--vocab-size", "16"])
     assert not (b / "dvae.pt").exists() and (b / "checkpoint.pt").exists()
     train_dvae(_cfg(b, steps=16, num_images=96, resume=True, **small))
     sa, sb = DVAE.load(a / "dvae.pt").state_dict(), DVAE.load(b / "dvae.pt").state_dict()

@@ -9,6 +9,10 @@ of the logit-Laplace likelihood). The grid factor is ``2**(group_count - 1)``: 8
 Training loss (``DVAE.loss``): Gumbel-softmax relaxation at temperature ``tau``, logit-Laplace NLL from
 ``dalle_kernels.logit_laplace_loss`` (the fused op), KL of the code posterior to the uniform prior weighted by
 ``beta``; the total is divided by ``H * W * 3`` per image.
+
+k-means warm start (``kmeans_cells``, ``DVAE.warmup_loss``; the tiny preset's first updates): each cell's target
+code is the nearest k-means centre of its pixels, learnt by the encoder with cross-entropy while the decoder learns
+to draw the images from the target codes.
 """
 from __future__ import annotations
 

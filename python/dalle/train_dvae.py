@@ -5,9 +5,12 @@ Writes into the run folder: ``checkpoint.pt`` (model, optimizer, step, RNG state
 (and TensorBoard scalars when installed), ``recon_XXXXXX.png`` grids (held-out images above their
 reconstructions) and ``eval.json`` (held-out per-pixel mean absolute error of ``decode(encode(x))``).
 
-The batch at step ``s`` is a pure function of ``(seed, s)`` (a per-epoch permutation), and the Gumbel noise
-comes from the global torch RNG saved in the checkpoint, so ``--resume`` continues exactly as an
-uninterrupted run would.
+The first ``--kmeans-warmup-steps`` updates (tiny preset: half of them) are the k-means warm start
+(``DVAE.warmup_loss``; the centres are kept in the checkpoint), the rest the ELBO with its schedules.
+
+The batch at step ``s`` is a pure function of ``(seed, s)`` (a per-epoch permutation; the channel order
+too), and the Gumbel noise comes from the global torch RNG saved in the checkpoint, so ``--resume``
+continues exactly as an uninterrupted run would.
 """
 from __future__ import annotations
 
