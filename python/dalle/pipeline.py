@@ -58,7 +58,7 @@ def main(argv=None):
     p.add_argument("--dvae-steps", type=int, default=1200)
     p.add_argument("--dvae-images", type=int, default=20000)
     p.add_argument("--dvae-eval-images", type=int, default=256)
-    p.add_argument("--steps", type=int, default=5000, help="transformer updates")
+    p.add_argument("--steps", type=int, default=6500, help="transformer updates")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -102,7 +102,7 @@ def main(argv=None):
     t0 = time.time()
     print(f"[2/3] transformer: {a.steps} steps ({a.preset}) -> {run / 'dalle.pt'}")
     cfg = TrainConfig(run=str(run), dvae=str(dvae_path), preset=a.preset, steps=a.steps, batch_size=a.batch_size,
-                      lr=a.lr, warmup=a.warmup, plateau_window=50, plateau_patience=3,
+                      lr=a.lr, warmup=a.warmup, plateau_window=250, plateau_patience=2,
                       dataset_size=a.dataset_size, text_len=a.text_len, seed=a.seed, device=a.device,
                       attn_backend=a.attn_backend, ckpt_every=max(50, a.steps // 10), log_every=10,
                       progress=a.progress)
