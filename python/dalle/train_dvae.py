@@ -53,9 +53,9 @@ class TrainDVAEConfig:
     batch_size: int = 32
     lr: float | None = None  # peak step size; preset default (paper 1e-4, tiny 6e-3)
     lr_end: float | None = None  # paper 1.25e-6; tiny lr / 100
-    lr_steps: int | None = None  # paper 1.2M; tiny: steps
-    beta: float | None = None  # final KL weight; paper 6.6, tiny 0.1
-    beta_steps: int | None = None  # paper 5000; tiny: steps / 4
+    lr_steps: int | None = None  # paper 1.2M; tiny: the ELBO updates (steps - kmeans_warmup_steps)
+    beta: float | None = None  # final KL weight; paper 6.6, tiny 0
+    beta_steps: int | None = None  # paper 5000; tiny: a quarter of the ELBO updates
     tau_start: float = 1.0
     straight_through: bool = False  # decoder sees the hard one-hot (gradient of the relaxed one)
     logit_init_std: float | None = None  # data-dependent init of the logit layer (Encoder.init_logits_from_data);
@@ -68,7 +68,7 @@ class TrainDVAEConfig:
     channel_shuffle: str = "auto"  # random RGB channel order per training image: on | off | auto (on for the
     #                                built-in shapes, whose palette it maps onto itself; off for real data)
     tau_end: float = 1.0 / 16
-    tau_steps: int | None = None  # paper 150000; tiny: steps
+    tau_steps: int | None = None  # paper 150000; tiny: the ELBO updates
     weight_decay: float = 1e-4
     seed: int = 0
     device: str = "auto"
