@@ -296,22 +296,27 @@ class DVAE(nn.Module):
         x = self._check_images(images).to(self.encoder.net[0].weight.device)
         logits = self.logits(x)
         z = F.gumbel_softmax(logits, tau=tau, hard=hard, dim=1)
-        params = self.decoder(z.to(logits.dtype))
-        if fixed_ln_b:
-            params = torch.cat([params[:, :3], torch.zeros_like(params[:, 3:])], dim=1)
-        nll = logit_laplace_loss(params, x, reduction="mean", eps=LOGIT_LAPLACE_EPS, backend=backend)
+        nll = self._nll(self.decoder(z.to(logits.dtype)), x, backend, fixed_ln_b)
         log_q = F.log_softmax(logits, dim=1)
         kl_per_image = (log_q.exp() * (log_q + math.log(self.cfg.vocab_size))).sum(dim=(1, 2, 3))
         kl = kl_per_image.mean() / (x.shape[1] * x.shape[2] * x.shape[3])
         loss = nll + beta * kl
         return loss, {"nll": nll.detach(), "kl": kl.detach()}
 
+    @staticmethod
+    def _nll(params, x, backend, fixed_ln_b):
+        """Mean logit-Laplace NLL of ``x`` under the decoder output ``params``; ``ln b = 0`` when ``fixed_ln_b``."""
+        if fixed_ln_b:
+            params = torch.cat([params[:, :3], torch.zeros_like(params[:, 3:])], dim=1)
+        return logit_laplace_loss(params, x, reduction="mean", eps=LOGIT_LAPLACE_EPS, backend=backend)
+
     def warmup_loss(self, images, centres: torch.Tensor, backend: str = "auto", fixed_ln_b: bool = True):
         """k-means warm start (the tiny preset's first updates, before the ELBO): each cell's target code is
         its nearest pixel-space k-means centre (``kmeans_cells``); the encoder learns it by cross-entropy of
         its logits and the decoder learns to draw the image from the target codes (the logit-Laplace NLL of
         ``loss``, hard one-hot input). Both terms start the autoencoder on codes that tell apart every cell
-        pattern, including sub-cell edges that the relaxation alone takes thousands of updates to find.
+        pattern, including sub-cell edges, which the relaxation alone did not find in 1200 updates
+        (docs/dvae/NOTES.md).
 
         Returns ``(ce + nll, {"ce", "nll"})`` (detached stats; ``nll`` normalised as in ``loss``)."""
         x = self._check_images(images).to(self.encoder.net[0].weight.device)
@@ -319,10 +324,7 @@ class DVAE(nn.Module):
             raise ValueError(f"centres must have shape ({self.cfg.vocab_size}, C*f*f), got {tuple(centres.shape)}")
         target = assign_cells(x, centres, self.cfg.grid_factor)
         ce = F.cross_entropy(self.logits(x), target)
-        params = self.decoder(target)
-        if fixed_ln_b:
-            params = torch.cat([params[:, :3], torch.zeros_like(params[:, 3:])], dim=1)
-        nll = logit_laplace_loss(params, x, reduction="mean", eps=LOGIT_LAPLACE_EPS, backend=backend)
+        nll = self._nll(self.decoder(target), x, backend, fixed_ln_b)
         return ce + nll, {"ce": ce.detach(), "nll": nll.detach()}
 
     @staticmethod
