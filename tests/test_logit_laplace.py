@@ -10,6 +10,7 @@ import torch
 
 import dalle_kernels
 from dalle_kernels import _dispatch, logit_laplace_loss, logit_laplace_loss_ref, map_pixels, unmap_pixels
+from dalle_kernels._bench import peak_memory_mb
 
 REDUCTIONS = ("mean", "sum", "none")
 # (loss rtol, loss atol, grad rtol, grad atol relative to the largest |gradient|)
@@ -314,11 +315,6 @@ def test_peak_memory_is_the_gradient(cuda_only, backend):
     """Forward + backward allocate the gradient and nothing else full-size (it becomes params.grad)."""
     params, target = make_inputs((8, 256, 256), torch.bfloat16, "cuda", "uint8")
     params.requires_grad_()
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    logit_laplace_loss(params, target, backend=backend).backward()
-    torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - base
+    extra = peak_memory_mb(lambda: logit_laplace_loss(params, target, backend=backend).backward(), "cuda") * 2**20
     grad_bytes = params.numel() * params.element_size()
     assert extra <= grad_bytes + 2**20, f"peak extra {extra} bytes, gradient {grad_bytes}"
