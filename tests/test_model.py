@@ -226,3 +226,71 @@ def test_gpu_fp16_training_step_with_block_grad_scaling(cuda_only):
         first = first if first is not None else loss.item()
     assert loss.item() < first
     assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+def test_code_embedding_matches_float64_reference():
+    """``code_features > 0``: input vectors and image logits come from one MLP each over the fixed features."""
+    torch.manual_seed(7)
+    cfg = micro(code_features=5)
+    m = DALLE(cfg)
+    with torch.no_grad():  # weights large enough that the MLPs are far from linear
+        for e in (m.image_emb, m.image_out):
+            for p in e.parameters():
+                p.normal_(0, 0.5)
+    feats = torch.randn(cfg.image_vocab, 5, dtype=torch.float64)
+    m.set_code_features(feats.float())
+
+    def mlp(e):  # float64 reference from the float32 weights
+        w1, b1, w2, b2 = (p.detach().double() for p in (e.fc.weight, e.fc.bias, e.out.weight, e.out.bias))
+        return F.gelu(feats @ w1.t() + b1) @ w2.t() + b2
+
+    assert not hasattr(m, "image_head") and "image_emb.features" in dict(m.named_buffers())
+    text, image = tokens(cfg, 3)
+    x = m.embed(text, image)
+    pos = m.image_position_embedding().double()
+    torch.testing.assert_close(x[:, cfg.text_len:].double(), mlp(m.image_emb)[image] + pos, atol=1e-5, rtol=1e-5)
+    text_logits, image_logits = m(text, image)
+    h = m.run_blocks(m.embed(text, image)).double()
+    torch.testing.assert_close(image_logits.double(), h[:, cfg.text_len - 1: -1] @ mlp(m.image_out).t(),
+                               atol=1e-5, rtol=1e-5)
+    # every MLP gets a gradient; the features are a buffer, not trained
+    m.loss(text, image).backward()
+    for e in (m.image_emb, m.image_out):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in e.parameters())
+    assert "image_emb.features" not in dict(m.named_parameters())
+    decay = {id(p) for p in m.param_groups(0.1)[0]["params"]}
+    assert id(m.image_out.fc.weight) in decay and id(m.image_out.fc.bias) not in decay
+    # saved and loaded with the weights
+    m2 = DALLE(cfg)
+    m2.load_state_dict(m.state_dict())
+    torch.testing.assert_close(m2(text, image)[1], image_logits)
+
+
+def test_code_features_are_checked():
+    with pytest.raises(ValueError, match="code_features"):
+        micro(code_features=-1)
+    m = DALLE(micro(code_features=4))
+    with pytest.raises(ValueError, match="features"):
+        m.set_code_features(torch.zeros(m.cfg.image_vocab, 3))
+    with pytest.raises(ValueError, match="features"):
+        m.set_code_features(torch.full((m.cfg.image_vocab, 4), float("nan")))
+    with pytest.raises(ValueError, match="lookup-table"):
+        DALLE(micro()).set_code_features(torch.zeros(12, 4))
+
+
+def test_unconditional_text_is_the_empty_caption():
+    cfg = micro(text_len=5)
+    u = DALLE(cfg).unconditional_text(3)
+    assert u.shape == (3, 5) and u.dtype == torch.long
+    assert u.tolist() == [[cfg.text_vocab + i for i in range(5)]] * 3
+
+
+def test_torch_compile_runs_with_code_embedding():
+    torch.manual_seed(6)
+    cfg = micro(n_layers=2, code_features=3)
+    m = DALLE(cfg)
+    m.set_code_features(torch.randn(cfg.image_vocab, 3))
+    text, image = tokens(cfg, 2)
+    ref = m.loss(text, image)
+    out = torch.compile(m.loss, backend="inductor")(text, image)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

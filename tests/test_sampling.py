@@ -107,3 +107,49 @@ def test_gpu_kv_cache_logits_equal_full_forward(cuda_only):
     with torch.no_grad():
         _, full = m(text, image)
     assert (logits - full.float()).abs().max() < 1e-3 * full.abs().max()
+
+
+def test_kv_cache_with_code_embedding_equals_full_forward():
+    cfg = DALLEConfig.micro(code_features=6, attn_backend="torch")
+    m = sharp_model(cfg, 5)
+    m.set_code_features(torch.randn(cfg.image_vocab, 6, generator=torch.Generator().manual_seed(0)))
+    text = torch.randint(0, cfg.text_rows, (3, cfg.text_len))
+    image, logits = Sampler(m).generate(text, return_logits=True, top_k=4)
+    with torch.no_grad():
+        _, full = m(text, image)
+    assert (logits - full).abs().max() < 1e-4 * full.abs().max()
+
+
+@pytest.mark.parametrize("scale", [0.0, 2.5, -1.0])
+def test_guidance_logits_are_u_plus_s_times_c_minus_u(scale):
+    """Classifier-free guidance: the logits used equal ``u + s (c - u)`` from two full forward passes on the
+    sampled image, ``c`` with the caption and ``u`` with the empty caption (or the one given)."""
+    cfg = DALLEConfig.micro(attn_backend="torch")
+    m = sharp_model(cfg, 6)
+    text = torch.randint(0, cfg.text_rows, (3, cfg.text_len))
+    for uncond in (None, torch.randint(0, cfg.text_rows, (cfg.text_len,))):
+        image, logits = Sampler(m).generate(text, return_logits=True, guidance=scale, uncond_text=uncond,
+                                            generator=torch.Generator().manual_seed(1))
+        u_text = m.unconditional_text(3) if uncond is None else uncond.expand(3, -1)
+        with torch.no_grad():
+            _, c = m(text, image)
+            _, u = m(u_text, image)
+        ref = u + scale * (c - u)
+        assert (logits - ref).abs().max() < 1e-4 * ref.abs().max()
+    # with a prefix the guided completion keeps it
+    prefix = torch.randint(0, cfg.image_vocab, (3, cfg.grid[1]))
+    image = Sampler(m).generate(text, image_prefix=prefix, guidance=scale)
+    assert torch.equal(image[:, : cfg.grid[1]], prefix)
+
+
+def test_guidance_one_is_plain_sampling_and_bad_values_fail():
+    cfg = DALLEConfig.micro(attn_backend="torch")
+    m = sharp_model(cfg, 7)
+    text = torch.randint(0, cfg.text_rows, (2, cfg.text_len))
+    a = Sampler(m).generate(text, generator=torch.Generator().manual_seed(3), guidance=1.0)
+    b = Sampler(m).generate(text, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="guidance"):
+        Sampler(m).generate(text, guidance=float("inf"))
+    with pytest.raises(ValueError, match="uncond_text"):
+        Sampler(m).generate(text, guidance=2.0, uncond_text=m.unconditional_text(3))

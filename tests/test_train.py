@@ -149,3 +149,56 @@ def test_ddp_two_workers_match_one_process_then_powersgd(tmp_path, dvae_file):
     for rank in (0, 1):
         state = torch.load(tmp_path / "two" / f"powersgd_rank{rank}.pt", weights_only=False)
         assert state["step"] == steps and state["state"]["rank"] == 2 and state["state"]["error"]
+
+
+def test_cond_dropout_batches():
+    """A seeded share of each batch gets the empty caption; the same rows on every data-parallel worker."""
+    from dalle.train import get_batch
+
+    n, T, V = 64, 6, 50
+    data = {"text": torch.randint(0, V, (3, n, T)), "image": torch.randint(0, 9, (n, 16)), "text_vocab": V}
+    cfg = TrainConfig(run="x", batch_size=16, cond_dropout=0.25)
+    empty = torch.arange(T) + V
+    dropped = 0
+    for step in range(100):
+        text, image = get_batch(data, step, cfg)
+        is_empty = (text == empty).all(1)
+        dropped += int(is_empty.sum())
+        assert torch.equal(get_batch(data, step, cfg)[0], text)  # a pure function of the step
+        assert (text[~is_empty] < V).all()
+        halves = [get_batch(data, step, cfg, rank=r, world=2)[0] for r in range(2)]
+        assert torch.equal(torch.stack(halves, 1).flatten(0, 1), text)
+    assert abs(dropped / 1600 - 0.25) < 0.05  # binomial sd 0.011
+    off = TrainConfig(run="x", batch_size=16)
+    assert not any((get_batch(data, s, off)[0] == empty).all(1).any() for s in range(100))
+    for bad in (dict(cond_dropout=1.0), dict(cond_dropout=-0.1), dict(image_embedding="pixels")):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TrainConfig(run="x", **bad)
+
+
+def test_resume_with_code_embedding_and_cond_dropout(tmp_path, dvae_file):
+    """``--image-embedding dvae --cond-dropout``: the model gets the dVAE's code features, trains, and a run
+    stopped at its checkpoint resumes to the uninterrupted run's losses and weights."""
+    from dalle.dvae import DVAE
+    from dalle.generate import load_run
+    from dalle.train import train
+
+    def cfg(run, steps):
+        return TrainConfig(run=str(run), dvae=str(dvae_file), preset="micro", steps=steps, dataset_size=48,
+                           batch_size=8, text_len=16, bpe_vocab=64, warmup=5, plateau_window=3,
+                           plateau_patience=1, log_every=1, ckpt_every=4, attn_backend="torch", progress=False,
+                           n_sample_captions=2, cond_dropout=0.3, image_embedding="dvae")
+
+    torch.set_num_threads(1)
+    train(cfg(tmp_path / "a", 8), log=lambda *a: None)
+    train(cfg(tmp_path / "b", 4), log=lambda *a: None)
+    train(cfg(tmp_path / "b", 8), resume=True, log=lambda *a: None)
+    la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert [x[0] for x in la] == list(range(1, 9)) and la == lb
+    model, _, _ = load_run(tmp_path / "b")
+    feats = DVAE.load(dvae_file).code_features()
+    assert model.cfg.code_features == feats.shape[1]
+    torch.testing.assert_close(model.image_emb.features, feats)
+    wa = torch.load(tmp_path / "a" / "dalle.pt", weights_only=False)["model"]
+    wb = torch.load(tmp_path / "b" / "dalle.pt", weights_only=False)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

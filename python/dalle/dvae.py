@@ -351,6 +351,24 @@ class DVAE(nn.Module):
         return self.params_to_images(self.decoder(tokens))
 
     @torch.no_grad()
+    def code_features(self, batch_size: int = 256) -> torch.Tensor:
+        """``(vocab_size, C*f*f + n_init)`` float32 description of every code, each column standardised
+        over the codes: the pixels the decoder draws in the centre cell of a 5x5 grid filled with the code,
+        then the code's codebook vector (the decoder's input 1x1 conv). Used by the transformer's
+        ``CodeEmbedding`` (``dalle.model``)."""
+        f, V = self.cfg.grid_factor, self.cfg.vocab_size
+        g = 5
+        dev = self.decoder.input.weight.device
+        cells = []
+        for i in range(0, V, batch_size):
+            ids = torch.arange(i, min(V, i + batch_size), device=dev)
+            img = self.decode(ids[:, None, None].expand(-1, g, g))
+            cells.append(img[:, :, 2 * f: 3 * f, 2 * f: 3 * f].flatten(1).float())
+        book = self.decoder.input.weight.detach().flatten(1).t().float()  # (vocab, n_init)
+        feats = torch.cat([torch.cat(cells), book], dim=1)
+        return (feats - feats.mean(0)) / feats.std(0).clamp_min(1e-6)
+
+    @torch.no_grad()
     def reconstruct(self, images) -> torch.Tensor:
         return self.decode(self.encode(images))
 

@@ -37,6 +37,17 @@ def load_run(run, device="cpu"):
     return model, tok, load_dvae(dvae_path, device)
 
 
+def default_guidance(run) -> float:
+    """The guidance scale the pipeline evaluated ``run`` with (``RUN/results.json``), else 1 (off)."""
+    import json
+
+    path = Path(run) / "results.json"
+    try:
+        return float(json.loads(path.read_text())["settings"].get("guidance", 1.0))
+    except (OSError, ValueError, KeyError, TypeError):
+        return 1.0
+
+
 def scene_of(caption: str):
     """The scene a built-in-dataset caption describes, or None when the scorer cannot parse it."""
     from .data.shapes import parse_caption
@@ -54,11 +65,12 @@ def rank_by_scorer(images, scene) -> list[int]:
 
 @torch.no_grad()
 def sample_captions(model, tok, dvae, captions, n=1, rerank=1, temperature=1.0, top_k=None, top_p=None,
-                    image_prefix=None, generator=None, batch_size=64):
+                    image_prefix=None, generator=None, batch_size=64, guidance=1.0):
     """Images ``(len(captions), n, 3, S, S)`` in [0, 1] for each caption.
 
     ``rerank > 1``: draw ``n * rerank`` candidates per caption and keep the ``n`` best by the scorer.
     ``image_prefix``: ``(h_rows * W,)`` tokens shared by every sample (image-prompt completion).
+    ``guidance``: classifier-free guidance scale (``dalle.sampling.Sampler.generate``; 1 is off).
     """
     if n < 1 or rerank < 1:
         raise ValueError(f"n and rerank must be >= 1, got n={n}, rerank={rerank}")
@@ -71,7 +83,7 @@ def sample_captions(model, tok, dvae, captions, n=1, rerank=1, temperature=1.0, 
         t = text[i: i + batch_size]
         prefix = None if image_prefix is None else image_prefix.to(dev).expand(t.shape[0], -1)
         tokens.append(generate_images(model, t, image_prefix=prefix, temperature=temperature, top_k=top_k,
-                                      top_p=top_p, generator=generator))
+                                      top_p=top_p, generator=generator, guidance=guidance))
     tokens = torch.cat(tokens)
     images = torch.cat([dvae.decode(tokens[i: i + 256].view(-1, *c.grid)) for i in range(0, len(tokens), 256)])
     images = images.view(len(captions), per, *images.shape[1:]).cpu()
@@ -107,6 +119,9 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the run's own, 1 = off; needs --cond-dropout "
+                        "in training)")
     p.add_argument("--rerank", type=int, default=1, help="candidates per kept image, ranked by the scorer")
     p.add_argument("--prompt-image", default=None, help="complete this image from its first rows")
     p.add_argument("--prompt-rows", type=int, default=2, help="token rows of --prompt-image to keep")
@@ -117,8 +132,9 @@ def main(argv=None):
     model, tok, dvae = load_run(a.run, device)
     prefix = load_prompt_tokens(a.prompt_image, dvae, a.prompt_rows, model.cfg.grid) if a.prompt_image else None
     g = torch.Generator(device=device).manual_seed(a.seed)
+    guidance = a.guidance if a.guidance is not None else default_guidance(a.run)
     images = sample_captions(model, tok, dvae, a.captions, n=a.n, rerank=a.rerank, temperature=a.temperature,
-                             top_k=a.top_k, top_p=a.top_p, image_prefix=prefix, generator=g)
+                             top_k=a.top_k, top_p=a.top_p, image_prefix=prefix, generator=g, guidance=guidance)
     from .images import save_grid
 
     out = Path(a.out) if a.out else Path(a.run) / "generated.png"

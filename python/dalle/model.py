@@ -46,6 +46,7 @@ class DALLEConfig:
     mlp_ratio: int = 4
     conv_kernel: int = 11
     last_mask: str = "conv"
+    code_features: int = 0  # 0: image embeddings and head are lookup tables (the paper); > 0: see CodeEmbedding
     checkpoint: bool = False  # recompute each block in backward (activation checkpointing)
     attn_backend: str = "auto"  # dalle_kernels backend: auto | triton | cuda | torch
 
@@ -56,6 +57,8 @@ class DALLEConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"DALLEConfig.{name} must be a positive int, got {v!r}")
+        if isinstance(self.code_features, bool) or not isinstance(self.code_features, int) or self.code_features < 0:
+            raise ValueError(f"DALLEConfig.code_features must be an int >= 0, got {self.code_features!r}")
         if self.last_mask not in MASKS:
             raise ValueError(f"DALLEConfig.last_mask must be one of {MASKS}, got {self.last_mask!r}")
 
@@ -107,6 +110,32 @@ class DALLEConfig:
     def from_dict(cls, d: dict) -> "DALLEConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class CodeEmbedding(nn.Module):
+    """Image-code vectors computed from fixed per-code features by a shared MLP (``code_features > 0``).
+
+    ``features`` ``(image_vocab, code_features)`` describe each dVAE code (``dalle.train.code_features``: what
+    the dVAE's decoder draws for it and its codebook vector); the vector of code ``k`` is ``mlp(features[k])``.
+    A lookup table learns a vector only for the codes seen in training, and the softmax pushes the logits of
+    codes never seen as targets down; here every code's vector follows from what it looks like, so a code
+    seen rarely or never (a colour drawn with a shape it never had in training) gets a vector near those of
+    codes that look alike. Used twice with separate weights: as the input embedding and as the image head.
+    """
+
+    def __init__(self, vocab: int, n_features: int, d: int):
+        super().__init__()
+        self.register_buffer("features", torch.zeros(vocab, n_features))
+        self.fc = nn.Linear(n_features, 2 * d)
+        self.out = nn.Linear(2 * d, d)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """``(image_vocab, d)``: one vector per code."""
+        return self.out(F.gelu(self.fc(self.features)))
+
+    def forward(self, ids):
+        return F.embedding(ids, self.weight)
 
 
 class Attention(nn.Module):
@@ -164,13 +193,18 @@ class DALLE(nn.Module):
         d, (H, W) = cfg.d_model, cfg.grid
         self.text_emb = nn.Embedding(cfg.text_rows, d)
         self.text_pos = nn.Parameter(torch.zeros(cfg.text_len, d))
-        self.image_emb = nn.Embedding(cfg.image_vocab, d)
+        if cfg.code_features:
+            self.image_emb = CodeEmbedding(cfg.image_vocab, cfg.code_features, d)
+            self.image_out = CodeEmbedding(cfg.image_vocab, cfg.code_features, d)
+        else:
+            self.image_emb = nn.Embedding(cfg.image_vocab, d)
         self.row_emb = nn.Parameter(torch.zeros(H, d))
         self.col_emb = nn.Parameter(torch.zeros(W, d))
         self.blocks = nn.ModuleList(Block(cfg, m) for m in cfg.masks())
         self.ln_f = nn.LayerNorm(d)
         self.text_head = nn.Linear(d, cfg.text_rows, bias=False)
-        self.image_head = nn.Linear(d, cfg.image_vocab, bias=False)
+        if not cfg.code_features:
+            self.image_head = nn.Linear(d, cfg.image_vocab, bias=False)
         self.grad_scaler = None  # set by dalle.grad_scale.BlockGradScaler.attach
         self.reset_parameters()
 
@@ -188,6 +222,29 @@ class DALLE(nn.Module):
         for b in self.blocks:  # residual branches scaled down with depth (GPT-2 style)
             nn.init.normal_(b.attn.proj.weight, std=std / math.sqrt(2 * self.cfg.n_layers))
             nn.init.normal_(b.out.weight, std=std / math.sqrt(2 * self.cfg.n_layers))
+
+    def set_code_features(self, features: torch.Tensor) -> None:
+        """Fill the fixed per-code features (``code_features > 0``), ``(image_vocab, code_features)``."""
+        c = self.cfg
+        if not c.code_features:
+            raise ValueError("this model has lookup-table image embeddings (DALLEConfig.code_features == 0)")
+        if not isinstance(features, torch.Tensor) or tuple(features.shape) != (c.image_vocab, c.code_features) \
+                or not features.is_floating_point() or not torch.isfinite(features).all():
+            raise ValueError(f"features must be a finite float tensor ({c.image_vocab}, {c.code_features}), got "
+                             f"{getattr(features, 'dtype', type(features))} {tuple(getattr(features, 'shape', ()))}")
+        for m in (self.image_emb, self.image_out):
+            m.features.copy_(features)
+
+    def image_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Image-token logits ``(..., image_vocab)`` of final hidden states ``h`` ``(..., d)``."""
+        if self.cfg.code_features:
+            return h @ self.image_out.weight.to(h.dtype).t()
+        return self.image_head(h)
+
+    def unconditional_text(self, batch: int, device=None) -> torch.Tensor:
+        """``(batch, text_len)`` text of the empty caption (every slot its padding id), for guidance."""
+        c = self.cfg
+        return torch.arange(c.text_len, device=device).add_(c.text_vocab).expand(batch, -1)
 
     # -- inputs ----------------------------------------------------------------------------------------
     def check_tokens(self, text, image=None):
@@ -239,7 +296,7 @@ class DALLE(nn.Module):
         T = self.cfg.text_len
         h = self.run_blocks(self.embed(text, image))
         text_logits = self.text_head(h[:, : T - 1])
-        image_logits = self.image_head(h[:, T - 1: -1])
+        image_logits = self.image_logits(h[:, T - 1: -1])
         return text_logits, image_logits
 
     def loss(self, text, image, return_parts=False):

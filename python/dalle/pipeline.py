@@ -23,7 +23,8 @@ import torch
 from .common import pick_device
 
 
-def evaluate_split(model, tok, dvae, split, n_captions, rerank, top_k, temperature, seed, data_seed, log=print):
+def evaluate_split(model, tok, dvae, split, n_captions, rerank, top_k, temperature, seed, data_seed, guidance=1.0,
+                   log=print):
     """Scorer accuracy on ``n_captions`` captions of ``split``: single-sample and best-of-``rerank``."""
     from .data.shapes import ShapesDataset, matches
     from .generate import sample_captions
@@ -35,7 +36,7 @@ def evaluate_split(model, tok, dvae, split, n_captions, rerank, top_k, temperatu
     g = torch.Generator(device=dev).manual_seed(seed)
     t0 = time.time()
     images = sample_captions(model, tok, dvae, captions, n=rerank, temperature=temperature, top_k=top_k,
-                             generator=g)  # (C, K, 3, S, S), candidates in draw order
+                             generator=g, guidance=guidance)  # (C, K, 3, S, S), candidates in draw order
     ok = torch.tensor([[bool(matches(im, sc)) for im in cand] for cand, sc in zip(images, scenes)])
     real = torch.stack([ds[i][0] for i in range(len(ds))])
     recon = dvae.reconstruct(real.to(next(dvae.parameters()).device)).cpu()
@@ -69,6 +70,9 @@ def main(argv=None):
     p.add_argument("--rerank", type=int, default=8)
     p.add_argument("--top-k", type=int, default=16)
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--cond-dropout", type=float, default=0.0, help="share of training samples on the empty caption")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale when sampling")
+    p.add_argument("--image-embedding", default="table", choices=("table", "dvae"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--attn-backend", default="auto")
@@ -104,6 +108,7 @@ def main(argv=None):
     cfg = TrainConfig(run=str(run), dvae=str(dvae_path), preset=a.preset, steps=a.steps, batch_size=a.batch_size,
                       lr=a.lr, warmup=a.warmup, plateau_window=250, plateau_patience=2,
                       dataset_size=a.dataset_size, text_len=a.text_len, seed=a.seed, device=a.device,
+                      cond_dropout=a.cond_dropout, image_embedding=a.image_embedding,
                       attn_backend=a.attn_backend, ckpt_every=max(50, a.steps // 10), log_every=10,
                       progress=a.progress)
     train(cfg, resume=a.resume)
@@ -116,7 +121,8 @@ def main(argv=None):
     results = {}
     for split in ("train", "heldout"):
         res, captions, single, best = evaluate_split(model, tok, dvae, split, a.eval_captions, a.rerank, a.top_k,
-                                                     a.temperature, a.seed, data_seed=a.seed)
+                                                     a.temperature, a.seed, data_seed=a.seed,
+                                                     guidance=a.guidance)
         results[split] = res
         n = min(32, len(captions))
         save_grid(torch.cat([single[:n], best[:n]]), run / f"samples_{split}.png", nrow=8,

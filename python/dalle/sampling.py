@@ -110,26 +110,34 @@ class Sampler:
         cache.length = start + n
         return m.ln_f(x)
 
-    def _embed(self, text, image_prefix):
+    def _embed(self, text, image_prefix, emb_w, pos_emb):
         m = self.model
         x = m.text_emb(text) + m.text_pos
         if image_prefix is not None and image_prefix.shape[1]:
             n = image_prefix.shape[1]
-            x = torch.cat([x, m.image_emb(image_prefix) + m.image_position_embedding()[:n]], dim=1)
+            x = torch.cat([x, F.embedding(image_prefix, emb_w) + pos_emb[:n]], dim=1)
         return x
 
     @torch.no_grad()
     def generate(self, text, image_prefix=None, temperature=1.0, top_k=None, top_p=None, generator=None,
-                 return_logits=False):
+                 return_logits=False, guidance=1.0, uncond_text=None):
         """Image tokens ``(B, H*W)`` for captions ``text`` ``(B, T)``.
 
         ``image_prefix`` ``(B, n)`` (or ``(B, rows, W)``): the first ``n`` raster tokens are given (image-prompt
-        completion) and kept; the rest are sampled. ``return_logits``: also return the image logits used at
-        each sampled position, ``(B, H*W - n, image_vocab)`` in float32.
+        completion) and kept; the rest are sampled. ``guidance`` ``s != 1``: classifier-free guidance, each
+        token drawn from ``u + s * (c - u)`` where ``c`` are the logits for the caption and ``u`` those for
+        ``uncond_text`` (default: the empty caption, ``model.unconditional_text``), run in the same batch; a
+        model trained with caption dropout (``dalle.train --cond-dropout``) knows the empty caption.
+        ``return_logits``: also return the image logits used at each sampled position (after guidance),
+        ``(B, H*W - n, image_vocab)`` in float32.
         """
         m, c = self.model, self.cfg
         m.check_tokens(text)
         B, dev = text.shape[0], text.device
+        guidance = float(guidance)
+        if not math.isfinite(guidance):
+            raise ValueError(f"guidance must be a finite float, got {guidance!r}")
+        guided = guidance != 1.0
         n0 = 0
         if image_prefix is not None:
             if image_prefix.dim() == 3:
@@ -139,21 +147,39 @@ class Sampler:
                 raise ValueError(f"image_prefix must be a LongTensor ({B}, n) with n < {c.image_len}, got "
                                  f"{image_prefix.dtype} {tuple(image_prefix.shape)}")
             n0 = image_prefix.shape[1]
+        if guided:
+            if uncond_text is None:
+                uncond_text = m.unconditional_text(B, dev)
+            elif uncond_text.dim() == 1:
+                uncond_text = uncond_text.to(dev).expand(B, -1)
+            m.check_tokens(uncond_text)
+            if uncond_text.shape[0] != B:
+                raise ValueError(f"uncond_text must have {B} rows (or be one row), got {uncond_text.shape[0]}")
+            text = torch.cat([text, uncond_text.to(dev)])
+            if image_prefix is not None:
+                image_prefix = image_prefix.repeat(2, 1)
+        rows = text.shape[0]
         dtype = next(m.parameters()).dtype
-        cache = KVCache(m, B, dev, dtype)
+        cache = KVCache(m, rows, dev, dtype)
+        emb_w = m.image_emb.weight  # computed once (a CodeEmbedding derives it from its features)
+        pos_emb = m.image_position_embedding()
         out = torch.empty(B, c.image_len, dtype=torch.long, device=dev)
         if n0:
-            out[:, :n0] = image_prefix
-        h = self._run(self._embed(text, image_prefix), cache, 0)[:, -1]
+            out[:, :n0] = image_prefix[:B]
+        h = self._run(self._embed(text, image_prefix, emb_w, pos_emb), cache, 0)[:, -1]
         all_logits = []
         for k in range(n0, c.image_len):
-            logits = m.image_head(h).float()
+            logits = m.image_logits(h).float()
+            if guided:
+                cond, unc = logits[:B], logits[B:]
+                logits = unc + guidance * (cond - unc)
             if return_logits:
                 all_logits.append(logits)
             out[:, k] = sample_from_logits(logits, temperature, top_k, top_p, generator)
             if k + 1 < c.image_len:
                 pos = c.text_len + k
-                x = m.image_emb(out[:, k: k + 1]) + m.image_position_embedding()[k: k + 1]
+                tok = out[:, k: k + 1].repeat(2, 1) if guided else out[:, k: k + 1]
+                x = F.embedding(tok, emb_w) + pos_emb[k: k + 1]
                 h = self._run(x, cache, pos)[:, -1]
         if return_logits:
             return out, torch.stack(all_logits, dim=1)

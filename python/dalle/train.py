@@ -69,6 +69,8 @@ class TrainConfig:
     weight_decay: float = 4.5e-2
     clip: float = 4.0
     bpe_dropout: float = 0.1
+    cond_dropout: float = 0.0  # probability of training a sample on the empty caption (classifier-free guidance)
+    image_embedding: str = "table"  # table (the paper) | dvae: image embeddings from the dVAE's codes (CodeEmbedding)
     dropout_variants: int = 4
     seed: int = 0
     device: str = "auto"
@@ -97,6 +99,10 @@ class TrainConfig:
             raise ValueError(f"grad_scale must be auto, on or off, got {self.grad_scale!r}")
         if not self.lr > 0 or self.warmup < 0 or self.clip <= 0:
             raise ValueError("lr and clip must be > 0 and warmup >= 0")
+        if not 0.0 <= self.cond_dropout < 1.0:
+            raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout!r}")
+        if self.image_embedding not in ("table", "dvae"):
+            raise ValueError(f"image_embedding must be table or dvae, got {self.image_embedding!r}")
         if self.powersgd_rank < 0:
             raise ValueError(f"powersgd_rank must be >= 0, got {self.powersgd_rank}")
 
@@ -211,10 +217,16 @@ def get_batch(data: dict, step: int, cfg: TrainConfig, rank: int = 0, world: int
     n_var = data["text"].shape[0]
     if n_var > 1:  # one of the cached BPE-dropout encodings per sample (index 0 is the clean one)
         g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
-        var = torch.randint(1, n_var, (len(idx),), generator=g)
+        var = torch.randint(1, n_var, (cfg.batch_size,), generator=g)[rank::world]  # as one process draws
     else:
         var = torch.zeros(len(idx), dtype=torch.long)
-    return data["text"][var, idx], data["image"][idx].long()
+    text = data["text"][var, idx]
+    if cfg.cond_dropout > 0:  # the empty caption (every slot its padding id) for a seeded share of the batch
+        g = torch.Generator().manual_seed(cfg.seed * 104729 + step)
+        drop = torch.rand(cfg.batch_size, generator=g)[rank::world] < cfg.cond_dropout
+        T = text.shape[1]
+        text = torch.where(drop[:, None], torch.arange(T).add_(int(data["text_vocab"])), text)
+    return text, data["image"][idx].long()
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -223,8 +235,9 @@ def model_config(cfg: TrainConfig, data: dict) -> DALLEConfig:
     for name in ("n_layers", "n_heads", "head_dim"):
         if getattr(cfg, name):
             p[name] = getattr(cfg, name)
+    n_feat = int(data["code_features"].shape[1]) if cfg.image_embedding == "dvae" else 0
     return DALLEConfig(text_len=cfg.text_len, text_vocab=int(data["text_vocab"]), image_vocab=int(data["image_vocab"]),
-                       grid=tuple(data["grid"]), checkpoint=cfg.checkpoint_activations,
+                       grid=tuple(data["grid"]), checkpoint=cfg.checkpoint_activations, code_features=n_feat,
                        attn_backend=cfg.attn_backend, **p)
 
 
@@ -290,8 +303,12 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         dist.barrier()
         if not is_main:
             data = prepare_data(cfg, dvae, log)
+    if cfg.image_embedding == "dvae":
+        data["code_features"] = dvae.code_features().cpu()
     mcfg = model_config(cfg, data)
     model = DALLE(mcfg).to(device)
+    if mcfg.code_features:
+        model.set_code_features(data["code_features"].to(device))
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     use_scaler = cfg.grad_scale == "on" or (cfg.grad_scale == "auto" and precision == "fp16")
     scaler = BlockGradScaler(mcfg.n_layers, world_size=world).attach(model) if use_scaler else None
