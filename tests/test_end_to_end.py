@@ -4,7 +4,7 @@ import json
 from PIL import Image
 
 from dalle.data.shapes import ShapesDataset
-from dalle.generate import main as generate
+from dalle.generate import load_run, main as generate
 from dalle.pipeline import main
 
 
@@ -27,10 +27,12 @@ def test_pipeline_micro_run(tmp_path, capsys):
         assert 0.0 <= r["acc_single"] <= r["acc_best_of_2"] <= 1.0
         assert r["acc_real_images"] == 1.0  # the scorer reads the dataset's own renders
     assert summary["final_losses_last_100_steps"]["loss"] > 0
+    model, _, dvae = load_run(run)
+    assert model.cfg.code_features == dvae.code_features().shape[1]  # the pipeline's default image embedding
     # the sampling CLI on the same run: reranked grid, then image-prompt completion from a PNG
     out = tmp_path / "gen.png"
     generate(["--run", str(run), "a red circle above a blue square", "a green triangle", "-n", "2",
-              "--rerank", "2", "--top-k", "4", "--out", str(out)])
+              "--rerank", "2", "--top-k", "4", "--guidance", "1.5", "--out", str(out)])
     assert Image.open(out).size[0] > 0
     prompt = tmp_path / "prompt.png"
     Image.fromarray(ShapesDataset("train", size=1)[0][0].permute(1, 2, 0).numpy()).save(prompt)

@@ -294,3 +294,22 @@ def test_torch_compile_runs_with_code_embedding():
     ref = m.loss(text, image)
     out = torch.compile(m.loss, backend="inductor")(text, image)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_residual_dropout_only_in_training():
+    torch.manual_seed(8)
+    cfg = micro(dropout=0.3)
+    m, ref = DALLE(cfg), DALLE(micro())
+    ref.load_state_dict(m.state_dict())
+    text, image = tokens(cfg, 2)
+    m.eval(), ref.eval()
+    torch.testing.assert_close(m(text, image)[1], ref(text, image)[1])  # eval: no dropout
+    m.train()
+    torch.manual_seed(0)
+    a = m(text, image)[1]
+    torch.manual_seed(0)
+    torch.testing.assert_close(m(text, image)[1], a)  # the masks come from the global RNG
+    assert (a - ref(text, image)[1]).abs().max() > 1e-3
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="dropout"):
+            micro(dropout=bad)

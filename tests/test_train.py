@@ -171,14 +171,15 @@ def test_cond_dropout_batches():
     assert abs(dropped / 1600 - 0.25) < 0.05  # binomial sd 0.011
     off = TrainConfig(run="x", batch_size=16)
     assert not any((get_batch(data, s, off)[0] == empty).all(1).any() for s in range(100))
-    for bad in (dict(cond_dropout=1.0), dict(cond_dropout=-0.1), dict(image_embedding="pixels")):
+    for bad in (dict(cond_dropout=1.0), dict(cond_dropout=-0.1), dict(image_embedding="pixels"), dict(dropout=1.0)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             TrainConfig(run="x", **bad)
 
 
-def test_resume_with_code_embedding_and_cond_dropout(tmp_path, dvae_file):
-    """``--image-embedding dvae --cond-dropout``: the model gets the dVAE's code features, trains, and a run
-    stopped at its checkpoint resumes to the uninterrupted run's losses and weights."""
+def test_resume_with_code_embedding_and_dropouts(tmp_path, dvae_file):
+    """``--image-embedding dvae --cond-dropout --dropout``: the model gets the dVAE's code features, trains,
+    and a run stopped at its checkpoint resumes to the uninterrupted run's losses and weights (the residual
+    dropout masks come from the RNG state the checkpoint saves)."""
     from dalle.dvae import DVAE
     from dalle.generate import load_run
     from dalle.train import train
@@ -187,7 +188,7 @@ def test_resume_with_code_embedding_and_cond_dropout(tmp_path, dvae_file):
         return TrainConfig(run=str(run), dvae=str(dvae_file), preset="micro", steps=steps, dataset_size=48,
                            batch_size=8, text_len=16, bpe_vocab=64, warmup=5, plateau_window=3,
                            plateau_patience=1, log_every=1, ckpt_every=4, attn_backend="torch", progress=False,
-                           n_sample_captions=2, cond_dropout=0.3, image_embedding="dvae")
+                           n_sample_captions=2, cond_dropout=0.3, image_embedding="dvae", dropout=0.2)
 
     torch.set_num_threads(1)
     train(cfg(tmp_path / "a", 8), log=lambda *a: None)

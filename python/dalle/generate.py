@@ -4,7 +4,8 @@
     python -m dalle.generate --run runs/demo "a green triangle" -n 4 --rerank 8     # best of 8 by the scorer
     python -m dalle.generate --run runs/demo "a red square" --prompt-image img.png --prompt-rows 3
 
-Sampling uses the key/value cache of ``dalle.sampling`` (temperature, top-k, top-p). ``--rerank K`` draws
+Sampling uses the key/value cache of ``dalle.sampling`` (temperature, top-k, top-p, ``--guidance`` for
+classifier-free guidance). ``--rerank K`` draws
 ``K`` candidates per requested image and keeps those the built-in dataset's deterministic scorer accepts
 (captions it cannot parse are not reranked). ``--prompt-image`` completes an image from its first rows.
 """
@@ -35,17 +36,6 @@ def load_run(run, device="cpu"):
         if not dvae_path.is_file() and candidate.is_file():
             dvae_path = candidate
     return model, tok, load_dvae(dvae_path, device)
-
-
-def default_guidance(run) -> float:
-    """The guidance scale the pipeline evaluated ``run`` with (``RUN/results.json``), else 1 (off)."""
-    import json
-
-    path = Path(run) / "results.json"
-    try:
-        return float(json.loads(path.read_text())["settings"].get("guidance", 1.0))
-    except (OSError, ValueError, KeyError, TypeError):
-        return 1.0
 
 
 def scene_of(caption: str):
@@ -119,9 +109,8 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale (default: the run's own, 1 = off; needs --cond-dropout "
-                        "in training)")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="classifier-free guidance scale (1 = off; for a run trained with --cond-dropout)")
     p.add_argument("--rerank", type=int, default=1, help="candidates per kept image, ranked by the scorer")
     p.add_argument("--prompt-image", default=None, help="complete this image from its first rows")
     p.add_argument("--prompt-rows", type=int, default=2, help="token rows of --prompt-image to keep")
@@ -132,9 +121,8 @@ def main(argv=None):
     model, tok, dvae = load_run(a.run, device)
     prefix = load_prompt_tokens(a.prompt_image, dvae, a.prompt_rows, model.cfg.grid) if a.prompt_image else None
     g = torch.Generator(device=device).manual_seed(a.seed)
-    guidance = a.guidance if a.guidance is not None else default_guidance(a.run)
     images = sample_captions(model, tok, dvae, a.captions, n=a.n, rerank=a.rerank, temperature=a.temperature,
-                             top_k=a.top_k, top_p=a.top_p, image_prefix=prefix, generator=g, guidance=guidance)
+                             top_k=a.top_k, top_p=a.top_p, image_prefix=prefix, generator=g, guidance=a.guidance)
     from .images import save_grid
 
     out = Path(a.out) if a.out else Path(a.run) / "generated.png"

@@ -46,6 +46,7 @@ class DALLEConfig:
     mlp_ratio: int = 4
     conv_kernel: int = 11
     last_mask: str = "conv"
+    dropout: float = 0.0  # residual dropout on each attention and MLP output while training (0: none, the paper)
     code_features: int = 0  # 0: image embeddings and head are lookup tables (the paper); > 0: see CodeEmbedding
     checkpoint: bool = False  # recompute each block in backward (activation checkpointing)
     attn_backend: str = "auto"  # dalle_kernels backend: auto | triton | cuda | torch
@@ -57,6 +58,8 @@ class DALLEConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"DALLEConfig.{name} must be a positive int, got {v!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"DALLEConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if isinstance(self.code_features, bool) or not isinstance(self.code_features, int) or self.code_features < 0:
             raise ValueError(f"DALLEConfig.code_features must be an int >= 0, got {self.code_features!r}")
         if self.last_mask not in MASKS:
@@ -175,13 +178,14 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.fc = nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model)
         self.out = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model)
+        self.p = cfg.dropout
 
     def mlp(self, x):
         return self.out(F.gelu(self.fc(self.ln2(x))))
 
     def forward(self, x):
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(x)
+        x = x + F.dropout(self.attn(self.ln1(x)), self.p, self.training)
+        return x + F.dropout(self.mlp(x), self.p, self.training)
 
 
 class DALLE(nn.Module):

@@ -3,7 +3,8 @@
     python -m dalle.pipeline --run runs/demo
 
 1. trains the tiny dVAE (``RUN/dvae/``, skipped when ``RUN/dvae/dvae.pt`` exists),
-2. encodes the training images once and trains the tiny transformer (``RUN/``; ``--resume`` continues),
+2. encodes the training images once and trains the tiny transformer (``RUN/``; ``--resume`` continues), with
+   image-token vectors computed from the dVAE's codes (``--image-embedding dvae``, ``dalle.model.CodeEmbedding``),
 3. samples images for captions of the training split and for held-out colour-shape combinations never seen
    in training (zero-shot), ``--rerank`` candidates per caption,
 4. prints the deterministic scorer's accuracy on each: a single sample (averaged over all candidates) and
@@ -70,9 +71,12 @@ def main(argv=None):
     p.add_argument("--rerank", type=int, default=8)
     p.add_argument("--top-k", type=int, default=16)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--cond-dropout", type=float, default=0.0, help="share of training samples on the empty caption")
+    p.add_argument("--image-embedding", default="dvae", choices=("table", "dvae"),
+                   help="dvae: image-token vectors computed from the dVAE's codes (dalle.model.CodeEmbedding); "
+                        "table: the paper's lookup tables")
+    p.add_argument("--cond-dropout", type=float, default=0.0,
+                   help="share of training samples on the empty caption (for --guidance)")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale when sampling")
-    p.add_argument("--image-embedding", default="table", choices=("table", "dvae"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--attn-backend", default="auto")

@@ -69,6 +69,7 @@ class TrainConfig:
     weight_decay: float = 4.5e-2
     clip: float = 4.0
     bpe_dropout: float = 0.1
+    dropout: float = 0.0  # residual dropout in the transformer blocks
     cond_dropout: float = 0.0  # probability of training a sample on the empty caption (classifier-free guidance)
     image_embedding: str = "table"  # table (the paper) | dvae: image embeddings from the dVAE's codes (CodeEmbedding)
     dropout_variants: int = 4
@@ -99,6 +100,8 @@ class TrainConfig:
             raise ValueError(f"grad_scale must be auto, on or off, got {self.grad_scale!r}")
         if not self.lr > 0 or self.warmup < 0 or self.clip <= 0:
             raise ValueError("lr and clip must be > 0 and warmup >= 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not 0.0 <= self.cond_dropout < 1.0:
             raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout!r}")
         if self.image_embedding not in ("table", "dvae"):
@@ -238,6 +241,7 @@ def model_config(cfg: TrainConfig, data: dict) -> DALLEConfig:
     n_feat = int(data["code_features"].shape[1]) if cfg.image_embedding == "dvae" else 0
     return DALLEConfig(text_len=cfg.text_len, text_vocab=int(data["text_vocab"]), image_vocab=int(data["image_vocab"]),
                        grid=tuple(data["grid"]), checkpoint=cfg.checkpoint_activations, code_features=n_feat,
+                       dropout=cfg.dropout,
                        attn_backend=cfg.attn_backend, **p)
 
 
