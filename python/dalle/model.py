@@ -118,8 +118,8 @@ class DALLEConfig:
 class CodeEmbedding(nn.Module):
     """Image-code vectors computed from fixed per-code features by a shared MLP (``code_features > 0``).
 
-    ``features`` ``(image_vocab, code_features)`` describe each dVAE code (``dalle.train.code_features``: what
-    the dVAE's decoder draws for it and its codebook vector); the vector of code ``k`` is ``mlp(features[k])``.
+    ``features`` ``(image_vocab, code_features)`` describe each dVAE code (``DVAE.code_features``: what the
+    dVAE's decoder draws for it and its codebook vector); the vector of code ``k`` is ``mlp(features[k])``.
     A lookup table learns a vector only for the codes seen in training, and the softmax pushes the logits of
     codes never seen as targets down; here every code's vector follows from what it looks like, so a code
     seen rarely or never (a colour drawn with a shape it never had in training) gets a vector near those of
