@@ -229,14 +229,13 @@ def test_gpu_fp16_training_step_with_block_grad_scaling(cuda_only):
 
 
 def test_code_embedding_matches_float64_reference():
-    """``code_features > 0``: input vectors and image logits come from one MLP each over the fixed features."""
+    """``code_features > 0``: input vectors and image logits come from one MLP over the fixed features."""
     torch.manual_seed(7)
     cfg = micro(code_features=5)
     m = DALLE(cfg)
-    with torch.no_grad():  # weights large enough that the MLPs are far from linear
-        for e in (m.image_emb, m.image_out):
-            for p in e.parameters():
-                p.normal_(0, 0.5)
+    with torch.no_grad():  # weights large enough that the MLP is far from linear
+        for p in m.image_emb.parameters():
+            p.normal_(0, 0.5)
     feats = torch.randn(cfg.image_vocab, 5, dtype=torch.float64)
     m.set_code_features(feats.float())
 
@@ -251,15 +250,14 @@ def test_code_embedding_matches_float64_reference():
     torch.testing.assert_close(x[:, cfg.text_len:].double(), mlp(m.image_emb)[image] + pos, atol=1e-5, rtol=1e-5)
     text_logits, image_logits = m(text, image)
     h = m.run_blocks(m.embed(text, image)).double()
-    torch.testing.assert_close(image_logits.double(), h[:, cfg.text_len - 1: -1] @ mlp(m.image_out).t(),
+    torch.testing.assert_close(image_logits.double(), h[:, cfg.text_len - 1: -1] @ mlp(m.image_emb).t(),
                                atol=1e-5, rtol=1e-5)
-    # every MLP gets a gradient; the features are a buffer, not trained
+    # the MLP gets gradients from both uses; the features are a buffer, not trained
     m.loss(text, image).backward()
-    for e in (m.image_emb, m.image_out):
-        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in e.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.image_emb.parameters())
     assert "image_emb.features" not in dict(m.named_parameters())
     decay = {id(p) for p in m.param_groups(0.1)[0]["params"]}
-    assert id(m.image_out.fc.weight) in decay and id(m.image_out.fc.bias) not in decay
+    assert id(m.image_emb.fc.weight) in decay and id(m.image_emb.fc.bias) not in decay
     # saved and loaded with the weights
     m2 = DALLE(cfg)
     m2.load_state_dict(m.state_dict())

@@ -47,7 +47,7 @@ class DALLEConfig:
     conv_kernel: int = 11
     last_mask: str = "conv"
     dropout: float = 0.0  # residual dropout on each attention and MLP output while training (0: none, the paper)
-    code_features: int = 0  # 0: image embeddings and head are lookup tables (the paper); > 0: see CodeEmbedding
+    code_features: int = 0  # 0: image embedding and head are lookup tables (the paper); > 0: see CodeEmbedding
     checkpoint: bool = False  # recompute each block in backward (activation checkpointing)
     attn_backend: str = "auto"  # dalle_kernels backend: auto | triton | cuda | torch
 
@@ -123,7 +123,8 @@ class CodeEmbedding(nn.Module):
     A lookup table learns a vector only for the codes seen in training, and the softmax pushes the logits of
     codes never seen as targets down; here every code's vector follows from what it looks like, so a code
     seen rarely or never (a colour drawn with a shape it never had in training) gets a vector near those of
-    codes that look alike. Used twice with separate weights: as the input embedding and as the image head.
+    codes that look alike. One module is both the input embedding and the image head (tied weights: logits
+    are ``h @ weight.T``); separate ones for the two scored lower (docs/dvae/NOTES.md).
     """
 
     def __init__(self, vocab: int, n_features: int, d: int):
@@ -197,9 +198,8 @@ class DALLE(nn.Module):
         d, (H, W) = cfg.d_model, cfg.grid
         self.text_emb = nn.Embedding(cfg.text_rows, d)
         self.text_pos = nn.Parameter(torch.zeros(cfg.text_len, d))
-        if cfg.code_features:
+        if cfg.code_features:  # one module: input embedding and image head
             self.image_emb = CodeEmbedding(cfg.image_vocab, cfg.code_features, d)
-            self.image_out = CodeEmbedding(cfg.image_vocab, cfg.code_features, d)
         else:
             self.image_emb = nn.Embedding(cfg.image_vocab, d)
         self.row_emb = nn.Parameter(torch.zeros(H, d))
@@ -236,13 +236,12 @@ class DALLE(nn.Module):
                 or not features.is_floating_point() or not torch.isfinite(features).all():
             raise ValueError(f"features must be a finite float tensor ({c.image_vocab}, {c.code_features}), got "
                              f"{getattr(features, 'dtype', type(features))} {tuple(getattr(features, 'shape', ()))}")
-        for m in (self.image_emb, self.image_out):
-            m.features.copy_(features)
+        self.image_emb.features.copy_(features)
 
     def image_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Image-token logits ``(..., image_vocab)`` of final hidden states ``h`` ``(..., d)``."""
         if self.cfg.code_features:
-            return h @ self.image_out.weight.to(h.dtype).t()
+            return h @ self.image_emb.weight.to(h.dtype).t()
         return self.image_head(h)
 
     def unconditional_text(self, batch: int, device=None) -> torch.Tensor:

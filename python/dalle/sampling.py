@@ -163,7 +163,7 @@ class Sampler:
         cache = KVCache(m, rows, dev, dtype)
         # computed once: a CodeEmbedding derives its vectors from the code features on every access
         emb_w = m.image_emb.weight
-        head_w = m.image_out.weight if c.code_features else m.image_head.weight
+        head_w = emb_w if c.code_features else m.image_head.weight
         pos_emb = m.image_position_embedding()
         out = torch.empty(B, c.image_len, dtype=torch.long, device=dev)
         if n0:

@@ -286,7 +286,7 @@ def _powersgd(ddp, objective: nn.Module, rank: int, start_iter: int):
     except ImportError as exc:
         raise RuntimeError("--powersgd-rank needs dalle_kernels.powersgd (PowerSGDState, powersgd_hook), "
                            f"which this installation does not have ({exc})") from None
-    heads = ("model.text_head.", "model.image_head.", "model.image_out.")  # output layers, CodeEmbedding's too
+    heads = ("model.text_head.", "model.image_head.", "model.image_emb.")  # output layers (CodeEmbedding is one)
     exclude = uncompressed_parameter_names(objective) | {n for n, _ in objective.named_parameters()
                                                           if n.startswith(heads)}
     state = PowerSGDState(objective, rank=rank, start_iter=start_iter, exclude=exclude)
