@@ -238,11 +238,15 @@ class DALLE(nn.Module):
                              f"{getattr(features, 'dtype', type(features))} {tuple(getattr(features, 'shape', ()))}")
         self.image_emb.features.copy_(features)
 
-    def image_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Image-token logits ``(..., image_vocab)`` of final hidden states ``h`` ``(..., d)``."""
-        if self.cfg.code_features:
-            return h @ self.image_emb.weight.to(h.dtype).t()
-        return self.image_head(h)
+    def image_head_weight(self) -> torch.Tensor:
+        """``(image_vocab, d)`` output vectors of the image codes: the head's, or CodeEmbedding's (tied)."""
+        return self.image_emb.weight if self.cfg.code_features else self.image_head.weight
+
+    def image_logits(self, h: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Image-token logits ``(..., image_vocab)`` of final hidden states ``h`` ``(..., d)``; ``weight``: a
+        precomputed ``image_head_weight()`` (a CodeEmbedding computes it on every call)."""
+        w = self.image_head_weight() if weight is None else weight
+        return h @ w.to(h.dtype).t()
 
     def unconditional_text(self, batch: int, device=None) -> torch.Tensor:
         """``(batch, text_len)`` text of the empty caption (every slot its padding id), for guidance."""

@@ -163,7 +163,7 @@ class Sampler:
         cache = KVCache(m, rows, dev, dtype)
         # computed once: a CodeEmbedding derives its vectors from the code features on every access
         emb_w = m.image_emb.weight
-        head_w = emb_w if c.code_features else m.image_head.weight
+        head_w = m.image_head_weight()
         pos_emb = m.image_position_embedding()
         out = torch.empty(B, c.image_len, dtype=torch.long, device=dev)
         if n0:
@@ -171,7 +171,7 @@ class Sampler:
         h = self._run(self._embed(text, image_prefix, emb_w, pos_emb), cache, 0)[:, -1]
         all_logits = []
         for k in range(n0, c.image_len):
-            logits = (h @ head_w.t()).float()  # = m.image_logits(h)
+            logits = m.image_logits(h, head_w).float()
             if guided:
                 cond, unc = logits[:B], logits[B:]
                 logits = unc + guidance * (cond - unc)
