@@ -250,8 +250,9 @@ class DALLE(nn.Module):
 
     def unconditional_text(self, batch: int, device=None) -> torch.Tensor:
         """``(batch, text_len)`` text of the empty caption (every slot its padding id), for guidance."""
-        c = self.cfg
-        return torch.arange(c.text_len, device=device).add_(c.text_vocab).expand(batch, -1)
+        from .tokenizer import padding_ids
+
+        return padding_ids(self.cfg.text_len, self.cfg.text_vocab, device).expand(batch, -1)
 
     # -- inputs ----------------------------------------------------------------------------------------
     def check_tokens(self, text, image=None):

@@ -18,6 +18,11 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 UNK = "[UNK]"
 
 
+def padding_ids(text_len: int, vocab_size: int, device=None) -> torch.Tensor:
+    """``(text_len,)`` int64 slot layout of the empty caption: slot ``i`` holds ``vocab_size + i``."""
+    return torch.arange(text_len, dtype=torch.long, device=device).add_(vocab_size)
+
+
 class CaptionTokenizer:
     """A trained BPE tokenizer plus the fixed-length slot layout of the transformer's text stream."""
 
@@ -74,7 +79,7 @@ class CaptionTokenizer:
         if isinstance(text_len, bool) or not isinstance(text_len, int) or text_len < 1:
             raise ValueError(f"text_len must be a positive int, got {text_len!r}")
         tok = self._tok_dropout if dropout else self._tok
-        out = torch.arange(text_len, dtype=torch.long).add_(self.vocab_size).repeat(len(captions), 1)
+        out = padding_ids(text_len, self.vocab_size).repeat(len(captions), 1)
         for row, enc in enumerate(tok.encode_batch(captions)):
             ids = enc.ids[:text_len]
             if ids:

@@ -38,6 +38,7 @@ from .common import (MetricsLogger, atomic_save, autocast_context, load_checkpoi
                      seed_everything, set_rng_state)
 from .grad_scale import BlockGradScaler
 from .model import DALLE, DALLEConfig
+from .tokenizer import padding_ids
 
 PRESETS = {
     "micro": dict(n_layers=2, n_heads=2, head_dim=16, conv_kernel=3),
@@ -227,8 +228,7 @@ def get_batch(data: dict, step: int, cfg: TrainConfig, rank: int = 0, world: int
     if cfg.cond_dropout > 0:  # the empty caption (every slot its padding id) for a seeded share of the batch
         g = torch.Generator().manual_seed(cfg.seed * 104729 + step)
         drop = torch.rand(cfg.batch_size, generator=g)[rank::world] < cfg.cond_dropout
-        T = text.shape[1]
-        text = torch.where(drop[:, None], torch.arange(T).add_(int(data["text_vocab"])), text)
+        text = torch.where(drop[:, None], padding_ids(text.shape[1], int(data["text_vocab"])), text)
     return text, data["image"][idx].long()
 
 
