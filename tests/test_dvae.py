@@ -373,18 +373,22 @@ def test_channel_shuffle_permutes_channels_per_image():
 
 
 def test_code_features_describe_each_code():
-    """``(vocab, C*f*f + n_init)``: the centre cell the decoder draws for a 5x5 grid of one code, then its
-    codebook vector, each column standardised over the codes."""
+    """Groups (C*f*f + n_init, f*f, C): the centre cell the decoder draws for a 5x5 grid of one code and its
+    codebook vector; the cell's brightest channel per pixel (form); the cell's channel sums over the summed
+    brightest channels (colour). Each column standardised over the codes."""
     torch.manual_seed(3)
     m = DVAE(_small())
     f, V = m.cfg.grid_factor, m.cfg.vocab_size
     feats = m.code_features(batch_size=7)  # several batches
-    assert feats.shape == (V, 3 * f * f + m.cfg.n_init) and feats.dtype == torch.float32
+    assert m.code_feature_groups == (3 * f * f + m.cfg.n_init, f * f, 3)
+    assert feats.shape == (V, sum(m.code_feature_groups)) and feats.dtype == torch.float32
     raw = []
     for k in range(V):
-        img = m.decode(torch.full((1, 5, 5), k, dtype=torch.long))[0].double()
-        raw.append(torch.cat([img[:, 2 * f: 3 * f, 2 * f: 3 * f].flatten(),
-                              m.decoder.input.weight[:, k, 0, 0].double()]))
+        cell = m.decode(torch.full((1, 5, 5), k, dtype=torch.long))[0].double()[:, 2 * f: 3 * f, 2 * f: 3 * f]
+        form = torch.stack([torch.stack([max(cell[c, y, x] for c in range(3)) for x in range(f)])
+                            for y in range(f)])
+        colour = torch.stack([cell[c].sum() for c in range(3)]) / max(form.sum(), 1e-3)
+        raw.append(torch.cat([cell.flatten(), m.decoder.input.weight[:, k, 0, 0].double(), form.flatten(), colour]))
     raw = torch.stack(raw)
     ref = (raw - raw.mean(0)) / raw.std(0).clamp_min(1e-6)
     torch.testing.assert_close(feats.double(), ref, atol=1e-4, rtol=1e-4)

@@ -197,8 +197,9 @@ def test_resume_with_code_embedding_and_dropouts(tmp_path, dvae_file):
     la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert [x[0] for x in la] == list(range(1, 9)) and la == lb
     model, _, _ = load_run(tmp_path / "b")
-    feats = DVAE.load(dvae_file).code_features()
-    assert model.cfg.code_features == feats.shape[1]
+    dv = DVAE.load(dvae_file)
+    feats = dv.code_features()
+    assert model.cfg.code_features == feats.shape[1] and model.cfg.code_feature_groups == dv.code_feature_groups
     torch.testing.assert_close(model.image_emb.features, feats)
     wa = torch.load(tmp_path / "a" / "dalle.pt", weights_only=False)["model"]
     wb = torch.load(tmp_path / "b" / "dalle.pt", weights_only=False)["model"]

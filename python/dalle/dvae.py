@@ -352,10 +352,12 @@ class DVAE(nn.Module):
 
     @torch.no_grad()
     def code_features(self, batch_size: int = 256) -> torch.Tensor:
-        """``(vocab_size, C*f*f + n_init)`` float32 description of every code, each column standardised
-        over the codes: the pixels the decoder draws in the centre cell of a 5x5 grid filled with the code,
-        then the code's codebook vector (the decoder's input 1x1 conv). Used by the transformer's
-        ``CodeEmbedding`` (``dalle.model``)."""
+        """``(vocab_size, sum(code_feature_groups))`` float32 description of every code, each column
+        standardised over the codes. From the pixels the decoder draws in the centre cell of a 5x5 grid filled
+        with the code: those ``C*f*f`` pixels, then the code's codebook vector (the decoder's input 1x1 conv),
+        then the cell's form without its colour (``f*f``: the brightest channel per pixel) and its colour
+        without its form (``C``: the channel sums over the summed brightest channels). Used by the
+        transformer's ``CodeEmbedding`` (``dalle.model``), one MLP per group of ``code_feature_groups``."""
         f, V = self.cfg.grid_factor, self.cfg.vocab_size
         g = 5
         dev = self.decoder.input.weight.device
@@ -363,10 +365,19 @@ class DVAE(nn.Module):
         for i in range(0, V, batch_size):
             ids = torch.arange(i, min(V, i + batch_size), device=dev)
             img = self.decode(ids[:, None, None].expand(-1, g, g))
-            cells.append(img[:, :, 2 * f: 3 * f, 2 * f: 3 * f].flatten(1).float())
+            cells.append(img[:, :, 2 * f: 3 * f, 2 * f: 3 * f].float())
+        cells = torch.cat(cells)  # (vocab, C, f, f)
         book = self.decoder.input.weight.detach().flatten(1).t().float()  # (vocab, n_init)
-        feats = torch.cat([torch.cat(cells), book], dim=1)
+        form = cells.amax(1)  # (vocab, f, f)
+        colour = cells.sum((2, 3)) / form.sum((1, 2))[:, None].clamp_min(1e-3)
+        feats = torch.cat([cells.flatten(1), book, form.flatten(1), colour], dim=1)
         return (feats - feats.mean(0)) / feats.std(0).clamp_min(1e-6)
+
+    @property
+    def code_feature_groups(self) -> tuple[int, int, int]:
+        """Column counts of ``code_features``' groups: (pixels + codebook vector, form, colour)."""
+        c, f = self.cfg.input_channels, self.cfg.grid_factor
+        return (c * f * f + self.cfg.n_init, f * f, c)
 
     @torch.no_grad()
     def reconstruct(self, images) -> torch.Tensor:

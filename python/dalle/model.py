@@ -48,6 +48,7 @@ class DALLEConfig:
     last_mask: str = "conv"
     dropout: float = 0.0  # residual dropout on each attention and MLP output while training (0: none, the paper)
     code_features: int = 0  # 0: image embedding and head are lookup tables (the paper); > 0: see CodeEmbedding
+    code_feature_groups: tuple = ()  # CodeEmbedding: column counts of feature groups, one MLP each, summed
     checkpoint: bool = False  # recompute each block in backward (activation checkpointing)
     attn_backend: str = "auto"  # dalle_kernels backend: auto | triton | cuda | torch
 
@@ -62,6 +63,12 @@ class DALLEConfig:
             raise ValueError(f"DALLEConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if isinstance(self.code_features, bool) or not isinstance(self.code_features, int) or self.code_features < 0:
             raise ValueError(f"DALLEConfig.code_features must be an int >= 0, got {self.code_features!r}")
+        groups = tuple(self.code_feature_groups)
+        if groups and (not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in groups)
+                       or sum(groups) != self.code_features):
+            raise ValueError(f"DALLEConfig.code_feature_groups must be positive ints summing to code_features="
+                             f"{self.code_features}, got {self.code_feature_groups!r}")
+        self.code_feature_groups = groups
         if self.last_mask not in MASKS:
             raise ValueError(f"DALLEConfig.last_mask must be one of {MASKS}, got {self.last_mask!r}")
 
@@ -116,27 +123,42 @@ class DALLEConfig:
 
 
 class CodeEmbedding(nn.Module):
-    """Image-code vectors computed from fixed per-code features by a shared MLP (``code_features > 0``).
+    """Image-code vectors computed from fixed per-code features by shared MLPs (``code_features > 0``).
 
     ``features`` ``(image_vocab, code_features)`` describe each dVAE code (``DVAE.code_features``: what the
-    dVAE's decoder draws for it and its codebook vector); the vector of code ``k`` is ``mlp(features[k])``.
-    A lookup table learns a vector only for the codes seen in training, and the softmax pushes the logits of
-    codes never seen as targets down; here every code's vector follows from what it looks like, so a code
-    seen rarely or never (a colour drawn with a shape it never had in training) gets a vector near those of
-    codes that look alike. One module is both the input embedding and the image head (tied weights: logits
-    are ``h @ weight.T``); separate ones for the two scored lower (docs/dvae/NOTES.md).
+    dVAE's decoder draws for it and its codebook vector, then the drawing's colour-blind form and form-blind
+    colour). A lookup table learns a vector only for the codes seen in training, and the softmax pushes the
+    logits of codes never seen as targets down; here every code's vector follows from what it looks like, so a
+    code seen rarely or never gets a vector near those of codes that look alike. One module is both the input
+    embedding and the image head (tied weights: logits are ``h @ weight.T``); separate ones for the two scored
+    lower (docs/dvae/NOTES.md).
+
+    ``groups`` splits the feature columns: each group has its own MLP (features -> 2d -> d, GELU) and a code's
+    vector is the sum. With the form and the colour as groups of their own, a logit is a sum of a form term
+    and a colour term (plus the whole-code term), so the head can favour a colour and a form separately, also
+    in a pairing it never saw. No groups: one MLP over all columns.
     """
 
-    def __init__(self, vocab: int, n_features: int, d: int):
+    def __init__(self, vocab: int, n_features: int, d: int, groups: tuple = ()):
         super().__init__()
+        groups = tuple(groups) or (n_features,)
+        if sum(groups) != n_features:
+            raise ValueError(f"groups must sum to n_features={n_features}, got {groups}")
+        self.groups = groups
         self.register_buffer("features", torch.zeros(vocab, n_features))
-        self.fc = nn.Linear(n_features, 2 * d)
+        self.fc = nn.Linear(groups[0], 2 * d)  # the first group (the only one without groups)
         self.out = nn.Linear(2 * d, d)
+        self.extra = nn.ModuleList(nn.Sequential(nn.Linear(g, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+                                   for g in groups[1:])
 
     @property
     def weight(self) -> torch.Tensor:
         """``(image_vocab, d)``: one vector per code."""
-        return self.out(F.gelu(self.fc(self.features)))
+        parts = self.features.split(self.groups, dim=1)
+        w = self.out(F.gelu(self.fc(parts[0])))
+        for mlp, x in zip(self.extra, parts[1:]):
+            w = w + mlp(x)
+        return w
 
     def forward(self, ids):
         return F.embedding(ids, self.weight)
@@ -199,7 +221,7 @@ class DALLE(nn.Module):
         self.text_emb = nn.Embedding(cfg.text_rows, d)
         self.text_pos = nn.Parameter(torch.zeros(cfg.text_len, d))
         if cfg.code_features:  # one module: input embedding and image head
-            self.image_emb = CodeEmbedding(cfg.image_vocab, cfg.code_features, d)
+            self.image_emb = CodeEmbedding(cfg.image_vocab, cfg.code_features, d, cfg.code_feature_groups)
         else:
             self.image_emb = nn.Embedding(cfg.image_vocab, d)
         self.row_emb = nn.Parameter(torch.zeros(H, d))

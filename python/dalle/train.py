@@ -238,10 +238,12 @@ def model_config(cfg: TrainConfig, data: dict) -> DALLEConfig:
     for name in ("n_layers", "n_heads", "head_dim"):
         if getattr(cfg, name):
             p[name] = getattr(cfg, name)
-    n_feat = int(data["code_features"].shape[1]) if cfg.image_embedding == "dvae" else 0
+    dvae_emb = cfg.image_embedding == "dvae"
+    n_feat = int(data["code_features"].shape[1]) if dvae_emb else 0
+    groups = tuple(data["code_feature_groups"]) if dvae_emb else ()
     return DALLEConfig(text_len=cfg.text_len, text_vocab=int(data["text_vocab"]), image_vocab=int(data["image_vocab"]),
                        grid=tuple(data["grid"]), checkpoint=cfg.checkpoint_activations, code_features=n_feat,
-                       dropout=cfg.dropout,
+                       code_feature_groups=groups, dropout=cfg.dropout,
                        attn_backend=cfg.attn_backend, **p)
 
 
@@ -311,6 +313,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
             data = prepare_data(cfg, dvae, log)
     if cfg.image_embedding == "dvae":
         data["code_features"] = dvae.code_features().cpu()
+        data["code_feature_groups"] = dvae.code_feature_groups
     mcfg = model_config(cfg, data)
     model = DALLE(mcfg).to(device)
     if mcfg.code_features:
