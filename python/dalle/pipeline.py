@@ -60,7 +60,7 @@ def main(argv=None):
     p.add_argument("--dvae-steps", type=int, default=1200)
     p.add_argument("--dvae-images", type=int, default=20000)
     p.add_argument("--dvae-eval-images", type=int, default=256)
-    p.add_argument("--steps", type=int, default=6500, help="transformer updates")
+    p.add_argument("--steps", type=int, default=4000, help="transformer updates")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
