@@ -146,7 +146,8 @@ class CodeEmbedding(nn.Module):
             raise ValueError(f"groups must sum to n_features={n_features}, got {groups}")
         self.groups = groups
         self.register_buffer("features", torch.zeros(vocab, n_features))
-        self.fc = nn.Linear(groups[0], 2 * d)  # the first group (the only one without groups)
+        # the first group keeps the names fc/out of the single-MLP module, so runs saved before groups still load
+        self.fc = nn.Linear(groups[0], 2 * d)
         self.out = nn.Linear(2 * d, d)
         self.extra = nn.ModuleList(nn.Sequential(nn.Linear(g, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
                                    for g in groups[1:])
