@@ -313,7 +313,7 @@ def save_mask_pngs(out_dir, sizes=None, names=("row", "column", "conv", "conv_cl
 def _main(argv=None):
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m dalle_kernels.masks",
+    parser = argparse.ArgumentParser(prog="python -m dalle_kernels masks",
                                      description="Draw DALL-E's attention masks as PNGs, or count kernel tiles.")
     parser.add_argument("--out", help="directory for the PNGs (SPEC.md's T=6, 4x4, 3x3 conv example and "
                                       "a T=16, 16x16 view)")

@@ -309,6 +309,26 @@ def test_mask_png(tmp_path):
     assert px(11, 2) == masks.PNG_COLORS["text"]
 
 
+def test_mask_command_line(tmp_path):
+    """``python -m dalle_kernels masks`` writes the PNGs and the tile table, with no warning from runpy."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-W", "error", "-m", "dalle_kernels", "masks", "--out", str(tmp_path),
+           "--tiles", "--block", "64", "32"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "Warning" not in res.stderr
+    assert {p.name for p in tmp_path.iterdir()} >= {f"{m}.png" for m in ("row", "column", "conv", "causal")}
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| 64 x 32 |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["row", "column", "conv", "conv_clipped"]
+    s = masks.tile_stats("column", 256, (32, 32), 11, 64, 32)
+    assert rows[1].split("|")[3].strip() == str(s["tiles"])
+    bad = subprocess.run([sys.executable, "-m", "dalle_kernels", "nosuch"], capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and "unknown command 'nosuch'" in bad.stderr
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # GPU lane: bigger shapes, bf16, the real tile configs.
 

@@ -72,7 +72,7 @@ def check_inputs(q, k, v, mask, text_len, grid, kernel, scale):
 # - no register spills on either target (the dK/dV kernel holds two fp32 accumulators: key blocks of 32);
 # - tiles stay small because they are also the sparsity granularity: 64 x 64 tiles visit 0.50 / 0.43 / 0.63 of
 #   dense causal's tiles for row / column / conv at the paper shape, 64 x 32 tiles 0.46 / 0.43 / 0.63,
-#   128 x 128 tiles 0.62 / 0.49 / 0.73 (SPEC.md; `python -m dalle_kernels.masks --tiles`).
+#   128 x 128 tiles 0.62 / 0.49 / 0.73 (SPEC.md; `python -m dalle_kernels masks --tiles`).
 # The interpreter (CPU tests at small shapes) uses 16 x 16 tiles so that a sequence of a few dozen positions
 # already spans several blocks, full and partial.
 
