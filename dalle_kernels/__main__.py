@@ -12,15 +12,15 @@ COMMANDS = {"masks": (_masks_main, "draw DALL-E's attention masks as PNGs, or co
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = [f"  {name:8s} {doc}" for name, (_, doc) in COMMANDS.items()]
-        print("usage: python -m dalle_kernels COMMAND [ARGS]\n\ncommands:\n" + "\n".join(lines))
-        if argv and argv[0] not in ("-h", "--help"):
-            print(f"\nunknown command {argv[0]!r}; expected one of {sorted(COMMANDS)}", file=sys.stderr)
-            return 2
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]][0](argv[1:])
+    lines = [f"  {name:8s} {doc}" for name, (_, doc) in COMMANDS.items()]
+    print("usage: python -m dalle_kernels COMMAND [ARGS]\n\ncommands:\n" + "\n".join(lines))
+    if argv and argv[0] in ("-h", "--help"):
         return 0
-    return COMMANDS[argv[0]][0](argv[1:])
-
+    what = f"unknown command {argv[0]!r}" if argv else "no command given"
+    print(f"\n{what}; expected one of {sorted(COMMANDS)}", file=sys.stderr)
+    return 2
 
 if __name__ == "__main__":
     sys.exit(main())
