@@ -22,5 +22,6 @@ def main(argv=None):
     print(f"\n{what}; expected one of {sorted(COMMANDS)}", file=sys.stderr)
     return 2
 
+
 if __name__ == "__main__":
     sys.exit(main())
