@@ -1,0 +1,231 @@
+"""A learned reranker: a small contrastive image-caption model, as the paper reranks DALL-E's samples with CLIP.
+
+    python -m dalle.rerank --run runs/demo        # train RUN/reranker.pt on the run's training pairs
+    python -m dalle.generate --run runs/demo "a blue circle" -n 4 --rerank 8    # best 4 of 32 by the reranker
+
+It is trained on the transformer's own training pairs (the built-in captioned shapes of the run) with the
+symmetric in-batch contrastive loss of CLIP, and scores an image against a caption by the cosine of their
+vectors:
+
+- text: the mean of the vectors of the caption's BPE ids (the run's tokenizer), then a linear map. A bag of
+  tokens: no token sees another, so an image's score is a sum of one term per caption token. A colour word
+  and a shape word then each vote for what they name, which is what lets the reranker prefer a blue circle
+  for "a blue circle" when training only ever showed blue squares and triangles (docs/dvae/NOTES.md: a text
+  side whose tokens interact, or a bag that also holds token pairs, learns the pull of "blue" towards the
+  shapes it came with and picks fewer right images for held-out colour-shape pairs);
+- image: three stride-2 convolutions (GELU) and a linear map over the whole feature map, so where things are
+  is kept (captions say "left of", "above").
+
+The bag cannot tell "a red circle left of a blue square" from "a blue circle left of a red square"; the
+transformer gets that binding right far more often than the colour-shape pairs it has not seen.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .common import atomic_save, load_checkpoint, pick_device
+
+
+@dataclass
+class RerankerConfig:
+    text_vocab: int  # BPE ids of the run's tokenizer (its padding ids are never fed)
+    image_size: int = 32
+    width: int = 128
+    channels: tuple = (32, 64, 128)
+
+    def __post_init__(self):
+        self.channels = tuple(self.channels)
+        for name in ("text_vocab", "image_size", "width"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"RerankerConfig.{name} must be a positive int, got {v!r}")
+        if not self.channels or any(isinstance(c, bool) or not isinstance(c, int) or c <= 0 for c in self.channels):
+            raise ValueError(f"RerankerConfig.channels must be positive ints, got {self.channels!r}")
+        if self.image_size % 2 ** len(self.channels):
+            raise ValueError(f"RerankerConfig.image_size must be divisible by {2 ** len(self.channels)} "
+                             f"({len(self.channels)} stride-2 convolutions), got {self.image_size}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["channels"] = list(self.channels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RerankerConfig":
+        return cls(**d)
+
+
+class Reranker(nn.Module):
+    """``score(images, ids)``: cosine of image and caption vectors; ``rank`` orders candidates by it."""
+
+    def __init__(self, cfg: RerankerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.token_emb = nn.EmbeddingBag(cfg.text_vocab, cfg.width, mode="mean")
+        self.text_proj = nn.Linear(cfg.width, cfg.width)
+        layers, c_in = [], 3
+        for c in cfg.channels:
+            layers += [nn.Conv2d(c_in, c, 4, stride=2, padding=1), nn.GELU()]
+            c_in = c
+        self.convs = nn.Sequential(*layers)
+        side = cfg.image_size // 2 ** len(cfg.channels)
+        self.image_proj = nn.Linear(c_in * side * side, cfg.width)
+        self.logit_scale = nn.Parameter(torch.tensor(2.0))  # contrastive logits are exp(this) * cosine
+
+    # -------------------------------------------------------------------------------------------- sides
+    def encode_text(self, ids) -> torch.Tensor:
+        """Unit vectors ``(N, width)`` for ``N`` captions given as lists of BPE ids."""
+        ids = [list(map(int, x)) for x in ids]
+        if not ids:
+            raise ValueError("ids must hold at least one caption")
+        for i, x in enumerate(ids):
+            if not x:
+                raise ValueError(f"ids[{i}] is empty: a caption needs at least one token to be scored")
+            bad = [t for t in x if not 0 <= t < self.cfg.text_vocab]
+            if bad:
+                raise ValueError(f"ids[{i}] holds {bad[:3]}, outside the tokenizer's [0, {self.cfg.text_vocab})")
+        dev = self.token_emb.weight.device
+        flat = torch.tensor([t for x in ids for t in x], dtype=torch.long, device=dev)
+        offsets = torch.tensor([0] + [len(x) for x in ids[:-1]], dtype=torch.long, device=dev).cumsum(0)
+        return F.normalize(self.text_proj(self.token_emb(flat, offsets)), dim=-1)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit vectors ``(N, width)`` for images ``(N, 3, S, S)``: float in [0, 1] or uint8."""
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+        S = self.cfg.image_size
+        if images.dim() != 4 or tuple(images.shape[1:]) != (3, S, S):
+            raise ValueError(f"images must be (N, 3, {S}, {S}), got {tuple(images.shape)}")
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        x = x.to(self.token_emb.weight.device)
+        return F.normalize(self.image_proj(self.convs(x).flatten(1)), dim=-1)
+
+    def score(self, images: torch.Tensor, ids) -> torch.Tensor:
+        """Cosine ``(N,)`` of image ``i`` with caption ``ids[i]``."""
+        ids = list(ids)
+        if len(ids) != images.shape[0]:
+            raise ValueError(f"got {images.shape[0]} images and {len(ids)} captions; they must pair up")
+        return (self.encode_images(images) * self.encode_text(ids)).sum(-1)
+
+    @torch.no_grad()
+    def rank(self, candidates: torch.Tensor, ids) -> list[int]:
+        """Indices of ``candidates`` ``(K, 3, S, S)`` from the best match for one caption's ids to the worst."""
+        s = self.score(candidates, [ids] * candidates.shape[0]).cpu()
+        return sorted(range(len(s)), key=lambda i: (-float(s[i]), i))
+
+    def contrastive_loss(self, images: torch.Tensor, ids) -> torch.Tensor:
+        """CLIP's loss: cross-entropy of each image over the batch's captions and of each caption over the images."""
+        logits = self.logit_scale.exp() * self.encode_images(images) @ self.encode_text(ids).T
+        target = torch.arange(logits.shape[0], device=logits.device)
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+    # ---------------------------------------------------------------------------------------------- I/O
+    def save(self, path) -> Path:
+        return atomic_save({"config": self.cfg.to_dict(), "model": self.state_dict()}, path)
+
+    @classmethod
+    def load(cls, path, map_location="cpu") -> "Reranker":
+        ck = load_checkpoint(path, map_location=map_location)
+        m = cls(RerankerConfig.from_dict(ck["config"]))
+        m.load_state_dict(ck["model"])
+        return m.eval()
+
+
+def caption_ids(tok, captions) -> list[list[int]]:
+    """The clean (no BPE dropout) ids of each caption, as the reranker reads them."""
+    return [tok.encode(c) for c in captions]
+
+
+def train_reranker(images: torch.Tensor, captions, tok, steps: int = 4000, batch_size: int = 128, lr: float = 1e-3,
+                   weight_decay: float = 0.01, noise: float = 0.05, seed: int = 0, device="cpu", progress=False,
+                   log=print, **cfg_kw) -> Reranker:
+    """Train a reranker on ``images`` (uint8 ``(N, 3, S, S)``) and their ``captions``.
+
+    Each step draws ``batch_size`` pairs (seeded) and adds Gaussian noise of std ``noise`` to the images (the
+    samples it will judge are dVAE decodes, never quite the pure colours of the data).
+    """
+    captions = list(captions)
+    if images.dim() != 4 or images.shape[0] != len(captions):
+        raise ValueError(f"images must be (N, 3, S, S) with one caption each, got {tuple(images.shape)} "
+                         f"and {len(captions)} captions")
+    if not 2 <= batch_size:
+        raise ValueError(f"batch_size must be >= 2 (in-batch negatives), got {batch_size}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    device = torch.device(device)
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the initial weights
+    model = Reranker(RerankerConfig(text_vocab=tok.vocab_size, image_size=int(images.shape[-1]), **cfg_kw)).to(device)
+    ids = caption_ids(tok, captions)
+    x_all = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, desc="reranker", dynamic_ncols=True, file=sys.stderr)
+    model.train()
+    t0, loss_sum = time.time(), 0.0
+    for step in range(steps):
+        idx = torch.randint(len(ids), (min(batch_size, len(ids)),), generator=g)
+        x = x_all[idx]
+        x = (x + noise * torch.randn(x.shape, generator=g)).clamp(0, 1).to(device)
+        loss = model.contrastive_loss(x, [ids[i] for i in idx.tolist()])
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"reranker loss is {loss.item()} at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum += loss.item()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (step + 1) % 500 == 0 or step + 1 == steps:
+            n = (step % 500) + 1
+            if bar is None:
+                log(f"reranker step {step + 1}/{steps}: loss {loss_sum / n:.3f} ({time.time() - t0:.0f} s)")
+            loss_sum = 0.0
+    if bar is not None:
+        bar.close()
+    return model.eval()
+
+
+def train_for_run(run, steps: int = 4000, seed: int = 0, device="cpu", progress=True, log=print) -> Path:
+    """Train ``RUN/reranker.pt`` on the training pairs of a transformer run (built-in captioned shapes)."""
+    from .data.shapes import ShapesDataset
+    from .generate import load_run
+
+    run = Path(run)
+    _, tok, dvae = load_run(run)
+    path = run / "dalle.pt" if (run / "dalle.pt").is_file() else run / "checkpoint.pt"
+    tcfg = load_checkpoint(path)["train_config"]
+    ds = ShapesDataset("train", size=tcfg["dataset_size"], image_size=dvae.cfg.image_size, seed=tcfg["data_seed"])
+    images = torch.stack([ds[i][0] for i in range(len(ds))])
+    model = train_reranker(images, ds.captions(), tok, steps=steps, seed=seed, device=device, progress=progress,
+                           log=log)
+    return model.save(run / "reranker.pt")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m dalle.rerank", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True, help="a transformer run (dalle.train / dalle.pipeline)")
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    a = p.parse_args(argv)
+    out = train_for_run(a.run, steps=a.steps, seed=a.seed, device=pick_device(a.device), progress=a.progress)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
