@@ -1,23 +1,27 @@
-"""End-to-end at micro size: dVAE -> transformer -> sampling -> scorer, through the pipeline's entry point."""
+"""End-to-end at micro size: dVAE -> transformer -> reranker -> sampling -> scorer, through the pipeline's entry point."""
 import json
+
+import pytest
+import torch
 
 from PIL import Image
 
 from dalle.data.shapes import ShapesDataset
-from dalle.generate import load_run, main as generate
+from dalle.generate import load_run, main as generate, sample_captions
 from dalle.pipeline import main
+from dalle.rerank import Reranker, main as rerank
 
 
 def test_pipeline_micro_run(tmp_path, capsys):
     run = tmp_path / "demo"
     summary = main(["--run", str(run), "--dvae-steps", "2", "--dvae-images", "32", "--dvae-eval-images", "8",
                     "--steps", "6", "--preset", "micro", "--dataset-size", "32", "--batch-size", "8",
-                    "--text-len", "16", "--eval-captions", "2", "--rerank", "2", "--attn-backend", "torch",
-                    "--no-progress"])
+                    "--text-len", "16", "--eval-captions", "2", "--rerank", "2", "--reranker-steps", "3",
+                    "--attn-backend", "torch", "--no-progress"])
     out = capsys.readouterr().out
     assert "held" in out and "total" in out
     for name in ("dvae/dvae.pt", "dalle.pt", "checkpoint.pt", "tokenizer.json", "metrics.csv",
-                 "samples_train.png", "samples_heldout.png", "results.json"):
+                 "reranker.pt", "samples_train.png", "samples_heldout.png", "results.json"):
         assert (run / name).is_file(), name
     saved = json.loads((run / "results.json").read_text())
     assert saved["accuracy"].keys() == {"train", "heldout"}
@@ -25,15 +29,38 @@ def test_pipeline_micro_run(tmp_path, capsys):
         r = summary["accuracy"][split]
         assert r["captions"] == 2 and r["candidates_per_caption"] == 2
         assert 0.0 <= r["acc_single"] <= r["acc_best_of_2"] <= 1.0
+        assert 0.0 <= r["acc_reranked"] <= r["acc_best_of_2"]  # the reranker picks one of the same candidates
         assert r["acc_real_images"] == 1.0  # the scorer reads the dataset's own renders
     assert summary["final_losses_last_100_steps"]["loss"] > 0
-    model, _, dvae = load_run(run)
+    model, tok, dvae = load_run(run)
     assert model.cfg.code_features == dvae.code_features().shape[1]  # the pipeline's default image embedding
+    # reranked sampling keeps the candidate the reranker scores highest among the same draws
+    reranker = Reranker.load(run / "reranker.pt")
+    caps = ["a red circle above a blue square", "a green triangle"]
+    draw = dict(temperature=1.0, top_k=4)
+    cand = sample_captions(model, tok, dvae, caps, n=3, generator=torch.Generator().manual_seed(5), **draw)
+    kept = sample_captions(model, tok, dvae, caps, n=1, rerank=3, reranker=reranker,
+                           generator=torch.Generator().manual_seed(5), **draw)
+    for c, k, cap in zip(cand, kept, caps):
+        s = reranker.score(c, [tok.encode(cap)] * 3)
+        torch.testing.assert_close(k[0], c[int(s.argmax())])
     # the sampling CLI on the same run: reranked grid, then image-prompt completion from a PNG
     out = tmp_path / "gen.png"
     generate(["--run", str(run), "a red circle above a blue square", "a green triangle", "-n", "2",
               "--rerank", "2", "--top-k", "4", "--guidance", "1.5", "--out", str(out)])
     assert Image.open(out).size[0] > 0
+    for rank_by in ("reranker", "scorer"):
+        generate(["--run", str(run), "a green triangle", "-n", "1", "--rerank", "2", "--rank-by", rank_by,
+                  "--out", str(tmp_path / f"{rank_by}.png")])
+        assert (tmp_path / f"{rank_by}.png").is_file()
+    (run / "reranker.pt").unlink()
+    with pytest.raises(SystemExit):  # asked for a reranker the run does not have
+        generate(["--run", str(run), "a green triangle", "--rerank", "2", "--rank-by", "reranker"])
+    assert "python -m dalle.rerank" in capsys.readouterr().err
+    rerank(["--run", str(run), "--steps", "2", "--no-progress"])  # the command that error names
+    assert (run / "reranker.pt").is_file()
+    generate(["--run", str(run), "a green triangle", "-n", "1", "--rerank", "2", "--rank-by", "reranker",
+              "--out", str(out)])
     prompt = tmp_path / "prompt.png"
     Image.fromarray(ShapesDataset("train", size=1)[0][0].permute(1, 2, 0).numpy()).save(prompt)
     generate(["--run", str(run), "a red square", "-n", "1", "--prompt-image", str(prompt), "--prompt-rows", "2",

@@ -1,13 +1,14 @@
 """Generate images from captions with a trained run and write a PNG grid.
 
     python -m dalle.generate --run runs/demo "a red circle above a blue square" -n 8
-    python -m dalle.generate --run runs/demo "a green triangle" -n 4 --rerank 8     # best of 8 by the scorer
+    python -m dalle.generate --run runs/demo "a green triangle" -n 4 --rerank 8     # best 4 of 32 (reranker)
     python -m dalle.generate --run runs/demo "a red square" --prompt-image img.png --prompt-rows 3
 
 Sampling uses the key/value cache of ``dalle.sampling`` (temperature, top-k, top-p, ``--guidance`` for
-classifier-free guidance). ``--rerank K`` draws
-``K`` candidates per requested image and keeps those the built-in dataset's deterministic scorer accepts
-(captions it cannot parse are not reranked). ``--prompt-image`` completes an image from its first rows.
+classifier-free guidance). ``--rerank K`` draws ``K`` candidates per requested image and keeps the best:
+by the run's learned reranker (``RUN/reranker.pt``, ``dalle.rerank``; the paper's CLIP step) when it has
+one, else (or with ``--rank-by scorer``) those the built-in dataset's deterministic scorer accepts (captions
+it cannot parse are then not reranked). ``--prompt-image`` completes an image from its first rows.
 """
 from __future__ import annotations
 
@@ -55,10 +56,11 @@ def rank_by_scorer(images, scene) -> list[int]:
 
 @torch.no_grad()
 def sample_captions(model, tok, dvae, captions, n=1, rerank=1, temperature=1.0, top_k=None, top_p=None,
-                    image_prefix=None, generator=None, batch_size=64, guidance=1.0):
+                    image_prefix=None, generator=None, batch_size=64, guidance=1.0, reranker=None):
     """Images ``(len(captions), n, 3, S, S)`` in [0, 1] for each caption.
 
-    ``rerank > 1``: draw ``n * rerank`` candidates per caption and keep the ``n`` best by the scorer.
+    ``rerank > 1``: draw ``n * rerank`` candidates per caption and keep the ``n`` best: by ``reranker``
+    (a ``dalle.rerank.Reranker``) when given, else by the built-in dataset's scorer.
     ``image_prefix``: ``(h_rows * W,)`` tokens shared by every sample (image-prompt completion).
     ``guidance``: classifier-free guidance scale (``dalle.sampling.Sampler.generate``; 1 is off).
     """
@@ -80,8 +82,11 @@ def sample_captions(model, tok, dvae, captions, n=1, rerank=1, temperature=1.0, 
     if rerank > 1:
         out = []
         for caption, cand in zip(captions, images):
-            scene = scene_of(caption)
-            order = rank_by_scorer(cand, scene) if scene is not None else list(range(per))
+            if reranker is not None:
+                order = reranker.rank(cand, tok.encode(caption))
+            else:
+                scene = scene_of(caption)
+                order = rank_by_scorer(cand, scene) if scene is not None else list(range(per))
             out.append(cand[order[:n]])
         images = torch.stack(out)
     return images
@@ -111,7 +116,9 @@ def main(argv=None):
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--guidance", type=float, default=1.0,
                    help="classifier-free guidance scale (1 = off; for a run trained with --cond-dropout)")
-    p.add_argument("--rerank", type=int, default=1, help="candidates per kept image, ranked by the scorer")
+    p.add_argument("--rerank", type=int, default=1, help="candidates per kept image (best kept, see --rank-by)")
+    p.add_argument("--rank-by", default="auto", choices=("auto", "reranker", "scorer"),
+                   help="auto: RUN/reranker.pt when the run has one, else the built-in dataset's scorer")
     p.add_argument("--prompt-image", default=None, help="complete this image from its first rows")
     p.add_argument("--prompt-rows", type=int, default=2, help="token rows of --prompt-image to keep")
     p.add_argument("--seed", type=int, default=0)
@@ -120,9 +127,18 @@ def main(argv=None):
     device = pick_device(a.device)
     model, tok, dvae = load_run(a.run, device)
     prefix = load_prompt_tokens(a.prompt_image, dvae, a.prompt_rows, model.cfg.grid) if a.prompt_image else None
+    reranker = None
+    rr_path = Path(a.run) / "reranker.pt"
+    if a.rank_by == "reranker" and not rr_path.is_file():
+        p.error(f"--rank-by reranker: {rr_path} does not exist (train it: python -m dalle.rerank --run {a.run})")
+    if a.rerank > 1 and a.rank_by != "scorer" and rr_path.is_file():
+        from .rerank import Reranker
+
+        reranker = Reranker.load(rr_path, map_location=device)
     g = torch.Generator(device=device).manual_seed(a.seed)
     images = sample_captions(model, tok, dvae, a.captions, n=a.n, rerank=a.rerank, temperature=a.temperature,
-                             top_k=a.top_k, top_p=a.top_p, image_prefix=prefix, generator=g, guidance=a.guidance)
+                             top_k=a.top_k, top_p=a.top_p, image_prefix=prefix, generator=g, guidance=a.guidance,
+                             reranker=reranker)
     from .images import save_grid
 
     out = Path(a.out) if a.out else Path(a.run) / "generated.png"

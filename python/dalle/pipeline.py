@@ -5,12 +5,16 @@
 1. trains the tiny dVAE (``RUN/dvae/``, skipped when ``RUN/dvae/dvae.pt`` exists),
 2. encodes the training images once and trains the tiny transformer (``RUN/``; ``--resume`` continues), with
    image-token vectors computed from the dVAE's codes (``--image-embedding dvae``, ``dalle.model.CodeEmbedding``),
-3. samples images for captions of the training split and for held-out colour-shape combinations never seen
+3. trains the learned reranker on the same training pairs (``RUN/reranker.pt``, ``dalle.rerank``: a small
+   contrastive image-caption model, the paper's CLIP step; reused when newer than the run's tokenizer),
+4. samples images for captions of the training split and for held-out colour-shape combinations never seen
    in training (zero-shot), ``--rerank`` candidates per caption,
-4. prints the deterministic scorer's accuracy on each: a single sample (averaged over all candidates) and
-   the best of ``--rerank`` candidates chosen by the same scorer; also the scorer on dVAE reconstructions
-   of the real images (the ceiling the transformer can reach through this dVAE),
-5. writes ``RUN/samples_train.png``, ``RUN/samples_heldout.png`` and ``RUN/results.json``.
+5. prints the deterministic scorer's accuracy on each: a single sample (averaged over all candidates), the
+   one image per caption the learned reranker picks among the ``--rerank`` candidates (the paper's protocol),
+   and the best of them by the scorer itself (a ceiling: the judge choosing); also the scorer on real images
+   and on their dVAE reconstructions (the ceiling the transformer can reach through this dVAE),
+6. writes ``RUN/samples_train.png``, ``RUN/samples_heldout.png`` (a sample per caption, then the reranker's
+   pick) and ``RUN/results.json``.
 """
 from __future__ import annotations
 
@@ -25,8 +29,12 @@ from .common import pick_device
 
 
 def evaluate_split(model, tok, dvae, split, n_captions, rerank, top_k, temperature, seed, data_seed, guidance=1.0,
-                   log=print):
-    """Scorer accuracy on ``n_captions`` captions of ``split``: single-sample and best-of-``rerank``."""
+                   reranker=None, log=print):
+    """Scorer accuracy on ``n_captions`` captions of ``split``: one sample, the reranker's pick among ``rerank``
+    candidates (when a ``reranker`` is given) and the best of them by the scorer.
+
+    Returns ``(results, captions, first samples, picks)``; the picks are the reranker's (else the scorer's).
+    """
     from .data.shapes import ShapesDataset, matches
     from .generate import sample_captions
 
@@ -46,12 +54,17 @@ def evaluate_split(model, tok, dvae, split, n_captions, rerank, top_k, temperatu
         "candidates_per_caption": rerank,
         "acc_single": ok.float().mean().item(),
         f"acc_best_of_{rerank}": ok.any(1).float().mean().item(),
+        "acc_reranked": None,
         "acc_real_images": sum(matches(im, sc) for im, sc in zip(real, scenes)) / len(ds),
         "acc_dvae_reconstructions": sum(matches(im, sc) for im, sc in zip(recon, scenes)) / len(ds),
-        "sampling_s": time.time() - t0,
     }
-    best = torch.stack([cand[(~o).long().argsort(stable=True)[0]] for cand, o in zip(images, ok)])
-    return res, captions, images[:, 0], best
+    if reranker is not None:
+        pick = torch.tensor([reranker.rank(cand, tok.encode(c))[0] for cand, c in zip(images, captions)])
+        res["acc_reranked"] = ok[torch.arange(len(captions)), pick].float().mean().item()
+    else:
+        pick = torch.stack([(~o).long().argsort(stable=True)[0] for o in ok])
+    res["sampling_s"] = time.time() - t0
+    return res, captions, images[:, 0], images[torch.arange(len(captions)), pick]
 
 
 def main(argv=None):
@@ -68,7 +81,9 @@ def main(argv=None):
     p.add_argument("--dataset-size", type=int, default=8000, help="training captions/images for the transformer")
     p.add_argument("--text-len", type=int, default=24, help="text slots (clean captions use <= 15 BPE ids; BPE dropout makes longer ones)")
     p.add_argument("--eval-captions", type=int, default=100)
-    p.add_argument("--rerank", type=int, default=8)
+    p.add_argument("--rerank", type=int, default=8, help="candidates per evaluation caption")
+    p.add_argument("--reranker-steps", type=int, default=4000,
+                   help="updates of the learned reranker (0: none; the scorer then picks the shown images)")
     p.add_argument("--top-k", type=int, default=16)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--image-embedding", default="dvae", choices=("table", "dvae"),
@@ -83,6 +98,8 @@ def main(argv=None):
     p.add_argument("--resume", action="store_true", help="continue an interrupted transformer run")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     a = p.parse_args(argv)
+    if a.reranker_steps < 0:
+        p.error(f"--reranker-steps must be >= 0, got {a.reranker_steps}")
 
     from .generate import load_run
     from .images import save_grid
@@ -98,9 +115,9 @@ def main(argv=None):
     dvae_path = run / "dvae" / "dvae.pt"
     t0 = time.time()
     if dvae_path.is_file():
-        print(f"[1/3] dVAE: reusing {dvae_path}")
+        print(f"[1/4] dVAE: reusing {dvae_path}")
     else:
-        print(f"[1/3] dVAE: training {a.dvae_steps} steps -> {dvae_path}")
+        print(f"[1/4] dVAE: training {a.dvae_steps} steps -> {dvae_path}")
         dvae_ckpt = run / "dvae" / "checkpoint.pt"
         train_dvae(TrainDVAEConfig(run=str(run / "dvae"), steps=a.dvae_steps, num_images=a.dvae_images, eval_images=a.dvae_eval_images,
                                    seed=a.seed, device=a.device, progress=a.progress,
@@ -108,7 +125,7 @@ def main(argv=None):
     times["dvae_s"] = time.time() - t0
 
     t0 = time.time()
-    print(f"[2/3] transformer: {a.steps} steps ({a.preset}) -> {run / 'dalle.pt'}")
+    print(f"[2/4] transformer: {a.steps} steps ({a.preset}) -> {run / 'dalle.pt'}")
     cfg = TrainConfig(run=str(run), dvae=str(dvae_path), preset=a.preset, steps=a.steps, batch_size=a.batch_size,
                       lr=a.lr, warmup=a.warmup, plateau_window=250, plateau_patience=2,
                       dataset_size=a.dataset_size, text_len=a.text_len, seed=a.seed, device=a.device,
@@ -119,18 +136,35 @@ def main(argv=None):
     times["transformer_s"] = time.time() - t0
 
     t0 = time.time()
-    print(f"[3/3] sampling {a.eval_captions} training and {a.eval_captions} held-out captions, "
+    reranker = None
+    rr_path = run / "reranker.pt"
+    if a.reranker_steps > 0:
+        from .rerank import Reranker, train_for_run
+
+        if rr_path.is_file() and rr_path.stat().st_mtime > (run / "tokenizer.json").stat().st_mtime:
+            print(f"[3/4] reranker: reusing {rr_path}")
+        else:
+            print(f"[3/4] reranker: {a.reranker_steps} steps on the training pairs -> {rr_path}")
+            train_for_run(run, steps=a.reranker_steps, seed=a.seed, device=device, progress=a.progress)
+        reranker = Reranker.load(rr_path, map_location=device)
+    else:
+        print("[3/4] reranker: none (--reranker-steps 0)")
+    times["reranker_s"] = time.time() - t0
+
+    t0 = time.time()
+    print(f"[4/4] sampling {a.eval_captions} training and {a.eval_captions} held-out captions, "
           f"{a.rerank} candidates each (top-k {a.top_k})")
     model, tok, dvae = load_run(run, device)
     results = {}
+    picked_by = f"reranker's pick of {a.rerank}" if reranker is not None else f"scorer's best of {a.rerank}"
     for split in ("train", "heldout"):
-        res, captions, single, best = evaluate_split(model, tok, dvae, split, a.eval_captions, a.rerank, a.top_k,
-                                                     a.temperature, a.seed, data_seed=a.seed,
-                                                     guidance=a.guidance)
+        res, captions, single, picked = evaluate_split(model, tok, dvae, split, a.eval_captions, a.rerank, a.top_k,
+                                                       a.temperature, a.seed, data_seed=a.seed,
+                                                       guidance=a.guidance, reranker=reranker)
         results[split] = res
         n = min(32, len(captions))
-        save_grid(torch.cat([single[:n], best[:n]]), run / f"samples_{split}.png", nrow=8,
-                  captions=[f"{c}" for c in captions[:n]] + [f"best of {a.rerank}: {c}" for c in captions[:n]])
+        save_grid(torch.cat([single[:n], picked[:n]]), run / f"samples_{split}.png", nrow=8,
+                  captions=[f"{c}" for c in captions[:n]] + [f"{picked_by}: {c}" for c in captions[:n]])
     times["sampling_s"] = time.time() - t0
     times["total_s"] = time.time() - t_start
 
@@ -147,12 +181,16 @@ def main(argv=None):
     print(f"transformer loss (last 100 steps): {losses['loss']:.3f} "
           f"(text {losses['loss_text']:.3f}, image {losses['loss_image']:.3f})")
     k = a.rerank
-    print(f"{'split':9s} {'single':>7s} {'best-of-' + str(k):>10s} {'real':>6s} {'dVAE recon':>11s}")
+    print(f"{'split':9s} {'single':>7s} {'reranked':>9s} {'scorer best-of-' + str(k):>18s} {'real':>6s} "
+          f"{'dVAE recon':>11s}")
     for split, r in results.items():
-        print(f"{split:9s} {r['acc_single']:7.1%} {r[f'acc_best_of_{k}']:10.1%} {r['acc_real_images']:6.1%} "
-              f"{r['acc_dvae_reconstructions']:11.1%}")
+        rr = "-" if r["acc_reranked"] is None else f"{r['acc_reranked']:.1%}"
+        print(f"{split:9s} {r['acc_single']:7.1%} {rr:>9s} {r[f'acc_best_of_{k}']:18.1%} "
+              f"{r['acc_real_images']:6.1%} {r['acc_dvae_reconstructions']:11.1%}")
+    print("(single: one sample; reranked: the image the learned reranker picks among the candidates; scorer "
+          "best-of: any candidate right, the judge choosing)")
     print(f"time: dVAE {times['dvae_s']:.0f}s, transformer {times['transformer_s']:.0f}s, "
-          f"sampling {times['sampling_s']:.0f}s, total {times['total_s']:.0f}s")
+          f"reranker {times['reranker_s']:.0f}s, sampling {times['sampling_s']:.0f}s, total {times['total_s']:.0f}s")
     print(f"wrote {run / 'samples_train.png'}, {run / 'samples_heldout.png'}, {run / 'results.json'}")
     return summary
 
