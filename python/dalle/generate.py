@@ -32,11 +32,17 @@ def load_run(run, device="cpu"):
         raise FileNotFoundError(f"no run directory {run}")
     model, ckpt = load_run_model(run, device)
     tok = CaptionTokenizer.load(run / "tokenizer.json")
+    return model, tok, load_dvae(run_dvae_path(run, ckpt), device)
+
+
+def run_dvae_path(run, ckpt) -> Path:
+    """The dVAE a run's checkpoint ``ckpt`` was trained with, also when the run folder was moved."""
+    run = Path(run)
     dvae_path = Path(ckpt.get("dvae") or run / "dvae.pt")
     for candidate in (run / "dvae.pt", run / "dvae" / "dvae.pt"):  # the run folder was moved
         if not dvae_path.is_file() and candidate.is_file():
             dvae_path = candidate
-    return model, tok, load_dvae(dvae_path, device)
+    return dvae_path
 
 
 def scene_of(caption: str):

@@ -119,7 +119,7 @@ class Reranker(nn.Module):
     @torch.no_grad()
     def rank(self, candidates: torch.Tensor, ids) -> list[int]:
         """Indices of ``candidates`` ``(K, 3, S, S)`` from the best match for one caption's ids to the worst."""
-        s = self.score(candidates, [ids] * candidates.shape[0]).cpu()
+        s = (self.encode_images(candidates) * self.encode_text([ids])).sum(-1).cpu()  # same image, same score
         return sorted(range(len(s)), key=lambda i: (-float(s[i]), i))
 
     def contrastive_loss(self, images: torch.Tensor, ids) -> torch.Tensor:
@@ -202,12 +202,15 @@ def train_reranker(images: torch.Tensor, captions, tok, steps: int = 4000, batch
 def train_for_run(run, steps: int = 4000, seed: int = 0, device="cpu", progress=True, log=print) -> Path:
     """Train ``RUN/reranker.pt`` on the training pairs of a transformer run (built-in captioned shapes)."""
     from .data.shapes import ShapesDataset
-    from .generate import load_run
+    from .generate import run_dvae_path
+    from .tokenizer import CaptionTokenizer
+    from .train import load_dvae, load_run_model
 
     run = Path(run)
-    _, tok, dvae = load_run(run)
-    path = run / "dalle.pt" if (run / "dalle.pt").is_file() else run / "checkpoint.pt"
-    tcfg = load_checkpoint(path)["train_config"]
+    _, ckpt = load_run_model(run)
+    tcfg = ckpt["train_config"]
+    tok = CaptionTokenizer.load(run / "tokenizer.json")
+    dvae = load_dvae(run_dvae_path(run, ckpt))
     ds = ShapesDataset("train", size=tcfg["dataset_size"], image_size=dvae.cfg.image_size, seed=tcfg["data_seed"])
     images = torch.stack([ds[i][0] for i in range(len(ds))])
     model = train_reranker(images, ds.captions(), tok, steps=steps, seed=seed, device=device, progress=progress,
