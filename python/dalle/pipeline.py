@@ -142,11 +142,15 @@ def main(argv=None):
         from .rerank import Reranker, train_for_run
 
         if rr_path.is_file() and rr_path.stat().st_mtime > (run / "tokenizer.json").stat().st_mtime:
-            print(f"[3/4] reranker: reusing {rr_path}")
-        else:
+            try:
+                reranker = Reranker.load(rr_path, map_location=device)
+                print(f"[3/4] reranker: reusing {rr_path}")
+            except ValueError as e:  # written by an earlier version: trained again below
+                print(f"[3/4] reranker: {e}")
+        if reranker is None:
             print(f"[3/4] reranker: {a.reranker_steps} steps on the training pairs -> {rr_path}")
             train_for_run(run, steps=a.reranker_steps, seed=a.seed, device=device, progress=a.progress)
-        reranker = Reranker.load(rr_path, map_location=device)
+            reranker = Reranker.load(rr_path, map_location=device)
     else:
         print("[3/4] reranker: none (--reranker-steps 0)")
     times["reranker_s"] = time.time() - t0
