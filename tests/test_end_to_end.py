@@ -14,10 +14,11 @@ from dalle.rerank import Reranker, main as rerank
 
 def test_pipeline_micro_run(tmp_path, capsys):
     run = tmp_path / "demo"
-    summary = main(["--run", str(run), "--dvae-steps", "2", "--dvae-images", "32", "--dvae-eval-images", "8",
-                    "--steps", "6", "--preset", "micro", "--dataset-size", "32", "--batch-size", "8",
-                    "--text-len", "16", "--eval-captions", "2", "--rerank", "2", "--reranker-steps", "3",
-                    "--attn-backend", "torch", "--no-progress"])
+    args = ["--run", str(run), "--dvae-steps", "2", "--dvae-images", "32", "--dvae-eval-images", "8",
+            "--steps", "6", "--preset", "micro", "--dataset-size", "32", "--batch-size", "8",
+            "--text-len", "16", "--eval-captions", "2", "--rerank", "2", "--reranker-steps", "3",
+            "--attn-backend", "torch", "--no-progress"]
+    summary = main(args)
     out = capsys.readouterr().out
     assert "held" in out and "total" in out
     for name in ("dvae/dvae.pt", "dalle.pt", "checkpoint.pt", "tokenizer.json", "metrics.csv",
@@ -66,3 +67,13 @@ def test_pipeline_micro_run(tmp_path, capsys):
     generate(["--run", str(run), "a red square", "-n", "1", "--prompt-image", str(prompt), "--prompt-rows", "2",
               "--out", str(tmp_path / "completed.png")])
     assert (tmp_path / "completed.png").is_file()
+    # a second call reuses a current reranker and trains again one written by an earlier version
+    main(args + ["--resume"])
+    assert "reranker: reusing" in capsys.readouterr().out
+    old = torch.load(run / "reranker.pt", weights_only=False)
+    del old["format"]  # as the single-pathway reranker saved it
+    torch.save(old, run / "reranker.pt")
+    main(args + ["--resume"])
+    out = capsys.readouterr().out
+    assert "earlier version" in out and "reranker: 3 steps on the training pairs" in out
+    Reranker.load(run / "reranker.pt")

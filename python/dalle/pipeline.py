@@ -6,7 +6,8 @@
 2. encodes the training images once and trains the tiny transformer (``RUN/``; ``--resume`` continues), with
    image-token vectors computed from the dVAE's codes (``--image-embedding dvae``, ``dalle.model.CodeEmbedding``),
 3. trains the learned reranker on the same training pairs (``RUN/reranker.pt``, ``dalle.rerank``: a small
-   contrastive image-caption model, the paper's CLIP step; reused when newer than the run's tokenizer),
+   contrastive image-caption model, the paper's CLIP step; reused when newer than the run's tokenizer and
+   written by this version),
 4. samples images for captions of the training split and for held-out colour-shape combinations never seen
    in training (zero-shot), ``--rerank`` candidates per caption,
 5. prints the deterministic scorer's accuracy on each: a single sample (averaged over all candidates), the
