@@ -164,7 +164,7 @@ class Reranker(nn.Module):
         if ck.get("format") != FORMAT:
             raise ValueError(f"{path} holds a reranker of an earlier version of dalle.rerank (format "
                              f"{ck.get('format', 1)}, this one reads {FORMAT}); train it again: "
-                             f"python -m dalle.rerank --run RUN")
+                             f"python -m dalle.rerank --run {Path(path).parent}")
         m = cls(RerankerConfig.from_dict(ck["config"]))
         m.load_state_dict(ck["model"])
         return m.eval()
