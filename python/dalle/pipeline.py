@@ -82,7 +82,7 @@ def main(argv=None):
     p.add_argument("--dataset-size", type=int, default=8000, help="training captions/images for the transformer")
     p.add_argument("--text-len", type=int, default=24, help="text slots (clean captions use <= 15 BPE ids; BPE dropout makes longer ones)")
     p.add_argument("--eval-captions", type=int, default=100)
-    p.add_argument("--rerank", type=int, default=8, help="candidates per evaluation caption")
+    p.add_argument("--rerank", type=int, default=16, help="candidates per evaluation caption")
     p.add_argument("--reranker-steps", type=int, default=4000,
                    help="updates of the learned reranker (0: none; the scorer then picks the shown images)")
     p.add_argument("--top-k", type=int, default=16)
