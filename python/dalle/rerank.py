@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .common import atomic_save, load_checkpoint, pick_device
+from .dvae import _as_unit_float
 
 
 FORMAT = 2  # of the saved file: 1 was a single RGB pathway
@@ -117,12 +118,10 @@ class Reranker(nn.Module):
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Unit vectors ``(N, 2, width)`` (colour, form) for images ``(N, 3, S, S)``: float in [0, 1] or uint8."""
-        if not isinstance(images, torch.Tensor):
-            raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+        x = _as_unit_float(images)
         S = self.cfg.image_size
-        if images.dim() != 4 or tuple(images.shape[1:]) != (3, S, S):
-            raise ValueError(f"images must be (N, 3, {S}, {S}), got {tuple(images.shape)}")
-        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        if x.dim() != 4 or tuple(x.shape[1:]) != (3, S, S):
+            raise ValueError(f"images must be (N, 3, {S}, {S}), got {tuple(x.shape)}")
         x = x.to(self.token_emb.device)
         colour = self.colour_proj(self.colour(x).mean((2, 3)))
         form = self.image_proj(self.convs(x.amax(1, keepdim=True)).flatten(1))
@@ -196,7 +195,7 @@ def train_reranker(images: torch.Tensor, captions, tok, steps: int = 4000, batch
     torch.manual_seed(seed)  # the initial weights
     model = Reranker(RerankerConfig(text_vocab=tok.vocab_size, image_size=int(images.shape[-1]), **cfg_kw)).to(device)
     ids = caption_ids(tok, captions)
-    x_all = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    x_all = _as_unit_float(images)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     bar = None
     if progress:
