@@ -1,7 +1,9 @@
 """The one place where ``backend="auto"`` is resolved.
 
-Nothing here runs at import time: the choice is made per call from the tensor's device,
+Nothing here runs at import time: the choice is made per call from the tensor's device and dtype,
 the ``TRITON_INTERPRET`` environment variable and whether the optional CUDA extension was built.
+Paths the package knows to compute wrong values for some inputs are listed here too
+(``known_wrong``), so that ``auto`` never picks one and an explicit request for one is refused.
 """
 from __future__ import annotations
 
@@ -58,13 +60,36 @@ def cuda_extension_has(op: str) -> bool:
     return mod is not None and hasattr(mod, op)
 
 
+# Operand dtypes on which the Triton interpreter's ``tl.dot`` returns wrong values (Triton 3.9: bfloat16
+# products come out as large as 1e9 where the exact values are below 10). Compiled Triton on a GPU is right.
+INTERPRETER_WRONG_DOT_DTYPES = (torch.bfloat16,)
+
+
+def known_wrong(backend: str, tensor: torch.Tensor, *, triton_dot: bool = False) -> str | None:
+    """Why ``backend`` is known to compute wrong values for inputs like ``tensor``, or None.
+
+    ``triton_dot``: the op's Triton kernels call ``tl.dot`` on operands of ``tensor``'s dtype. Every known
+    case is listed here, and ``resolve_backend`` consults only this function.
+    """
+    if (backend == "triton" and triton_dot and tensor.device.type != "cuda"
+            and tensor.dtype in INTERPRETER_WRONG_DOT_DTYPES):
+        return (f"the Triton interpreter (TRITON_INTERPRET=1, the only way Triton runs on {tensor.device} "
+                f"tensors) computes tl.dot on {tensor.dtype} operands wrongly (Triton 3.9)")
+    return None
+
+
 def resolve_backend(backend: str, tensor: torch.Tensor, *, cuda_op: str | None = None,
-                    prefer_cuda: bool = True, arg: str = "backend") -> str:
-    """Resolve ``backend`` for an op whose inputs live where ``tensor`` lives.
+                    prefer_cuda: bool = True, arg: str = "backend", triton_dot: bool = False) -> str:
+    """Resolve ``backend`` for an op whose inputs live where ``tensor`` lives and have its dtype.
 
     ``cuda_op`` names the op's entry point in the CUDA extension (None: the op has no CUDA version).
-    ``auto`` picks, for CUDA tensors, the CUDA extension when it is built and ``prefer_cuda``,
-    else Triton; for CPU tensors Triton when the interpreter is on, else the PyTorch reference.
+    ``triton_dot``: the op's Triton kernels call ``tl.dot`` on operands of ``tensor``'s dtype (see
+    ``known_wrong``). ``auto`` picks, for CUDA tensors, the CUDA extension when it is built and
+    ``prefer_cuda``, else Triton; for CPU tensors Triton when the interpreter is on, else the PyTorch
+    reference; and never a path ``known_wrong`` names for these inputs (the PyTorch reference instead).
+    Raises ValueError for an unknown ``backend``, for a backend that cannot run on ``tensor``'s device and for
+    one ``known_wrong`` names (the message says which backend to use instead); RuntimeError when an explicit
+    backend needs a missing package or the unbuilt CUDA extension.
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"{arg} must be one of {BACKENDS}, got {backend!r}")
@@ -78,7 +103,8 @@ def resolve_backend(backend: str, tensor: torch.Tensor, *, cuda_op: str | None =
             if cuda_op is not None and cuda_extension_has(cuda_op):
                 return "cuda"
             return "torch"
-        if triton_interpreter_enabled() and triton_available():
+        if (triton_interpreter_enabled() and triton_available()
+                and known_wrong("triton", tensor, triton_dot=triton_dot) is None):
             return "triton"
         return "torch"
     if backend == "triton":
@@ -88,6 +114,11 @@ def resolve_backend(backend: str, tensor: torch.Tensor, *, cuda_op: str | None =
             raise ValueError(
                 f"backend='triton' got tensors on {tensor.device}: Triton kernels need CUDA tensors, or "
                 "TRITON_INTERPRET=1 set before triton is imported to run them on the CPU interpreter")
+        reason = known_wrong("triton", tensor, triton_dot=triton_dot)
+        if reason is not None:
+            raise ValueError(f"{arg}='triton' cannot compute this op correctly for {tensor.dtype} tensors on "
+                             f"{tensor.device}: {reason}. Use {arg}='torch' (what {arg}='auto' picks here), "
+                             "float32/float16 inputs, or CUDA tensors")
         return "triton"
     if backend == "cuda":
         if cuda_op is None:

@@ -461,10 +461,11 @@ _sparse_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 @torch.compiler.assume_constant_result
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """``resolve_backend`` run eagerly even under torch.compile (it imports and reads the environment, which
-    Dynamo does not trace); its answer is a constant for a given device and environment."""
-    return resolve_backend(backend, torch.empty(0, device=device))
+    Dynamo does not trace); its answer is a constant for a given device, dtype and environment. Every kernel
+    here multiplies operands of the inputs' dtype with ``tl.dot``."""
+    return resolve_backend(backend, torch.empty(0, device=device, dtype=dtype), triton_dot=True)
 
 
 def triton_attention(q, k, v, mask, text_len, grid, kernel, scale, block_m=0, block_n=0):
@@ -483,11 +484,15 @@ def sparse_attention(q, k, v, mask="row", text_len=0, grid=(32, 32), kernel=11, 
     ``"causal"``; ``scale`` defaults to ``1 / sqrt(head_dim)``.
     ``backend``: ``"triton"`` (block-sparse kernels; CUDA tensors, or CPU under ``TRITON_INTERPRET=1``),
     ``"torch"`` (the dense-masked reference, differentiable by autograd) or ``"auto"`` (Triton for CUDA tensors
-    and in the interpreter, else torch). The Triton path is a ``torch.library`` custom op
+    and in the interpreter, else torch; bfloat16 CPU tensors always go to torch, because the interpreter's
+    ``tl.dot`` is wrong on bfloat16). The Triton path is a ``torch.library`` custom op
     (``torch.ops.dalle_kernels.sparse_attention_fwd``): ``torch.compile(fullgraph=True)`` traces it.
+
+    Raises TypeError/ValueError for inputs outside the above, and ValueError for ``backend="triton"`` where it
+    cannot run or be right (CPU tensors without the interpreter; bfloat16 CPU tensors in the interpreter).
     """
     T, H, W, scale = check_inputs(q, k, v, mask, text_len, grid, kernel, scale)
-    backend = _resolve_backend(backend, q.device)
+    backend = _resolve_backend(backend, q.device, q.dtype)
     if backend == "torch":
         return attention_ref(q, k, v, mask, T, (H, W), kernel, scale)
     return triton_attention(q, k, v, mask, T, (H, W), kernel, scale)[0]

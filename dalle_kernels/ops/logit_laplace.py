@@ -403,7 +403,7 @@ _forward_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 @torch.compiler.assume_constant_result
 def _resolve(backend: str, device: torch.device) -> str:
     # The dispatch decision is a constant of the traced graph: torch.compile runs this once while tracing.
-    return resolve_backend(backend, torch.empty(0, device=device), cuda_op="logit_laplace_forward")
+    return resolve_backend(backend, torch.empty(0, device=device), cuda_op="logit_laplace_forward", triton_dot=False)
 
 
 def logit_laplace_loss(params: torch.Tensor, target: torch.Tensor, reduction: str = "mean", eps: float = 0.1,
@@ -426,7 +426,7 @@ def logit_laplace_loss(params: torch.Tensor, target: torch.Tensor, reduction: st
     if backend == "auto" and params.dtype == torch.float64:
         backend = "torch"  # the fused kernels are float32/16/bf16; float64 is the reference's job
     backend = _resolve(backend, params.device) if torch.compiler.is_compiling() else \
-        resolve_backend(backend, params, cuda_op="logit_laplace_forward")
+        resolve_backend(backend, params, cuda_op="logit_laplace_forward", triton_dot=False)
     if backend == "torch":
         return logit_laplace_loss_ref(params, target.detach(), reduction, float(eps))
     if params.dtype not in KERNEL_DTYPES:

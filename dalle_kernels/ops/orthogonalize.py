@@ -346,7 +346,7 @@ def orthogonalize(P: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     on communication buffers).
     """
     check_input(P)
-    resolved = resolve_backend(backend, P, cuda_op="orthogonalize")
+    resolved = resolve_backend(backend, P, cuda_op="orthogonalize", triton_dot=False)
     if resolved != "torch":
         r = P.shape[-1]
         if backend == "auto" and (P.dtype not in KERNEL_DTYPES or r > MAX_KERNEL_RANK):
