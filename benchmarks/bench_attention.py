@@ -137,7 +137,7 @@ def tile_report(T=256, grid=(32, 32)):
     fwd, bwd = A.FWD_CONFIGS[64], A.BWD_CONFIGS[64]
     lines = ["| mask | pass | tile (q x k) | tiles visited | full (no predicate) | dense causal tiles | ratio |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
-    for mask in ("row", "column", "conv", "conv_clipped"):
+    for mask in masks.SPARSE_MASKS:
         for name, cfg in (("forward", fwd), ("backward", bwd)):
             st = masks.tile_stats(mask, T, grid, KERNEL, cfg.block_m, cfg.block_n)
             lines.append(f"| {mask} | {name} | {cfg.block_m} x {cfg.block_n} | {st['tiles']} | {st['full_tiles']} | "

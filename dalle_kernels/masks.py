@@ -4,13 +4,44 @@ Positions: ``T`` text slots, then an ``H x W`` image grid in raster order. ``i``
 ``j`` a key position. Every predicate here is written with operators only (``//``, ``%``, ``&``, ``|``,
 comparisons), so the same function body works on Python ints, NumPy arrays and torch tensors.
 ``dense_mask`` is the definition every backend must match.
+
+Image query ``q`` at grid row ``r = q // W``, column ``c = q % W``; image key ``k`` at ``r', c'``; ``s = kernel // 2``.
+Every image -> image rule includes ``k <= q`` (raster order). Text attends causally to text, and every image
+query attends every text slot (all masks alike, including the two from other implementations below).
+
+- ``row``: ``0 <= q - k <= W`` (the previous ``W`` tokens and itself, wrapping across rows).
+- ``column``: ``c' == c`` (same column, this row and above).
+- ``conv``: with ``d = q - k >= 0``: ``d // W <= s`` and (``d % W <= s`` or ``d % W >= W - s``); the paper's
+  figure 11(d), a causal window with wraparound in flattened order (66 keys for an interior query at 32 x 32).
+- ``conv_clipped``: ``|r - r'| <= s`` and ``|c - c'| <= s``, no wrap (61 keys for an interior query at 32 x 32,
+  11 x 11). ru-dalle's ``v3`` convolutional mask (``get_conv_mask(..., hf_version="v3")``, clamped window
+  ``max(min(r + row, n - 1), 0)``), used by its current checkpoints.
+- ``conv_torus``: ``(r - r') mod H`` in ``{0..s} U {H-s..H-1}`` and ``(c - c') mod W`` in ``{0..s} U {W-s..W-1}``:
+  the ``kernel x kernel`` window wrapped around both grid axes (a torus), causal in raster order. ru-dalle's
+  ``v2`` convolutional mask, used by its older checkpoints: ``rudalle/dalle/image_attention.py`` (repository
+  ai-forever/ru-dalle), ``get_conv_mask`` starts from ``torch.tril`` (so text is causal and every image row
+  sees all text columns), then for each image key column ``pos`` clears every later query
+  (``mask[pos+1:, pos] = 0``, keeping the diagonal) and re-allows the queries
+  ``text_tokens + r_abs * n + c_abs > pos`` with ``r_abs = (r + row) % n``, ``c_abs = (c + col) % n`` for
+  ``r, c`` in ``-s..s`` around the key (``n`` = ``image_tokens_per_dim``, a square grid; here rows wrap
+  modulo ``H`` and columns modulo ``W``). The window is symmetric, so "around the key" equals "around the
+  query". At 32 x 32, 11 x 11 a query away from the grid's edges sees 61 image keys, like ``conv_clipped``; one in
+  the last ``s`` columns also sees the wrapped first columns of its rows (up to 66), and one in the last ``s``
+  rows also sees the wrapped top rows: up to ``kernel**2`` = 121 keys (the last query).
+- ``axial_row``: ``r' == r`` (the query's own image row, this column and left of it; no wrap).
+  DALLE-pytorch's ``axial_row`` (repository lucidrains/DALLE-pytorch, ``dalle_pytorch/attention.py``,
+  ``SparseAxialCausalAttention`` with ``axis=0``: image queries split into rows ``'b (h w) c -> b h w c'``,
+  keys of the same row under ``triu_(1)`` causality, concatenated with every text key; the static mask
+  ``Transformer._get_attention_mask('axial_row')`` of ``dalle_pytorch/transformer.py``, combined with causality,
+  is the same matrix). Text queries attend causally to text only.
+- ``causal``: ``k <= q`` (the dense baseline).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-MASKS = ("row", "column", "conv", "conv_clipped", "causal")
+MASKS = ("row", "column", "conv", "conv_clipped", "conv_torus", "axial_row", "causal")
 
 
 def check_layout(mask: str, text_len: int, grid, kernel: int = 11) -> tuple[int, int, int]:
@@ -46,6 +77,13 @@ def image_allowed(mask: str, q, k, H: int, W: int, kernel: int = 11):
         dr = q // W - k // W
         dc = q % W - k % W
         return (k <= q) & (dr <= s) & (dc <= s) & (dc >= -s)
+    if mask == "conv_torus":
+        # Circular distances along both axes; ``%`` is the floor modulo (non-negative) on ints, NumPy and torch.
+        dr = (q // W - k // W) % H
+        dc = (q % W - k % W) % W
+        return (k <= q) & ((dr <= s) | (dr >= H - s)) & ((dc <= s) | (dc >= W - s))
+    if mask == "axial_row":
+        return (k <= q) & (q // W == k // W)
     if mask == "causal":
         return k <= q
     raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
@@ -102,8 +140,13 @@ def transposed_column_mask(text_len: int, grid, device=None) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 # The layout the kernels run, block lookup tables, tile counts.
 
+# The masks that skip work (all but the dense baseline), in the order tables list them.
+SPARSE_MASKS = tuple(m for m in MASKS if m != "causal")
+# Masks that do not depend on ``kernel``.
+KERNEL_FREE_MASKS = ("row", "column", "axial_row", "causal")
+
 # Mask codes shared with the Triton predicate (``tl_allowed``). ``column`` runs in the transposed layout.
-MASK_CODES = {"causal": 0, "row": 1, "column": 2, "conv": 3, "conv_clipped": 4}
+MASK_CODES = {"causal": 0, "row": 1, "column": 2, "conv": 3, "conv_clipped": 4, "conv_torus": 5, "axial_row": 6}
 
 
 def kernel_mask(mask: str, text_len: int, grid, kernel: int = 11, device=None) -> torch.Tensor:
@@ -172,7 +215,7 @@ _TABLE_CACHE: dict = {}
 def block_tables(mask: str, text_len: int, grid, kernel: int, block_m: int, block_n: int, device=None) -> BlockTables:
     """Cached ``BlockTables`` per ``(mask, T, H, W, kernel, block_m, block_n, device)``."""
     T, H, W = check_layout(mask, text_len, grid, kernel)
-    if mask in ("row", "column", "causal"):
+    if mask in KERNEL_FREE_MASKS:
         kernel = 0  # the kernel size does not change these masks: one cache entry
     dev = torch.device(device) if device is not None else torch.device("cpu")
     key = (mask, T, H, W, kernel, int(block_m), int(block_n), str(dev))
@@ -235,9 +278,18 @@ if triton is not None:
                 borrow = dc < 0
                 dm = tl.where(borrow, dc + W, dc)
                 img = ((rq - rk) - borrow.to(tl.int32) <= S) & ((dm <= S) | (dm >= W - S))
-            else:
+            elif MASK == 4:
                 dc = (q % W) - (k % W)
                 img = ((q // W) - (k // W) <= S) & (dc <= S) & (dc >= -S)
+            elif MASK == 5:
+                # conv_torus. Where the pair is causal the row distance is already in 0..H-1; the column
+                # distance is brought into 0..W-1 by one add, not a per-pair modulo.
+                dr = (q // W) - (k // W)
+                dc = (q % W) - (k % W)
+                dcm = tl.where(dc < 0, dc + W, dc)
+                img = ((dr <= S) | (dr >= H - S)) & ((dcm <= S) | (dcm >= W - S))
+            else:
+                img = (q // W) == (k // W)
             res = causal & ((j < T) | ((i >= T) & img))
         return res
 
@@ -291,7 +343,7 @@ def draw_mask(mask: str, text_len: int, grid, kernel: int = 11, tile: int = 16, 
     return img
 
 
-def save_mask_pngs(out_dir, sizes=None, names=("row", "column", "conv", "conv_clipped", "causal")):
+def save_mask_pngs(out_dir, sizes=None, names=MASKS):
     """Write ``<mask>.png`` for the first size, ``<mask>_t<T>_<H>x<W>.png`` for the others, and the kernel
     layout of ``column`` as ``column_transposed*.png``. Returns the paths."""
     from pathlib import Path
@@ -331,7 +383,7 @@ def _main(argv=None):
         print("| tiles (q x k) | mask | tiles visited | of which full | dense causal tiles | ratio |")
         print("| --- | --- | --- | --- | --- | --- |")
         for bm, bn in args.block or [(128, 128), (64, 64), (64, 32)]:
-            for name in ("row", "column", "conv", "conv_clipped"):
+            for name in SPARSE_MASKS:
                 s = tile_stats(name, 256, (32, 32), 11, bm, bn)
                 print(f"| {bm} x {bn} | {name} | {s['tiles']} | {s['full_tiles']} | {s['causal_tiles']} | "
                       f"{s['ratio']:.3f} |")

@@ -122,7 +122,7 @@ def test_large_logits_do_not_overflow(device, mask, dtype):
 
 @pytest.mark.parametrize("blocks", [dict(block_m=32, block_n=16), dict(block_m=16, block_n=32)],
                          ids=["32x16", "16x32"])
-@pytest.mark.parametrize("mask", ["column", "conv"])
+@pytest.mark.parametrize("mask", ["column", "conv", "conv_torus"])
 def test_non_square_tiles(device, mask, blocks):
     q, k, v, do = make_inputs(1, 1, 9 + 6 * 7, 16, torch.float32, device, seed=11)
     check_against_reference(q, k, v, do, "triton", mask, 9, (6, 7), 5, **blocks)
@@ -297,16 +297,21 @@ def test_custom_op_opcheck(device):
 
 def test_mask_png(tmp_path):
     paths = masks.save_mask_pngs(tmp_path, sizes=[(6, (4, 4), 3, 8)])
-    assert {p.name for p in paths} >= {f"{m}.png" for m in ("row", "column", "conv", "causal")}
+    assert {p.name for p in paths} == {f"{m}.png" for m in masks.MASKS} | {"column_transposed.png"}
     from PIL import Image
 
     img = Image.open(tmp_path / "conv.png").convert("RGB")
     cell, margin = masks.PNG_CELL, masks.PNG_MARGIN
     # Query 6 + 5 (image 5) sees image key 0 (position 6) but not image key 3 (SPEC.md table).
-    px = lambda i, j: img.getpixel((margin + j * cell + cell // 2, margin + i * cell + cell // 2))
-    assert px(11, 6) == masks.PNG_COLORS["image"] and px(11, 9) == masks.PNG_COLORS["visited"]
-    assert px(2, 10) == masks.PNG_COLORS["off"]  # text query, image key: a tile the kernel skips
-    assert px(11, 2) == masks.PNG_COLORS["text"]
+    px = lambda img, i, j: img.getpixel((margin + j * cell + cell // 2, margin + i * cell + cell // 2))
+    assert px(img, 11, 6) == masks.PNG_COLORS["image"] and px(img, 11, 9) == masks.PNG_COLORS["visited"]
+    assert px(img, 2, 10) == masks.PNG_COLORS["off"]  # text query, image key: a tile the kernel skips
+    assert px(img, 11, 2) == masks.PNG_COLORS["text"]
+    # conv_torus: the last query (image 15) sees the wrapped top row's image key 0; axial_row does not see the
+    # previous row's image key 11, only its own row from key 12.
+    torus, axial = (Image.open(tmp_path / f"{m}.png").convert("RGB") for m in ("conv_torus", "axial_row"))
+    assert px(torus, 21, 6) == masks.PNG_COLORS["image"] and px(torus, 21, 7) != masks.PNG_COLORS["image"]
+    assert px(axial, 21, 18) == masks.PNG_COLORS["image"] and px(axial, 21, 17) != masks.PNG_COLORS["image"]
 
 
 def test_mask_command_line(tmp_path):
@@ -319,9 +324,10 @@ def test_mask_command_line(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "Warning" not in res.stderr
-    assert {p.name for p in tmp_path.iterdir()} >= {f"{m}.png" for m in ("row", "column", "conv", "causal")}
+    assert {p.name for p in tmp_path.iterdir()} >= {f"{m}.png" for m in masks.MASKS}
     rows = [line for line in res.stdout.splitlines() if line.startswith("| 64 x 32 |")]
-    assert [r.split("|")[2].strip() for r in rows] == ["row", "column", "conv", "conv_clipped"]
+    assert [r.split("|")[2].strip() for r in rows] == ["row", "column", "conv", "conv_clipped", "conv_torus",
+                                                        "axial_row"]
     s = masks.tile_stats("column", 256, (32, 32), 11, 64, 32)
     assert rows[1].split("|")[3].strip() == str(s["tiles"])
     bad = subprocess.run([sys.executable, "-m", "dalle_kernels", "nosuch"], capture_output=True, text=True,

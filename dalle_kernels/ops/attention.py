@@ -480,8 +480,10 @@ def sparse_attention(q, k, v, mask="row", text_len=0, grid=(32, 32), kernel=11, 
 
     ``q, k, v``: ``(batch, heads, text_len + H*W, head_dim)``, float32/float16/bfloat16, head_dim 16/32/64/128,
     any strides (the head_dim axis is made contiguous if it is not); returns a tensor of q's shape and dtype.
-    ``mask``: ``"row"``, ``"column"``, ``"conv"`` (``kernel`` x ``kernel`` window, odd), ``"conv_clipped"`` or
-    ``"causal"``; ``scale`` defaults to ``1 / sqrt(head_dim)``.
+    ``mask``: ``"row"``, ``"column"``, ``"conv"`` (``kernel`` x ``kernel`` window, odd), ``"conv_clipped"``
+    (ru-dalle's ``v3`` window), ``"conv_torus"`` (ru-dalle's ``v2`` window, wrapped around both grid axes),
+    ``"axial_row"`` (DALLE-pytorch's: the query's own image row) or ``"causal"``; definitions and sources in
+    ``dalle_kernels.masks``. ``scale`` defaults to ``1 / sqrt(head_dim)``.
     ``backend``: ``"triton"`` (block-sparse kernels; CUDA tensors, or CPU under ``TRITON_INTERPRET=1``),
     ``"torch"`` (the dense-masked reference, differentiable by autograd) or ``"auto"`` (Triton for CUDA tensors
     and in the interpreter, else torch; bfloat16 CPU tensors always go to torch, because the interpreter's
