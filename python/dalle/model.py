@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from dalle_kernels import sparse_attention
+from dalle_kernels._dispatch import BACKENDS
 from dalle_kernels.masks import MASKS, check_layout
+from dalle_kernels.ops.attention import HEAD_DIMS
 
 
 def layer_masks(n_layers: int, last: str = "conv") -> list[str]:
@@ -71,6 +73,11 @@ class DALLEConfig:
         self.code_feature_groups = groups
         if self.last_mask not in MASKS:
             raise ValueError(f"DALLEConfig.last_mask must be one of {MASKS}, got {self.last_mask!r}")
+        # what sparse_attention takes, checked here rather than at the first forward
+        if self.head_dim not in HEAD_DIMS:
+            raise ValueError(f"DALLEConfig.head_dim must be one of {HEAD_DIMS} (sparse_attention), got {self.head_dim}")
+        if self.attn_backend not in BACKENDS:
+            raise ValueError(f"DALLEConfig.attn_backend must be one of {BACKENDS}, got {self.attn_backend!r}")
 
     @property
     def d_model(self) -> int:
