@@ -261,3 +261,18 @@ def test_schedules_and_scalers_refuse_non_finite_or_mistyped_numbers():
     for rate in (float("nan"), float("inf"), True):
         with pytest.raises(ValueError, match="min_compression_rate"):
             PowerSGDState(torch.nn.Linear(2, 2), min_compression_rate=rate)
+
+
+def test_siblings_that_take_captions_or_ids_refuse_the_same_mistakes():
+    from dalle.generate import rank_by_scorer
+
+    with pytest.raises(TypeError, match="single str"):
+        train_tokenizer("a red circle", 40)  # encode_batch refuses a single str too
+    m = tiny_reranker()
+    with pytest.raises(TypeError, match=r"ids\[0\] must be a list of BPE ids"):
+        m.rank(image_u8(2), "12")  # was read as the ids [1, 2]
+    assert m.rank(image_u8(2), torch.tensor([1, 2])) in ([0, 1], [1, 0])
+    with pytest.raises(TypeError, match="scene"):
+        rank_by_scorer(image_u8(2), None)
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        kmeans_cells(image_u8(1)[0], 4, k=2)

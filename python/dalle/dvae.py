@@ -190,6 +190,8 @@ class Decoder(nn.Module):
 def cell_patches(images: torch.Tensor, grid_factor: int) -> torch.Tensor:
     """Pixels of each grid cell: images (B, C, H, W) to (B, H/f, W/f, C*f*f), ``f = grid_factor``."""
     f = grid_factor
+    if images.dim() != 4:
+        raise ValueError(f"images must have shape (B, C, H, W), got {tuple(images.shape)}")
     b, c, h, w = images.shape
     if h % f or w % f:
         raise ValueError(f"images of {h}x{w} do not split into {f}x{f} cells")

@@ -58,6 +58,8 @@ def rank_by_scorer(images, scene) -> list[int]:
     """Candidate order: images the scorer accepts for ``scene`` first, each group in draw order."""
     from .data.shapes import matches
 
+    if not isinstance(scene, dict) or "objects" not in scene:
+        raise TypeError(f"scene must be a scene dict (scene_of(caption)), got {type(scene).__name__}")
     ok = [bool(matches(im, scene)) for im in images]
     return sorted(range(len(images)), key=lambda i: (not ok[i], i))
 

@@ -100,6 +100,11 @@ class Reranker(nn.Module):
     # -------------------------------------------------------------------------------------------- sides
     def encode_text(self, ids) -> torch.Tensor:
         """Unit vectors ``(N, 2, width)`` (colour, form) for ``N`` captions given as lists of BPE ids."""
+        ids = list(ids)
+        for i, x in enumerate(ids):
+            if isinstance(x, (str, bytes)) or (isinstance(x, torch.Tensor) and x.is_floating_point()):
+                raise TypeError(f"ids[{i}] must be a list of BPE ids (tok.encode(caption)), got {type(x).__name__}"
+                                f" {x!r:.40}")
         ids = [list(map(int, x)) for x in ids]
         if not ids:
             raise ValueError("ids must hold at least one caption")

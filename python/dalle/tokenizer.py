@@ -123,6 +123,8 @@ def train_tokenizer(captions: Iterable[str], vocab_size: int, path=None, dropout
     merges) and save it to ``path`` (a file, or a folder that gets ``tokenizer.json``) when given."""
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
         raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
+    if isinstance(captions, str):
+        raise TypeError("captions must be an iterable of str, not a single str (it would train on its characters)")
     captions = [c for c in captions if isinstance(c, str) and c.strip()]
     if not captions:
         raise ValueError("train_tokenizer needs at least one non-empty caption")
