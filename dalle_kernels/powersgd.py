@@ -86,8 +86,9 @@ class PowerSGDState:
             raise ValueError(f"rank must be a positive int, got {rank!r}")
         if isinstance(start_iter, bool) or not isinstance(start_iter, int) or start_iter < 0:
             raise ValueError(f"start_iter must be a non-negative int, got {start_iter!r}")
-        if not isinstance(min_compression_rate, (int, float)) or min_compression_rate < 1:
-            raise ValueError(f"min_compression_rate must be a number >= 1, got {min_compression_rate!r}")
+        if isinstance(min_compression_rate, bool) or not isinstance(min_compression_rate, (int, float)) \
+                or not 1 <= min_compression_rate < float("inf"):
+            raise ValueError(f"min_compression_rate must be a finite number >= 1, got {min_compression_rate!r}")
         self.rank = rank
         self.start_iter = start_iter
         self.process_group = process_group

@@ -30,8 +30,12 @@ TARGET_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, to
 LN2 = math.log(2.0)
 
 
-def map_pixels(x: torch.Tensor, eps: float = 0.1) -> torch.Tensor:
-    """Pixels in [0, 1] (floating) or [0, 255] (uint8) to ``y = (1 - 2 eps) x + eps`` in ``[eps, 1 - eps]``."""
+def map_pixels(x: torch.Tensor, eps: float = 0.1, check_range: bool = True) -> torch.Tensor:
+    """Pixels in [0, 1] (floating) or [0, 255] (uint8) to ``y = (1 - 2 eps) x + eps`` in ``[eps, 1 - eps]``.
+
+    Takes the pixels ``logit_laplace_loss`` takes as its target and refuses the same ones: ``TypeError`` for
+    another dtype, ``ValueError`` for floating pixels outside [0, 1] or NaN (one host sync;
+    ``check_range=False`` skips it)."""
     _check_eps(eps)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -39,6 +43,8 @@ def map_pixels(x: torch.Tensor, eps: float = 0.1) -> torch.Tensor:
         x = x.to(torch.float32) / 255.0
     elif not x.is_floating_point():
         raise TypeError(f"x must be floating point in [0, 1] or uint8 in [0, 255], got {x.dtype}")
+    elif check_range:
+        _check_pixel_range(x, "x")
     return (1.0 - 2.0 * eps) * x + eps
 
 
@@ -99,10 +105,16 @@ def check_inputs(params, target, reduction, eps, check_range=True):
     if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     _check_eps(eps)
-    if check_range and target.is_floating_point() and target.numel() > 0 and not torch.compiler.is_compiling():
-        lo, hi = (float(v) for v in torch.aminmax(target.detach()))  # one host sync
+    if check_range and target.is_floating_point():
+        _check_pixel_range(target, "target")
+
+
+def _check_pixel_range(x, name):
+    """Floating pixels must lie in [0, 1] (one host sync; skipped while compiling)."""
+    if x.numel() > 0 and not torch.compiler.is_compiling():
+        lo, hi = (float(v) for v in torch.aminmax(x.detach()))
         if not (lo >= 0.0 and hi <= 1.0):  # also false for nan
-            raise ValueError(f"target must hold pixels in [0, 1] (floating) or be uint8; got values in "
+            raise ValueError(f"{name} must hold pixels in [0, 1] (floating) or be uint8; got values in "
                              f"[{lo}, {hi}]")
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from dalle_kernels import logit_laplace_loss, map_pixels, unmap_pixels
 
 from .common import atomic_save, load_checkpoint
+from .images import as_unit_float as _as_unit_float  # one image check for the package (rerank reads it here)
 
 LOGIT_LAPLACE_EPS = 0.1
 
@@ -189,6 +190,8 @@ class Decoder(nn.Module):
 def cell_patches(images: torch.Tensor, grid_factor: int) -> torch.Tensor:
     """Pixels of each grid cell: images (B, C, H, W) to (B, H/f, W/f, C*f*f), ``f = grid_factor``."""
     f = grid_factor
+    if images.dim() != 4:
+        raise ValueError(f"images must have shape (B, C, H, W), got {tuple(images.shape)}")
     b, c, h, w = images.shape
     if h % f or w % f:
         raise ValueError(f"images of {h}x{w} do not split into {f}x{f} cells")
@@ -238,16 +241,6 @@ def assign_cells(images: torch.Tensor, centres: torch.Tensor, grid_factor: int) 
     return torch.cdist(cells.reshape(b, h * w, d), centres.to(cells)[None].expand(b, -1, -1)).argmin(-1).view(b, h, w)
 
 
-def _as_unit_float(images: torch.Tensor) -> torch.Tensor:
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
-    if images.dtype == torch.uint8:
-        return images.float() / 255.0
-    if not images.is_floating_point():
-        raise TypeError(f"images must be uint8 or float in [0, 1], got {images.dtype}")
-    return images.float()
-
-
 class DVAE(nn.Module):
     def __init__(self, cfg: DVAEConfig):
         super().__init__()
@@ -275,9 +268,10 @@ class DVAE(nn.Module):
         return x
 
     def logits(self, images) -> torch.Tensor:
-        """Code logits (B, vocab_size, h, w) of images (uint8 or float in [0, 1]); float32."""
+        """Code logits (B, vocab_size, h, w) of images (uint8 or float in [0, 1]); float32. Other images
+        raise like ``dalle.images.as_unit_float`` (e.g. float pixels in [0, 255]: ValueError)."""
         x = self._check_images(images).to(self.encoder.net[0].weight.device)
-        return self.encoder(map_pixels(x, LOGIT_LAPLACE_EPS)).float()
+        return self.encoder(map_pixels(x, LOGIT_LAPLACE_EPS, check_range=False)).float()  # checked above
 
     def loss(self, images, tau: float, beta: float, hard: bool = False, backend: str = "auto",
              fixed_ln_b: bool = False):
@@ -293,6 +287,8 @@ class DVAE(nn.Module):
         """
         if not tau > 0:
             raise ValueError(f"tau must be > 0, got {tau!r}")
+        if not 0 <= beta < math.inf:
+            raise ValueError(f"beta must be a finite float >= 0, got {beta!r}")
         x = self._check_images(images).to(self.encoder.net[0].weight.device)
         logits = self.logits(x)
         z = F.gumbel_softmax(logits, tau=tau, hard=hard, dim=1)

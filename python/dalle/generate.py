@@ -13,13 +13,15 @@ it cannot parse are then not reranked). ``--prompt-image`` completes an image fr
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .common import pick_device
-from .sampling import generate_images
+from .model import check_id_range
+from .sampling import check_sampling_args, generate_images
 
 
 def load_run(run, device="cpu"):
@@ -56,8 +58,90 @@ def rank_by_scorer(images, scene) -> list[int]:
     """Candidate order: images the scorer accepts for ``scene`` first, each group in draw order."""
     from .data.shapes import matches
 
+    if not isinstance(scene, dict) or "objects" not in scene:
+        raise TypeError(f"scene must be a scene dict (scene_of(caption)), got {type(scene).__name__}")
     ok = [bool(matches(im, scene)) for im in images]
     return sorted(range(len(images)), key=lambda i: (not ok[i], i))
+
+
+class CaptionWarning(UserWarning):
+    """A caption that is sampled, but not quite as written (empty, too long, characters the tokenizer lacks)."""
+
+
+def check_captions(captions) -> list[str]:
+    """``captions`` as a list of str: ``TypeError`` for a single str (it would be read as one caption per
+    character) or a non-str item, ``ValueError`` for no caption at all."""
+    if isinstance(captions, str):
+        raise TypeError("captions must be a list of str, not a single str (wrap it: [caption])")
+    try:
+        captions = list(captions)
+    except TypeError:
+        raise TypeError(f"captions must be a list of str, got {type(captions).__name__}") from None
+    for i, c in enumerate(captions):
+        if not isinstance(c, str):
+            raise TypeError(f"captions[{i}] must be a str, got {type(c).__name__}")
+    if not captions:
+        raise ValueError("captions must hold at least one caption")
+    return captions
+
+
+def encode_captions(tok, captions, text_len: int) -> list[list[int]]:
+    """Clean BPE ids of each caption, with a ``CaptionWarning`` for each one that is not sampled as written:
+    no token (empty or whitespace only: sampled as the empty caption, i.e. unconditionally, and not reranked),
+    more tokens than the ``text_len`` text slots (truncated), or characters the tokenizer lacks (read as
+    [UNK]). Called before anything is drawn, so every such caption is reported up front."""
+    ids = []
+    for i, caption in enumerate(captions):
+        x = tok.encode(caption)
+        shown = caption if len(caption) <= 60 else caption[:57] + "..."
+        if not x:
+            warnings.warn(f"caption {i} ({shown!r}) has no tokens: its images are sampled from the empty caption "
+                          "(unconditional: only a run trained with --cond-dropout learned it) and reranking keeps "
+                          "them in draw order", CaptionWarning, stacklevel=3)
+        elif len(x) > text_len:
+            warnings.warn(f"caption {i} ({shown!r}) has {len(x)} tokens, more than the model's {text_len} text "
+                          f"slots: its images are sampled from the first {text_len} only", CaptionWarning,
+                          stacklevel=3)
+        unknown = tok.unknown_chars(caption)
+        if unknown:
+            warnings.warn(f"caption {i} ({shown!r}): the tokenizer has no token for {''.join(unknown)!r}; "
+                          "read as [UNK]", CaptionWarning, stacklevel=3)
+        ids.append(x)
+    return ids
+
+
+def check_run_parts(model, tok, dvae, reranker=None) -> None:
+    """``ValueError`` unless the tokenizer, dVAE and reranker fit the transformer (same vocabularies, grid and
+    image size), checked before sampling rather than found when the drawn tokens are decoded or ranked."""
+    c = model.cfg
+    if tok.vocab_size != c.text_vocab:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} BPE ids but the transformer was trained with "
+                         f"text_vocab={c.text_vocab}: they belong to different runs")
+    if dvae.vocab_size != c.image_vocab or tuple(dvae.grid_size) != tuple(c.grid):
+        raise ValueError(f"the dVAE makes a {tuple(dvae.grid_size)} grid of {dvae.vocab_size} codes but the "
+                         f"transformer samples a {tuple(c.grid)} grid of {c.image_vocab}: different runs")
+    if reranker is not None:
+        if reranker.cfg.text_vocab != tok.vocab_size:
+            raise ValueError(f"the reranker reads {reranker.cfg.text_vocab} BPE ids but the tokenizer has "
+                             f"{tok.vocab_size}: train it for this run (python -m dalle.rerank --run RUN)")
+        if reranker.cfg.image_size != dvae.cfg.image_size:
+            raise ValueError(f"the reranker reads {reranker.cfg.image_size}-pixel images but the dVAE draws "
+                             f"{dvae.cfg.image_size}-pixel ones: train it for this run")
+
+
+def rerank_order(candidates, caption: str, ids, reranker=None) -> list[int]:
+    """Order of ``candidates`` (K, 3, S, S) for one caption, best first: by ``reranker`` (a
+    ``dalle.rerank.Reranker``) on the caption's BPE ``ids``, else by the built-in dataset's scorer; draw order
+    when the caption gives nothing to rank by (no token, or a caption the scorer cannot parse)."""
+    if reranker is not None:
+        return reranker.rank(candidates, ids) if ids else list(range(len(candidates)))
+    scene = scene_of(caption)
+    return rank_by_scorer(candidates, scene) if scene is not None else list(range(len(candidates)))
+
+
+def _positive_int(name, v):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
 
 
 @torch.no_grad()
@@ -66,16 +150,35 @@ def sample_captions(model, tok, dvae, captions, n=1, rerank=1, temperature=1.0, 
     """Images ``(len(captions), n, 3, S, S)`` in [0, 1] for each caption.
 
     ``rerank > 1``: draw ``n * rerank`` candidates per caption and keep the ``n`` best: by ``reranker``
-    (a ``dalle.rerank.Reranker``) when given, else by the built-in dataset's scorer.
+    (a ``dalle.rerank.Reranker``) when given, else by the built-in dataset's scorer (``rerank_order``).
     ``image_prefix``: ``(h_rows * W,)`` tokens shared by every sample (image-prompt completion).
     ``guidance``: classifier-free guidance scale (``dalle.sampling.Sampler.generate``; 1 is off).
+
+    Every argument is checked before the first token is drawn (``ValueError``/``TypeError``), so no caption
+    can fail after the others' samples exist. Any str is a caption: an empty or whitespace-only one is
+    sampled as the empty caption and kept in draw order, a longer one than the text slots is truncated, and
+    characters the tokenizer lacks are read as [UNK], each with a ``CaptionWarning``.
     """
-    if n < 1 or rerank < 1:
-        raise ValueError(f"n and rerank must be >= 1, got n={n}, rerank={rerank}")
+    captions = check_captions(captions)
+    for name, v in (("n", n), ("rerank", rerank), ("batch_size", batch_size)):
+        _positive_int(name, v)
+    check_sampling_args(temperature, top_k, top_p, guidance)
+    check_run_parts(model, tok, dvae, reranker)
     c = model.cfg
     dev = next(model.parameters()).device
+    if generator is not None and (not isinstance(generator, torch.Generator) or generator.device.type != dev.type):
+        raise ValueError(f"generator must be a torch.Generator on the model's device ({dev}), got "
+                         f"{getattr(generator, 'device', type(generator).__name__)}")
+    if image_prefix is not None:
+        if not isinstance(image_prefix, torch.Tensor) or image_prefix.dtype != torch.long \
+                or image_prefix.dim() != 1 or not 0 < len(image_prefix) < c.image_len:
+            raise ValueError(f"image_prefix must be a LongTensor (n,) with 0 < n < {c.image_len}, got "
+                             f"{getattr(image_prefix, 'dtype', type(image_prefix).__name__)} "
+                             f"{tuple(getattr(image_prefix, 'shape', ()))}")
+        check_id_range(image_prefix, c.image_vocab, "image_prefix", "the dVAE's codes")
+    ids = encode_captions(tok, captions, c.text_len)
     per = n * rerank
-    text = tok.encode_batch(list(captions), c.text_len).repeat_interleave(per, dim=0).to(dev)
+    text = tok.encode_batch(captions, c.text_len).repeat_interleave(per, dim=0).to(dev)
     tokens = []
     for i in range(0, text.shape[0], batch_size):
         t = text[i: i + batch_size]
@@ -86,28 +189,22 @@ def sample_captions(model, tok, dvae, captions, n=1, rerank=1, temperature=1.0, 
     images = torch.cat([dvae.decode(tokens[i: i + 256].view(-1, *c.grid)) for i in range(0, len(tokens), 256)])
     images = images.view(len(captions), per, *images.shape[1:]).cpu()
     if rerank > 1:
-        out = []
-        for caption, cand in zip(captions, images):
-            if reranker is not None:
-                order = reranker.rank(cand, tok.encode(caption))
-            else:
-                scene = scene_of(caption)
-                order = rank_by_scorer(cand, scene) if scene is not None else list(range(per))
-            out.append(cand[order[:n]])
-        images = torch.stack(out)
+        images = torch.stack([cand[rerank_order(cand, caption, x, reranker)[:n]]
+                              for caption, x, cand in zip(captions, ids, images)])
     return images
 
 
 def load_prompt_tokens(path, dvae, rows: int, grid) -> torch.Tensor:
+    """The first ``rows`` token rows ``(rows * W,)`` of the image at ``path`` (resized to the dVAE's size)."""
     from PIL import Image
 
+    if isinstance(rows, bool) or not isinstance(rows, int) or not 0 < rows < grid[0]:
+        raise ValueError(f"--prompt-rows must be in [1, {grid[0] - 1}], got {rows!r}")
     S = dvae.cfg.image_size
     img = Image.open(path).convert("RGB").resize((S, S), Image.BOX)
     x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None]
     dev = next(dvae.parameters()).device
     codes = dvae.encode(x.to(dev)).flatten(1)
-    if not 0 < rows < grid[0]:
-        raise ValueError(f"--prompt-rows must be in [1, {grid[0] - 1}], got {rows}")
     return codes[0, : rows * grid[1]]
 
 

@@ -68,6 +68,15 @@ class BlockGradScaler:
             raise ValueError(f"n_blocks must be a positive int, got {n_blocks!r}")
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size <= 0:
             raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+        for name, v in (("init_scale", init_scale), ("min_scale", min_scale), ("max_scale", max_scale)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+                raise ValueError(f"{name} must be a positive finite float, got {v!r}")
+        if not min_scale <= max_scale:
+            raise ValueError(f"min_scale ({min_scale}) must be <= max_scale ({max_scale})")
+        if isinstance(growth, bool) or not isinstance(growth, (int, float)) or not 1 <= growth < math.inf:
+            raise ValueError(f"growth must be a finite float >= 1, got {growth!r}")
+        if isinstance(backoff, bool) or not isinstance(backoff, (int, float)) or not 0 < backoff <= 1:
+            raise ValueError(f"backoff must be a float in (0, 1], got {backoff!r}")
         self.n_blocks, self.world_size = n_blocks, world_size
         self.growth, self.backoff = growth, backoff
         self.min_scale, self.max_scale = min_scale * world_size, max_scale * world_size
@@ -140,6 +149,8 @@ class BlockGradScaler:
 
     def load_state_dict(self, state: dict) -> None:
         scales = [float(s) for s in state["scales"]]
+        if not all(0 < s < math.inf for s in scales):
+            raise ValueError(f"checkpoint block scales must be positive and finite, got {scales}")
         if len(scales) != self.n_blocks:
             raise ValueError(f"checkpoint has {len(scales)} block scales, the model has {self.n_blocks} blocks")
         # Scales are proportional to the worker count: rescale when resuming with a different M.

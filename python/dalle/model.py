@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from dalle_kernels import sparse_attention
+from dalle_kernels._dispatch import BACKENDS
 from dalle_kernels.masks import MASKS, check_layout
+from dalle_kernels.ops.attention import HEAD_DIMS
 
 
 def layer_masks(n_layers: int, last: str = "conv") -> list[str]:
@@ -71,6 +73,11 @@ class DALLEConfig:
         self.code_feature_groups = groups
         if self.last_mask not in MASKS:
             raise ValueError(f"DALLEConfig.last_mask must be one of {MASKS}, got {self.last_mask!r}")
+        # what sparse_attention takes, checked here rather than at the first forward
+        if self.head_dim not in HEAD_DIMS:
+            raise ValueError(f"DALLEConfig.head_dim must be one of {HEAD_DIMS} (sparse_attention), got {self.head_dim}")
+        if self.attn_backend not in BACKENDS:
+            raise ValueError(f"DALLEConfig.attn_backend must be one of {BACKENDS}, got {self.attn_backend!r}")
 
     @property
     def d_model(self) -> int:
@@ -279,6 +286,12 @@ class DALLE(nn.Module):
 
     # -- inputs ----------------------------------------------------------------------------------------
     def check_tokens(self, text, image=None):
+        """Validate token inputs; return ``image`` flattened to ``(B, H*W)`` (or None).
+
+        ``text`` ``(B, text_len)`` int64 in ``[0, text_vocab + text_len)`` (BPE ids, then the per-slot padding
+        ids); ``image`` ``(B, H*W)`` or ``(B, H, W)`` int64 in ``[0, image_vocab)``. ``ValueError`` otherwise:
+        an id outside its table would be an index error on the CPU and a device-side assert that ends the CUDA
+        context on a GPU. The range check costs one host sync."""
         c = self.cfg
         if not isinstance(text, torch.Tensor) or text.dtype != torch.long or text.dim() != 2 \
                 or text.shape[1] != c.text_len:
@@ -292,6 +305,9 @@ class DALLE(nn.Module):
             if image.dim() != 2 or image.shape != (text.shape[0], c.image_len):
                 raise ValueError(f"image must have shape ({text.shape[0]}, {c.image_len}) or "
                                  f"({text.shape[0]}, {c.grid[0]}, {c.grid[1]}), got {tuple(image.shape)}")
+        check_id_range(text, c.text_rows, "text", f"text_vocab + text_len = {c.text_vocab} + {c.text_len}")
+        if image is not None:
+            check_id_range(image, c.image_vocab, "image", "image_vocab")
         return image
 
     def image_position_embedding(self):
@@ -323,7 +339,9 @@ class DALLE(nn.Module):
 
         Image logit ``k`` is the prediction of image token ``k`` (from position ``T - 1 + k``).
         """
-        image = self.check_tokens(text, image)
+        return self._logits(text, self.check_tokens(text, image))
+
+    def _logits(self, text, image):
         T = self.cfg.text_len
         h = self.run_blocks(self.embed(text, image))
         text_logits = self.text_head(h[:, : T - 1])
@@ -333,7 +351,7 @@ class DALLE(nn.Module):
     def loss(self, text, image, return_parts=False):
         """``(loss_text + 7 * loss_image) / 8`` (SPEC.md section 2), losses computed in float32."""
         image = self.check_tokens(text, image)
-        text_logits, image_logits = self(text, image)
+        text_logits, image_logits = self._logits(text, image)  # checked once
         loss_text = F.cross_entropy(text_logits.float().flatten(0, 1), text[:, 1:].flatten())
         loss_image = F.cross_entropy(image_logits.float().flatten(0, 1), image.flatten())
         loss = combine_losses(loss_text, loss_image)
@@ -351,6 +369,17 @@ class DALLE(nn.Module):
                 else:
                     no_decay.append(p)
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def check_id_range(ids: torch.Tensor, size: int, name: str, what: str = "") -> None:
+    """``ValueError`` naming ``name`` unless every id of ``ids`` lies in ``[0, size)`` (one host sync; skipped
+    while ``torch.compile`` traces)."""
+    if ids.numel() == 0 or torch.compiler.is_compiling():
+        return
+    lo, hi = (int(v) for v in torch.aminmax(ids))
+    if lo < 0 or hi >= size:
+        raise ValueError(f"{name} ids must be in [0, {size})" + (f" ({what})" if what else "")
+                         + f", got values in [{lo}, {hi}]")
 
 
 def combine_losses(loss_text, loss_image):

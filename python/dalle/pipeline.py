@@ -37,7 +37,7 @@ def evaluate_split(model, tok, dvae, split, n_captions, rerank, top_k, temperatu
     Returns ``(results, captions, first samples, picks)``; the picks are the reranker's (else the scorer's).
     """
     from .data.shapes import ShapesDataset, matches
-    from .generate import sample_captions
+    from .generate import rerank_order, sample_captions
 
     ds = ShapesDataset(split, size=n_captions, image_size=dvae.cfg.image_size, seed=data_seed)
     captions = ds.captions()
@@ -60,7 +60,7 @@ def evaluate_split(model, tok, dvae, split, n_captions, rerank, top_k, temperatu
         "acc_dvae_reconstructions": sum(matches(im, sc) for im, sc in zip(recon, scenes)) / len(ds),
     }
     if reranker is not None:
-        pick = torch.tensor([reranker.rank(cand, tok.encode(c))[0] for cand, c in zip(images, captions)])
+        pick = torch.tensor([rerank_order(cand, c, tok.encode(c), reranker)[0] for cand, c in zip(images, captions)])
         res["acc_reranked"] = ok[torch.arange(len(captions)), pick].float().mean().item()
     else:
         pick = torch.stack([(~o).long().argsort(stable=True)[0] for o in ok])

@@ -100,6 +100,11 @@ class Reranker(nn.Module):
     # -------------------------------------------------------------------------------------------- sides
     def encode_text(self, ids) -> torch.Tensor:
         """Unit vectors ``(N, 2, width)`` (colour, form) for ``N`` captions given as lists of BPE ids."""
+        ids = list(ids)
+        for i, x in enumerate(ids):
+            if isinstance(x, (str, bytes)) or (isinstance(x, torch.Tensor) and x.is_floating_point()):
+                raise TypeError(f"ids[{i}] must be a list of BPE ids (tok.encode(caption)), got {type(x).__name__}"
+                                f" {x!r:.40}")
         ids = [list(map(int, x)) for x in ids]
         if not ids:
             raise ValueError("ids must hold at least one caption")
@@ -135,8 +140,9 @@ class Reranker(nn.Module):
     def score(self, images: torch.Tensor, ids) -> torch.Tensor:
         """Score ``(N,)`` of image ``i`` with caption ``ids[i]``: the mean of its colour and form cosines."""
         ids = list(ids)
-        if len(ids) != images.shape[0]:
-            raise ValueError(f"got {images.shape[0]} images and {len(ids)} captions; they must pair up")
+        if not isinstance(images, torch.Tensor) or len(ids) != images.shape[0]:
+            raise ValueError(f"got {getattr(images, 'shape', [type(images).__name__])[0]} images and {len(ids)} "
+                             "captions; they must pair up")
         return (self.encode_images(images) * self.encode_text(ids)).sum(-1).mean(-1)
 
     @torch.no_grad()
@@ -183,19 +189,23 @@ def train_reranker(images: torch.Tensor, captions, tok, steps: int = 4000, batch
     samples it will judge are dVAE decodes, never quite the pure colours of the data).
     """
     captions = list(captions)
-    if images.dim() != 4 or images.shape[0] != len(captions):
-        raise ValueError(f"images must be (N, 3, S, S) with one caption each, got {tuple(images.shape)} "
-                         f"and {len(captions)} captions")
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] != len(captions):
+        raise ValueError(f"images must be (N, 3, S, S) with one caption each, got "
+                         f"{tuple(getattr(images, 'shape', ()))} and {len(captions)} captions")
     if not 2 <= batch_size:
         raise ValueError(f"batch_size must be >= 2 (in-batch negatives), got {batch_size}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    ids = caption_ids(tok, captions)
+    empty = [i for i, x in enumerate(ids) if not x]
+    if empty:  # found here, not at the random step that first draws one
+        raise ValueError(f"captions {empty[:5]} have no tokens (empty or whitespace only): every training "
+                         "caption needs at least one")
+    x_all = _as_unit_float(images)
     device = torch.device(device)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # the initial weights
     model = Reranker(RerankerConfig(text_vocab=tok.vocab_size, image_size=int(images.shape[-1]), **cfg_kw)).to(device)
-    ids = caption_ids(tok, captions)
-    x_all = _as_unit_float(images)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     bar = None
     if progress:

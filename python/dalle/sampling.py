@@ -10,26 +10,40 @@ the dense mask restricted to the prompt.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
 
 from dalle_kernels import masks as _masks
 
-from .model import DALLE
+from .model import DALLE, check_id_range
+
+
+def check_sampling_args(temperature=1.0, top_k=None, top_p=None, guidance=1.0) -> None:
+    """``ValueError`` naming the argument unless ``temperature`` is a finite float >= 0, ``top_k`` None or a
+    positive int, ``top_p`` None or a float in (0, 1] and ``guidance`` a finite float. Every sampling entry
+    point calls it before drawing anything."""
+    for name, v in (("temperature", temperature), ("guidance", guidance)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite float, got {v!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k <= 0):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real)
+                              or not 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be a float in (0, 1] or None, got {top_p!r}")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
     """Set to ``-inf`` the logits outside the ``top_k`` largest and outside the smallest set of mass ``top_p``."""
+    check_sampling_args(top_k=top_k, top_p=top_p)
     if top_k is not None:
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0:
-            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-        k = min(top_k, logits.shape[-1])
+        k = min(int(top_k), logits.shape[-1])
         kth = torch.topk(logits, k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None:
-        if not (0.0 < float(top_p) <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
         # drop a token when the mass before it already reaches top_p (the top token always stays)
@@ -40,9 +54,8 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
 
 
 def sample_from_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """One token per row of ``logits`` (B, V); ``temperature == 0`` is greedy."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+    """One token per row of ``logits`` (B, V); ``temperature == 0`` is greedy (arguments: ``check_sampling_args``)."""
+    check_sampling_args(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(-1)
     logits = filter_logits(logits.float() / temperature, top_k, top_p)
@@ -133,19 +146,21 @@ class Sampler:
         """
         m, c = self.model, self.cfg
         m.check_tokens(text)
+        check_sampling_args(temperature, top_k, top_p, guidance)
         B, dev = text.shape[0], text.device
         guidance = float(guidance)
-        if not math.isfinite(guidance):
-            raise ValueError(f"guidance must be a finite float, got {guidance!r}")
         guided = guidance != 1.0
         n0 = 0
         if image_prefix is not None:
+            if not isinstance(image_prefix, torch.Tensor):
+                raise TypeError(f"image_prefix must be a LongTensor or None, got {type(image_prefix).__name__}")
             if image_prefix.dim() == 3:
                 image_prefix = image_prefix.flatten(1)
             if image_prefix.dtype != torch.long or image_prefix.dim() != 2 or image_prefix.shape[0] != B \
                     or image_prefix.shape[1] >= c.image_len:
                 raise ValueError(f"image_prefix must be a LongTensor ({B}, n) with n < {c.image_len}, got "
                                  f"{image_prefix.dtype} {tuple(image_prefix.shape)}")
+            check_id_range(image_prefix, c.image_vocab, "image_prefix", "image_vocab")
             n0 = image_prefix.shape[1]
         if guided:
             if uncond_text is None:

@@ -69,6 +69,13 @@ class CaptionTokenizer:
             raise TypeError(f"caption must be a str, got {type(caption).__name__}")
         return (self._tok_dropout if dropout else self._tok).encode(caption).ids
 
+    def unknown_chars(self, caption: str) -> list[str]:
+        """The pieces of ``caption`` that encode to [UNK] (characters outside the tokenizer's alphabet)."""
+        if not isinstance(caption, str):
+            raise TypeError(f"caption must be a str, got {type(caption).__name__}")
+        enc = self._tok.encode(caption)
+        return [caption[a:b] for t, (a, b) in zip(enc.tokens, enc.offsets) if t == UNK]
+
     def encode_batch(self, captions, text_len: int, dropout: bool = False) -> torch.Tensor:
         """``(B, text_len)`` int64: BPE ids truncated to ``text_len``; unused slot ``i`` holds ``vocab_size + i``."""
         if isinstance(captions, str):
@@ -87,12 +94,15 @@ class CaptionTokenizer:
         return out
 
     def decode(self, ids) -> str:
-        """Caption text of one row of ids; padding ids (``>= vocab_size``) are ignored."""
+        """Caption text of one row of ids; padding ids (``>= vocab_size``) are ignored, negative ones raise."""
         if isinstance(ids, torch.Tensor):
             if ids.ndim != 1:
                 raise ValueError(f"decode takes one row of ids, got shape {tuple(ids.shape)}")
             ids = ids.tolist()
-        ids = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
+        ids = [int(i) for i in ids]
+        if any(i < 0 for i in ids):
+            raise ValueError(f"ids must be >= 0 (BPE ids, then padding ids from {self.vocab_size}), got {min(ids)}")
+        ids = [i for i in ids if i < self.vocab_size]
         return self._tok.decode(ids, skip_special_tokens=True).strip()
 
     def decode_batch(self, ids) -> list[str]:
@@ -113,6 +123,8 @@ def train_tokenizer(captions: Iterable[str], vocab_size: int, path=None, dropout
     merges) and save it to ``path`` (a file, or a folder that gets ``tokenizer.json``) when given."""
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
         raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
+    if isinstance(captions, str):
+        raise TypeError("captions must be an iterable of str, not a single str (it would train on its characters)")
     captions = [c for c in captions if isinstance(c, str) and c.strip()]
     if not captions:
         raise ValueError("train_tokenizer needs at least one non-empty caption")

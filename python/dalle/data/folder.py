@@ -11,6 +11,7 @@ ValueError that says why each candidate was dropped.
 from __future__ import annotations
 
 import csv
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -69,8 +70,13 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
                  max_aspect: float = 2.0, verify: bool = False):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if not isinstance(image_size, int) or image_size < 1:
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
             raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+        if isinstance(min_words, bool) or not isinstance(min_words, int) or min_words < 0:
+            raise ValueError(f"min_words must be a non-negative int, got {min_words!r}")
+        if isinstance(max_aspect, bool) or not isinstance(max_aspect, (int, float)) or not 1.0 <= max_aspect < math.inf:
+            raise ValueError(f"max_aspect must be a finite number >= 1 (width / height allowed in "
+                             f"[1 / max_aspect, max_aspect]), got {max_aspect!r}")
         source = Path(source)
         if source.is_dir():
             pairs, skipped = _pairs_from_folder(source)

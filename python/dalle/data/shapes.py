@@ -22,6 +22,8 @@ import re
 import numpy as np
 import torch
 
+from ..images import as_unit_float
+
 COLOURS = {
     "red": (255, 0, 0),
     "green": (0, 255, 0),
@@ -119,6 +121,8 @@ def caption_of(scene: dict, rng: np.random.Generator | None = None) -> str:
 
 def render(scene: dict, image_size: int = 32) -> torch.Tensor:
     """Draw ``scene`` as a uint8 tensor (3, S, S). Boxes are (x0, y0, width) in pixels."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
     s = image_size
     img = np.zeros((s, s, 3), dtype=np.uint8)
     yc, xc = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5  # pixel centres
@@ -149,9 +153,9 @@ class ShapesDataset(torch.utils.data.Dataset):
     def __init__(self, split: str = "train", size: int = 10000, image_size: int = 32, seed: int = 0):
         if split not in _SPLITS:
             raise ValueError(f"split must be one of {tuple(_SPLITS)}, got {split!r}")
-        if not isinstance(size, int) or size < 0:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise ValueError(f"size must be a non-negative int, got {size!r}")
-        if not isinstance(image_size, int) or image_size < 16:
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 16:
             raise ValueError(f"image_size must be an int >= 16, got {image_size!r}")
         self.split, self.size, self.image_size, self.seed = split, size, image_size, seed
         self._cache: dict[int, tuple[dict, str]] = {}
@@ -199,6 +203,8 @@ _SINGLE_RE = re.compile(_OBJ)
 
 def parse_caption(caption: str) -> dict | None:
     """The scene (without boxes) a caption in this dataset's grammar describes, or None if it does not parse."""
+    if not isinstance(caption, str):
+        raise TypeError(f"caption must be a str, got {type(caption).__name__}")
     text = " ".join(caption.lower().split())
 
     def obj(size, colour, shape):
@@ -219,13 +225,7 @@ def _as_float_hwc(image) -> np.ndarray:
     x = image.detach().cpu() if isinstance(image, torch.Tensor) else torch.as_tensor(np.asarray(image))
     if x.ndim != 3 or x.shape[0] != 3:
         raise ValueError(f"image must have shape (3, S, S), got {tuple(x.shape)}")
-    if x.dtype == torch.uint8:
-        x = x.float() / 255.0
-    elif x.is_floating_point():
-        x = x.float().clamp(0, 1)
-    else:
-        raise TypeError(f"image must be uint8 or float in [0, 1], got {x.dtype}")
-    return x.permute(1, 2, 0).numpy()
+    return as_unit_float(x, "image").permute(1, 2, 0).numpy()
 
 
 def _components(mask: np.ndarray) -> list[np.ndarray]:

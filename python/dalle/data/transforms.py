@@ -44,7 +44,9 @@ def preprocess(img: Image.Image, target: int, mode: str = "dvae", generator: tor
     """SPEC.md section 5 preprocessing of one image to a uint8 tensor (3, target, target)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if not isinstance(target, int) or target < 1:
+    if not isinstance(img, Image.Image):
+        raise TypeError(f"img must be a PIL.Image.Image, got {type(img).__name__}")
+    if isinstance(target, bool) or not isinstance(target, int) or target < 1:
         raise ValueError(f"target must be a positive int, got {target!r}")
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     img = img.convert("RGB")
@@ -82,6 +84,8 @@ def caption_problem(caption: str, min_words: int = 2, min_ascii: float = 0.9) ->
 
     "Non-English" is a cheap heuristic: fewer than ``min_ascii`` of its letters are ASCII letters.
     """
+    if not isinstance(caption, str):
+        raise TypeError(f"caption must be a str, got {type(caption).__name__}")
     text = " ".join(caption.split())
     if not text:
         return "empty_caption"
