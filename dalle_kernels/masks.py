@@ -44,6 +44,12 @@ import torch
 MASKS = ("row", "column", "conv", "conv_clipped", "conv_torus", "axial_row", "causal")
 
 
+def _is_int(x) -> bool:
+    if isinstance(x, torch.Tensor):
+        return x.numel() == 1 and not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool
+    return not isinstance(x, bool) and isinstance(x, (int, np.integer))
+
+
 def check_layout(mask: str, text_len: int, grid, kernel: int = 11) -> tuple[int, int, int]:
     """Validate the mask arguments; return ``(text_len, H, W)``."""
     if not isinstance(mask, str) or mask not in MASKS:
@@ -51,11 +57,13 @@ def check_layout(mask: str, text_len: int, grid, kernel: int = 11) -> tuple[int,
     if isinstance(text_len, bool) or not isinstance(text_len, (int, np.integer)) or text_len < 0:
         raise ValueError(f"text_len must be a non-negative int, got {text_len!r}")
     try:
-        H, W = (int(g) for g in grid)
-    except (TypeError, ValueError):
-        raise ValueError(f"grid must be a pair (H, W) of positive ints, got {grid!r}") from None
-    if H <= 0 or W <= 0:
+        pair = tuple(grid)
+    except TypeError:
+        pair = ()
+    # Ints only (a torch/NumPy integer scalar too): 4.7 or "4" would otherwise be truncated or parsed.
+    if len(pair) != 2 or not all(_is_int(g) for g in pair) or min(int(g) for g in pair) <= 0:
         raise ValueError(f"grid must be a pair (H, W) of positive ints, got {grid!r}")
+    H, W = (int(g) for g in pair)
     if isinstance(kernel, bool) or not isinstance(kernel, (int, np.integer)) or kernel <= 0 or kernel % 2 == 0:
         raise ValueError(f"kernel must be a positive odd int, got {kernel!r}")
     return int(text_len), H, W

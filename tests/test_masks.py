@@ -213,11 +213,20 @@ def test_column_transposed_layout_is_block_diagonal():
 @pytest.mark.parametrize("bad,match", [
     (dict(mask="diag"), "mask"), (dict(kernel=4), "kernel"), (dict(kernel=0), "kernel"),
     (dict(grid=(0, 4)), "grid"), (dict(grid=4), "grid"), (dict(text_len=-1), "text_len"),
+    (dict(grid=(4.7, 2.2)), "grid"), (dict(grid=("4", "2")), "grid"), (dict(grid=(3, 3, 1)), "grid"),
+    (dict(grid=(True, 3)), "grid"),
 ])
 def test_bad_arguments(bad, match):
     args = dict(mask="row", text_len=4, grid=(3, 3), kernel=3) | bad
     with pytest.raises(ValueError, match=match):
         masks.dense_mask(args["mask"], args["text_len"], args["grid"], args["kernel"])
+
+
+def test_integer_scalars_are_accepted_as_grid():
+    import numpy as np
+
+    for grid in [(np.int64(3), 4), (torch.tensor(3), torch.tensor(4)), [3, 4]]:
+        assert masks.check_layout("row", 2, grid) == (2, 3, 4)
 
 
 def test_every_mask_is_causal_and_sees_text():
