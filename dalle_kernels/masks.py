@@ -329,12 +329,12 @@ def _main(argv=None):
 
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.block and not args.tiles:
+        parser.error("argument --block: sets the tiles of --tiles; give --tiles too")
     if not args.out and not args.tiles:
         parser.error("give --out DIR and/or --tiles")
     if args.out is not None and (not args.out or Path(args.out).exists() and not Path(args.out).is_dir()):
         parser.error(f"argument --out: expected a folder, got {args.out!r}")
-    if args.block and not args.tiles:
-        parser.error("argument --block: sets the tiles of --tiles; give --tiles too")
     if args.out:
         for path in save_mask_pngs(args.out):
             print(path)

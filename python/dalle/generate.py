@@ -1,8 +1,9 @@
 """Generate images from captions with a trained run and write a PNG grid.
 
-    python -m dalle.generate --run runs/demo "a red circle above a blue square" -n 8
-    python -m dalle.generate --run runs/demo "a green triangle" -n 4 --rerank 8     # best 4 of 32 (reranker)
-    python -m dalle.generate --run runs/demo "a red square" --prompt-image img.png --prompt-rows 3
+    python -m dalle.generate --run runs/demo "a red circle above a blue square" -n 8 --out circles.png
+    python -m dalle.generate --run runs/demo "a green triangle" -n 4 --rerank 8 --out triangles.png  # best 4 of 32
+    python -m dalle.generate --run runs/demo "a large red square on top of a blue circle" \
+        --prompt-image docs/demo/prompt.png --prompt-rows 3 --out completed.png
 
 Sampling uses the key/value cache of ``dalle.sampling`` (temperature, top-k, top-p, ``--guidance`` for
 classifier-free guidance). ``--rerank K`` draws ``K`` candidates per requested image and keeps the best:

@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=cli.positive_float, default=1e-3, help="transformer peak step size")
     p.add_argument("--warmup", type=cli.nonneg_int, default=100, help="transformer warm-up updates")
     p.add_argument("--dataset-size", type=cli.positive_int, default=8000,
-                   help="training captions/images for the transformer")
+                   help="training caption-image pairs for the transformer")
     p.add_argument("--text-len", type=cli.positive_int, default=24,
                    help="text slots (clean captions use <= 15 BPE ids; BPE dropout makes longer ones)")
     p.add_argument("--eval-captions", type=cli.positive_int, default=100, help="captions sampled per split")

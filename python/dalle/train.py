@@ -1,7 +1,7 @@
 """Train the DALL-E transformer on captioned images (SPEC.md sections 2 and 4).
 
-    python -m dalle.train --run runs/demo --dvae runs/demo/dvae.pt --steps 2000
-    torchrun --nproc_per_node 2 -m dalle.train --run-dir runs/ddp --dvae runs/demo/dvae.pt [--powersgd-rank 4]
+    python -m dalle.train --run runs/mine --dvae runs/dvae/dvae.pt --steps 2000
+    torchrun --nproc_per_node 2 -m dalle.train --run-dir runs/ddp --dvae runs/dvae/dvae.pt [--powersgd-rank 4]
 
 Data (built-in captioned shapes): the captions train a BPE tokenizer (``RUN/tokenizer.json``); every image is
 encoded once by the frozen dVAE (argmax codes) and cached with the tokenized captions in
@@ -455,7 +455,7 @@ def _flag_specs() -> dict:
         "head_dim": (cli.nonneg_int, "channels per head (0: the preset's)"),
         "text_len": (cli.positive_int, "text slots"),
         "bpe_vocab": (cli.positive_int, "BPE vocabulary size"),
-        "dataset_size": (cli.positive_int, "training captions/images (built-in captioned shapes)"),
+        "dataset_size": (cli.positive_int, "training caption-image pairs (built-in captioned shapes)"),
         "data_seed": (cli.nonneg_int, "seed of the built-in dataset"),
         "steps": (cli.positive_int, "updates"),
         "batch_size": (cli.positive_int, "global batch size"),

@@ -361,8 +361,8 @@ def _flag_specs() -> dict:
     return {
         "run": (cli.output_dir, "run folder to write"),
         "preset": (tuple(PRESETS), "model size and schedules"),
-        "data": (_data_source, "shapes (the built-in captioned shapes), an image folder, or a .tsv/.csv of "
-                               "(path, caption) rows"),
+        "data": (_data_source, "shapes (the built-in captioned shapes), an image folder, or a .tsv or .csv "
+                               "table of (path, caption) rows"),
         "image_size": (cli.positive_int, "image side in pixels (default: the preset's)"),
         "n_hid": (cli.positive_int, "hidden channels (default: the preset's)"),
         "n_init": (cli.positive_int, "channels of the first convolution (default: the preset's)"),
