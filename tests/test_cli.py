@@ -318,6 +318,10 @@ def test_generate_flags_that_do_nothing(tmp_path, capsys, no_work, trained_run):
     with pytest.raises(WorkStarted):
         dalle.generate.main([*run, "a red circle", "--rank-by", "scorer", "-n", "1"])
     assert "--rank-by scorer: has no effect with --rerank 1" in capsys.readouterr().err
+    with pytest.raises(WorkStarted):
+        dalle.generate.main([*run, "a red circle", "--temperature", "0", "--rerank", "2", "--top-p", "0.5"])
+    err = capsys.readouterr().err
+    assert "same greedy draw" in err and "--top-p 0.5: has no effect" in err
 
 
 def test_generate_out_must_be_a_png_file(tmp_path, capsys, no_work, trained_run):
@@ -455,7 +459,7 @@ def named_paths(text: str) -> set[str]:
 
 
 def readme_code() -> str:
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "README.md").read_text().replace("\\\n", " ")  # one line per command
     fenced = re.findall(r"```.*?\n(.*?)```", text, flags=re.S)
     indented = [ln for ln in text.splitlines() if ln.startswith("    ") and not ln.startswith("    -")]
     spans = re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))

@@ -13,11 +13,11 @@ import math
 import sys
 from pathlib import Path
 
-from dalle_kernels._cli import Parser, positive_int  # noqa: F401 - Parser: usage errors in one line
+from dalle_kernels._cli import Parser, int_at_least, positive_int  # noqa: F401 - shared with dalle_kernels
 
-# The files a trained transformer run folder must hold, by role; any one name of a role will do. The loaders
-# (dalle.train.load_run_model, dalle.tokenizer.CaptionTokenizer.load, dalle.generate.run_dvae_path) read
-# these; change this table with them.
+# The files (or folders) a trained transformer run folder must hold, by role; any one name of a role will do.
+# The loaders (dalle.train.load_run_model, dalle.tokenizer.CaptionTokenizer.load, dalle.generate.run_dvae_path)
+# read these; change this table with them.
 RUN_FILES = {
     "model": ("dalle.pt", "checkpoint.pt"),  # the final weights, else the latest training checkpoint
     "tokenizer": ("tokenizer.json",),
@@ -34,27 +34,6 @@ def warn(message: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ value types
-def _number(kind, text: str):
-    try:
-        v = kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
-    if kind is float and not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return v
-
-
-def int_at_least(low: int):
-    """argparse type: an integer ``>= low``."""
-    def check(text):
-        v = _number(int, text)
-        if v < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
-        return v
-    check.__name__ = f"int >= {low}"
-    return check
-
-
 nonneg_int = int_at_least(0)
 
 
@@ -67,9 +46,13 @@ def float_in(low=None, high=None, low_open=False, high_open=False):
             f"a number {'<' if high_open else '<='} {high:g}" if high is not None else "a finite number")
 
     def check(text):
-        v = _number(float, text)
-        if low is not None and (v < low or (low_open and v == low)) or \
-                high is not None and (v > high or (high_open and v == high)):
+        try:
+            v = float(text)
+        except ValueError:
+            v = math.nan
+        below = low is not None and (v < low or (low_open and v == low))
+        above = high is not None and (v > high or (high_open and v == high))
+        if not math.isfinite(v) or below or above:  # nan and inf are never what a flag means
             raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
         return v
     check.__name__ = want
@@ -142,7 +125,7 @@ def check_run(parser, run: str, flag: str = "--run") -> Path:
     if not path.is_dir():
         parser.error(f"argument {flag}: no run folder {run!r} (a trained run holds "
                      f"{_files_wanted(path)}; train one with python -m dalle.pipeline or dalle.train)")
-    missing = [names for names in RUN_FILES.values() if not any((path / n).is_file() for n in names)]
+    missing = [names for names in RUN_FILES.values() if not any((path / n).exists() for n in names)]
     if missing:
         parser.error(f"argument {flag}: {run!r} is not a trained run: looked for {_files_wanted(path)}; "
                      f"missing {', '.join(' or '.join(str(path / n) for n in names) for names in missing)}")
@@ -185,3 +168,14 @@ def name_flags(message: str, fields) -> str:
     for name in sorted(fields, key=len, reverse=True):
         message = re.sub(rf"(?<![\w-])(?:\w+Config\.)?{name}\b", "--" + name.replace("_", "-"), message)
     return message
+
+
+def warn_greedy(temperature: float, rerank: int, top_k=None, top_p=None) -> None:
+    """``--temperature 0`` samples greedily: every candidate is the same image and top-k/top-p change nothing."""
+    if temperature != 0:
+        return
+    if rerank > 1:
+        warn(f"--rerank {rerank} with --temperature 0: every candidate is the same greedy draw")
+    for flag, value in (("--top-k", top_k), ("--top-p", top_p)):
+        if value is not None:
+            warn(f"{flag} {value:g}: has no effect with --temperature 0 (greedy)")

@@ -8,8 +8,9 @@
 Sampling uses the key/value cache of ``dalle.sampling`` (temperature, top-k, top-p, ``--guidance`` for
 classifier-free guidance). ``--rerank K`` draws ``K`` candidates per requested image and keeps the best:
 by the run's learned reranker (``RUN/reranker.pt``, ``dalle.rerank``; the paper's CLIP step) when it has
-one, else (or with ``--rank-by scorer``) those the built-in dataset's deterministic scorer accepts (captions
-it cannot parse are then not reranked). ``--prompt-image`` completes an image from its first rows.
+one, else (or with ``--rank-by scorer``) those the built-in dataset's deterministic scorer accepts (a caption
+it cannot parse keeps its draw order, with a warning; when it parses none, ``--rerank`` is a usage error).
+``--prompt-image`` completes an image from its first rows.
 """
 from __future__ import annotations
 
@@ -166,13 +167,14 @@ def parse_args(argv=None):
                 im.verify()
         except Exception as e:  # noqa: BLE001 - any decoder failure: not an image this tool can read
             p.error(f"argument --prompt-image: {a.prompt_image!r} is not an image file Pillow can read ({e})")
+    cli.warn_greedy(a.temperature, a.rerank, a.top_k, a.top_p)
     rr_path = run / cli.RERANKER_FILE
-    if a.rank_by == "reranker" and not rr_path.is_file():
+    if a.rank_by == "reranker" and not rr_path.exists():
         p.error(f"argument --rank-by: reranker: {rr_path} does not exist "
                 f"(train it: python -m dalle.rerank --run {a.run})")
     if a.rerank == 1 and a.rank_by != "auto":
         cli.warn(f"--rank-by {a.rank_by}: has no effect with --rerank 1 (nothing to choose among)")
-    if a.rerank > 1 and (a.rank_by == "scorer" or not rr_path.is_file()):
+    if a.rerank > 1 and (a.rank_by == "scorer" or not rr_path.exists()):
         unparsed = [c for c in a.captions if scene_of(c) is None]
         why = "--rank-by scorer" if a.rank_by == "scorer" else f"{rr_path} does not exist"
         if len(unparsed) == len(a.captions):

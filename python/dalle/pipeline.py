@@ -124,6 +124,7 @@ def parse_args(argv=None):
     if a.guidance != 1.0 and a.cond_dropout == 0.0:
         cli.warn(f"--guidance {a.guidance:g} on a transformer trained without caption dropout: its empty-caption "
                  "logits were never trained (give --cond-dropout P too)")
+    cli.warn_greedy(a.temperature, a.rerank, a.top_k)
     if a.rerank == 1 and a.reranker_steps > 0:
         cli.warn(f"--rerank 1: one candidate per caption, nothing for the reranker to choose among; "
                  f"--reranker-steps 0 skips training it")

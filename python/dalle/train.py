@@ -517,7 +517,7 @@ def parse_args(argv=None):
     p = build_parser()
     a = p.parse_args(argv)
     cfg = TrainConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)})
-    if not cfg.dvae_path.is_file():
+    if not cfg.dvae_path.exists():
         looked = str(cfg.dvae_path) if cfg.dvae else " and ".join(str(Path(cfg.run) / n) for n in cli.RUN_DVAE_FILES)
         p.error(f"argument --dvae: no dVAE file: looked for {looked} (train one: python -m dalle.train_dvae)")
     cli.check_precision(p, cfg.precision, cfg.device)
