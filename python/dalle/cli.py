@@ -82,6 +82,14 @@ def output_dir(text: str) -> str:
     return text
 
 
+DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N"
+
+
+def kind_kwargs(kind) -> dict:
+    """``add_argument`` keywords for a flag whose values are ``kind``: a tuple of choices or a type function."""
+    return {"choices": kind} if isinstance(kind, tuple) else {"type": kind}
+
+
 def device(text: str) -> str:
     """argparse type: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``, checked against this machine."""
     import torch
@@ -119,6 +127,14 @@ def check_precision(parser, precision: str, device_text: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ run folders
+def check_resume(parser, *runs) -> None:
+    """``--resume`` needs a training checkpoint in one of the ``runs`` folders."""
+    looked = [Path(r) / CHECKPOINT_FILE for r in runs]
+    if not any(p.is_file() for p in looked):
+        parser.error(f"argument --resume: nothing to resume: no checkpoint at {' or '.join(map(str, looked))}")
+
+
+
 def check_run(parser, run: str, flag: str = "--run") -> Path:
     """A trained transformer run folder with every file of ``RUN_FILES``, else a usage error listing them."""
     path = Path(run)

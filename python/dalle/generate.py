@@ -137,7 +137,7 @@ def build_parser():
     p.add_argument("--prompt-rows", type=cli.positive_int, default=None,
                    help="token rows of --prompt-image to keep (default 2; at most the grid's rows - 1)")
     p.add_argument("--seed", type=cli.nonneg_int, default=0, help="seed of the sampler")
-    p.add_argument("--device", type=cli.device, default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument("--device", type=cli.device, default="auto", help=cli.DEVICE_HELP)
     return p
 
 

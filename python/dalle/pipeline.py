@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=cli.finite_float, default=1.0,
                    help="classifier-free guidance scale when sampling (1: off; needs --cond-dropout > 0)")
     p.add_argument("--seed", type=cli.nonneg_int, default=0, help="seed of every random draw")
-    p.add_argument("--device", type=cli.device, default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument("--device", type=cli.device, default="auto", help=cli.DEVICE_HELP)
     p.add_argument("--attn-backend", default="auto", choices=cli.ATTN_BACKENDS,
                    help="dalle_kernels.sparse_attention backend")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run (dVAE or transformer)")
@@ -117,10 +117,8 @@ def parse_args(argv=None):
     p = build_parser()
     a = p.parse_args(argv)
     cli.check_attn_backend(p, a.attn_backend, a.device)
-    run = Path(a.run)
-    if a.resume and not any((run / f).is_file() for f in (cli.CHECKPOINT_FILE, "dvae/" + cli.CHECKPOINT_FILE)):
-        p.error(f"argument --resume: nothing to resume in {run} (looked for {run / cli.CHECKPOINT_FILE} and "
-                f"{run / 'dvae' / cli.CHECKPOINT_FILE})")
+    if a.resume:  # the transformer's checkpoint, or the dVAE's in RUN/dvae/
+        cli.check_resume(p, a.run, Path(a.run) / "dvae")
     if a.guidance != 1.0 and a.cond_dropout == 0.0:
         cli.warn(f"--guidance {a.guidance:g} on a transformer trained without caption dropout: its empty-caption "
                  "logits were never trained (give --cond-dropout P too)")

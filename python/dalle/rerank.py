@@ -255,7 +255,7 @@ def build_parser():
                                                "RUN/reranker.pt")
     p.add_argument("--steps", type=cli.positive_int, default=4000, help="updates")
     p.add_argument("--seed", type=cli.nonneg_int, default=0, help="seed of the init, the batches and the noise")
-    p.add_argument("--device", type=cli.device, default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument("--device", type=cli.device, default="auto", help=cli.DEVICE_HELP)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
 

@@ -474,7 +474,7 @@ def _flag_specs() -> dict:
                                                "the dVAE's codes (dalle.model.CodeEmbedding)"),
         "dropout_variants": (cli.positive_int, "BPE-dropout encodings cached per caption"),
         "seed": (cli.nonneg_int, "seed of the model init and the batches"),
-        "device": (cli.device, "auto (CUDA when available), cpu, cuda or cuda:N"),
+        "device": (cli.device, cli.DEVICE_HELP),
         "precision": (("auto", "fp32", "bf16", "fp16"),
                       "auto: bf16 autocast on CUDA, fp32 on the CPU; bf16 and fp16 need CUDA"),
         "grad_scale": (("auto", "on", "off"), "per-resblock gradient scaling (auto: on with fp16)"),
@@ -503,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
         if f.type in ("bool", bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
             continue
-        kw = {"choices": kind} if isinstance(kind, tuple) else {"type": kind}
+        kw = cli.kind_kwargs(kind)
         flags = [flag, "--run-dir"] if f.name == "run" else [flag]  # torchrun takes --run as ambiguous
         p.add_argument(*flags, default=f.default if f.default is not dataclasses.MISSING else None,
                        required=f.default is dataclasses.MISSING, help=help_, **kw)
@@ -524,9 +524,8 @@ def parse_args(argv=None):
     cli.check_attn_backend(p, cfg.attn_backend, cfg.device)
     if cfg.powersgd_rank and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         p.error("argument --powersgd-rank: needs several data-parallel workers (run under torchrun)")
-    ckpt = Path(cfg.run) / cli.CHECKPOINT_FILE
-    if a.resume and not ckpt.is_file():
-        p.error(f"argument --resume: no checkpoint at {ckpt}")
+    if a.resume:
+        cli.check_resume(p, cfg.run)
     return cfg, a.resume
 
 

@@ -392,7 +392,7 @@ def _flag_specs() -> dict:
         "tau_steps": (cli.positive_int, "updates of the temperature schedule (default: the ELBO updates)"),
         "weight_decay": (cli.nonneg_float, "AdamW weight decay"),
         "seed": (cli.nonneg_int, "seed of the init, the batches and the noise"),
-        "device": (cli.device, "auto (CUDA when available), cpu, cuda or cuda:N"),
+        "device": (cli.device, cli.DEVICE_HELP),
         "precision": (("auto", "bf16", "fp16", "fp32"), "autocast on CUDA (auto: bf16); the CPU runs fp32"),
         "threads": (cli.nonneg_int, "torch CPU threads (0: torch's default)"),
         "workers": (cli.nonneg_int, "DataLoader workers for real data"),
@@ -433,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
             else:
                 p.add_argument(flag, dest=f.name, action="store_true", help=help_)
             continue
-        kw = {"choices": kind} if isinstance(kind, tuple) else {"type": kind}
+        kw = cli.kind_kwargs(kind)
         p.add_argument(flag, dest=f.name, default=default, help=help_, **kw)
     return p
 
@@ -445,9 +445,8 @@ def parse_args(argv=None) -> TrainDVAEConfig:
     p = build_parser()
     cfg = TrainDVAEConfig(**vars(p.parse_args(argv)))
     cli.check_precision(p, cfg.precision, cfg.device)
-    ckpt = Path(cfg.run) / cli.CHECKPOINT_FILE
-    if cfg.resume and not ckpt.is_file():
-        p.error(f"argument --resume: no checkpoint at {ckpt}")
+    if cfg.resume:
+        cli.check_resume(p, cfg.run)
     if cfg.kmeans_warmup_steps is not None and cfg.kmeans_warmup_steps >= cfg.steps:
         p.error(f"argument --kmeans-warmup-steps: must be less than --steps ({cfg.steps}), "
                 f"got {cfg.kmeans_warmup_steps}")
