@@ -145,6 +145,15 @@ def tile_report(T=256, grid=(32, 32)):
     return "\n".join(lines)
 
 
+def build_parser():
+    import argparse
+
+    return argparse.ArgumentParser(prog="python benchmarks/bench_attention.py",
+                                   description="Print the tiles the Triton attention kernels visit per mask at the "
+                                               "paper shape (no GPU needed). The benchmarks run under pytest.")
+
+
 if __name__ == "__main__":
+    build_parser().parse_args()
     print(f"paper shape T=256, 32 x 32, head_dim 64, conv {KERNEL} x {KERNEL}")
     print(tile_report())

@@ -7,8 +7,10 @@ benchmarks wrote. The figures are the ``extra_info`` keys the files under ``benc
 ``tflops`` (useful TFLOP/s), ``gbps`` (GB/s), ``peak_mem_mb`` (GPU), ``max_err`` / ``loss_rel_err`` /
 ``ortho_error`` / ``grad_max_err`` (accuracy against a float64 reference), ``compression`` (PowerSGD).
 """
+import argparse
 import json
 import sys
+from pathlib import Path
 
 FIGURES = ["tflops", "gbps", "peak_mem_mb", "max_err", "loss_rel_err", "ortho_error", "grad_max_err", "compression"]
 ENV_KEYS = ["device_name", "torch", "triton", "cuda", "dalle_kernels", "cuda_extension"]
@@ -57,12 +59,29 @@ def tables(rows) -> str:
     return "\n".join(out)
 
 
-def main(paths) -> None:
-    rows, headers = load(paths)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python benchmarks/summarize.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("paths", nargs="*", default=["benchmarks.json"], metavar="FILE.json",
+                   help="pytest-benchmark JSON files (written by --benchmark-json); default: benchmarks.json")
+    return p
+
+
+def main(argv=None) -> None:
+    """Print the tables; a missing or unreadable file is a usage error (exit status 2), not a traceback."""
+    p = build_parser()
+    paths = p.parse_args(argv).paths
+    for path in paths:
+        if not Path(path).is_file():
+            p.error(f"argument FILE.json: no such file: {path!r}")
+    try:
+        rows, headers = load(paths)
+        text = tables(rows) if rows else ""
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSON that is not pytest-benchmark's
+        p.error(f"argument FILE.json: not a pytest-benchmark JSON file ({type(e).__name__}: {e})")
     print("\n".join(headers) + "\n")
-    if rows:
-        print(tables(rows))
+    if text:
+        print(text)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["benchmarks.json"])
+    main()

@@ -370,20 +370,31 @@ def save_mask_pngs(out_dir, sizes=None, names=MASKS):
     return paths
 
 
-def _main(argv=None):
-    import argparse
+def _parser():
+    from ._cli import Parser, positive_int
 
-    parser = argparse.ArgumentParser(prog="python -m dalle_kernels masks",
-                                     description="Draw DALL-E's attention masks as PNGs, or count kernel tiles.")
-    parser.add_argument("--out", help="directory for the PNGs (SPEC.md's T=6, 4x4, 3x3 conv example and "
-                                      "a T=16, 16x16 view)")
+    parser = Parser(prog="python -m dalle_kernels masks",
+                    description="Draw DALL-E's attention masks as PNGs, or count kernel tiles.")
+    parser.add_argument("--out", help="folder for the PNGs (text length 6, 4x4 grid, 3x3 conv; and text length "
+                                      "16, 16x16 grid, 11x11 conv)")
     parser.add_argument("--tiles", action="store_true",
                         help="print tiles visited per mask vs dense causal at the paper shape (T=256, 32x32)")
-    parser.add_argument("--block", type=int, nargs=2, action="append", metavar=("BM", "BN"),
+    parser.add_argument("--block", type=positive_int, nargs=2, action="append", metavar=("BM", "BN"),
                         help="tile shape for --tiles (repeatable; default: 128 128, 64 64, 64 32)")
+    return parser
+
+
+def _main(argv=None):
+    from pathlib import Path
+
+    parser = _parser()
     args = parser.parse_args(argv)
+    if args.block and not args.tiles:
+        parser.error("argument --block: sets the tiles of --tiles; give --tiles too")
     if not args.out and not args.tiles:
         parser.error("give --out DIR and/or --tiles")
+    if args.out is not None and (not args.out or Path(args.out).exists() and not Path(args.out).is_dir()):
+        parser.error(f"argument --out: expected a folder, got {args.out!r}")
     if args.out:
         for path in save_mask_pngs(args.out):
             print(path)

@@ -139,10 +139,20 @@ def test_no_register_spills(compiled, arch):
         assert r["regs"] <= 255 and r["shared"] <= 227 * 1024, r
 
 
+def build_parser():
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python tests/test_aot_compile.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--all", action="store_true",
+                   help="every head_dim (16 to 128), not only the test's head_dim 64 cases")
+    return p
+
+
 if __name__ == "__main__":
+    args = build_parser().parse_args()
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     cases = CASES
-    if "--all" in sys.argv:
+    if args.all:
         cases = [(arch, kernel, dtype, d, mask) for arch in (80, 90) for d in (16, 32, 64, 128)
                  for kernel in KERNELS for dtype, mask in (("fp16", "conv"), ("bf16", "column"))]
     print(format_table(compile_all(cases)))

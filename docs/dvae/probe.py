@@ -26,29 +26,40 @@ from dalle.train_dvae import TrainDVAEConfig, _Batches, _heldout, evaluate
 from dalle_kernels import logit_laplace_loss, map_pixels
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--vocab", type=int, default=512)
+def build_parser():
+    from dalle import cli
+
+    p = cli.Parser(prog="python docs/dvae/probe.py", description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=cli.positive_int, default=500, help="updates")
+    p.add_argument("--batch-size", type=cli.positive_int, default=32, help="batch size")
+    p.add_argument("--lr", type=cli.positive_float, default=1e-3, help="Adam step size")
+    p.add_argument("--beta", type=cli.nonneg_float, default=0.1, help="KL weight")
+    p.add_argument("--vocab", type=cli.int_at_least(2), default=512, help="codebook size")
     p.add_argument("--init", choices=("default", "released"), default="default",
                    help="released: conv weights N(0, 1/fan_in), zero biases, as in the released dVAE code (the "
                         "model's own init); default: PyTorch's default, logit layer scaled by 0.02 (the old init)")
-    p.add_argument("--relax", choices=("gumbel", "hard", "softmax", "continuous"), default="gumbel")
-    p.add_argument("--loss", choices=("logit-laplace", "mse"), default="logit-laplace")
-    p.add_argument("--lnb-min", type=float, default=None, help="soft floor on the decoder's ln b")
-    p.add_argument("--centre-logits", type=float, default=None,
+    p.add_argument("--relax", choices=("gumbel", "hard", "softmax", "continuous"), default="gumbel",
+                   help="what the decoder sees: a Gumbel-softmax sample, its hard one-hot, the softmax, or the "
+                        "encoder logits themselves (no bottleneck)")
+    p.add_argument("--loss", choices=("logit-laplace", "mse"), default="logit-laplace",
+                   help="reconstruction loss (mse: a squared error on sigmoid(mu), a comparison only)")
+    p.add_argument("--lnb-min", type=cli.finite_float, default=None, help="soft floor on the decoder's ln b")
+    p.add_argument("--centre-logits", type=cli.nonneg_float, default=None,
                    help="Encoder.init_logits_from_data with this std (the trainer's --logit-init-std)")
-    p.add_argument("--usage", type=float, default=0.0,
+    p.add_argument("--usage", type=cli.nonneg_float, default=0.0,
                    help="weight of a codebook-usage term: minus the entropy of the batch-mean posterior")
-    p.add_argument("--encoder-lr", type=float, default=1.0, help="encoder step size as a multiple of --lr")
-    p.add_argument("--dequant", type=float, default=0.0,
+    p.add_argument("--encoder-lr", type=cli.positive_float, default=1.0,
+                   help="encoder step size as a multiple of --lr")
+    p.add_argument("--dequant", type=cli.nonneg_float, default=0.0,
                    help="uniform dequantization noise of the NLL target, in 8-bit levels")
-    p.add_argument("--fixed-lnb-steps", type=int, default=0,
+    p.add_argument("--fixed-lnb-steps", type=cli.nonneg_int, default=0,
                    help="for the first N updates the NLL uses ln b = 0 (the decoder's ln b output is not used)")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=cli.positive_int, default=1, help="torch CPU threads")
+    return p
+
+
+def main():
+    p = build_parser()
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)

@@ -1,14 +1,16 @@
 """Generate images from captions with a trained run and write a PNG grid.
 
-    python -m dalle.generate --run runs/demo "a red circle above a blue square" -n 8
-    python -m dalle.generate --run runs/demo "a green triangle" -n 4 --rerank 8     # best 4 of 32 (reranker)
-    python -m dalle.generate --run runs/demo "a red square" --prompt-image img.png --prompt-rows 3
+    python -m dalle.generate --run runs/demo "a red circle above a blue square" -n 8 --out circles.png
+    python -m dalle.generate --run runs/demo "a green triangle" -n 4 --rerank 8 --out triangles.png  # best 4 of 32
+    python -m dalle.generate --run runs/demo "a large red square on top of a blue circle" \
+        --prompt-image docs/demo/prompt.png --prompt-rows 3 --out completed.png
 
 Sampling uses the key/value cache of ``dalle.sampling`` (temperature, top-k, top-p, ``--guidance`` for
 classifier-free guidance). ``--rerank K`` draws ``K`` candidates per requested image and keeps the best:
 by the run's learned reranker (``RUN/reranker.pt``, ``dalle.rerank``; the paper's CLIP step) when it has
-one, else (or with ``--rank-by scorer``) those the built-in dataset's deterministic scorer accepts (captions
-it cannot parse are then not reranked). ``--prompt-image`` completes an image from its first rows.
+one, else (or with ``--rank-by scorer``) those the built-in dataset's deterministic scorer accepts (a caption
+it cannot parse keeps its draw order, with a warning; when it parses none, ``--rerank`` is a usage error).
+``--prompt-image`` completes an image from its first rows.
 """
 from __future__ import annotations
 
@@ -208,36 +210,108 @@ def load_prompt_tokens(path, dvae, rows: int, grid) -> torch.Tensor:
     return codes[0, : rows * grid[1]]
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m dalle.generate", description=__doc__.split("\n\n")[0])
+def build_parser():
+    from . import cli
+
+    p = cli.Parser(prog="python -m dalle.generate", description=__doc__.split("\n\n")[0])
     p.add_argument("captions", nargs="+", help="one or more captions")
-    p.add_argument("--run", required=True, help="run directory written by dalle.train / dalle.pipeline")
-    p.add_argument("-n", type=int, default=8, help="images per caption")
-    p.add_argument("--out", default=None, help="PNG path (default RUN/generated.png)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--guidance", type=float, default=1.0,
+    p.add_argument("--run", required=True, help="run folder written by dalle.train / dalle.pipeline")
+    p.add_argument("-n", type=cli.positive_int, default=8, help="images per caption")
+    p.add_argument("--out", type=_png_path, default=None, help="PNG file to write (default RUN/generated.png)")
+    p.add_argument("--temperature", type=cli.nonneg_float, default=1.0,
+                   help="sampling temperature (0: always the likeliest token)")
+    p.add_argument("--top-k", type=cli.positive_int, default=None, help="sample among the k likeliest image tokens")
+    p.add_argument("--top-p", type=cli.float_in(0.0, 1.0, low_open=True), default=None,
+                   help="sample among the likeliest image tokens of total probability p, in (0, 1]")
+    p.add_argument("--guidance", type=cli.finite_float, default=1.0,
                    help="classifier-free guidance scale (1 = off; for a run trained with --cond-dropout)")
-    p.add_argument("--rerank", type=int, default=1, help="candidates per kept image (best kept, see --rank-by)")
+    p.add_argument("--rerank", type=cli.positive_int, default=1,
+                   help="candidates per kept image (best kept, see --rank-by)")
     p.add_argument("--rank-by", default="auto", choices=("auto", "reranker", "scorer"),
                    help="auto: RUN/reranker.pt when the run has one, else the built-in dataset's scorer")
-    p.add_argument("--prompt-image", default=None, help="complete this image from its first rows")
-    p.add_argument("--prompt-rows", type=int, default=2, help="token rows of --prompt-image to keep")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--prompt-image", type=cli.existing_file, default=None,
+                   help="complete this image from its first rows")
+    p.add_argument("--prompt-rows", type=cli.positive_int, default=None,
+                   help="token rows of --prompt-image to keep (default 2; at most the grid's rows - 1)")
+    p.add_argument("--seed", type=cli.nonneg_int, default=0, help="seed of the sampler")
+    p.add_argument("--device", type=cli.device, default="auto", help=cli.DEVICE_HELP)
+    return p
+
+
+def _png_path(text: str) -> str:
+    """argparse type of ``--out``: a .png file path (the grid is written as PNG), not a folder."""
+    import argparse
+
+    if Path(text).suffix.lower() != ".png" or Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"expected a .png file path, got {text!r}")
+    return text
+
+
+def parse_args(argv=None):
+    """``(parser, args)`` with every check that needs no model done: the run's files, the prompt image."""
+    from . import cli
+
+    p = build_parser()
     a = p.parse_args(argv)
+    run = cli.check_run(p, a.run)
+    if a.prompt_image is None and a.prompt_rows is not None:
+        cli.warn(f"--prompt-rows {a.prompt_rows}: has no effect without --prompt-image")
+    if a.prompt_image is not None:
+        from PIL import Image
+
+        try:
+            with Image.open(a.prompt_image) as im:
+                im.verify()
+        except Exception as e:  # noqa: BLE001 - any decoder failure: not an image this tool can read
+            p.error(f"argument --prompt-image: {a.prompt_image!r} is not an image file Pillow can read ({e})")
+    cli.warn_greedy(a.temperature, a.rerank, a.top_k, a.top_p)
+    rr_path = run / cli.RERANKER_FILE
+    if a.rank_by == "reranker" and not rr_path.exists():
+        p.error(f"argument --rank-by: reranker: {rr_path} does not exist "
+                f"(train it: python -m dalle.rerank --run {a.run})")
+    if a.rerank == 1 and a.rank_by != "auto":
+        cli.warn(f"--rank-by {a.rank_by}: has no effect with --rerank 1 (nothing to choose among)")
+    if a.rerank > 1 and (a.rank_by == "scorer" or not rr_path.exists()):
+        unparsed = [c for c in a.captions if scene_of(c) is None]
+        why = "--rank-by scorer" if a.rank_by == "scorer" else f"{rr_path} does not exist"
+        if len(unparsed) == len(a.captions):
+            p.error(f"argument --rerank: nothing to rank by: {why} and the built-in dataset's scorer cannot "
+                    f"parse any caption (train a reranker: python -m dalle.rerank --run {a.run})")
+        for c in unparsed:
+            cli.warn(f"--rerank {a.rerank}: {why} and the scorer cannot parse {c!r}: its images are kept in "
+                     "draw order")
+    return p, a
+
+
+def main(argv=None):
+    from . import cli
+
+    p, a = parse_args(argv)
     device = pick_device(a.device)
-    model, tok, dvae = load_run(a.run, device)
-    prefix = load_prompt_tokens(a.prompt_image, dvae, a.prompt_rows, model.cfg.grid) if a.prompt_image else None
+    try:
+        model, tok, dvae = load_run(a.run, device)
+    except FileNotFoundError as e:
+        cli.run_load_failed(p, a.run, e)
+    rows = 2 if a.prompt_rows is None else a.prompt_rows
+    if a.prompt_image is not None and not rows < model.cfg.grid[0]:
+        p.error(f"argument --prompt-rows: this run's grid has {model.cfg.grid[0]} rows; expected 1 to "
+                f"{model.cfg.grid[0] - 1}, got {rows}")
+    if a.guidance != 1.0:
+        from .train import load_run_model
+
+        if not load_run_model(a.run)[1].get("train_config", {}).get("cond_dropout", 0.0):
+            cli.warn(f"--guidance {a.guidance:g}: {a.run} was trained without caption dropout (--cond-dropout), "
+                     "so its empty-caption logits were never trained")
+    prefix = load_prompt_tokens(a.prompt_image, dvae, rows, model.cfg.grid) if a.prompt_image else None
     reranker = None
-    rr_path = Path(a.run) / "reranker.pt"
-    if a.rank_by == "reranker" and not rr_path.is_file():
-        p.error(f"--rank-by reranker: {rr_path} does not exist (train it: python -m dalle.rerank --run {a.run})")
+    rr_path = Path(a.run) / cli.RERANKER_FILE
     if a.rerank > 1 and a.rank_by != "scorer" and rr_path.is_file():
         from .rerank import Reranker
 
-        reranker = Reranker.load(rr_path, map_location=device)
+        try:
+            reranker = Reranker.load(rr_path, map_location=device)
+        except ValueError as e:  # written by an earlier version: the message says how to train it again
+            p.error(f"argument --rank-by: {e}")
     g = torch.Generator(device=device).manual_seed(a.seed)
     images = sample_captions(model, tok, dvae, a.captions, n=a.n, rerank=a.rerank, temperature=a.temperature,
                              top_k=a.top_k, top_p=a.top_p, image_prefix=prefix, generator=g, guidance=a.guidance,

@@ -68,40 +68,69 @@ def evaluate_split(model, tok, dvae, split, n_captions, rerank, top_k, temperatu
     return res, captions, images[:, 0], images[torch.arange(len(captions)), pick]
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m dalle.pipeline", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", default="runs/demo")
-    p.add_argument("--dvae-steps", type=int, default=1200)
-    p.add_argument("--dvae-images", type=int, default=20000)
-    p.add_argument("--dvae-eval-images", type=int, default=256)
-    p.add_argument("--steps", type=int, default=4000, help="transformer updates")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--dataset-size", type=int, default=8000, help="training captions/images for the transformer")
-    p.add_argument("--text-len", type=int, default=24, help="text slots (clean captions use <= 15 BPE ids; BPE dropout makes longer ones)")
-    p.add_argument("--eval-captions", type=int, default=100)
-    p.add_argument("--rerank", type=int, default=16, help="candidates per evaluation caption")
-    p.add_argument("--reranker-steps", type=int, default=4000,
+def build_parser() -> argparse.ArgumentParser:
+    from . import cli
+    from .train import PRESETS
+
+    p = cli.Parser(prog="python -m dalle.pipeline", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", type=cli.output_dir, default="runs/demo", help="run folder to write (and reuse)")
+    p.add_argument("--dvae-steps", type=cli.positive_int, default=1200, help="dVAE updates")
+    p.add_argument("--dvae-images", type=cli.positive_int, default=20000, help="training images for the dVAE")
+    p.add_argument("--dvae-eval-images", type=cli.positive_int, default=256,
+                   help="held-out images for the dVAE's reconstruction error")
+    p.add_argument("--steps", type=cli.positive_int, default=4000, help="transformer updates")
+    p.add_argument("--preset", default="tiny", choices=tuple(PRESETS), help="transformer size")
+    p.add_argument("--batch-size", type=cli.positive_int, default=32, help="transformer batch size")
+    p.add_argument("--lr", type=cli.positive_float, default=1e-3, help="transformer peak step size")
+    p.add_argument("--warmup", type=cli.nonneg_int, default=100, help="transformer warm-up updates")
+    p.add_argument("--dataset-size", type=cli.positive_int, default=8000,
+                   help="training caption-image pairs for the transformer")
+    p.add_argument("--text-len", type=cli.positive_int, default=24,
+                   help="text slots (clean captions use <= 15 BPE ids; BPE dropout makes longer ones)")
+    p.add_argument("--eval-captions", type=cli.positive_int, default=100, help="captions sampled per split")
+    p.add_argument("--rerank", type=cli.positive_int, default=16, help="candidates per evaluation caption")
+    p.add_argument("--reranker-steps", type=cli.nonneg_int, default=4000,
                    help="updates of the learned reranker (0: none; the scorer then picks the shown images)")
-    p.add_argument("--top-k", type=int, default=16)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=cli.positive_int, default=16, help="sample among the k likeliest image tokens")
+    p.add_argument("--temperature", type=cli.nonneg_float, default=1.0,
+                   help="sampling temperature (0: always the likeliest token)")
     p.add_argument("--image-embedding", default="dvae", choices=("table", "dvae"),
                    help="dvae: image-token vectors computed from the dVAE's codes (dalle.model.CodeEmbedding); "
                         "table: the paper's lookup tables")
-    p.add_argument("--cond-dropout", type=float, default=0.0,
-                   help="share of training samples on the empty caption (for --guidance)")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale when sampling")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--attn-backend", default="auto")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted transformer run")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    a = p.parse_args(argv)
-    if a.reranker_steps < 0:
-        p.error(f"--reranker-steps must be >= 0, got {a.reranker_steps}")
+    p.add_argument("--cond-dropout", type=cli.probability, default=0.0,
+                   help="share of training samples on the empty caption, in [0, 1) (for --guidance)")
+    p.add_argument("--guidance", type=cli.finite_float, default=1.0,
+                   help="classifier-free guidance scale when sampling (1: off; needs --cond-dropout > 0)")
+    p.add_argument("--seed", type=cli.nonneg_int, default=0, help="seed of every random draw")
+    p.add_argument("--device", type=cli.device, default="auto", help=cli.DEVICE_HELP)
+    p.add_argument("--attn-backend", default="auto", choices=cli.ATTN_BACKENDS,
+                   help="dalle_kernels.sparse_attention backend")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run (dVAE or transformer)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    return p
 
+
+def parse_args(argv=None):
+    """The checked arguments: every bad value or combination is a usage error before anything is written."""
+    from . import cli
+
+    p = build_parser()
+    a = p.parse_args(argv)
+    cli.check_attn_backend(p, a.attn_backend, a.device)
+    if a.resume:  # the transformer's checkpoint, or the dVAE's in RUN/dvae/
+        cli.check_resume(p, a.run, Path(a.run) / "dvae")
+    if a.guidance != 1.0 and a.cond_dropout == 0.0:
+        cli.warn(f"--guidance {a.guidance:g} on a transformer trained without caption dropout: its empty-caption "
+                 "logits were never trained (give --cond-dropout P too)")
+    cli.warn_greedy(a.temperature, a.rerank, a.top_k)
+    if a.rerank == 1 and a.reranker_steps > 0:
+        cli.warn(f"--rerank 1: one candidate per caption, nothing for the reranker to choose among; "
+                 f"--reranker-steps 0 skips training it")
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
     from .generate import load_run
     from .images import save_grid
     from .train import TrainConfig, train

@@ -257,15 +257,29 @@ def train_for_run(run, steps: int = 4000, seed: int = 0, device="cpu", progress=
     return model.save(run / "reranker.pt")
 
 
+def build_parser():
+    from . import cli
+
+    p = cli.Parser(prog="python -m dalle.rerank", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True, help="a transformer run (dalle.train / dalle.pipeline); writes "
+                                               "RUN/reranker.pt")
+    p.add_argument("--steps", type=cli.positive_int, default=4000, help="updates")
+    p.add_argument("--seed", type=cli.nonneg_int, default=0, help="seed of the init, the batches and the noise")
+    p.add_argument("--device", type=cli.device, default="auto", help=cli.DEVICE_HELP)
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m dalle.rerank", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True, help="a transformer run (dalle.train / dalle.pipeline)")
-    p.add_argument("--steps", type=int, default=4000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    from . import cli
+
+    p = build_parser()
     a = p.parse_args(argv)
-    out = train_for_run(a.run, steps=a.steps, seed=a.seed, device=pick_device(a.device), progress=a.progress)
+    cli.check_run(p, a.run)
+    try:
+        out = train_for_run(a.run, steps=a.steps, seed=a.seed, device=pick_device(a.device), progress=a.progress)
+    except FileNotFoundError as e:  # the run's dVAE, found missing when its model file was read
+        cli.run_load_failed(p, a.run, e)
     print(f"wrote {out}")
 
 

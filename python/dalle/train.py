@@ -1,7 +1,7 @@
 """Train the DALL-E transformer on captioned images (SPEC.md sections 2 and 4).
 
-    python -m dalle.train --run runs/demo --dvae runs/demo/dvae.pt --steps 2000
-    torchrun --nproc_per_node 2 -m dalle.train --run-dir runs/ddp --dvae runs/demo/dvae.pt [--powersgd-rank 4]
+    python -m dalle.train --run runs/mine --dvae runs/dvae/dvae.pt --steps 2000
+    torchrun --nproc_per_node 2 -m dalle.train --run-dir runs/ddp --dvae runs/dvae/dvae.pt [--powersgd-rank 4]
 
 Data (built-in captioned shapes): the captions train a BPE tokenizer (``RUN/tokenizer.json``); every image is
 encoded once by the frozen dVAE (argmax codes) and cached with the tokenized captions in
@@ -442,22 +442,91 @@ def write_samples(model, dvae, text, path, data, cfg):
     save_grid(images, path, nrow=min(8, len(text)), captions=caps)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m dalle.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt when present")
+def _flag_specs() -> dict:
+    """``field: (argparse type or choices, help)`` for every ``TrainConfig`` field."""
+    from . import cli
+
+    return {
+        "run": (cli.output_dir, "run folder to write (under torchrun: --run-dir)"),
+        "dvae": (str, "the frozen dVAE's dvae.pt (default: RUN/dvae.pt, else RUN/dvae/dvae.pt)"),
+        "preset": (tuple(PRESETS), "transformer size"),
+        "n_layers": (cli.nonneg_int, "transformer blocks (0: the preset's)"),
+        "n_heads": (cli.nonneg_int, "attention heads (0: the preset's)"),
+        "head_dim": (cli.nonneg_int, "channels per head (0: the preset's)"),
+        "text_len": (cli.positive_int, "text slots"),
+        "bpe_vocab": (cli.positive_int, "BPE vocabulary size"),
+        "dataset_size": (cli.positive_int, "training caption-image pairs (built-in captioned shapes)"),
+        "data_seed": (cli.nonneg_int, "seed of the built-in dataset"),
+        "steps": (cli.positive_int, "updates"),
+        "batch_size": (cli.positive_int, "global batch size"),
+        "lr": (cli.positive_float, "peak step size"),
+        "warmup": (cli.nonneg_int, "updates of linear warm-up"),
+        "plateau_window": (cli.positive_int, "updates per loss window for plateau detection"),
+        "plateau_patience": (cli.positive_int, "windows without 1%% improvement before the step size halves"),
+        "max_halvings": (cli.nonneg_int, "most halvings of the step size"),
+        "weight_decay": (cli.nonneg_float, "AdamW weight decay on matrices"),
+        "clip": (cli.positive_float, "gradient norm clip"),
+        "bpe_dropout": (cli.probability, "BPE dropout probability, in [0, 1)"),
+        "dropout": (cli.probability, "residual dropout in every block, in [0, 1)"),
+        "cond_dropout": (cli.probability,
+                         "share of samples trained on the empty caption, in [0, 1) (classifier-free guidance)"),
+        "image_embedding": (("table", "dvae"), "table: the paper's lookup tables; dvae: vectors computed from "
+                                               "the dVAE's codes (dalle.model.CodeEmbedding)"),
+        "dropout_variants": (cli.positive_int, "BPE-dropout encodings cached per caption"),
+        "seed": (cli.nonneg_int, "seed of the model init and the batches"),
+        "device": (cli.device, cli.DEVICE_HELP),
+        "precision": (("auto", "fp32", "bf16", "fp16"),
+                      "auto: bf16 autocast on CUDA, fp32 on the CPU; bf16 and fp16 need CUDA"),
+        "grad_scale": (("auto", "on", "off"), "per-resblock gradient scaling (auto: on with fp16)"),
+        "checkpoint_activations": (None, "recompute activations in the backward to save memory"),
+        "attn_backend": (cli.ATTN_BACKENDS, "dalle_kernels.sparse_attention backend"),
+        "powersgd_rank": (cli.nonneg_int, "PowerSGD rank of the gradient all-reduce (0: off; needs torchrun)"),
+        "powersgd_start": (cli.nonneg_int, "plain all-reduce updates before PowerSGD starts"),
+        "ckpt_every": (cli.positive_int, "updates between checkpoints"),
+        "log_every": (cli.positive_int, "updates between metrics rows"),
+        "sample_every": (cli.nonneg_int, "updates between sample grids (0: only at the end)"),
+        "n_sample_captions": (cli.positive_int, "captions in each sample grid"),
+        "progress": (None, "progress bar"),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import cli
+
+    p = cli.Parser(prog="python -m dalle.train", description="Train the DALL-E transformer on the built-in captioned "
+                   "shapes, with a frozen dVAE's codes as image tokens.")
+    p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt (it must exist)")
+    specs = _flag_specs()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
+        kind, help_ = specs[f.name]
         if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            flags = [flag, "--run-dir"] if f.name == "run" else [flag]  # torchrun takes --run as ambiguous
-            p.add_argument(*flags, type=typ, default=f.default if f.default is not dataclasses.MISSING else None,
-                           required=f.default is dataclasses.MISSING)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+            continue
+        kw = cli.kind_kwargs(kind)
+        flags = [flag, "--run-dir"] if f.name == "run" else [flag]  # torchrun takes --run as ambiguous
+        p.add_argument(*flags, default=f.default if f.default is not dataclasses.MISSING else None,
+                       required=f.default is dataclasses.MISSING, help=help_, **kw)
+    return p
+
+
+def parse_args(argv=None):
+    """``(TrainConfig, resume)``; every bad value or combination is a usage error before anything is written."""
+    from . import cli
+
+    p = build_parser()
     a = p.parse_args(argv)
-    resume = a.resume
     cfg = TrainConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)})
-    return cfg, resume
+    if not cfg.dvae_path.exists():
+        looked = str(cfg.dvae_path) if cfg.dvae else " and ".join(str(Path(cfg.run) / n) for n in cli.RUN_DVAE_FILES)
+        p.error(f"argument --dvae: no dVAE file: looked for {looked} (train one: python -m dalle.train_dvae)")
+    cli.check_precision(p, cfg.precision, cfg.device)
+    cli.check_attn_backend(p, cfg.attn_backend, cfg.device)
+    if cfg.powersgd_rank and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        p.error("argument --powersgd-rank: needs several data-parallel workers (run under torchrun)")
+    if a.resume:
+        cli.check_resume(p, cfg.run)
+    return cfg, a.resume
 
 
 def main(argv=None):

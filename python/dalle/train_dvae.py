@@ -354,25 +354,109 @@ def _train(config: TrainDVAEConfig) -> Path:
     return path
 
 
-def parse_args(argv=None) -> TrainDVAEConfig:
-    p = argparse.ArgumentParser(prog="python -m dalle.train_dvae", description=__doc__.split("\n")[0])
+def _flag_specs() -> dict:
+    """``field: (argparse type or choices, help)`` for every ``TrainDVAEConfig`` field."""
+    from . import cli
+
+    return {
+        "run": (cli.output_dir, "run folder to write"),
+        "preset": (tuple(PRESETS), "model size and schedules"),
+        "data": (_data_source, "shapes (the built-in captioned shapes), an image folder, or a .tsv or .csv "
+                               "table of (path, caption) rows"),
+        "image_size": (cli.positive_int, "image side in pixels (default: the preset's)"),
+        "n_hid": (cli.positive_int, "hidden channels (default: the preset's)"),
+        "n_init": (cli.positive_int, "channels of the first convolution (default: the preset's)"),
+        "vocab_size": (cli.int_at_least(2), "codebook size (default: the preset's)"),
+        "group_count": (cli.positive_int, "resolution groups (default: the preset's)"),
+        "n_blk_per_group": (cli.positive_int, "residual blocks per group (default: the preset's)"),
+        "num_images": (cli.positive_int, "built-in data: training images"),
+        "eval_images": (cli.positive_int, "held-out images for the reconstruction error"),
+        "steps": (cli.positive_int, "updates (the k-means warm start included)"),
+        "batch_size": (cli.positive_int, "batch size"),
+        "lr": (cli.positive_float, "peak step size (paper 1e-4, tiny 6e-3)"),
+        "lr_end": (cli.nonneg_float, "final step size (paper 1.25e-6, tiny lr / 100)"),
+        "lr_steps": (cli.positive_int, "updates of the step-size schedule (default: the ELBO updates)"),
+        "beta": (cli.nonneg_float, "final KL weight (paper 6.6, tiny 0)"),
+        "beta_steps": (cli.positive_int, "updates of the KL-weight schedule"),
+        "tau_start": (cli.positive_float, "initial Gumbel-softmax temperature"),
+        "straight_through": (None, "the decoder sees the hard one-hot (gradient of the relaxed one)"),
+        "logit_init_std": (cli.nonneg_float, "data-dependent init of the logit layer (tiny 3, paper 0: off)"),
+        "encoder_lr": (cli.positive_float, "encoder step size as a multiple of --lr (tiny 0.1, paper 1)"),
+        "fixed_ln_b_steps": (cli.nonneg_int, "first N updates use ln b = 0 in the NLL (tiny: all, paper 0)"),
+        "kmeans_warmup_steps": (cli.nonneg_int, "first N of the --steps updates are the k-means warm start "
+                                                "(tiny: steps // 2, paper 0); less than --steps"),
+        "kmeans_images": (cli.positive_int, "images whose cells the warm start's k-means clusters"),
+        "channel_shuffle": (("auto", "on", "off"), "random RGB channel order per training image (auto: on for "
+                                                   "the built-in shapes, off for real data)"),
+        "tau_end": (cli.positive_float, "final Gumbel-softmax temperature"),
+        "tau_steps": (cli.positive_int, "updates of the temperature schedule (default: the ELBO updates)"),
+        "weight_decay": (cli.nonneg_float, "AdamW weight decay"),
+        "seed": (cli.nonneg_int, "seed of the init, the batches and the noise"),
+        "device": (cli.device, cli.DEVICE_HELP),
+        "precision": (("auto", "bf16", "fp16", "fp32"), "autocast on CUDA (auto: bf16); the CPU runs fp32"),
+        "threads": (cli.nonneg_int, "torch CPU threads (0: torch's default)"),
+        "workers": (cli.nonneg_int, "DataLoader workers for real data"),
+        "log_every": (cli.positive_int, "updates between metrics rows"),
+        "sample_every": (cli.positive_int, "updates between reconstruction grids"),
+        "ckpt_every": (cli.positive_int, "updates between checkpoints"),
+        "resume": (None, "continue from RUN/checkpoint.pt (it must exist)"),
+        "progress": (None, "no progress bar"),
+        "stop_at": (cli.positive_int, "stop (with a checkpoint) after this update, as if interrupted"),
+    }
+
+
+def _data_source(text: str) -> str:
+    """argparse type of ``--data``: ``shapes``, an image folder or a .tsv/.csv table that exists."""
+    import argparse
+
+    path = Path(text)
+    if text == "shapes" or path.is_dir() or (path.is_file() and path.suffix.lower() in (".tsv", ".csv")):
+        return text
+    raise argparse.ArgumentTypeError(f"expected shapes, an image folder or a .tsv/.csv file, got {text!r}"
+                                     + ("" if path.exists() else " (no such file or folder)"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import cli
+
+    p = cli.Parser(prog="python -m dalle.train_dvae",
+                   description="Train the discrete VAE whose codes are the transformer's image tokens.")
     defaults = TrainDVAEConfig()
+    specs = _flag_specs()
     for f in dataclasses.fields(TrainDVAEConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
+        kind, help_ = specs[f.name]
         if isinstance(default, bool):
             if default:
-                p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false")
+                p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=help_)
             else:
-                p.add_argument(flag, dest=f.name, action="store_true")
+                p.add_argument(flag, dest=f.name, action="store_true", help=help_)
             continue
-        typ = {"run": str, "preset": str, "data": str, "device": str, "precision": str,
-               "channel_shuffle": str}.get(f.name)
-        if typ is None:
-            typ = float if f.name in ("lr", "lr_end", "beta", "tau_start", "tau_end", "weight_decay",
-                                      "logit_init_std", "encoder_lr") else int
-        p.add_argument(flag, dest=f.name, type=typ, default=default)
-    return TrainDVAEConfig(**vars(p.parse_args(argv)))
+        kw = cli.kind_kwargs(kind)
+        p.add_argument(flag, dest=f.name, default=default, help=help_, **kw)
+    return p
+
+
+def parse_args(argv=None) -> TrainDVAEConfig:
+    """The checked config; every bad value or combination is a usage error before anything is written."""
+    from . import cli
+
+    p = build_parser()
+    cfg = TrainDVAEConfig(**vars(p.parse_args(argv)))
+    cli.check_precision(p, cfg.precision, cfg.device)
+    if cfg.resume:
+        cli.check_resume(p, cfg.run)
+    if cfg.kmeans_warmup_steps is not None and cfg.kmeans_warmup_steps >= cfg.steps:
+        p.error(f"argument --kmeans-warmup-steps: must be less than --steps ({cfg.steps}), "
+                f"got {cfg.kmeans_warmup_steps}")
+    if cfg.data == "shapes" and cfg.workers:
+        cli.warn("--workers: the built-in shapes are made in memory; --workers only serves real data")
+    try:
+        cfg.resolved().model_config()
+    except ValueError as e:  # a combination of model sizes the dVAE cannot take (image size vs. groups, ...)
+        p.error(cli.name_flags(str(e), [f.name for f in dataclasses.fields(TrainDVAEConfig)]))
+    return cfg
 
 
 def main(argv=None) -> None:

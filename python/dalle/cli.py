@@ -1,0 +1,197 @@
+"""What the command-line tools share: a parser whose errors are one line, argument types that check ranges, and
+the files a trained run folder must hold.
+
+Every tool checks all of its arguments before any work starts (nothing trained, no folder created) and reports
+a bad one as a usage error: one line on stderr naming the flag and what it accepts, exit status 2, no
+traceback. Range checks are argparse ``type=`` functions (they name the flag through argparse); checks that
+need two flags or the run folder call ``parser.error``.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from dalle_kernels._cli import Parser, int_at_least, positive_int  # noqa: F401 - shared with dalle_kernels
+
+# The files (or folders) a trained transformer run folder must hold, by role; any one name of a role will do.
+# The loaders (dalle.train.load_run_model, dalle.tokenizer.CaptionTokenizer.load, dalle.generate.run_dvae_path)
+# read these; change this table with them.
+RUN_FILES = {
+    "model": ("dalle.pt", "checkpoint.pt"),  # the final weights, else the latest training checkpoint
+    "tokenizer": ("tokenizer.json",),
+}
+# Where a run looks for its dVAE when the model file's recorded path is gone (the run folder was moved).
+RUN_DVAE_FILES = ("dvae.pt", "dvae/dvae.pt")
+RERANKER_FILE = "reranker.pt"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def warn(message: str) -> None:
+    """One line on stderr for a flag that does nothing for the run at hand."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------------ value types
+nonneg_int = int_at_least(0)
+
+
+def float_in(low=None, high=None, low_open=False, high_open=False):
+    """argparse type: a finite float in the interval given (``None``: unbounded on that side)."""
+    lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
+    hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
+    want = (f"a number in {lo}, {hi}" if low is not None and high is not None else
+            f"a number {'>' if low_open else '>='} {low:g}" if low is not None else
+            f"a number {'<' if high_open else '<='} {high:g}" if high is not None else "a finite number")
+
+    def check(text):
+        try:
+            v = float(text)
+        except ValueError:
+            v = math.nan
+        below = low is not None and (v < low or (low_open and v == low))
+        above = high is not None and (v > high or (high_open and v == high))
+        if not math.isfinite(v) or below or above:  # nan and inf are never what a flag means
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
+        return v
+    check.__name__ = want
+    return check
+
+
+finite_float = float_in()
+positive_float = float_in(0.0, low_open=True)
+nonneg_float = float_in(0.0)
+probability = float_in(0.0, 1.0, high_open=True)  # a share of samples: [0, 1)
+
+
+def existing_file(text: str) -> str:
+    """argparse type: a path to an existing file."""
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text!r}" if not Path(text).exists()
+                                         else f"{text!r} is not a file")
+    return text
+
+
+def output_dir(text: str) -> str:
+    """argparse type: a folder to write into (created later, by the work); not an existing file."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a folder path, got ''")
+    if Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} exists and is not a folder")
+    return text
+
+
+DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N"
+
+
+def kind_kwargs(kind) -> dict:
+    """``add_argument`` keywords for a flag whose values are ``kind``: a tuple of choices or a type function."""
+    return {"choices": kind} if isinstance(kind, tuple) else {"type": kind}
+
+
+def device(text: str) -> str:
+    """argparse type: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``, checked against this machine."""
+    import torch
+
+    if text == "auto":
+        return text
+    try:
+        d = torch.device(text)
+    except (RuntimeError, ValueError):
+        d = None
+    if d is None or d.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has no CUDA device that PyTorch can use "
+                                             "(use cpu or auto)")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA "
+                                             f"device(s), numbered from 0")
+    return text
+
+
+def device_is_cuda(text: str) -> bool:
+    """Whether a ``device`` value runs on CUDA (``auto``: when this machine has CUDA)."""
+    import torch
+
+    return text.startswith("cuda") or (text == "auto" and torch.cuda.is_available())
+
+
+def check_precision(parser, precision: str, device_text: str) -> None:
+    """``--precision bf16/fp16`` only means something on CUDA (on the CPU the run is fp32)."""
+    if precision in ("bf16", "fp16") and not device_is_cuda(device_text):
+        parser.error(f"argument --precision: {precision} needs a CUDA device; on the CPU training runs in fp32 "
+                     f"(use --precision fp32 or auto)")
+
+
+# ------------------------------------------------------------------------------------------------ run folders
+def check_resume(parser, *runs) -> None:
+    """``--resume`` needs a training checkpoint in one of the ``runs`` folders."""
+    looked = [Path(r) / CHECKPOINT_FILE for r in runs]
+    if not any(p.is_file() for p in looked):
+        parser.error(f"argument --resume: nothing to resume: no checkpoint at {' or '.join(map(str, looked))}")
+
+
+
+def check_run(parser, run: str, flag: str = "--run") -> Path:
+    """A trained transformer run folder with every file of ``RUN_FILES``, else a usage error listing them."""
+    path = Path(run)
+    if not path.is_dir():
+        parser.error(f"argument {flag}: no run folder {run!r} (a trained run holds "
+                     f"{_files_wanted(path)}; train one with python -m dalle.pipeline or dalle.train)")
+    missing = [names for names in RUN_FILES.values() if not any((path / n).exists() for n in names)]
+    if missing:
+        parser.error(f"argument {flag}: {run!r} is not a trained run: looked for {_files_wanted(path)}; "
+                     f"missing {', '.join(' or '.join(str(path / n) for n in names) for names in missing)}")
+    return path
+
+
+def _files_wanted(path: Path) -> str:
+    return ", ".join(" or ".join(str(path / n) for n in names) for names in RUN_FILES.values())
+
+
+def run_load_failed(parser, run, exc: Exception, flag: str = "--run"):
+    """Usage error for a run folder whose files ``check_run`` found but whose loading found one missing (the
+    dVAE: the path its model file records, else one of ``RUN_DVAE_FILES`` in the run folder)."""
+    also = " or ".join(str(Path(run) / n) for n in RUN_DVAE_FILES)
+    parser.error(f"argument {flag}: {run!r} cannot be loaded: {exc} (a run's dVAE is the one its model file "
+                 f"records, else {also})")
+
+
+# ------------------------------------------------------------------------------------------------ attention
+ATTN_BACKENDS = ("auto", "triton", "torch")  # sparse_attention has no CUDA-extension kernel
+
+
+def check_attn_backend(parser, backend: str, device_text: str, flag: str = "--attn-backend") -> None:
+    """``triton`` runs on CUDA tensors, or on CPU ones only in Triton's interpreter (``TRITON_INTERPRET=1``)."""
+    from dalle_kernels._dispatch import triton_available, triton_interpreter_enabled
+
+    if backend != "triton":
+        return
+    if not triton_available():
+        parser.error(f"argument {flag}: triton needs the triton package (pip install triton); use auto or torch")
+    if not device_is_cuda(device_text) and not triton_interpreter_enabled():
+        parser.error(f"argument {flag}: triton on the CPU needs TRITON_INTERPRET=1 set before start; "
+                     "use auto or torch")
+
+
+def name_flags(message: str, fields) -> str:
+    """``message`` of a config's ValueError with each field name (``Config.image_size``) as its flag."""
+    import re
+
+    for name in sorted(fields, key=len, reverse=True):
+        message = re.sub(rf"(?<![\w-])(?:\w+Config\.)?{name}\b", "--" + name.replace("_", "-"), message)
+    return message
+
+
+def warn_greedy(temperature: float, rerank: int, top_k=None, top_p=None) -> None:
+    """``--temperature 0`` samples greedily: every candidate is the same image and top-k/top-p change nothing."""
+    if temperature != 0:
+        return
+    if rerank > 1:
+        warn(f"--rerank {rerank} with --temperature 0: every candidate is the same greedy draw")
+    for flag, value in (("--top-k", top_k), ("--top-p", top_p)):
+        if value is not None:
+            warn(f"{flag} {value:g}: has no effect with --temperature 0 (greedy)")
