@@ -5,11 +5,13 @@ Each is sampled (with a CaptionWarning raised before the first token is drawn) a
 order; every argument that cannot work is refused before anything is drawn. Tiny random models throughout.
 """
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image, ImageFont
 
+import dalle.cli
 import dalle.generate as gen
 from dalle.data.shapes import ShapesDataset
 from dalle.dvae import DVAE, DVAEConfig
@@ -183,6 +185,8 @@ def test_the_generate_flow_writes_a_grid_for_any_captions(parts, tmp_path, monke
     of unusual caption, also with PIL's bitmap font (Pillow without FreeType), which cannot draw non-Latin-1."""
     model, tok, dvae, _ = parts
     monkeypatch.setattr(gen, "load_run", lambda run, device="cpu": (model, tok, dvae))
+    # The run folder holds no files: the in-memory parts above stand in for them.
+    monkeypatch.setattr(dalle.cli, "check_run", lambda parser, run, flag="--run": Path(run))
     caps = [NORMAL, *UNUSUAL.values()]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CaptionWarning)
