@@ -3,7 +3,9 @@
 GPU (``pytest benchmarks/bench_logit_laplace.py --device=cuda``): bf16 params, uint8 target, the paper's dVAE batch
 per GPU (8 x 6 x 256 x 256) and 32 x 6 x 256 x 256; forward and forward+backward. ``copy`` is a device copy of
 params (read + write), the bandwidth yardstick. extra_info: ``gbps`` = bytes that must move (params and target read
-once, the gradient written once) / median time (absent under ``--benchmark-disable``); ``peak_mem_mb`` = peak
+once, the gradient written once) / median time (absent under ``--benchmark-disable``; with bf16 params the fused
+kernels' backward reads params and target a second time, recomputing the gradient so that a loss scale applies
+before it is rounded to bf16, so their fwd_bwd figure counts less than they move); ``peak_mem_mb`` = peak
 memory above the inputs (GPU); ``loss_rel_err`` / ``grad_max_err`` = relative error of the loss / max abs error of
 the gradient against ``logit_laplace_loss_ref`` in float64 on the same inputs.
 CPU (default): eager PyTorch only at 2 x 6 x 64 x 64 (the Triton interpreter is not a speed figure).

@@ -1,4 +1,5 @@
-// Fused logit-Laplace NLL of the dVAE (SPEC.md section 3): forward (+ the gradient for mean/sum) and backward.
+// Fused logit-Laplace NLL of the dVAE (SPEC.md section 3): forward (+ the gradient for mean/sum of float32 params)
+// and a recomputing backward (16-bit params: g / n stored before the loss scale would underflow).
 //
 // Per value, y = (1 - 2 eps) x + eps, mu = params[:, 0:3], ln_b = params[:, 3:6]:
 //   nll            = |logit(y) - mu| * exp(-ln_b) + ln_b + ln(y) + ln(1 - y) + ln 2
@@ -117,7 +118,8 @@ struct Args {
   float* loss;             // (B, 3, H, W) fp32, or null
   float* partial;          // (B * gridDim.x) fp32, or null
   void* grad;              // (B, 6, H, W) in the params dtype, or null
-  const float* grad_out;   // (B, 3, H, W) fp32 per-value grad_output, or null (then 1)
+  const float* grad_out;   // fp32 grad_output: (B, 3, H, W) per value, one value (grad_out_scalar), or null (1)
+  bool grad_out_scalar;
   int64_t chw;             // 3 * H * W
   float eps;
   float grad_scale;
@@ -158,12 +160,17 @@ __device__ __forceinline__ float tile(const Args& a, int64_t b, int64_t base) {
 
   if (a.grad != nullptr) {
     float go[kItems];
-    if (a.grad_out != nullptr) {
+    if (a.grad_out != nullptr && a.grad_out_scalar) {
+      const float g0 = __ldg(a.grad_out);
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) go[i] = g0;
+    } else if (a.grad_out != nullptr) {
       load_items<kFull>(a.grad_out + b * n, base, n, go);
     } else {
 #pragma unroll
       for (int i = 0; i < kItems; ++i) go[i] = 1.0f;
     }
+    // grad_output (a loss scale up to 2**24) and 1/n multiply the fp32 gradient; it is rounded to P once.
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
       const float s = go[i] * a.grad_scale;
@@ -259,6 +266,9 @@ void forward(uintptr_t params, uintptr_t target, uintptr_t loss, uintptr_t parti
   check_arg(reduction == kNone || partial != 0, "partial: null data pointer (needed for sum/mean)");
   check_arg(reduction != kNone || grad == 0,
             "grad must be 0 for reduction 'none' (its backward recomputes with the per-value grad_output)");
+  // g / n stored in 16 bits before the backward's loss scale underflows (float16: below 2**-24 for n ~ 1e6).
+  check_arg(params_dtype == kFloat32 || grad == 0,
+            "grad must be 0 for float16/bfloat16 params (logit_laplace_backward recomputes it, rounding once)");
   const int64_t chw = 3 * height * width;
   const int64_t ps = elem_size(params_dtype), ts = elem_size(target_dtype);
   Args a{};
@@ -283,10 +293,12 @@ void forward(uintptr_t params, uintptr_t target, uintptr_t loss, uintptr_t parti
   }
 }
 
-// Backward of reduction 'none' (sum/mean get their gradient from forward): grad = d nll / d params * grad_out.
+// Backward, recomputed: grad = d loss / d params * grad_out, formed in fp32 and rounded to the params dtype once.
+// reduction none: grad_out is (B, 3, H, W); sum: one value; mean: one value, times 1 / (B * 3 * H * W).
 void backward(uintptr_t params, uintptr_t target, uintptr_t grad_out, uintptr_t grad, int64_t batch,
-              int64_t height, int64_t width, int params_dtype, int target_dtype, double eps, uintptr_t stream) {
-  check_common(params, target, batch, height, width, params_dtype, target_dtype, eps, kNone);
+              int64_t height, int64_t width, int params_dtype, int target_dtype, double eps, int reduction,
+              uintptr_t stream) {
+  check_common(params, target, batch, height, width, params_dtype, target_dtype, eps, reduction);
   check_arg(grad_out != 0, "grad_out: null data pointer");
   check_arg(grad != 0, "grad: null data pointer");
   const int64_t chw = 3 * height * width;
@@ -298,11 +310,12 @@ void backward(uintptr_t params, uintptr_t target, uintptr_t grad_out, uintptr_t 
   a.partial = nullptr;
   a.grad = reinterpret_cast<void*>(grad);
   a.grad_out = reinterpret_cast<const float*>(grad_out);
+  a.grad_out_scalar = reduction != kNone;
   a.chw = chw;
   a.eps = static_cast<float>(eps);
-  a.grad_scale = 1.0f;
+  a.grad_scale = reduction == kMean ? static_cast<float>(1.0 / static_cast<double>(batch * chw)) : 1.0f;
   a.vec = chw % kItems == 0 && aligned(params, ps * kItems) && aligned(target, ts * kItems) &&
-          aligned(grad, ps * kItems) && aligned(grad_out, 4 * kItems);
+          aligned(grad, ps * kItems) && (a.grad_out_scalar || aligned(grad_out, 4 * kItems));
   launch(a, params_dtype, target_dtype, batch, reinterpret_cast<cudaStream_t>(stream));
 }
 
@@ -317,12 +330,14 @@ void register_logit_laplace(pybind11::module_& m) {
         arg("reduction"), arg("stream"),
         "Logit-Laplace NLL. Pointers to contiguous params (B,6,H,W), target (B,3,H,W), fp32 loss ((B,3,H,W) for "
         "reduction 0, else a scalar), fp32 partial buffer (logit_laplace_partial_count), grad (B,6,H,W) or 0. "
-        "reduction 0 none, 1 sum, 2 mean; with grad != 0 also writes d loss / d params for grad_output 1.");
+        "reduction 0 none, 1 sum, 2 mean; with grad != 0 (sum/mean of float32 params only) also writes "
+        "d loss / d params for grad_output 1.");
   m.def("logit_laplace_backward", &backward, arg("params"), arg("target"), arg("grad_out"), arg("grad"),
         arg("batch"), arg("height"), arg("width"), arg("params_dtype"), arg("target_dtype"), arg("eps"),
-        arg("stream"),
-        "Backward of reduction 'none': d nll / d params times grad_out (fp32 (B,3,H,W)), written to grad "
-        "(B,6,H,W) in the params dtype (sum/mean take their gradient from logit_laplace_forward).");
+        arg("reduction"), arg("stream"),
+        "d loss / d params recomputed, times grad_out (fp32: (B,3,H,W) for reduction 0, one value for 1 sum and "
+        "2 mean, which also takes 1/(B*3*H*W)), formed in fp32 and written to grad (B,6,H,W) in the params "
+        "dtype.");
 }
 
 }  // namespace dalle

@@ -44,7 +44,7 @@ def forward_args(**changes):
 
 def backward_args(**changes):
     args = dict(params=FAKE_PTR, target=FAKE_PTR, grad_out=FAKE_PTR, grad=FAKE_PTR, batch=2, height=5, width=7,
-                params_dtype=F16, target_dtype=F32, eps=0.1, stream=0)
+                params_dtype=F16, target_dtype=F32, eps=0.1, reduction=0, stream=0)
     args.update(changes)
     return args
 
@@ -55,6 +55,8 @@ def backward_args(**changes):
     (dict(loss=0), "loss: null data pointer"),
     (dict(partial=0, reduction=1), "partial: null data pointer"),
     (dict(grad=FAKE_PTR, reduction=0), "grad must be 0 for reduction 'none'"),
+    (dict(grad=FAKE_PTR, params_dtype=F16), "grad must be 0 for float16/bfloat16 params"),
+    (dict(grad=FAKE_PTR, params_dtype=BF16, reduction=1), "grad must be 0 for float16/bfloat16 params"),
     (dict(batch=0), "batch, height, width must be positive"),
     (dict(width=-3), "batch, height, width must be positive"),
     (dict(batch=70000), "batch must be < 65536"),
@@ -79,6 +81,8 @@ def test_forward_rejects_bad_arguments(ext, change, message):
     (dict(params_dtype=7), "params_dtype must be float32"),
     (dict(eps=-0.1), r"eps must be in \(0, 0.5\)"),
     (dict(height=0), "batch, height, width must be positive"),
+    (dict(reduction=3), "reduction must be 0"),
+    (dict(grad_out=0, reduction=2), "grad_out: null data pointer"),
 ])
 def test_backward_rejects_bad_arguments(ext, change, message):
     with pytest.raises(ValueError, match=message):

@@ -74,7 +74,8 @@ def fp32_error_bound(params, target, eps=0.1):
     """Per-value bound on the error of evaluating the loss in float32 (an error model, not the formula)."""
     p = params.detach().double().cpu()
     mu, ln_b = p[:, :3], p[:, 3:]
-    y = map_pixels(target.detach().cpu().double(), eps)
+    t = target.detach().cpu()
+    y = map_pixels(t if t.dtype == torch.uint8 else t.double(), eps).double()
     size = (torch.log(y) - torch.log1p(-y)).abs() + mu.abs()
     return 8 * 2.0**-24 * (size * torch.exp(-ln_b) + ln_b.abs() + 4)
 
@@ -280,11 +281,12 @@ def test_public_names():
         assert name in dalle_kernels.__all__ and hasattr(dalle_kernels, name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # the fused and the recomputing backward
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_torch_compile_traces_without_graph_break(device, reduction):
+def test_torch_compile_traces_without_graph_break(device, reduction, dtype):
     """fullgraph=True: the kernels are custom ops that torch.compile traces, gradients included."""
     backend = "cuda" if device == "cuda" else "triton"
-    params, target = make_inputs((2, 5, 7), torch.float32, device, "uint8")
+    params, target = make_inputs((2, 5, 7), dtype, device, "uint8")
 
     def f(p, t):
         return logit_laplace_loss(p, t, reduction, backend=backend).sum() * 0.5
@@ -294,19 +296,102 @@ def test_torch_compile_traces_without_graph_break(device, reduction):
     out = compiled(p, target)
     out.backward()
     ref_loss, ref_grad = ref64(params, target, reduction, None)
-    assert_close(out, ref_loss.sum() * 0.5, 2e-5, 1e-4, f"compiled {reduction}")
-    assert_close(p.grad, ref_grad * 0.5, 2e-5, 1e-6 * float(ref_grad.abs().max()), f"compiled grad {reduction}")
+    _, _, grtol, gatol = TOL[dtype]
+    what = f"compiled {reduction} {dtype}"
+    assert_close(out, ref_loss.sum() * 0.5, 2e-5, 1e-4, what)
+    assert_close(p.grad, ref_grad * 0.5, grtol, gatol * float(ref_grad.abs().max()), f"grad {what}")
 
 
-def test_loss_scale_on_half_gradients(device):
-    """A GradScaler-sized grad_output (2**16, above float16's max) scales fp16 gradients without overflow."""
-    params, target = make_inputs((2, 16, 24), torch.float16, device)
-    scale = torch.tensor(2.0**16, device=device)
-    for backend in lane_backends(device):
-        loss, grad = run(params, target, "mean", backend, scale)
-        _, ref_grad = ref64(params, target, "mean", scale)
-        assert torch.isfinite(grad).all(), backend
-        assert_close(grad, ref_grad, 1e-3, 1e-4 * float(ref_grad.abs().max()), f"{backend} scaled fp16 grad")
+# GradScaler's scales run from 2**16 (its default start) up to 2**24; times a loss weight, grad_output is any number.
+LOSS_SCALES = (1.0, 2.0**16, 2.0**24, 0.3 * 2.0**16)
+
+
+def make_wide_inputs(shape, dtype, device, seed=0):
+    """mu ~ 2 N(0, 1), ln b uniform in [-12, 12]: exp(-ln b) from 6e-6 to 1.6e5, past float16's range both ways."""
+    B, H, W = shape
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randn(B, 3, H, W, generator=g) * 2
+    ln_b = torch.rand(B, 3, H, W, generator=g) * 24 - 12
+    target = torch.randint(0, 256, (B, 3, H, W), generator=g, dtype=torch.uint8)
+    return torch.cat([mu, ln_b], 1).to(dtype).to(device), target.to(device)
+
+
+def assert_rounded_once(grad, ref, params, target, go, unit, what):
+    """``grad`` is the float64 gradient ``ref`` rounded once to ``grad.dtype``, up to the fp32 evaluation error.
+
+    That is what the torch backend gives (fp32 autograd, one cast): no value flushed to 0 or to inf that rounding
+    ``ref`` keeps, none finite that it makes inf, and |grad - ref| <= unit |ref| + 2 fp32 error + half the
+    smallest subnormal. ``go``: |d loss / d nll| per value (loss scale, times 1/n for mean).
+    """
+    info = torch.finfo(grad.dtype)
+    g, e = grad.detach().double().cpu(), ref.double().cpu()
+    rounded = e.to(grad.dtype).double()
+    zeros = (g == 0) & (rounded != 0)
+    assert not zeros.any(), f"{what}: {int(zeros.sum())} values are 0 where the float64 gradient rounds to nonzero"
+    near_max = (e.abs() / info.max - 1).abs() < 1e-3  # fp32 noise may decide overflow right at the edge
+    wrong_inf = (torch.isinf(g) != torch.isinf(rounded)) & ~near_max
+    assert not wrong_inf.any(), f"{what}: {int(wrong_inf.sum())} values differ from float64 in being inf"
+    assert (torch.sign(g) == torch.sign(rounded))[torch.isinf(g)].all(), f"{what}: inf of the wrong sign"
+    fp32 = torch.cat([2.0**-20 * e[:, :3].abs(), fp32_error_bound(params, target) * torch.as_tensor(go).cpu()], 1)
+    bound = unit * e.abs() + 2 * fp32 + info.smallest_normal * info.eps / 2
+    finite = torch.isfinite(g) & torch.isfinite(rounded)
+    assert_within(g[finite], e[finite], bound[finite], what)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # fp16 inf, as torch gives
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("loss_scale", LOSS_SCALES)
+def test_loss_scaled_gradients_round_once(device, reduction, loss_scale, dtype):
+    """``scaler.scale(loss).backward()``: any loss scale, n and dtype give the float64 gradient rounded once.
+
+    A gradient stored in float16 during the forward as ``g / n`` (n = 1638 here) was subnormal or 0 before the
+    backward applied the scale; stored unscaled, ``exp(-ln b)`` overflows float16 for ln b < -11.1; stored in
+    bfloat16 and scaled by a loss weight, it is rounded twice.
+    """
+    shapes = [(2, 13, 21)] + ([(16, 128, 128)] if device == "cuda" else [])  # the second: n ~ 8e5
+    for i, shape in enumerate(shapes):
+        B, H, W = shape
+        n = B * 3 * H * W
+        g = torch.Generator().manual_seed(200 + i)
+        if reduction == "none":  # e.g. scaler.scale(loss.mean()) after a per-value weight
+            grad_out = loss_scale / n * (0.5 + torch.rand(B, 3, H, W, generator=g, dtype=torch.float64))
+            go = grad_out
+        else:
+            grad_out = torch.tensor(loss_scale, dtype=torch.float64)
+            go = loss_scale / n if reduction == "mean" else loss_scale
+        params, target = make_wide_inputs(shape, dtype, device, seed=i)
+        _, ref = ref64(params, target, reduction, grad_out)
+        for backend in lane_backends(device):
+            _, grad = run(params, target, reduction, backend, grad_out.float().to(device))
+            unit = torch.finfo(dtype).eps / 2  # round to nearest
+            if dtype == torch.bfloat16 and backend == "triton" and device == "cpu":
+                unit *= 2  # the Triton interpreter converts float32 to bfloat16 by truncation
+            assert_rounded_once(grad, ref, params, target, go, unit,
+                                f"{backend} {dtype} {shape} {reduction} loss scale {loss_scale}")
+
+
+def test_which_gradients_are_fused(monkeypatch):
+    """Only float32 mean/sum write the gradient during the forward; 16-bit params save params and target
+    (references) and the backward recomputes, so a second backward through the same graph works for them."""
+    from dalle_kernels.ops import logit_laplace as module
+
+    assert [module.fuses_gradient(r, torch.float32) for r in REDUCTIONS] == [True, True, False]
+    for dtype in (torch.float16, torch.bfloat16):
+        assert not any(module.fuses_gradient(r, dtype) for r in REDUCTIONS)
+    seen = []
+    forward = module._FORWARD["triton"]
+    monkeypatch.setitem(module._FORWARD, "triton", lambda *a: seen.append((a[0].dtype, a[-1])) or forward(*a))
+    for dtype in (torch.float32, torch.float16):
+        params, target = make_inputs((1, 5, 7), dtype, "cpu")
+        p = params.requires_grad_()
+        loss = logit_laplace_loss(p, target, "sum", backend="triton")
+        if dtype == torch.float16:
+            assert [t.data_ptr() for t in loss.grad_fn.saved_tensors] == [p.data_ptr(), target.data_ptr()]
+            (first,) = torch.autograd.grad(loss, p, retain_graph=True)
+            (second,) = torch.autograd.grad(loss, p)
+            assert torch.equal(first, second)
+    assert seen == [(torch.float32, True), (torch.float16, False)]
 
 
 @pytest.mark.gpu

@@ -13,6 +13,18 @@ Numerics: the kernels compute in float32. exp(-ln_b) amplifies the rounding of l
 value is about 2**-24 (|logit(y)| + |mu|) exp(-ln_b) (the tests use this bound). Results are finite while
 |logit(y) - mu| exp(-ln_b) fits in float32, e.g. for |ln_b| <= 20 and any |mu| <= 1e20; float16/bfloat16
 gradients can round to inf where exp(-ln_b) exceeds their range (as an fp32-computed gradient cast would).
+
+Gradients and loss scales: every gradient is formed in fp32 as ``g * grad_output`` (times ``1/n`` for the mean
+over ``n = B*3*H*W`` values) and rounded to the params dtype once, as the torch backend does, so a loss scale of
+any size multiplies a normal fp32 number (float16 results overflow to inf exactly where the torch backend's do).
+float32 params, mean/sum: the forward writes ``g / n`` (fp32; normal unless ln_b > 87 - ln n) and the backward
+scales it in place. float16 and bfloat16 params: nothing is stored in 16 bits before the scale (``g / n`` in
+float16 is 0 for ``n`` ~ 1e6; ``g`` unscaled overflows float16 for ln_b < -11.1; bfloat16 would round twice);
+the backward recomputes the gradient in one more pass over params and target. Costs per pixel, 16-bit params
+(12 bytes) and uint8 target (3 bytes): held from forward to backward, references to params and target (no
+allocation; a gradient written by the forward holds 12 bytes); peak, the 12-byte gradient; memory traffic 42
+bytes (a gradient written by the forward: 27 with grad_output 1, 51 under a loss scale). Storing the gradient in
+fp32 instead would hold 24 bytes and peak at 36.
 """
 from __future__ import annotations
 
@@ -154,14 +166,15 @@ if triton is not None:
         eps, grad_scale,
         X_IS_U8: tl.constexpr, CONTIG: tl.constexpr,
         WRITE_LOSS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, WRITE_GRAD: tl.constexpr,
-        HAS_GO: tl.constexpr, BLOCK: tl.constexpr,
+        HAS_GO: tl.constexpr, GO_SCALAR: tl.constexpr, BLOCK: tl.constexpr,
     ):
         """One pass over ``BLOCK`` of the ``3*H*W`` values of image ``program_id(1)``.
 
         Reads mu, ln b and the target once; writes any of: the per-value loss (``WRITE_LOSS``), this program's
         partial sum (``WRITE_PARTIAL``, summed later in a fixed order: deterministic, no atomics), the gradient
-        (``WRITE_GRAD``) times ``grad_scale`` and, with ``HAS_GO``, the per-value grad_output ``GO_ptr[b, c, h, w]``
-        (contiguous fp32).
+        (``WRITE_GRAD``) times ``grad_scale`` and, with ``HAS_GO``, the grad_output (fp32): one value
+        ``GO_ptr[0]`` with ``GO_SCALAR``, else per value ``GO_ptr[b, c, h, w]`` (contiguous). The product is formed
+        in fp32 and rounded to the gradient's dtype once, so a loss scale multiplies a normal fp32 number.
         """
         pid = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
@@ -191,7 +204,9 @@ if triton is not None:
         if WRITE_PARTIAL:
             tl.store(Part_ptr + b * tl.num_programs(0) + pid, tl.sum(tl.where(mask, nll, 0.0), axis=0))
         if WRITE_GRAD:
-            if HAS_GO:
+            if HAS_GO and GO_SCALAR:
+                scale = tl.load(GO_ptr) * grad_scale
+            elif HAS_GO:
                 scale = tl.load(GO_ptr + b * CHW + offs, mask=mask, other=0.0) * grad_scale
             else:
                 scale = grad_scale
@@ -230,34 +245,42 @@ def _launch_triton(params, target, *, eps, loss=None, partial=None, grad=None, g
         float(eps), float(grad_scale),
         X_IS_U8=target.dtype == torch.uint8, CONTIG=contig,
         WRITE_LOSS=loss is not None, WRITE_PARTIAL=partial is not None, WRITE_GRAD=grad is not None,
-        HAS_GO=grad_out is not None, BLOCK=block, num_warps=4 if block >= 512 else 2,
+        HAS_GO=grad_out is not None, GO_SCALAR=grad_out is not None and grad_out.dim() == 0,
+        BLOCK=block, num_warps=4 if block >= 512 else 2,
     )
     return grid
 
 
-def _triton_forward(params, target, reduction, eps, want_grad):
-    """Forward; with ``want_grad`` (mean/sum only) also the gradient for a grad_output of 1."""
+def _mean_scale(reduction, params):
+    """The factor d loss / d (sum of the per-value losses): ``1 / (B*3*H*W)`` for mean, else 1."""
     B, _, H, W = params.shape
-    n = B * 3 * H * W
+    return 1.0 / (B * 3 * H * W) if reduction == "mean" else 1.0
+
+
+def _triton_forward(params, target, reduction, eps, write_grad):
+    """Forward; with ``write_grad`` (mean/sum, float32 params only) also the gradient for a grad_output of 1."""
+    B, _, H, W = params.shape
     dev = params.device
-    grad = torch.empty_like(params) if want_grad else None
+    grad = torch.empty_like(params) if write_grad else None
     if reduction == "none":
         loss = torch.empty((B, 3, H, W), device=dev, dtype=torch.float32)
         _launch_triton(params, target, eps=eps, loss=loss)
         return loss, None
     nprog = triton.cdiv(3 * H * W, _block_size(3 * H * W))
     partial = torch.empty(B * nprog, device=dev, dtype=torch.float32)
-    scale = 1.0 / n if reduction == "mean" else 1.0
+    scale = _mean_scale(reduction, params)
     _launch_triton(params, target, eps=eps, partial=partial, grad=grad, grad_scale=scale)
     out = torch.empty((), device=dev, dtype=torch.float32)
     _sum_partials_kernel[(1,)](partial, out, partial.numel(), scale, BLOCK=1024)
     return out, grad
 
 
-def _triton_backward(params, target, eps, grad_out):
-    """Backward of reduction='none': the gradient times the per-value grad_out, recomputed in one pass."""
+def _triton_backward(params, target, reduction, eps, grad_out):
+    """The gradient recomputed in one pass, times ``grad_out`` (fp32, contiguous: ``(B, 3, H, W)`` for
+    reduction 'none', one value for sum/mean, which also takes ``1/n``), rounded to the params dtype once."""
     grad = torch.empty_like(params)
-    _launch_triton(params, target, eps=eps, grad=grad, grad_out=grad_out.to(torch.float32).contiguous())
+    _launch_triton(params, target, eps=eps, grad=grad, grad_out=grad_out,
+                   grad_scale=_mean_scale(reduction, params))
     return grad
 
 
@@ -273,13 +296,13 @@ def _cuda_target(target):
     return target.contiguous()
 
 
-def _cuda_forward(params, target, reduction, eps, want_grad):
+def _cuda_forward(params, target, reduction, eps, write_grad):
     from .. import _cuda
 
     mod = _cuda.ext("logit_laplace_forward")
     params, target = params.contiguous(), _cuda_target(target)
     B, _, H, W = params.shape
-    grad = torch.empty_like(params) if want_grad else None
+    grad = torch.empty_like(params) if write_grad else None
     if reduction == "none":
         loss = torch.empty((B, 3, H, W), device=params.device, dtype=torch.float32)
     else:
@@ -294,17 +317,17 @@ def _cuda_forward(params, target, reduction, eps, want_grad):
     return loss, grad
 
 
-def _cuda_backward(params, target, eps, grad_out):
+def _cuda_backward(params, target, reduction, eps, grad_out):
     from .. import _cuda
 
     mod = _cuda.ext("logit_laplace_backward")
     params, target = params.contiguous(), _cuda_target(target)
     B, _, H, W = params.shape
     grad = torch.empty_like(params)
-    go = grad_out.to(torch.float32).contiguous()
     mod.logit_laplace_backward(
-        params.data_ptr(), target.data_ptr(), go.data_ptr(), grad.data_ptr(),
-        B, H, W, _cuda.dtype_code(params), _cuda.dtype_code(target), float(eps), _cuda.stream_of(params))
+        params.data_ptr(), target.data_ptr(), grad_out.data_ptr(), grad.data_ptr(),
+        B, H, W, _cuda.dtype_code(params), _cuda.dtype_code(target), float(eps), _REDUCTION_CODES[reduction],
+        _cuda.stream_of(params))
     return grad
 
 
@@ -323,34 +346,56 @@ _FORWARD = {"triton": _on_params_device(_triton_forward), "cuda": _on_params_dev
 _BACKWARD = {"triton": _on_params_device(_triton_backward), "cuda": _on_params_device(_cuda_backward)}
 
 
-class LogitLaplaceLoss(torch.autograd.Function):
-    """Fused forward (+ the gradient, for mean/sum) and a one-pass backward.
+def fuses_gradient(reduction: str, dtype: torch.dtype) -> bool:
+    """Whether the forward writes the gradient (mean/sum with float32 params) or the backward recomputes it.
 
-    mean/sum: forward writes d loss / d params for a grad_output of 1 and saves only that tensor (no copy of
-    params or target is kept: peak extra memory is the gradient). Backward scales it in place by grad_output
-    (skipped when grad_output is 1, which costs one host sync) and hands it over, so a second backward through
-    the same graph (``retain_graph=True``) raises a clear error. none: backward recomputes from params and
-    target in one pass, times the per-value grad_output. Not twice differentiable.
+    A gradient written during the forward is stored before the backward applies grad_output (a loss scale of
+    up to 2**24, and for 16-bit params the 1/n of the mean). Only float32 holds every such value at full
+    precision: in float16, ``g / n`` falls below the normal range (2**-14) for ``n`` ~ 1e4 and to 0 below
+    2**-25, and no loss scale brings it back; storing ``g`` unscaled overflows float16 where
+    ``exp(-ln b) > 65504`` and rounds twice in bfloat16. So 16-bit params keep references to params and
+    target (no new memory) and the backward recomputes ``g * grad_output / n`` in fp32, rounding once, as the
+    torch backend does.
+    """
+    return reduction != "none" and dtype == torch.float32
+
+
+def _backward(backend, params, target, reduction, eps, grad_out):
+    """The recomputing backward of both kernel backends: grad_output goes in as fp32, contiguous."""
+    return _BACKWARD[backend](params, target, reduction, eps, grad_out.to(torch.float32).contiguous())
+
+
+class LogitLaplaceLoss(torch.autograd.Function):
+    """Fused forward (+ the gradient, for mean/sum of float32 params) and a one-pass backward.
+
+    float32 mean/sum: forward writes d loss / d params for a grad_output of 1 and saves only that tensor (no
+    reference to params or target is kept: peak extra memory is the gradient). Backward scales it in place by
+    grad_output (skipped when grad_output is 1, which costs one host sync) and hands it over, so a second
+    backward through the same graph (``retain_graph=True``) raises a clear error. Otherwise (reduction 'none',
+    or float16/bfloat16 params, see ``fuses_gradient``): params and target are saved (references, no copy) and
+    backward recomputes the gradient in one pass, times grad_output (and 1/n for mean) in fp32, rounded to the
+    params dtype once. Not twice differentiable.
     """
 
     @staticmethod
-    def forward(ctx, params, target, reduction, eps, backend, want_grad):
-        # want_grad comes from the caller: inside forward grad mode is off, and needs_input_grad is True even
+    def forward(ctx, params, target, reduction, eps, backend, write_grad):
+        # write_grad comes from the caller: inside forward grad mode is off, and needs_input_grad is True even
         # under torch.no_grad(), where writing a gradient would be wasted work and memory.
-        loss, grad = _FORWARD[backend](params, target, reduction, eps, want_grad)
-        ctx.reduction, ctx.eps, ctx.backend = reduction, eps, backend
-        if reduction == "none":
-            ctx.save_for_backward(params, target)
-        else:
+        loss, grad = _FORWARD[backend](params, target, reduction, eps, write_grad)
+        ctx.reduction, ctx.eps, ctx.backend, ctx.fused = reduction, eps, backend, write_grad
+        if write_grad:
             ctx.grad = grad
+        else:
+            ctx.save_for_backward(params, target)
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        if ctx.reduction == "none":
+        if not ctx.fused:
             params, target = ctx.saved_tensors
-            return _BACKWARD[ctx.backend](params, target, ctx.eps, grad_out), None, None, None, None, None
+            grad = _backward(ctx.backend, params, target, ctx.reduction, ctx.eps, grad_out)
+            return grad, None, None, None, None, None
         grad = ctx.grad
         if grad is None:
             raise RuntimeError(
@@ -359,7 +404,7 @@ class LogitLaplaceLoss(torch.autograd.Function):
         ctx.grad = None
         scale = float(grad_out)  # host sync; lets grad_output == 1 (the usual case) skip a full pass
         if scale != 1.0:
-            grad.mul_(scale)  # python scalar: multiplied in fp32 opmath, safe for fp16 grads
+            grad.mul_(scale)  # float32 (fuses_gradient): g/n times any loss scale stays a normal number
         return grad, None, None, None, None, None
 
 
@@ -369,43 +414,43 @@ class LogitLaplaceLoss(torch.autograd.Function):
 # gradient over in place, so mean/sum multiply out of place (which the compiler can fuse into the consumer).
 @torch.library.custom_op("dalle_kernels::logit_laplace_forward", mutates_args=())
 def _forward_op(params: torch.Tensor, target: torch.Tensor, reduction: str, eps: float, backend: str,
-                want_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    loss, grad = _FORWARD[backend](params, target, reduction, eps, want_grad)
+                write_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    loss, grad = _FORWARD[backend](params, target, reduction, eps, write_grad)
     return loss, grad if grad is not None else params.new_empty(0)
 
 
 @_forward_op.register_fake
-def _(params, target, reduction, eps, backend, want_grad):
+def _(params, target, reduction, eps, backend, write_grad):
     B, _, H, W = params.shape
     shape = (B, 3, H, W) if reduction == "none" else ()
-    grad = torch.empty_like(params) if want_grad else params.new_empty(0)
+    grad = torch.empty_like(params) if write_grad else params.new_empty(0)
     return params.new_empty(shape, dtype=torch.float32), grad
 
 
 @torch.library.custom_op("dalle_kernels::logit_laplace_backward", mutates_args=())
-def _backward_op(params: torch.Tensor, target: torch.Tensor, grad_out: torch.Tensor, eps: float,
+def _backward_op(params: torch.Tensor, target: torch.Tensor, grad_out: torch.Tensor, reduction: str, eps: float,
                  backend: str) -> torch.Tensor:
-    return _BACKWARD[backend](params, target, eps, grad_out)
+    return _backward(backend, params, target, reduction, eps, grad_out)
 
 
 @_backward_op.register_fake
-def _(params, target, grad_out, eps, backend):
+def _(params, target, grad_out, reduction, eps, backend):
     return torch.empty_like(params)
 
 
 def _op_setup_context(ctx, inputs, output):
-    params, target, reduction, eps, backend, _ = inputs
-    ctx.reduction, ctx.eps, ctx.backend = reduction, eps, backend
-    ctx.save_for_backward(*((params, target) if reduction == "none" else (output[1],)))
+    params, target, reduction, eps, backend, write_grad = inputs
+    ctx.reduction, ctx.eps, ctx.backend, ctx.fused = reduction, eps, backend, write_grad
+    ctx.save_for_backward(*((output[1],) if write_grad else (params, target)))
 
 
 def _op_backward(ctx, grad_loss, _grad_of_grad):
-    if ctx.reduction == "none":
-        params, target = ctx.saved_tensors
-        grad = _backward_op(params, target, grad_loss, ctx.eps, ctx.backend)
-    else:
+    if ctx.fused:
         (fused,) = ctx.saved_tensors
-        grad = (fused.float() * grad_loss).to(fused.dtype)
+        grad = fused * grad_loss  # float32 (fuses_gradient)
+    else:
+        params, target = ctx.saved_tensors
+        grad = _backward_op(params, target, grad_loss, ctx.reduction, ctx.eps, ctx.backend)
     return grad, None, None, None, None, None
 
 
@@ -433,6 +478,11 @@ def logit_laplace_loss(params: torch.Tensor, target: torch.Tensor, reduction: st
     kernel reads any strides (channels-last included); the CUDA backend makes non-contiguous inputs
     contiguous first (a copy). Under ``torch.compile`` the kernels are traced as custom ops (no graph break)
     and the target range check is skipped.
+
+    Gradients come back in the params dtype, rounded once from fp32 whatever the loss scale
+    (``scaler.scale(loss).backward()``). float32 mean/sum: the forward writes the gradient (extra memory: the
+    gradient). float16/bfloat16 and reduction ``"none"``: the backward recomputes it from params and target,
+    which the op keeps referenced until then (one more pass; no extra memory unless nothing else holds params).
     """
     check_inputs(params, target, reduction, eps, check_range)
     if backend == "auto" and params.dtype == torch.float64:
@@ -447,7 +497,7 @@ def logit_laplace_loss(params: torch.Tensor, target: torch.Tensor, reduction: st
         raise ValueError(f"params shape {tuple(params.shape)} too large: need 3*H*W < 2**31 and B < 65536")
     if params.numel() == 0:
         return logit_laplace_loss_ref(params, target.detach(), reduction, float(eps))
-    want_grad = reduction != "none" and params.requires_grad and torch.is_grad_enabled()
+    write_grad = fuses_gradient(reduction, params.dtype) and params.requires_grad and torch.is_grad_enabled()
     if torch.compiler.is_compiling():
-        return _forward_op(params, target.detach(), reduction, float(eps), backend, want_grad)[0]
-    return LogitLaplaceLoss.apply(params, target.detach(), reduction, float(eps), backend, want_grad)
+        return _forward_op(params, target.detach(), reduction, float(eps), backend, write_grad)[0]
+    return LogitLaplaceLoss.apply(params, target.detach(), reduction, float(eps), backend, write_grad)
