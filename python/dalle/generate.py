@@ -6,7 +6,7 @@
 
 Sampling uses the key/value cache of ``dalle.sampling`` (temperature, top-k, top-p, ``--guidance`` for
 classifier-free guidance). ``--rerank K`` draws ``K`` candidates per requested image and keeps the best:
-by the run's learned reranker (``RUN/reranker.pt``, ``dalle.rerank``; the paper's CLIP step) when it has
+by the run's learned reranker (``RUN/reranker/``, ``dalle.rerank``; the paper's CLIP step) when it has
 one, else (or with ``--rank-by scorer``) those the built-in dataset's deterministic scorer accepts (captions
 it cannot parse are then not reranked). ``--prompt-image`` completes an image from its first rows.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import pick_device
+from .common import pick_device, pretrained_files
 from .sampling import generate_images
 
 
@@ -36,12 +36,12 @@ def load_run(run, device="cpu"):
 
 
 def run_dvae_path(run, ckpt) -> Path:
-    """The dVAE a run's checkpoint ``ckpt`` was trained with, also when the run folder was moved."""
+    """The dVAE folder a run's checkpoint ``ckpt`` was trained with, or ``RUN/dvae`` (the pipeline's) when the
+    run folder was moved."""
     run = Path(run)
-    dvae_path = Path(ckpt.get("dvae") or run / "dvae.pt")
-    for candidate in (run / "dvae.pt", run / "dvae" / "dvae.pt"):  # the run folder was moved
-        if not dvae_path.is_file() and candidate.is_file():
-            dvae_path = candidate
+    dvae_path = Path(ckpt.get("dvae") or run / "dvae")
+    if not pretrained_files(dvae_path)[0].is_file() and pretrained_files(run / "dvae")[0].is_file():
+        dvae_path = run / "dvae"
     return dvae_path
 
 
@@ -124,7 +124,7 @@ def main(argv=None):
                    help="classifier-free guidance scale (1 = off; for a run trained with --cond-dropout)")
     p.add_argument("--rerank", type=int, default=1, help="candidates per kept image (best kept, see --rank-by)")
     p.add_argument("--rank-by", default="auto", choices=("auto", "reranker", "scorer"),
-                   help="auto: RUN/reranker.pt when the run has one, else the built-in dataset's scorer")
+                   help="auto: the run's reranker (RUN/reranker/) when it has one, else the built-in dataset's scorer")
     p.add_argument("--prompt-image", default=None, help="complete this image from its first rows")
     p.add_argument("--prompt-rows", type=int, default=2, help="token rows of --prompt-image to keep")
     p.add_argument("--seed", type=int, default=0)
@@ -134,10 +134,10 @@ def main(argv=None):
     model, tok, dvae = load_run(a.run, device)
     prefix = load_prompt_tokens(a.prompt_image, dvae, a.prompt_rows, model.cfg.grid) if a.prompt_image else None
     reranker = None
-    rr_path = Path(a.run) / "reranker.pt"
-    if a.rank_by == "reranker" and not rr_path.is_file():
-        p.error(f"--rank-by reranker: {rr_path} does not exist (train it: python -m dalle.rerank --run {a.run})")
-    if a.rerank > 1 and a.rank_by != "scorer" and rr_path.is_file():
+    rr_path = Path(a.run) / "reranker"
+    if a.rank_by == "reranker" and not pretrained_files(rr_path)[0].is_file():
+        p.error(f"--rank-by reranker: {rr_path} holds no reranker (train it: python -m dalle.rerank --run {a.run})")
+    if a.rerank > 1 and a.rank_by != "scorer" and pretrained_files(rr_path)[0].is_file():
         from .rerank import Reranker
 
         reranker = Reranker.load(rr_path, map_location=device)
