@@ -6,6 +6,7 @@ import random
 import re
 import subprocess
 import sys
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +201,20 @@ def test_model_folders_are_plain_safetensors_and_json(tmp_path):
         other = "dalle_dvae" if kind == "dalle_reranker" else "dalle_reranker"
         with pytest.raises(ValueError, match=f"expected model_type '{other}'"):
             load_pretrained(folder, other)
+
+
+def test_atomic_save_writes_plain_data_only(tmp_path):
+    """What a checkpoint may hold is what ``weights_only=True`` reads; anything else fails before a write."""
+    ok = {"model": OrderedDict(w=torch.ones(2)), "opt": {"state": {0: {"step": torch.tensor(3.0)}}, "lr": [1e-3]},
+          "sched": {"best": float("inf"), "n": 0, "done": False, "none": None}, "grid": (8, 8), "name": "x",
+          "size": torch.Size([2]), "dtype": torch.float16}
+    assert repr(torch.load(atomic_save(ok, tmp_path / "ok.pt"), weights_only=True)) == repr(ok)
+    for bad, where in (({"rng": {"numpy": np.random.get_state()}}, r"\['rng'\]\['numpy'\]\[1\] is a numpy.ndarray"),
+                       ({"loss": np.float32(1.0)}, "numpy.float32"), ({"path": tmp_path}, "Path"),
+                       ({"m": WritesMarker(tmp_path / "m")}, "WritesMarker")):
+        with pytest.raises(TypeError, match=where):
+            atomic_save(bad, tmp_path / "bad.pt")
+    assert not (tmp_path / "bad.pt").exists() and not (tmp_path / "m").exists()
 
 
 def test_rng_state_is_plain_data_and_restores_exactly(tmp_path):

@@ -12,6 +12,7 @@ import os
 import pickle
 import random
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -65,11 +66,35 @@ def _atomic_write(path, write) -> Path:
     return path
 
 
-def atomic_save(obj, path) -> Path:
-    """``torch.save`` of plain data (tensors, numbers, strings, lists, tuples, dicts) to ``path``, atomically.
+# exact types: a subclass (a NumPy float is a float) would be pickled as its own class
+_PLAIN_LEAVES = (int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device)
 
-    ``load_checkpoint`` reads it back with ``weights_only=True``; no pickled classes go in.
+
+def check_plain(obj, where: str = "obj") -> None:
+    """``TypeError`` naming the first entry of ``obj`` that is not plain data: tensors, numbers, strings, bytes,
+    None, dtypes and devices, in dicts (string or number keys), lists and tuples. Exactly what
+    ``torch.load(weights_only=True)`` reads back without running code from the file."""
+    if type(obj) in _PLAIN_LEAVES or type(obj) in (torch.Tensor, torch.nn.Parameter):
+        return
+    if type(obj) in (dict, OrderedDict):
+        for k, v in obj.items():
+            if not isinstance(k, (str, int, float, type(None))):
+                raise TypeError(f"{where} has a key of type {type(k).__name__}; a file holds plain data only")
+            check_plain(v, f"{where}[{k!r}]")
+    elif type(obj) in (list, tuple, torch.Size):
+        for i, v in enumerate(obj):
+            check_plain(v, f"{where}[{i}]")
+    else:
+        raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}; a file holds plain data "
+                        "only (tensors, numbers, strings, lists, tuples, dicts)")
+
+
+def atomic_save(obj, path) -> Path:
+    """``torch.save`` of plain data (``check_plain``: tensors, numbers, strings, lists, tuples, dicts) to
+    ``path``, atomically. ``load_checkpoint`` reads it back with ``weights_only=True``; no pickled classes go in,
+    so ``TypeError`` for anything else, before anything is written.
     """
+    check_plain(obj, Path(path).name)
     return _atomic_write(path, lambda f: torch.save(obj, f))
 
 
