@@ -56,6 +56,12 @@ def test_the_crafted_file_runs_code_when_unpickled(tmp_path):
     m = tmp_path / "control"
     torch.load(craft(tmp_path / "x.pt", m), weights_only=False)
     assert m.read_text() == "x"
+    # --trust-pickle means exactly that: the file's code runs (then the conversion finds no weights in it)
+    m.unlink()
+    path = craft(tmp_path / "run" / "dalle.pt", m, model_config={}, train_config={}, step=1, dvae="")
+    with pytest.raises(ValueError, match="not a dict of tensors"):
+        convert(path, trust_pickle=True)
+    assert m.read_text() == "x"
 
 
 def _refused(fn, marker, *words):

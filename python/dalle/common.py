@@ -132,15 +132,26 @@ def save_pretrained(folder, state_dict: dict, config: dict) -> Path:
 
 
 def pretrained_files(path) -> tuple[Path, Path]:
-    """``(model.safetensors, config.json)`` of a model given as its folder or either file in it."""
+    """``(model.safetensors, config.json)`` of a model given as its folder or either file in it.
+
+    ``UnsafeFileError`` for a torch (pickle) file, naming the conversion command; ``FileNotFoundError`` for a
+    file name that is not there (a folder that is not there is returned as such: its files are missing).
+    """
     path = Path(path)
-    folder = path if path.is_dir() or path.suffix == "" else path.parent
-    if path.is_file() and path.name not in (MODEL_FILE, CONFIG_FILE):
-        if path.suffix in (".pt", ".pth", ".bin", ".pkl", ".ckpt"):
-            raise UnsafeFileError(f"{path} is a torch (pickle) file; models are read only from {MODEL_FILE} + "
-                                  f"{CONFIG_FILE}; if it is a model file of an earlier version of dalle, "
-                                  f"{convert_hint(path, trust=False)}")
-        raise ValueError(f"{path} is not a model folder or its {MODEL_FILE} / {CONFIG_FILE}")
+    if path.is_dir() or (path.suffix == "" and not path.exists()):
+        folder = path
+    elif path.name in (MODEL_FILE, CONFIG_FILE):
+        folder = path.parent
+    elif path.is_file() and path.suffix in (".pt", ".pth", ".bin", ".pkl", ".ckpt"):
+        raise UnsafeFileError(f"{path} is a torch (pickle) file; models are read only from {MODEL_FILE} + "
+                              f"{CONFIG_FILE} (pass their folder); if it is a model file of an earlier version of "
+                              "dalle, "
+                              f"{convert_hint(path, trust=False)}")
+    elif path.is_file():
+        raise ValueError(f"{path} is not a model folder or the {MODEL_FILE} / {CONFIG_FILE} in one")
+    else:
+        raise FileNotFoundError(f"no file {path}: a model is a folder holding {MODEL_FILE} and {CONFIG_FILE}; "
+                                "pass the folder or one of those files")
     return folder / MODEL_FILE, folder / CONFIG_FILE
 
 

@@ -114,6 +114,8 @@ def convert_file(path, out=None, trust_pickle: bool = False) -> str:
             state_dict = obj["model"]
             config = {**obj["model_config"], "train_config": obj.get("train_config"), "step": obj.get("step"),
                       "dvae": _dvae_ref(obj.get("dvae"))}
+        if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+            raise ValueError(f"{path} looks like a {kind} file but its weights are not a dict of tensors")
         save_pretrained(folder, state_dict, {"model_type": kind, **config})
         again, _ = load_pretrained(folder, kind)
         if not _same_tensors(dict(state_dict), again):
@@ -183,7 +185,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     try:
         convert(a.path, a.out, a.trust_pickle)
-    except (UnsafeFileError, ValueError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError) as e:  # UnsafeFileError is a ValueError
         print(f"{p.prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

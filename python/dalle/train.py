@@ -170,8 +170,8 @@ def load_dvae(path, device="cpu"):
     try:
         return DVAE.load(path, map_location=device)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"{e}; train one first (python -m dalle.train_dvae --run DIR) or pass --dvae DIR") \
-            from None
+        raise FileNotFoundError(f"cannot load the dVAE: {e}; train one first (python -m dalle.train_dvae --run DIR) "
+                                "or pass --dvae DIR") from None
 
 
 def prepare_data(cfg: TrainConfig, dvae, log=print) -> dict:
