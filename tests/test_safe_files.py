@@ -94,6 +94,11 @@ def test_model_loaders_refuse_crafted_files(tmp_path, marker):
     only_ckpt = tmp_path / "run2"  # a run stopped before its final model: the checkpoint is read, safely
     craft(only_ckpt / "checkpoint.pt", marker, optimizer={}, rng={}, step=1)
     _refused(lambda: load_run_model(only_ckpt), marker, hint, "--trust-pickle")
+    # the pipeline does not train a new dVAE over an old one: it names the conversion
+    from dalle.pipeline import main as pipeline
+
+    craft(tmp_path / "p" / "dvae" / "dvae.pt", marker, config={}, state_dict={})
+    _refused(lambda: pipeline(["--run", str(tmp_path / "p"), "--no-progress"]), marker, hint)
     # a pickle put where the safetensors file belongs is not unpickled either
     fake = tmp_path / "fake"
     tiny_dvae(fake)

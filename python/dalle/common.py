@@ -145,8 +145,7 @@ def pretrained_files(path) -> tuple[Path, Path]:
     elif path.is_file() and path.suffix in (".pt", ".pth", ".bin", ".pkl", ".ckpt"):
         raise UnsafeFileError(f"{path} is a torch (pickle) file; models are read only from {MODEL_FILE} + "
                               f"{CONFIG_FILE} (pass their folder); if it is a model file of an earlier version of "
-                              "dalle, "
-                              f"{convert_hint(path, trust=False)}")
+                              f"dalle, {convert_hint(path, trust=False)}")
     elif path.is_file():
         raise ValueError(f"{path} is not a model folder or the {MODEL_FILE} / {CONFIG_FILE} in one")
     else:
@@ -172,7 +171,8 @@ def load_pretrained(path, model_type: str) -> tuple[dict, dict]:
         name = OLD_MODEL_FILES.get(model_type)
         old = [p for p in (weights.parent / name, weights.parent.parent / name) if name and p.is_file()]
         hint = f"; {old[0]} is a file of an earlier version of dalle: {convert_hint(old[0], False)}" if old else ""
-        raise FileNotFoundError(f"no {MODEL_NAMES.get(model_type, model_type)} at {path}: looked for {' and '.join(missing)}{hint}")
+        raise FileNotFoundError(f"no {MODEL_NAMES.get(model_type, model_type)} at {path}: looked for "
+                                f"{' and '.join(missing)}{hint}")
     try:
         config = json.loads(config_path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

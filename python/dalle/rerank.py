@@ -236,7 +236,8 @@ def train_reranker(images: torch.Tensor, captions, tok, steps: int = 4000, batch
 
 
 def train_for_run(run, steps: int = 4000, seed: int = 0, device="cpu", progress=True, log=print) -> Path:
-    """Train the reranker ``RUN/reranker/`` (``model.safetensors`` + ``config.json``) on the training pairs of a transformer run (built-in captioned shapes)."""
+    """Train the reranker ``RUN/reranker/`` (``model.safetensors`` + ``config.json``) on the training pairs of a
+    transformer run (built-in captioned shapes); returns that folder."""
     from .data.shapes import ShapesDataset
     from .generate import run_dvae_path
     from .tokenizer import CaptionTokenizer

@@ -182,8 +182,9 @@ def prepare_data(cfg: TrainConfig, dvae, log=print) -> dict:
     run = Path(cfg.run)
     ds = ShapesDataset("train", size=cfg.dataset_size, image_size=dvae.cfg.image_size, seed=cfg.data_seed)
     key = {"dataset": ("shapes", cfg.dataset_size, dvae.cfg.image_size, cfg.data_seed),
-           "dvae": _file_digest(pretrained_files(cfg.dvae_path)[0]), "text_len": cfg.text_len, "bpe_vocab": cfg.bpe_vocab,
-           "bpe_dropout": cfg.bpe_dropout, "variants": cfg.dropout_variants, "version": 1}
+           "dvae": _file_digest(pretrained_files(cfg.dvae_path)[0]), "text_len": cfg.text_len,
+           "bpe_vocab": cfg.bpe_vocab, "bpe_dropout": cfg.bpe_dropout, "variants": cfg.dropout_variants,
+           "version": 1}
     cache_path, tok_path = run / "data_cache.pt", run / "tokenizer.json"
     if cache_path.is_file() and tok_path.is_file():
         try:
