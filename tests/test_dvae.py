@@ -167,9 +167,9 @@ def test_resume_equals_uninterrupted(tmp_path, stop):
     main(["--run", str(b), "--steps", "16", "--num-images", "96", "--eval-images", "8", "--batch-size", "8",
           "--lr", "0.003", "--log-every", "1", "--sample-every", "4", "--ckpt-every", "4", "--no-progress",
           "--stop-at", str(stop), "--threads", "1", "--image-size", "16", "--n-hid", "8", "--n-init", "8", "--vocab-size", "16"])
-    assert not (b / "dvae.pt").exists() and (b / "checkpoint.pt").exists()
+    assert not (b / "model.safetensors").exists() and (b / "checkpoint.pt").exists()
     train_dvae(_cfg(b, steps=16, num_images=96, resume=True, **small))
-    sa, sb = DVAE.load(a / "dvae.pt").state_dict(), DVAE.load(b / "dvae.pt").state_dict()
+    sa, sb = DVAE.load(a).state_dict(), DVAE.load(b).state_dict()
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
     assert _rows(a) == _rows(b)
@@ -179,14 +179,20 @@ def test_resume_equals_uninterrupted(tmp_path, stop):
 
 def test_save_load_round_trip(tmp_path):
     model = DVAE(_small())
-    path = model.save(tmp_path / "m" / "dvae.pt")
-    again = DVAE.load(path)
-    assert again.cfg == model.cfg
+    path = model.save(tmp_path / "m")
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
     x = torch.rand(2, 3, 32, 32)
-    assert torch.equal(again.encode(x), model.encode(x))
-    torch.save({"weights": 1}, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match="not a dVAE"):
-        DVAE.load(tmp_path / "bad.pt")
+    for where in (path, path / "model.safetensors", path / "config.json"):  # the folder or either file in it
+        again = DVAE.load(where)
+        assert again.cfg == model.cfg
+        assert torch.equal(again.encode(x), model.encode(x))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text('{"model_type": "dalle_reranker"}')
+    (tmp_path / "bad" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="expected model_type 'dalle_dvae'"):
+        DVAE.load(tmp_path / "bad")
+    with pytest.raises(FileNotFoundError, match="looked for"):
+        DVAE.load(tmp_path / "missing")
 
 
 def test_save_grid(tmp_path):
@@ -335,8 +341,8 @@ def test_warm_start_learns_the_cell_codes(tmp_path):
     ce = [float(r["warmup_ce"]) for r in rows[:60]]
     assert rows[60]["warmup_ce"] == "" and rows[60]["tau"] != ""
     assert sum(ce[-5:]) / 5 < 0.5 * sum(ce[:5]) / 5, (ce[:5], ce[-5:])
-    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    model = DVAE.load(tmp_path / "dvae.pt")
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    model = DVAE.load(tmp_path)
     x = ShapesDataset("train", 64, 16, seed=7).images()
     target = assign_cells(x, ckpt["kmeans_centres"], 4)
     shape_cells = target != target.flatten().mode().values  # not the background code (about 60% of cells)

@@ -1,5 +1,6 @@
 """End-to-end at micro size: dVAE -> transformer -> reranker -> sampling -> scorer, through the pipeline's entry point."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -21,8 +22,9 @@ def test_pipeline_micro_run(tmp_path, capsys):
     summary = main(args)
     out = capsys.readouterr().out
     assert "held" in out and "total" in out
-    for name in ("dvae/dvae.pt", "dalle.pt", "checkpoint.pt", "tokenizer.json", "metrics.csv",
-                 "reranker.pt", "samples_train.png", "samples_heldout.png", "results.json"):
+    for name in ("dvae/model.safetensors", "dvae/config.json", "model.safetensors", "config.json", "checkpoint.pt",
+                 "tokenizer.json", "metrics.csv", "reranker/model.safetensors", "reranker/config.json",
+                 "samples_train.png", "samples_heldout.png", "results.json"):
         assert (run / name).is_file(), name
     saved = json.loads((run / "results.json").read_text())
     assert saved["accuracy"].keys() == {"train", "heldout"}
@@ -36,7 +38,7 @@ def test_pipeline_micro_run(tmp_path, capsys):
     model, tok, dvae = load_run(run)
     assert model.cfg.code_features == dvae.code_features().shape[1]  # the pipeline's default image embedding
     # reranked sampling keeps the candidate the reranker scores highest among the same draws
-    reranker = Reranker.load(run / "reranker.pt")
+    reranker = Reranker.load(run / "reranker")
     caps = ["a red circle above a blue square", "a green triangle"]
     draw = dict(temperature=1.0, top_k=4)
     cand = sample_captions(model, tok, dvae, caps, n=3, generator=torch.Generator().manual_seed(5), **draw)
@@ -54,12 +56,12 @@ def test_pipeline_micro_run(tmp_path, capsys):
         generate(["--run", str(run), "a green triangle", "-n", "1", "--rerank", "2", "--rank-by", rank_by,
                   "--out", str(tmp_path / f"{rank_by}.png")])
         assert (tmp_path / f"{rank_by}.png").is_file()
-    (run / "reranker.pt").unlink()
+    shutil.rmtree(run / "reranker")
     with pytest.raises(SystemExit):  # asked for a reranker the run does not have
         generate(["--run", str(run), "a green triangle", "--rerank", "2", "--rank-by", "reranker"])
     assert "python -m dalle.rerank" in capsys.readouterr().err
     rerank(["--run", str(run), "--steps", "2", "--no-progress"])  # the command that error names
-    assert (run / "reranker.pt").is_file()
+    assert (run / "reranker" / "model.safetensors").is_file()
     generate(["--run", str(run), "a green triangle", "-n", "1", "--rerank", "2", "--rank-by", "reranker",
               "--out", str(out)])
     prompt = tmp_path / "prompt.png"
@@ -70,10 +72,10 @@ def test_pipeline_micro_run(tmp_path, capsys):
     # a second call reuses a current reranker and trains again one written by an earlier version
     main(args + ["--resume"])
     assert "reranker: reusing" in capsys.readouterr().out
-    old = torch.load(run / "reranker.pt", weights_only=False)
-    del old["format"]  # as the single-pathway reranker saved it
-    torch.save(old, run / "reranker.pt")
+    config = json.loads((run / "reranker" / "config.json").read_text())
+    del config["format"]  # as the single-pathway reranker saved it
+    (run / "reranker" / "config.json").write_text(json.dumps(config))
     main(args + ["--resume"])
     out = capsys.readouterr().out
     assert "earlier version" in out and "reranker: 3 steps on the training pairs" in out
-    Reranker.load(run / "reranker.pt")
+    Reranker.load(run / "reranker")

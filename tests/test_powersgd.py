@@ -108,7 +108,7 @@ def scenario_resume(rank):
     out = {"uninterrupted": uninterrupted}
     for name, restore_state in (("resumed", True), ("resumed_without_powersgd_state", False)):
         blob.seek(0)
-        ckpt = torch.load(blob)
+        ckpt = torch.load(blob, weights_only=True)
         model, _, _, _ = setup(seed=1)  # different init: everything must come from the checkpoint
         model.load_state_dict(ckpt["model"])
         ddp, state = wrap(model, rank=2, start_iter=2)
@@ -171,7 +171,7 @@ def free_port():
 def two_process_results(tmp_path_factory):
     outdir = str(tmp_path_factory.mktemp("powersgd"))
     mp.spawn(_worker, args=(WORLD, free_port(), outdir), nprocs=WORLD, join=True)
-    return [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(WORLD)]
+    return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
 
 
 def single_process_training(steps=12):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from dalle.train import PlateauSchedule, TrainConfig, batch_indices, parse_args
 
@@ -20,9 +21,7 @@ def dvae_file(tmp_path_factory):
     from dalle.dvae import DVAE, DVAEConfig
 
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("dvae") / "dvae.pt"
-    DVAE(DVAEConfig.tiny(n_hid=8, n_init=8, vocab_size=32)).save(path)
-    return path
+    return DVAE(DVAEConfig.tiny(n_hid=8, n_init=8, vocab_size=32)).save(tmp_path_factory.mktemp("dvae"))
 
 
 def train_cmd(run, dvae, steps, *extra):
@@ -59,8 +58,8 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, dvae_file):
     assert b.poll() is None, "the run finished before it could be killed"
     os.kill(b.pid, signal.SIGKILL)
     b.wait()
-    killed_at = torch.load(b_run / "checkpoint.pt", weights_only=False)["step"]
-    assert 0 < killed_at < steps and not (b_run / "dalle.pt").exists()
+    killed_at = torch.load(b_run / "checkpoint.pt", weights_only=True)["step"]
+    assert 0 < killed_at < steps and not (b_run / "model.safetensors").exists()
     out, _ = a.communicate(timeout=300)
     assert a.returncode == 0, out.decode()[-3000:]
     r = subprocess.run(train_cmd(b_run, dvae_file, steps, "--resume"), env=env(), cwd=tmp_path,
@@ -72,9 +71,8 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, dvae_file):
     assert la == lb
     # training made progress
     assert float(la[-1][1]) < float(la[0][1])
-    wa = torch.load(a_run / "dalle.pt", weights_only=False)["model"]
-    wb = torch.load(b_run / "dalle.pt", weights_only=False)["model"]
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    wa, wb = load_file(a_run / "model.safetensors"), load_file(b_run / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert any((a_run / "samples").glob("*.png"))
 
 
@@ -149,7 +147,7 @@ def test_ddp_two_workers_match_one_process_then_powersgd(tmp_path, dvae_file):
     assert lo[5][1] != lt[5][1]  # compressed updates differ
     assert float(lt[5][1]) < float(lt[0][1])
     for rank in (0, 1):
-        state = torch.load(tmp_path / "two" / f"powersgd_rank{rank}.pt", weights_only=False)
+        state = torch.load(tmp_path / "two" / f"powersgd_rank{rank}.pt", weights_only=True)
         assert state["step"] == steps and state["state"]["rank"] == 2 and state["state"]["error"]
 
 
@@ -203,6 +201,5 @@ def test_resume_with_code_embedding_and_dropouts(tmp_path, dvae_file):
     feats = dv.code_features()
     assert model.cfg.code_features == feats.shape[1] and model.cfg.code_feature_groups == dv.code_feature_groups
     torch.testing.assert_close(model.image_emb.features, feats)
-    wa = torch.load(tmp_path / "a" / "dalle.pt", weights_only=False)["model"]
-    wb = torch.load(tmp_path / "b" / "dalle.pt", weights_only=False)["model"]
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -15,16 +15,17 @@ from pathlib import Path
 
 from dalle_kernels._cli import Parser, int_at_least, positive_int  # noqa: F401 - shared with dalle_kernels
 
-# The files (or folders) a trained transformer run folder must hold, by role; any one name of a role will do.
+# The files a trained transformer run folder must hold, by role; any one name of a role will do.
 # The loaders (dalle.train.load_run_model, dalle.tokenizer.CaptionTokenizer.load, dalle.generate.run_dvae_path)
 # read these; change this table with them.
 RUN_FILES = {
-    "model": ("dalle.pt", "checkpoint.pt"),  # the final weights, else the latest training checkpoint
+    "model": ("model.safetensors", "checkpoint.pt"),  # the final weights, else the latest training checkpoint
     "tokenizer": ("tokenizer.json",),
 }
+OLD_RUN_MODEL = "dalle.pt"  # an earlier version's model file: named with the conversion command, never read
 # Where a run looks for its dVAE when the model file's recorded path is gone (the run folder was moved).
-RUN_DVAE_FILES = ("dvae.pt", "dvae/dvae.pt")
-RERANKER_FILE = "reranker.pt"
+RUN_DVAE_FILES = ("dvae/model.safetensors",)
+RERANKER_FILE = "reranker"  # the run's reranker folder (model.safetensors + config.json)
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
@@ -127,6 +128,11 @@ def check_precision(parser, precision: str, device_text: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ run folders
+def has_reranker(run) -> bool:
+    """The run folder holds a trained reranker (``RUN/reranker/model.safetensors``)."""
+    return (Path(run) / RERANKER_FILE / "model.safetensors").is_file()
+
+
 def check_resume(parser, *runs) -> None:
     """``--resume`` needs a training checkpoint in one of the ``runs`` folders."""
     looked = [Path(r) / CHECKPOINT_FILE for r in runs]
@@ -142,6 +148,12 @@ def check_run(parser, run: str, flag: str = "--run") -> Path:
         parser.error(f"argument {flag}: no run folder {run!r} (a trained run holds "
                      f"{_files_wanted(path)}; train one with python -m dalle.pipeline or dalle.train)")
     missing = [names for names in RUN_FILES.values() if not any((path / n).exists() for n in names)]
+    if RUN_FILES["model"] in missing and (path / OLD_RUN_MODEL).is_file():
+        from .common import convert_hint
+
+        parser.error(f"argument {flag}: {run!r} holds a model of an earlier version of dalle "
+                     f"({path / OLD_RUN_MODEL}, a torch pickle, which is no longer read): "
+                     f"{convert_hint(path, trust=False)}")
     if missing:
         parser.error(f"argument {flag}: {run!r} is not a trained run: looked for {_files_wanted(path)}; "
                      f"missing {', '.join(' or '.join(str(path / n) for n in names) for names in missing)}")

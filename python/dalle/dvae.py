@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -25,9 +26,10 @@ import torch.nn.functional as F
 
 from dalle_kernels import logit_laplace_loss, map_pixels, unmap_pixels
 
-from .common import atomic_save, load_checkpoint
+from .common import load_pretrained, save_pretrained
 from .images import as_unit_float as _as_unit_float  # one image check for the package (rerank reads it here)
 
+MODEL_TYPE = "dalle_dvae"  # config.json's model_type
 LOGIT_LAPLACE_EPS = 0.1
 
 
@@ -379,15 +381,17 @@ class DVAE(nn.Module):
     def reconstruct(self, images) -> torch.Tensor:
         return self.decode(self.encode(images))
 
-    def save(self, path):
-        """Atomic save of the config and weights (``DVAE.load`` reads it back)."""
-        return atomic_save({"config": asdict(self.cfg), "state_dict": self.state_dict()}, path)
+    def save(self, path) -> Path:
+        """Write the model as ``path/model.safetensors`` + ``path/config.json`` (``DVAE.load`` reads it back)."""
+        return save_pretrained(path, self.state_dict(), {"model_type": MODEL_TYPE, **asdict(self.cfg)})
 
     @classmethod
     def load(cls, path, map_location="cpu") -> "DVAE":
-        ckpt = load_checkpoint(path, map_location=map_location)
-        if "config" not in ckpt or "state_dict" not in ckpt:
-            raise ValueError(f"{path} is not a dVAE file (expected keys 'config' and 'state_dict')")
-        model = cls(DVAEConfig(**ckpt["config"]))
-        model.load_state_dict(ckpt["state_dict"])
-        return model.eval()
+        """A dVAE saved by ``save``: its folder, or the ``model.safetensors`` or ``config.json`` in it. Read
+        without unpickling; a torch file of an earlier version raises ``UnsafeFileError`` naming
+        ``python -m dalle.convert``, anything else not a dVAE a ``ValueError``."""
+        state_dict, config = load_pretrained(path, MODEL_TYPE)
+        names = {f.name for f in fields(DVAEConfig)}
+        model = cls(DVAEConfig(**{k: v for k, v in config.items() if k in names}))
+        model.load_state_dict(state_dict)
+        return model.to(map_location).eval()

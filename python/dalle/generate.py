@@ -7,7 +7,7 @@
 
 Sampling uses the key/value cache of ``dalle.sampling`` (temperature, top-k, top-p, ``--guidance`` for
 classifier-free guidance). ``--rerank K`` draws ``K`` candidates per requested image and keeps the best:
-by the run's learned reranker (``RUN/reranker.pt``, ``dalle.rerank``; the paper's CLIP step) when it has
+by the run's learned reranker (``RUN/reranker/``, ``dalle.rerank``; the paper's CLIP step) when it has
 one, else (or with ``--rank-by scorer``) those the built-in dataset's deterministic scorer accepts (a caption
 it cannot parse keeps its draw order, with a warning; when it parses none, ``--rerank`` is a usage error).
 ``--prompt-image`` completes an image from its first rows.
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import pick_device
+from .common import pick_device, pretrained_files
 from .model import check_id_range
 from .sampling import check_sampling_args, generate_images
 
@@ -40,12 +40,12 @@ def load_run(run, device="cpu"):
 
 
 def run_dvae_path(run, ckpt) -> Path:
-    """The dVAE a run's checkpoint ``ckpt`` was trained with, also when the run folder was moved."""
+    """The dVAE folder a run's checkpoint ``ckpt`` was trained with, or ``RUN/dvae`` (the pipeline's) when the
+    run folder was moved."""
     run = Path(run)
-    dvae_path = Path(ckpt.get("dvae") or run / "dvae.pt")
-    for candidate in (run / "dvae.pt", run / "dvae" / "dvae.pt"):  # the run folder was moved
-        if not dvae_path.is_file() and candidate.is_file():
-            dvae_path = candidate
+    dvae_path = Path(ckpt.get("dvae") or run / "dvae")
+    if not pretrained_files(dvae_path)[0].is_file() and pretrained_files(run / "dvae")[0].is_file():
+        dvae_path = run / "dvae"
     return dvae_path
 
 
@@ -228,7 +228,7 @@ def build_parser():
     p.add_argument("--rerank", type=cli.positive_int, default=1,
                    help="candidates per kept image (best kept, see --rank-by)")
     p.add_argument("--rank-by", default="auto", choices=("auto", "reranker", "scorer"),
-                   help="auto: RUN/reranker.pt when the run has one, else the built-in dataset's scorer")
+                   help="auto: the run's reranker (RUN/reranker/) when it has one, else the built-in dataset's scorer")
     p.add_argument("--prompt-image", type=cli.existing_file, default=None,
                    help="complete this image from its first rows")
     p.add_argument("--prompt-rows", type=cli.positive_int, default=None,
@@ -266,14 +266,14 @@ def parse_args(argv=None):
             p.error(f"argument --prompt-image: {a.prompt_image!r} is not an image file Pillow can read ({e})")
     cli.warn_greedy(a.temperature, a.rerank, a.top_k, a.top_p)
     rr_path = run / cli.RERANKER_FILE
-    if a.rank_by == "reranker" and not rr_path.exists():
-        p.error(f"argument --rank-by: reranker: {rr_path} does not exist "
+    if a.rank_by == "reranker" and not cli.has_reranker(run):
+        p.error(f"argument --rank-by: reranker: {rr_path} holds no reranker "
                 f"(train it: python -m dalle.rerank --run {a.run})")
     if a.rerank == 1 and a.rank_by != "auto":
         cli.warn(f"--rank-by {a.rank_by}: has no effect with --rerank 1 (nothing to choose among)")
-    if a.rerank > 1 and (a.rank_by == "scorer" or not rr_path.exists()):
+    if a.rerank > 1 and (a.rank_by == "scorer" or not cli.has_reranker(run)):
         unparsed = [c for c in a.captions if scene_of(c) is None]
-        why = "--rank-by scorer" if a.rank_by == "scorer" else f"{rr_path} does not exist"
+        why = "--rank-by scorer" if a.rank_by == "scorer" else f"{rr_path} holds no reranker"
         if len(unparsed) == len(a.captions):
             p.error(f"argument --rerank: nothing to rank by: {why} and the built-in dataset's scorer cannot "
                     f"parse any caption (train a reranker: python -m dalle.rerank --run {a.run})")
@@ -305,7 +305,7 @@ def main(argv=None):
     prefix = load_prompt_tokens(a.prompt_image, dvae, rows, model.cfg.grid) if a.prompt_image else None
     reranker = None
     rr_path = Path(a.run) / cli.RERANKER_FILE
-    if a.rerank > 1 and a.rank_by != "scorer" and rr_path.is_file():
+    if a.rerank > 1 and a.rank_by != "scorer" and cli.has_reranker(a.run):
         from .rerank import Reranker
 
         try:

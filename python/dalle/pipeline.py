@@ -2,10 +2,10 @@
 
     python -m dalle.pipeline --run runs/demo
 
-1. trains the tiny dVAE (``RUN/dvae/``, skipped when ``RUN/dvae/dvae.pt`` exists),
+1. trains the tiny dVAE (``RUN/dvae/``, skipped when its final model ``RUN/dvae/model.safetensors`` exists),
 2. encodes the training images once and trains the tiny transformer (``RUN/``; ``--resume`` continues), with
    image-token vectors computed from the dVAE's codes (``--image-embedding dvae``, ``dalle.model.CodeEmbedding``),
-3. trains the learned reranker on the same training pairs (``RUN/reranker.pt``, ``dalle.rerank``: a small
+3. trains the learned reranker on the same training pairs (``RUN/reranker/``, ``dalle.rerank``: a small
    contrastive image-caption model, the paper's CLIP step; reused when newer than the run's tokenizer and
    written by this version),
 4. samples images for captions of the training split and for held-out colour-shape combinations never seen
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .common import pick_device
+from .common import UnsafeFileError, convert_hint, pick_device, pretrained_files
 
 
 def evaluate_split(model, tok, dvae, split, n_captions, rerank, top_k, temperature, seed, data_seed, guidance=1.0,
@@ -142,9 +142,12 @@ def main(argv=None):
     t_start = time.time()
     times = {}
 
-    dvae_path = run / "dvae" / "dvae.pt"
+    dvae_path = run / "dvae"
+    if not pretrained_files(dvae_path)[0].is_file() and (dvae_path / "dvae.pt").is_file():
+        raise UnsafeFileError(f"{dvae_path / 'dvae.pt'} is a dVAE of an earlier version of dalle (a torch pickle); "
+                              f"{convert_hint(run, trust=False)}")
     t0 = time.time()
-    if dvae_path.is_file():
+    if pretrained_files(dvae_path)[0].is_file():
         print(f"[1/4] dVAE: reusing {dvae_path}")
     else:
         print(f"[1/4] dVAE: training {a.dvae_steps} steps -> {dvae_path}")
@@ -155,7 +158,7 @@ def main(argv=None):
     times["dvae_s"] = time.time() - t0
 
     t0 = time.time()
-    print(f"[2/4] transformer: {a.steps} steps ({a.preset}) -> {run / 'dalle.pt'}")
+    print(f"[2/4] transformer: {a.steps} steps ({a.preset}) -> {run / 'model.safetensors'}")
     cfg = TrainConfig(run=str(run), dvae=str(dvae_path), preset=a.preset, steps=a.steps, batch_size=a.batch_size,
                       lr=a.lr, warmup=a.warmup, plateau_window=250, plateau_patience=2,
                       dataset_size=a.dataset_size, text_len=a.text_len, seed=a.seed, device=a.device,
@@ -167,11 +170,12 @@ def main(argv=None):
 
     t0 = time.time()
     reranker = None
-    rr_path = run / "reranker.pt"
+    rr_path = run / "reranker"
     if a.reranker_steps > 0:
         from .rerank import Reranker, train_for_run
 
-        if rr_path.is_file() and rr_path.stat().st_mtime > (run / "tokenizer.json").stat().st_mtime:
+        rr_file = pretrained_files(rr_path)[0]
+        if rr_file.is_file() and rr_file.stat().st_mtime > (run / "tokenizer.json").stat().st_mtime:
             try:
                 reranker = Reranker.load(rr_path, map_location=device)
                 print(f"[3/4] reranker: reusing {rr_path}")

@@ -1,6 +1,6 @@
 """A learned reranker: a small contrastive image-caption model, as the paper reranks DALL-E's samples with CLIP.
 
-    python -m dalle.rerank --run runs/demo        # train RUN/reranker.pt on the run's training pairs
+    python -m dalle.rerank --run runs/demo        # train RUN/reranker/ on the run's training pairs
     python -m dalle.generate --run runs/demo "a blue circle" -n 4 --rerank 8    # best 4 of 32 by the reranker
 
 It is trained on the transformer's own training pairs (the built-in captioned shapes of the run) with the
@@ -30,18 +30,19 @@ import argparse
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import atomic_save, load_checkpoint, pick_device
+from .common import load_pretrained, pick_device, pretrained_files, save_pretrained
 from .dvae import _as_unit_float
 
 
-FORMAT = 2  # of the saved file: 1 was a single RGB pathway
+FORMAT = 2  # of the saved model (config.json's "format"): 1 was a single RGB pathway
+MODEL_TYPE = "dalle_reranker"  # config.json's model_type
 
 
 @dataclass
@@ -160,19 +161,25 @@ class Reranker(nn.Module):
 
     # ---------------------------------------------------------------------------------------------- I/O
     def save(self, path) -> Path:
-        return atomic_save({"format": FORMAT, "config": self.cfg.to_dict(), "model": self.state_dict()}, path)
+        """Write ``path/model.safetensors`` + ``path/config.json`` (``Reranker.load`` reads it back)."""
+        return save_pretrained(path, self.state_dict(), {"model_type": MODEL_TYPE, "format": FORMAT,
+                                                         **self.cfg.to_dict()})
 
     @classmethod
     def load(cls, path, map_location="cpu") -> "Reranker":
-        """A saved reranker; ``ValueError`` for one written by an earlier version of this module."""
-        ck = load_checkpoint(path, map_location=map_location)
-        if ck.get("format") != FORMAT:
-            raise ValueError(f"{path} holds a reranker of an earlier version of dalle.rerank (format "
-                             f"{ck.get('format', 1)}, this one reads {FORMAT}); train it again: "
-                             f"python -m dalle.rerank --run {Path(path).parent}")
-        m = cls(RerankerConfig.from_dict(ck["config"]))
-        m.load_state_dict(ck["model"])
-        return m.eval()
+        """A reranker saved by ``save`` (its folder, or a file in it), read without unpickling; ``ValueError`` for
+        one written by an earlier version of this module, ``UnsafeFileError`` naming ``python -m dalle.convert``
+        for a torch file."""
+        state_dict, config = load_pretrained(path, MODEL_TYPE)
+        if config.get("format") != FORMAT:
+            folder = pretrained_files(path)[0].parent
+            raise ValueError(f"{folder} holds a reranker of an earlier version of dalle.rerank (format "
+                             f"{config.get('format', 1)}, this one reads {FORMAT}); train it again: "
+                             f"python -m dalle.rerank --run {folder.parent}")
+        names = {f.name for f in fields(RerankerConfig)}
+        m = cls(RerankerConfig.from_dict({k: v for k, v in config.items() if k in names}))
+        m.load_state_dict(state_dict)
+        return m.to(map_location).eval()
 
 
 def caption_ids(tok, captions) -> list[list[int]]:
@@ -239,7 +246,8 @@ def train_reranker(images: torch.Tensor, captions, tok, steps: int = 4000, batch
 
 
 def train_for_run(run, steps: int = 4000, seed: int = 0, device="cpu", progress=True, log=print) -> Path:
-    """Train ``RUN/reranker.pt`` on the training pairs of a transformer run (built-in captioned shapes)."""
+    """Train the reranker ``RUN/reranker/`` (``model.safetensors`` + ``config.json``) on the training pairs of a
+    transformer run (built-in captioned shapes); returns that folder."""
     from .data.shapes import ShapesDataset
     from .generate import run_dvae_path
     from .tokenizer import CaptionTokenizer
@@ -254,7 +262,7 @@ def train_for_run(run, steps: int = 4000, seed: int = 0, device="cpu", progress=
     images = torch.stack([ds[i][0] for i in range(len(ds))])
     model = train_reranker(images, ds.captions(), tok, steps=steps, seed=seed, device=device, progress=progress,
                            log=log)
-    return model.save(run / "reranker.pt")
+    return model.save(run / "reranker")
 
 
 def build_parser():
@@ -262,7 +270,7 @@ def build_parser():
 
     p = cli.Parser(prog="python -m dalle.rerank", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="a transformer run (dalle.train / dalle.pipeline); writes "
-                                               "RUN/reranker.pt")
+                                               "RUN/reranker/ (model.safetensors + config.json)")
     p.add_argument("--steps", type=cli.positive_int, default=4000, help="updates")
     p.add_argument("--seed", type=cli.nonneg_int, default=0, help="seed of the init, the batches and the noise")
     p.add_argument("--device", type=cli.device, default="auto", help=cli.DEVICE_HELP)

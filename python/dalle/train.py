@@ -1,7 +1,7 @@
 """Train the DALL-E transformer on captioned images (SPEC.md sections 2 and 4).
 
-    python -m dalle.train --run runs/mine --dvae runs/dvae/dvae.pt --steps 2000
-    torchrun --nproc_per_node 2 -m dalle.train --run-dir runs/ddp --dvae runs/dvae/dvae.pt [--powersgd-rank 4]
+    python -m dalle.train --run runs/mine --dvae runs/dvae --steps 2000
+    torchrun --nproc_per_node 2 -m dalle.train --run-dir runs/ddp --dvae runs/dvae [--powersgd-rank 4]
 
 Data (built-in captioned shapes): the captions train a BPE tokenizer (``RUN/tokenizer.json``); every image is
 encoded once by the frozen dVAE (argmax codes) and cached with the tokenized captions in
@@ -15,8 +15,10 @@ linearly, then halved each time the training loss plateaus (at most five times);
 Per-resblock gradient scaling (``dalle.grad_scale``) is on with ``--precision fp16`` (or ``--grad-scale on``).
 
 Outputs in RUN: ``checkpoint.pt`` (atomic, every ``--ckpt-every`` steps; ``--resume`` continues from it and
-reproduces an uninterrupted run's losses), ``dalle.pt`` (final weights + config), ``metrics.csv``
-(TensorBoard in ``RUN/tb`` when installed), ``samples/step_XXXXXX.png`` grids.
+reproduces an uninterrupted run's losses), the final model as ``model.safetensors`` + ``config.json`` (model
+config, training config, step and dVAE folder; with ``tokenizer.json`` the Hugging Face folder layout),
+``metrics.csv`` (TensorBoard in ``RUN/tb`` when installed), ``samples/step_XXXXXX.png`` grids. Every torch file
+holds plain data only and is read with ``weights_only=True``.
 """
 from __future__ import annotations
 
@@ -34,12 +36,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .common import (MetricsLogger, atomic_save, autocast_context, load_checkpoint, pick_device, rng_state,
-                     seed_everything, set_rng_state)
+from .common import (MetricsLogger, UnsafeFileError, atomic_save, autocast_context, convert_hint, load_checkpoint,
+                     load_pretrained, pick_device, pretrained_files, rng_state, save_pretrained, seed_everything,
+                     set_rng_state)
 from .grad_scale import BlockGradScaler
 from .model import DALLE, DALLEConfig
 from .tokenizer import padding_ids
 
+MODEL_TYPE = "dalle"  # config.json's model_type
 PRESETS = {
     "micro": dict(n_layers=2, n_heads=2, head_dim=16, conv_kernel=3),
     "tiny": dict(n_layers=4, n_heads=4, head_dim=32, conv_kernel=5),
@@ -51,7 +55,7 @@ PRESETS = {
 @dataclass
 class TrainConfig:
     run: str
-    dvae: str = ""  # path to the frozen dVAE (default: RUN/dvae.pt, else RUN/dvae/dvae.pt)
+    dvae: str = ""  # the frozen dVAE's folder (model.safetensors + config.json; default: RUN/dvae)
     preset: str = "tiny"
     n_layers: int = 0  # 0: from the preset
     n_heads: int = 0
@@ -112,11 +116,8 @@ class TrainConfig:
 
     @property
     def dvae_path(self) -> Path:
-        if self.dvae:
-            return Path(self.dvae)
-        run = Path(self.run)  # a dVAE trained into the run folder, or by the pipeline into RUN/dvae/
-        return run / "dvae.pt" if (run / "dvae.pt").is_file() or not (run / "dvae" / "dvae.pt").is_file() \
-            else run / "dvae" / "dvae.pt"
+        """The dVAE's folder (or a file in it): ``--dvae``, else ``RUN/dvae`` (where the pipeline trains it)."""
+        return Path(self.dvae) if self.dvae else Path(self.run) / "dvae"
 
 
 class PlateauSchedule:
@@ -163,13 +164,14 @@ def _file_digest(path: Path) -> str:
 
 
 def load_dvae(path, device="cpu"):
+    """The dVAE in folder ``path`` (``DVAE.load``), on ``device``, in eval mode."""
     from .dvae import DVAE
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no dVAE at {path}: train one first (python -m dalle.train_dvae --run DIR) "
-                                "or pass --dvae PATH")
-    return DVAE.load(path, map_location=device).to(device).eval()
+    try:
+        return DVAE.load(path, map_location=device)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"cannot load the dVAE: {e}; train one first (python -m dalle.train_dvae --run DIR) "
+                                "or pass --dvae DIR") from None
 
 
 def prepare_data(cfg: TrainConfig, dvae, log=print) -> dict:
@@ -180,11 +182,15 @@ def prepare_data(cfg: TrainConfig, dvae, log=print) -> dict:
     run = Path(cfg.run)
     ds = ShapesDataset("train", size=cfg.dataset_size, image_size=dvae.cfg.image_size, seed=cfg.data_seed)
     key = {"dataset": ("shapes", cfg.dataset_size, dvae.cfg.image_size, cfg.data_seed),
-           "dvae": _file_digest(cfg.dvae_path), "text_len": cfg.text_len, "bpe_vocab": cfg.bpe_vocab,
-           "bpe_dropout": cfg.bpe_dropout, "variants": cfg.dropout_variants, "version": 1}
+           "dvae": _file_digest(pretrained_files(cfg.dvae_path)[0]), "text_len": cfg.text_len,
+           "bpe_vocab": cfg.bpe_vocab, "bpe_dropout": cfg.bpe_dropout, "variants": cfg.dropout_variants,
+           "version": 1}
     cache_path, tok_path = run / "data_cache.pt", run / "tokenizer.json"
     if cache_path.is_file() and tok_path.is_file():
-        cache = load_checkpoint(cache_path)
+        try:
+            cache = load_checkpoint(cache_path)
+        except UnsafeFileError as e:
+            raise UnsafeFileError(f"{e}; or delete it: the data cache is rebuilt from the data") from None
         if cache.get("key") == key:
             return cache
     log(f"preparing data: {len(ds)} captions -> BPE, images -> dVAE codes (once)")
@@ -258,14 +264,37 @@ class Objective(nn.Module):
         return self.model.loss(text, image, return_parts=True)
 
 
+def save_run_model(run, model: DALLE, meta: dict) -> Path:
+    """Write the transformer as ``run/model.safetensors`` + ``run/config.json`` (its config's fields, the
+    model_type and ``meta``: ``train_config``, ``step``, ``dvae``); ``load_run_model`` reads it back."""
+    return save_pretrained(run, model.state_dict(), {"model_type": MODEL_TYPE, **model.cfg.to_dict(), **meta})
+
+
 def load_run_model(run, device="cpu") -> tuple[DALLE, dict]:
-    """The trained model of a run (``dalle.pt``, else the latest checkpoint) and its saved metadata."""
+    """The trained model of a run and its saved metadata (``model_config``, ``train_config``, ``step``, ``dvae``).
+
+    Reads the final model (``RUN/model.safetensors`` + ``RUN/config.json``), else the latest training
+    checkpoint (``RUN/checkpoint.pt``, ``weights_only=True``). Nothing read unpickles code: a run of an earlier
+    version (``RUN/dalle.pt``) raises ``UnsafeFileError`` naming ``python -m dalle.convert``; a folder with
+    neither file ``FileNotFoundError`` naming the files looked for.
+    """
     run = Path(run)
-    path = run / "dalle.pt" if (run / "dalle.pt").is_file() else run / "checkpoint.pt"
-    ckpt = load_checkpoint(path, map_location=device)
-    model = DALLE(DALLEConfig.from_dict(ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt
+    weights, config = pretrained_files(run)
+    if weights.is_file() or config.is_file():
+        state_dict, meta = load_pretrained(run, MODEL_TYPE)
+        meta = {k: meta.get(k) for k in ("train_config", "step", "dvae")} | {"model_config": meta}
+    elif (run / "dalle.pt").is_file():
+        raise UnsafeFileError(f"{run} holds a model of an earlier version of dalle ({run / 'dalle.pt'}, a torch "
+                              f"pickle), which is no longer read; {convert_hint(run, trust=False)}")
+    elif (run / "checkpoint.pt").is_file():
+        meta = load_checkpoint(run / "checkpoint.pt", map_location=device)
+        state_dict = meta.pop("model")
+    else:
+        raise FileNotFoundError(f"no trained model in {run}: looked for {weights} + {config} (the final model) "
+                                f"and {run / 'checkpoint.pt'}")
+    model = DALLE(DALLEConfig.from_dict(meta["model_config"]))
+    model.load_state_dict(state_dict)
+    return model.to(device).eval(), meta
 
 
 def _setup_distributed(device_str: str):
@@ -298,7 +327,7 @@ def _powersgd(ddp, objective: nn.Module, rank: int, start_iter: int):
 
 # ------------------------------------------------------------------------------------------------ train
 def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
-    """Train per ``cfg``; returns the path of ``RUN/dalle.pt``."""
+    """Train per ``cfg``; returns the folder of the final model (``RUN``: ``model.safetensors`` + ``config.json``)."""
     rank, world, device = _setup_distributed(cfg.device)
     run = Path(cfg.run)
     is_main = rank == 0
@@ -361,11 +390,11 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
             dist.barrier()
         if not is_main:
             return
-        state = {"model": model.state_dict(), "model_config": mcfg.to_dict(), "train_config": dataclasses.asdict(cfg),
-                 "step": step, "dvae": str(cfg.dvae_path)}
+        meta = {"train_config": dataclasses.asdict(cfg), "step": step, "dvae": str(cfg.dvae_path)}
         if final:
-            atomic_save(state, run / "dalle.pt")
+            save_run_model(run, model, meta)
             return
+        state = {"model": model.state_dict(), "model_config": mcfg.to_dict(), **meta}
         state.update(optimizer=opt.state_dict(), schedule=sched.state_dict(), rng=rng_state(),
                      grad_scaler=scaler.state_dict() if scaler else None)
         atomic_save(state, ckpt_path)
@@ -426,7 +455,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return run / "dalle.pt"
+    return run
 
 
 def write_samples(model, dvae, text, path, data, cfg):
@@ -448,7 +477,8 @@ def _flag_specs() -> dict:
 
     return {
         "run": (cli.output_dir, "run folder to write (under torchrun: --run-dir)"),
-        "dvae": (str, "the frozen dVAE's dvae.pt (default: RUN/dvae.pt, else RUN/dvae/dvae.pt)"),
+        "dvae": (str, "the frozen dVAE's folder (model.safetensors + config.json, as dalle.train_dvae writes "
+                      "it; default: RUN/dvae, where dalle.pipeline trains it)"),
         "preset": (tuple(PRESETS), "transformer size"),
         "n_layers": (cli.nonneg_int, "transformer blocks (0: the preset's)"),
         "n_heads": (cli.nonneg_int, "attention heads (0: the preset's)"),
@@ -517,9 +547,12 @@ def parse_args(argv=None):
     p = build_parser()
     a = p.parse_args(argv)
     cfg = TrainConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)})
-    if not cfg.dvae_path.exists():
-        looked = str(cfg.dvae_path) if cfg.dvae else " and ".join(str(Path(cfg.run) / n) for n in cli.RUN_DVAE_FILES)
-        p.error(f"argument --dvae: no dVAE file: looked for {looked} (train one: python -m dalle.train_dvae)")
+    try:
+        dvae_file = pretrained_files(cfg.dvae_path)[0]
+    except (FileNotFoundError, ValueError) as e:  # UnsafeFileError (an old torch file) is a ValueError
+        p.error(f"argument --dvae: {e}")
+    if not dvae_file.is_file():
+        p.error(f"argument --dvae: no dVAE: looked for {dvae_file} (train one: python -m dalle.train_dvae)")
     cli.check_precision(p, cfg.precision, cfg.device)
     cli.check_attn_backend(p, cfg.attn_backend, cfg.device)
     if cfg.powersgd_rank and int(os.environ.get("WORLD_SIZE", "1")) <= 1:

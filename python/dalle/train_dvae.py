@@ -1,7 +1,8 @@
 """Train the dVAE (SPEC.md section 3): ``python -m dalle.train_dvae --run DIR [--preset tiny] [--steps N] [--resume]``.
 
-Writes into the run folder: ``checkpoint.pt`` (model, optimizer, step, RNG state, config; atomic, every
-``--ckpt-every`` steps and at the end), ``dvae.pt`` (the final model, ``DVAE.load``), ``metrics.csv``
+Writes into the run folder: ``checkpoint.pt`` (model, optimizer, step, RNG state, config; plain data, atomic,
+every ``--ckpt-every`` steps and at the end), the final model as ``model.safetensors`` + ``config.json``
+(``DVAE.load`` reads the folder; ``dalle.train --dvae DIR``), ``metrics.csv``
 (and TensorBoard scalars when installed), ``recon_XXXXXX.png`` grids (held-out images above their
 reconstructions) and ``eval.json`` (held-out per-pixel mean absolute error of ``decode(encode(x))``).
 
@@ -229,8 +230,8 @@ def evaluate(model: DVAE, images: torch.Tensor, scenes=None, batch_size: int = 1
 
 # ---------------------------------------------------------------------------------------------- trainer
 def train_dvae(config: TrainDVAEConfig) -> Path:
-    """Train (or resume) a dVAE run; returns the path of the final model (``RUN/dvae.pt``), or the checkpoint
-    when ``stop_at`` ends it early."""
+    """Train (or resume) a dVAE run; returns the folder of the final model (``RUN``: ``model.safetensors`` +
+    ``config.json``), or the checkpoint when ``stop_at`` ends it early."""
     threads = torch.get_num_threads()
     try:
         return _train(config)
@@ -347,7 +348,7 @@ def _train(config: TrainDVAEConfig) -> Path:
         data.ds.report(file=sys.stderr)
     if end < cfg.steps:
         return ckpt_path
-    path = model.save(run / "dvae.pt")
+    path = model.save(run)
     ev, _ = evaluate(model, eval_images, eval_scenes)
     ev.update(steps=cfg.steps, train_wall_s=time.time() - t0 if start == 0 else None)
     (run / "eval.json").write_text(json.dumps(ev, indent=2))
