@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import dalle.convert
 import dalle.generate
 import dalle.pipeline
 import dalle.rerank
@@ -129,8 +130,9 @@ def test_pipeline_warns_of_flags_that_do_nothing(tmp_path, capsys, no_work):
 # ------------------------------------------------------------------------------------------------ dalle.train
 @pytest.fixture
 def dvae_path(tmp_path):
-    path = tmp_path / "dvae.pt"
-    path.touch()  # the command line checks that the file exists; the trainer reads it
+    path = tmp_path / "dvae"
+    path.mkdir()
+    (path / "model.safetensors").touch()  # the command line checks that the file exists; the trainer reads it
     return path
 
 
@@ -164,7 +166,8 @@ def test_train_bad_arguments(tmp_path, capsys, no_work, monkeypatch, dvae_path, 
 def test_train_missing_dvae_lists_where_it_looked(tmp_path, capsys, no_work):
     run = tmp_path / "run"
     line = usage_error(dalle.train.main, ["--run", str(run)], capsys, "--dvae")
-    assert str(run / "dvae.pt") in line and str(run / "dvae" / "dvae.pt") in line
+    assert str(run / "dvae" / "model.safetensors") in line
+    usage_error(dalle.train.main, ["--run", str(run), "--dvae", str(tmp_path / "nope")], capsys, "nope")
     usage_error(dalle.train.main, ["--run", str(run), "--dvae", str(tmp_path / "nope.pt")], capsys, "nope.pt")
     assert not run.exists()
 
@@ -227,7 +230,7 @@ def trained_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("cli_run")
     torch.manual_seed(0)
-    dvae = root / "dvae.pt"
+    dvae = root / "dvae"
     DVAE(DVAEConfig.tiny(n_hid=8, n_init=8, vocab_size=32)).save(dvae)
     run = root / "run"
     train(TrainConfig(run=str(run), dvae=str(dvae), preset="micro", steps=2, dataset_size=16, batch_size=4,
@@ -266,9 +269,13 @@ def test_generate_unknown_run_lists_the_files_it_needs(tmp_path, capsys, no_work
         for name in names:
             assert str(run / name) in line
     run.mkdir()
-    (run / "dalle.pt").touch()
+    (run / "model.safetensors").touch()
     line = usage_error(dalle.generate.main, ["--run", str(run), "a red circle"], capsys, "--run")
     assert "missing" in line and "tokenizer.json" in line
+    (run / "model.safetensors").unlink()
+    (run / "dalle.pt").touch()  # an earlier version's model file: named with the conversion, never read
+    line = usage_error(dalle.generate.main, ["--run", str(run), "a red circle"], capsys, "--run")
+    assert "earlier version" in line and "python -m dalle.convert" in line
     assert not (run / "generated.png").exists()
 
 
@@ -301,7 +308,7 @@ def test_generate_prompt_image_checks(tmp_path, capsys, no_work, trained_run):
 
 def test_generate_flags_that_do_nothing(tmp_path, capsys, no_work, trained_run):
     run = ["--run", str(trained_run)]
-    assert not (trained_run / "reranker.pt").exists()
+    assert not (trained_run / "reranker").exists()
     with pytest.raises(WorkStarted):
         dalle.generate.main([*run, "a red circle", "--guidance", "3", "-n", "1"])
     err = capsys.readouterr().err
@@ -342,7 +349,7 @@ def test_generate_run_without_its_dvae(tmp_path, capsys, no_work, trained_run):
         line = usage_error(dalle.generate.main, ["--run", str(moved), "a red circle"], capsys, "--run")
     finally:
         os.rename(dalle_dvae + ".gone", dalle_dvae)
-    assert "dVAE" in line and str(moved / "dvae" / "dvae.pt") in line
+    assert "dVAE" in line and str(moved / "dvae" / "model.safetensors") in line
 
 
 # ------------------------------------------------------------------------------------------------ dalle_kernels
@@ -391,7 +398,8 @@ def script(path: str):
 
 PARSERS = {"dalle.pipeline": dalle.pipeline.build_parser, "dalle.train": dalle.train.build_parser,
            "dalle.train_dvae": dalle.train_dvae.build_parser, "dalle.generate": dalle.generate.build_parser,
-           "dalle.rerank": dalle.rerank.build_parser, "dalle_kernels masks": masks._parser,
+           "dalle.rerank": dalle.rerank.build_parser, "dalle.convert": dalle.convert.build_parser,
+           "dalle_kernels masks": masks._parser,
            **{path: (lambda path=path: script(path).build_parser())
               for path in ("benchmarks/summarize.py", "benchmarks/bench_attention.py", "tests/test_aot_compile.py",
                            "docs/dvae/probe.py")}}
@@ -406,7 +414,7 @@ def test_every_command_line_is_covered():
         pytest.skip("not a git checkout")
     parsing = {f for f in files if re.search(r"ArgumentParser\(|cli\.Parser\(|= Parser\(", (REPO / f).read_text())}
     covered = {"python/dalle/pipeline.py", "python/dalle/train.py", "python/dalle/train_dvae.py",
-               "python/dalle/generate.py", "python/dalle/rerank.py", "dalle_kernels/masks.py",
+               "python/dalle/generate.py", "python/dalle/rerank.py", "python/dalle/convert.py", "dalle_kernels/masks.py",
                "dalle_kernels/_cli.py", "tests/test_cli.py", *(k for k in PARSERS if k.endswith(".py"))}
     assert parsing <= covered, sorted(parsing - covered)
 
@@ -479,7 +487,8 @@ def is_known(path: str, outputs: set[str]) -> bool:
 
 PLACEHOLDERS = {"FILE.json", "SCRIPT.py"}  # the reader's own files, in capitals
 # What the tools write inside a run folder (their help and the README name these by bare name).
-RUN_OUTPUTS = {"dalle.pt", "dvae.pt", "checkpoint.pt", "tokenizer.json", "metrics.csv", "reranker.pt",
+RUN_OUTPUTS = {"model.safetensors", "config.json", "reranker/", "dvae/", "checkpoint.pt", "tokenizer.json",
+               "metrics.csv", "dalle.pt", "dvae.pt", "reranker.pt",  # the last three: an earlier version's
                "samples_train.png", "samples_heldout.png", "results.json", "eval.json", "data_cache.pt",
                "generated.png", "summary.md", "samples/", "recon_XXXXXX.png", "powersgd_rank<i>.pt", "benchmarks.json"}
 
@@ -509,3 +518,10 @@ def test_readme_examples_do_not_write_into_the_main_run():
 def test_readme_says_how_to_skip_the_cuda_build():
     quick = (REPO / "README.md").read_text().split("## Quick start")[1].split("\n## ")[0]
     assert "DALLE_KERNELS_CUDA=0" in quick
+
+
+def test_convert_bad_arguments(tmp_path, capsys):
+    usage_error(dalle.convert.main, [str(tmp_path / "nosuch.pt")], capsys, "path")
+    (tmp_path / "old").mkdir()
+    usage_error(dalle.convert.main, [str(tmp_path / "old"), "--out", str(tmp_path / "new")], capsys, "--out")
+    assert not (tmp_path / "new").exists()

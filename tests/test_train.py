@@ -111,7 +111,8 @@ def test_config_validation(tmp_path):
         TrainConfig(run=str(tmp_path), steps=0)
     with pytest.raises(ValueError, match="precision"):
         TrainConfig(run=str(tmp_path), precision="fp8")
-    (tmp_path / "dvae.pt").touch()
+    (tmp_path / "dvae").mkdir()
+    (tmp_path / "dvae" / "model.safetensors").touch()
     (tmp_path / "checkpoint.pt").touch()  # the command line checks that the files exist, not what they hold
     cfg, resume = parse_args(["--run", str(tmp_path), "--steps", "7", "--resume", "--no-progress"])
     assert cfg.steps == 7 and resume and not cfg.progress

@@ -18,7 +18,6 @@ written is read back with the safe readers and compared with what was converted.
 """
 from __future__ import annotations
 
-import argparse
 import pickle
 import sys
 from pathlib import Path
@@ -171,10 +170,12 @@ def convert(path, out=None, trust_pickle: bool = False, log=print) -> list[str]:
     return done
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m dalle.convert", description=__doc__.split("\n\n")[0],
-                                epilog="Models become model.safetensors + config.json folders; checkpoints stay "
-                                       "torch files with plain data. See the README, 'Model files'.")
+def build_parser():
+    from . import cli
+
+    p = cli.Parser(prog="python -m dalle.convert", description=__doc__.split("\n\n")[0],
+                   epilog="Models become model.safetensors + config.json folders; checkpoints stay "
+                          "torch files with plain data. See the README, 'Model files'.")
     p.add_argument("path", help="an old file (dalle.pt, dvae.pt, reranker.pt, checkpoint.pt, data_cache.pt, "
                                 "powersgd_rank<i>.pt) or a folder holding some (searched recursively)")
     p.add_argument("--out", default=None, help="for a single file: the model folder (or torch file) to write "
@@ -182,7 +183,16 @@ def main(argv=None):
     p.add_argument("--trust-pickle", action="store_true",
                    help="also convert files that only full unpickling can read; this runs code from the file: "
                         "give it only for files from a source you trust")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     a = p.parse_args(argv)
+    if not Path(a.path).exists():
+        p.error(f"argument path: no file or folder {a.path!r}")
+    if a.out is not None and Path(a.path).is_dir():
+        p.error("argument --out: only for a single file (a folder's files are converted where they are)")
     try:
         convert(a.path, a.out, a.trust_pickle)
     except (ValueError, TypeError, FileNotFoundError) as e:  # UnsafeFileError is a ValueError
