@@ -107,6 +107,7 @@ struct Emu {
   uint64_t block_serial = 0;
   uint32_t epoch = 0;
   std::map<const void*, int> max_dynamic_smem;
+  int optin_reported = int(kSharedLimit);  // what cudaDeviceGetAttribute says (tests lower it)
   // stacks
   char* stacks = nullptr;
   int stacks_for = 0;
@@ -895,7 +896,7 @@ cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
 cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
 cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int) {
   switch (attr) {
-    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = int(cuda_emu::kSharedLimit); return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = cuda_emu::E().optin_reported; return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerBlock: *v = int(cuda_emu::kStaticSharedLimit); return cudaSuccess;
     case cudaDevAttrMaxThreadsPerBlock: *v = cuda_emu::kMaxThreads; return cudaSuccess;
     case cudaDevAttrWarpSize: *v = 32; return cudaSuccess;
@@ -937,6 +938,11 @@ void register_emu(pybind11::module_& m) {
     e.report_count = 0;
     return out;
   }, "End a checked call: the racecheck/memcheck/synchronization reports since emu_begin (empty: clean).");
+  m.def("emu_set_shared_optin", [](int bytes) {
+    cuda_emu::E().optin_reported = bytes < 0 ? int(cuda_emu::kSharedLimit) : bytes;
+  }, py::arg("bytes"),
+        "The opt-in shared memory per block that cudaDeviceGetAttribute reports (-1: the emulated sm_90's 227 KiB); "
+        "lets tests steer kernels onto their global-memory paths.");
   m.def("emu_stats", []() {
     auto& e = cuda_emu::E();
     py::dict d;
