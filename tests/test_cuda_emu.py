@@ -245,6 +245,24 @@ def test_cp_async_lands_at_the_wait(n):
     assert torch.isnan(out[early]).all() and torch.equal(out[~early], x[~early])
 
 
+def test_dynamic_shared_memory_limits():
+    """Above 48 KB a kernel needs cudaFuncAttributeMaxDynamicSharedMemorySize, as on the GPU; 227 KB is sm_90's
+    most."""
+    @functools.partial(emulated, writable=("out",))
+    def run(out, size, opt_in):
+        _cuda.ext("selftest_dynamic_smem").selftest_dynamic_smem(out.data_ptr(), size, opt_in)
+
+    out = torch.zeros(1)
+    run(out, 48 * 1024, False)
+    assert out.item() == 12 * 1024
+    with pytest.raises(RuntimeError, match="CUDA error: invalid argument"):
+        run(out, 64 * 1024, False)
+    run(out, 64 * 1024, True)
+    assert out.item() == 16 * 1024
+    with pytest.raises(RuntimeError, match="CUDA error: invalid argument"):
+        run(out, 228 * 1024, True)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Warp intrinsics and the PTX twins against the documented semantics
 def as_int32(v):

@@ -145,6 +145,18 @@ __global__ void cp_async_kernel(const float* in, float* out, int n, bool broken)
     if (i % 4 != 0 || i / 4 >= 64) out[i] = buf[i];
 }
 
+// Fills `bytes` of dynamic shared memory and sums them back, one block of 64 threads.
+__global__ void dynamic_smem_kernel(float* out, int count) {
+  extern __shared__ __align__(16) float dyn[];
+  for (int i = threadIdx.x; i < count; i += blockDim.x) dyn[i] = 1.0f;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float s = 0.0f;
+    for (int i = 0; i < count; ++i) s += dyn[i];
+    out[0] = s;
+  }
+}
+
 float* F(uintptr_t p) { return reinterpret_cast<float*>(p); }
 
 }  // namespace
@@ -182,6 +194,12 @@ void register_emu_selftest(pybind11::module_& m) {
       mma_kernel<__nv_bfloat16><<<1, 32>>>(reinterpret_cast<const __nv_bfloat16*>(a),
                                            reinterpret_cast<const __nv_bfloat16*>(bt), F(c), F(d), via_ldmatrix);
   }, arg("a"), arg("bt"), arg("c"), arg("d"), arg("dtype"), arg("via_ldmatrix"));
+  m.def("selftest_dynamic_smem", [](uintptr_t out, int bytes, bool opt_in) {
+    if (opt_in)
+      DALLE_CUDA_CHECK(cudaFuncSetAttribute(dynamic_smem_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    dynamic_smem_kernel<<<1, 64, bytes>>>(F(out), bytes / 4);
+    DALLE_CUDA_CHECK(cudaGetLastError());
+  }, arg("out"), arg("bytes"), arg("opt_in"));
   m.def("selftest_cp_async", [](uintptr_t in, uintptr_t out, int n, bool broken) {
     cp_async_kernel<<<1, 64>>>(F(in), F(out), n, broken);
   }, arg("inp"), arg("out"), arg("n"), arg("broken"));
