@@ -20,10 +20,19 @@ def dtype_code(t: torch.Tensor) -> int:
 
 
 def stream_of(t: torch.Tensor) -> int:
-    """The current CUDA stream of ``t``'s device, as the integer handle the extension expects."""
+    """The current CUDA stream of ``t``'s device, as the integer handle the extension expects (0, the
+    emulator's only stream, for CPU tensors)."""
+    if t.device.type != "cuda":
+        return 0
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
 def ext(op: str):
-    """The extension module, checked to have ``op`` (a clear error if it was not built)."""
+    """The extension module, checked to have ``op`` (a clear error if it was not built); inside
+    ``_cuda_emu.emulated`` the emulation extension, whose entry points check every access of the kernels."""
+    from . import _cuda_emu
+
+    emu = _cuda_emu.active()
+    if emu is not None:
+        return emu.module(op)
     return cuda_extension(op)

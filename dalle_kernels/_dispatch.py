@@ -13,7 +13,7 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "triton", "cuda", "torch")
+BACKENDS = ("auto", "triton", "cuda", "torch", "cuda_emu")
 
 
 def triton_interpreter_enabled() -> bool:
@@ -78,6 +78,35 @@ def known_wrong(backend: str, tensor: torch.Tensor, *, triton_dot: bool = False)
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _load_emu_extension():
+    try:
+        return importlib.import_module("dalle_kernels._C_emu"), None
+    except ImportError as exc:
+        return None, exc
+
+
+EMU_BUILD_HINT = (
+    "The CUDA emulation extension dalle_kernels._C_emu is not built. Build it with the CUDA toolkit's headers "
+    "(no GPU needed): `DALLE_KERNELS_CUDA_EMU=1 python setup.py build_ext --inplace`."
+)
+
+
+def emu_extension(op: str | None = None):
+    """The emulation extension (the CUDA kernels compiled for the CPU), or a RuntimeError saying how to build it."""
+    mod, exc = _load_emu_extension()
+    if mod is None:
+        raise RuntimeError(f"{EMU_BUILD_HINT} (import failed: {exc})")
+    if op is not None and not hasattr(mod, op):
+        raise RuntimeError(f"The built emulation extension has no '{op}' entry point; rebuild it. {EMU_BUILD_HINT}")
+    return mod
+
+
+def emu_extension_has(op: str) -> bool:
+    mod, _ = _load_emu_extension()
+    return mod is not None and hasattr(mod, op)
+
+
 def resolve_backend(backend: str, tensor: torch.Tensor, *, cuda_op: str | None = None,
                     prefer_cuda: bool = True, arg: str = "backend", triton_dot: bool = False) -> str:
     """Resolve ``backend`` for an op whose inputs live where ``tensor`` lives and have its dtype.
@@ -90,6 +119,7 @@ def resolve_backend(backend: str, tensor: torch.Tensor, *, cuda_op: str | None =
     Raises ValueError for an unknown ``backend``, for a backend that cannot run on ``tensor``'s device and for
     one ``known_wrong`` names (the message says which backend to use instead); RuntimeError when an explicit
     backend needs a missing package or the unbuilt CUDA extension.
+    ``cuda_emu`` (never picked by ``auto``) runs the CUDA kernel source on CPU tensors in the emulator.
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"{arg} must be one of {BACKENDS}, got {backend!r}")
@@ -127,4 +157,11 @@ def resolve_backend(backend: str, tensor: torch.Tensor, *, cuda_op: str | None =
             raise ValueError(f"{arg}='cuda' got tensors on {tensor.device}; move them to a CUDA device")
         cuda_extension(cuda_op)
         return "cuda"
+    if backend == "cuda_emu":
+        if cuda_op is None:
+            raise ValueError(f"{arg}='cuda_emu' is not available for this op (it has no CUDA kernel)")
+        if tensor.device.type != "cpu":
+            raise ValueError(f"{arg}='cuda_emu' runs the CUDA kernels on CPU tensors, got tensors on {tensor.device}")
+        emu_extension(cuda_op)
+        return "cuda_emu"
     return "torch"

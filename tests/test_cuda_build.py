@@ -87,3 +87,33 @@ def test_forward_rejects_bad_arguments(ext, change, message):
 def test_backward_rejects_bad_arguments(ext, change, message):
     with pytest.raises(ValueError, match=message):
         ext.logit_laplace_backward(**backward_args(**change))
+
+
+def test_ptx_wrappers_compile_for_sm80(tmp_path):
+    """csrc/ptx.h's GPU side: the test kernels that use every wrapper (csrc/emu/selftest.cu, emulated in
+    tests/test_cuda_emu.py) compile with nvcc for sm_80, ptxas accepting each instruction and its operands."""
+    import shutil
+    import subprocess
+    import sysconfig
+    from pathlib import Path
+
+    import pybind11
+
+    root = Path(__file__).resolve().parents[1]
+    home = os.environ.get("CUDA_HOME")
+    nvcc = str(Path(home) / "bin" / "nvcc") if home else shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    if not Path(nvcc).exists():
+        pytest.skip("no nvcc")
+    cmd = [nvcc, "-std=c++17", "-arch=sm_80", "-cubin", "-O3", "--expt-relaxed-constexpr", "-keep",
+           f"-keep-dir={tmp_path}", f"-I{root / 'csrc'}", f"-I{pybind11.get_include()}",
+           f"-I{sysconfig.get_paths()['include']}", str(root / "csrc" / "emu" / "selftest.cu"),
+           "-o", str(tmp_path / "selftest.cubin")]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    ptx = "\n".join(p.read_text() for p in tmp_path.glob("*.ptx"))
+    for instruction in ("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32",
+                        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
+                        "ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16", "ldmatrix.sync.aligned.m8n8.x2.shared.b16",
+                        "ldmatrix.sync.aligned.m8n8.x4.shared.b16", "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16",
+                        "cp.async.cg.shared.global", "cp.async.commit_group", "cp.async.wait_group 1"):
+        assert instruction in ptx, f"{instruction} missing from the PTX"

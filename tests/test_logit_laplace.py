@@ -19,7 +19,9 @@ TOL = {torch.float32: (2e-5, 2e-5, 2e-5, 1e-6), torch.float16: (2e-5, 2e-5, 1e-3
 
 
 def lane_backends(device):
-    return ("torch", "triton", "cuda") if device == "cuda" else ("torch", "triton")
+    # cuda_emu: the CUDA kernels on the CPU, where the emulation extension is built (tests/test_cuda_emu.py).
+    emu = ("cuda_emu",) if _dispatch.emu_extension_has("logit_laplace_forward") else ()
+    return ("torch", "triton", "cuda") + emu if device == "cuda" else ("torch", "triton") + emu
 
 
 def lane_dtypes(device):

@@ -10,16 +10,33 @@ from dalle_kernels.ops import orthogonalize as ortho_ops
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
-@pytest.fixture(params=["torch", "triton", "triton_stream", "cuda"])
+@pytest.fixture(params=["torch", "triton", "triton_stream", "cuda", "cuda_emu", "cuda_emu_global"])
 def backend(request, device, monkeypatch):
     """``triton``: small matrices take the register-resident kernel; ``triton_stream`` forces the streaming
-    kernel (the one for large n) at the same small shapes."""
+    kernel (the one for large n) at the same small shapes. ``cuda_emu``: the CUDA kernel in the emulator (CPU
+    tensors), which keeps small matrices in shared memory; ``cuda_emu_global`` makes it stream them through its
+    global-memory workspace instead."""
     if request.param == "cuda" and device != "cuda":
         pytest.skip("CUDA backend: GPU lane only (run with --device=cuda)")
     if request.param == "triton_stream":
         monkeypatch.setattr(ortho_ops, "RESIDENT_ELEMENTS", 0)
         return "triton"
+    if request.param.startswith("cuda_emu"):
+        if device != "cpu" or not cuda_emu_built():
+            pytest.skip("CUDA emulation lane: CPU tensors and a built dalle_kernels._C_emu")
+        if request.param == "cuda_emu_global":
+            from dalle_kernels._dispatch import emu_extension
+
+            emu_extension().emu_set_shared_optin(0)
+            request.addfinalizer(lambda: emu_extension().emu_set_shared_optin(-1))
+        return "cuda_emu"
     return request.param
+
+
+def cuda_emu_built():
+    from dalle_kernels._dispatch import emu_extension_has
+
+    return emu_extension_has("orthogonalize")
 
 
 def errors(Q, P):

@@ -33,6 +33,7 @@ import math
 
 import torch
 
+from .._cuda_emu import emulated
 from .._dispatch import resolve_backend
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -342,8 +343,10 @@ def _on_params_device(fn):
     return wrapper
 
 
-_FORWARD = {"triton": _on_params_device(_triton_forward), "cuda": _on_params_device(_cuda_forward)}
-_BACKWARD = {"triton": _on_params_device(_triton_backward), "cuda": _on_params_device(_cuda_backward)}
+_FORWARD = {"triton": _on_params_device(_triton_forward), "cuda": _on_params_device(_cuda_forward),
+            "cuda_emu": emulated(_cuda_forward)}
+_BACKWARD = {"triton": _on_params_device(_triton_backward), "cuda": _on_params_device(_cuda_backward),
+             "cuda_emu": emulated(_cuda_backward)}
 
 
 def fuses_gradient(reduction: str, dtype: torch.dtype) -> bool:
@@ -474,7 +477,8 @@ def logit_laplace_loss(params: torch.Tensor, target: torch.Tensor, reduction: st
     min/max check of a floating target (one host sync). The target gets no gradient.
 
     ``backend``: ``"auto"`` (CUDA extension if built, else Triton, for CUDA tensors; Triton interpreter or
-    torch on CPU), ``"cuda"``, ``"triton"`` or ``"torch"`` (autograd through the reference). The Triton
+    torch on CPU), ``"cuda"``, ``"triton"``, ``"torch"`` (autograd through the reference) or ``"cuda_emu"``
+    (the CUDA kernels on CPU tensors in the emulator, ``dalle_kernels._C_emu``; for testing). The Triton
     kernel reads any strides (channels-last included); the CUDA backend makes non-contiguous inputs
     contiguous first (a copy). Under ``torch.compile`` the kernels are traced as custom ops (no graph break)
     and the target range check is skipped.

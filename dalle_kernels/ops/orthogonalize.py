@@ -39,6 +39,7 @@ from collections import OrderedDict
 
 import torch
 
+from .._cuda_emu import emulated
 from .._dispatch import resolve_backend
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -333,6 +334,9 @@ def _launch_cuda(P3: torch.Tensor) -> None:
         P3.data_ptr(), W.data_ptr(), B, n, r, *P3.stride(), *W.stride(), dtype_code(P3), stream_of(P3))
 
 
+_launch_cuda_emu = emulated(_launch_cuda, writable=("P3",))  # the CUDA kernel on CPU tensors, checked
+
+
 # ----------------------------------------------------------------------------------------------------
 # Public ops
 # ----------------------------------------------------------------------------------------------------
@@ -341,9 +345,10 @@ def orthogonalize(P: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     the same space: the ``Q`` of its Householder QR with ``diag(R) >= 0``. Returns ``P``.
 
     One kernel launch for the whole batch; fp32 accumulation for fp16/bf16. ``backend``: ``"auto"``,
-    ``"triton"``, ``"cuda"`` or ``"torch"``. The kernels take float32/float16/bfloat16 and ``r <= 64``;
+    ``"triton"``, ``"cuda"``, ``"torch"`` or ``"cuda_emu"``. The kernels take float32/float16/bfloat16 and ``r <= 64``;
     under ``"auto"`` float64 or a larger ``r`` use the reference. Not differentiable (PowerSGD calls it
-    on communication buffers).
+    on communication buffers). ``"cuda_emu"`` runs the CUDA kernel on CPU tensors in the emulator
+    (``dalle_kernels._C_emu``; for testing).
     """
     check_input(P)
     resolved = resolve_backend(backend, P, cuda_op="orthogonalize", triton_dot=False)
@@ -365,6 +370,8 @@ def orthogonalize(P: torch.Tensor, backend: str = "auto") -> torch.Tensor:
             P3.copy_(orthogonalize_ref(P3))
         elif resolved == "triton":
             _launch_triton(P3)
+        elif resolved == "cuda_emu":
+            _launch_cuda_emu(P3)
         else:
             _launch_cuda(P3)
     return P

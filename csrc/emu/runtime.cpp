@@ -1,0 +1,957 @@
+// The CUDA emulator's runtime (see csrc/cuda_emu.h): grid and block scheduling with fibers, barriers, warp
+// collectives, shared memory, cp.async queues, the race and memory checkers behind the __tsan_* hooks, and the
+// few CUDA runtime API calls the entry points make. Compiled without instrumentation.
+#include <cuda_runtime.h>
+#include <dlfcn.h>
+#include <pybind11/stl.h>
+#include <link.h>
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cstdarg>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "common.h"
+#include "cuda_emu.h"
+
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
+
+namespace cuda_emu {
+namespace {
+
+constexpr size_t kStackBytes = 256 * 1024;
+constexpr size_t kGuardBytes = 4096;
+constexpr int kMaxThreads = 1024;
+constexpr size_t kStaticSharedLimit = 48 * 1024;    // static __shared__ per block
+constexpr size_t kDefaultDynamicLimit = 48 * 1024;  // dynamic, without cudaFuncAttributeMaxDynamicSharedMemorySize
+constexpr size_t kSharedLimit = 227 * 1024;         // sm_90 opt-in maximum per block
+constexpr size_t kArenaBytes = kSharedLimit + 1024;
+constexpr size_t kMaxReports = 12;
+
+enum State : int { kReady, kWaitBarrier, kWaitWarp, kDone };
+
+struct Copy {
+  void* dst;
+  const void* src;
+  int bytes, src_bytes;
+};
+
+struct Fiber {
+#if defined(__x86_64__)
+  void* sp = nullptr;
+#else
+  ucontext_t ctx;
+#endif
+  uintptr_t stack_lo = 0, stack_hi = 0;
+  uint3 tid{};
+  int linear = 0;
+  State state = kReady;
+  uint64_t wait_gen = 0;
+  bool coll_done = false;
+  std::vector<Copy> open_copies;                // cp.async not yet committed
+  std::vector<std::vector<Copy>> copy_groups;   // committed, oldest first
+};
+
+struct Warp {
+  unsigned arrived = 0;  // lanes waiting in a collective
+  unsigned exited = 0;   // lanes that returned, or that the block does not have
+  unsigned mask[kWarpSize];
+  Combine fn[kWarpSize];
+  const char* what[kWarpSize];
+  uint32_t sync_count[kWarpSize];  // completed __syncwarp per lane (orders shared accesses within the warp)
+  unsigned char in[kWarpSize][kSlotBytes];
+  unsigned char out[kWarpSize][kSlotBytes];
+};
+
+struct Shadow {  // racecheck state of one shared-memory byte within the current barrier interval
+  uint32_t epoch;
+  int16_t writer;  // thread, | 0x4000 when atomic; -1 none
+  int16_t reader;  // thread; -1 none; -2 several
+  uint32_t wsync, rsync;
+};
+
+struct Range {
+  uintptr_t lo, hi;
+  bool writable;
+  std::string name;
+};
+
+struct Emu {
+  std::mutex mu;
+  // launch
+  Config cfg{};
+  const void* kernel = nullptr;
+  void (*run)(void*) = nullptr;
+  void* run_ctx = nullptr;
+  uint3 block{};
+  int nthreads = 0, live = 0;
+  std::vector<Fiber> fibers;
+  std::vector<Warp> warps;
+  bool aborted = false;
+  // barrier
+  int arrived = 0;
+  uint64_t gen = 0;
+  int reduce_acc[3] = {0, 1, 0}, reduce_res[3] = {0, 0, 0};
+  // shared memory
+  unsigned char* arena = nullptr;
+  Shadow* shadow = nullptr;
+  size_t dyn_bytes = 0, static_used = 0;
+  uint64_t block_serial = 0;
+  uint32_t epoch = 0;
+  std::map<const void*, int> max_dynamic_smem;
+  int optin_reported = int(kSharedLimit);  // what cudaDeviceGetAttribute says (tests lower it)
+  // stacks
+  char* stacks = nullptr;
+  int stacks_for = 0;
+  // checks
+  std::vector<Range> ranges;
+  std::vector<std::pair<uintptr_t, uintptr_t>> readonly;  // this library's read-only segments
+  std::vector<std::string> reports;
+  size_t report_count = 0, race_count = 0, memcheck_count = 0;
+  // stats
+  uint64_t launches = 0, blocks = 0, threads = 0, switches = 0;
+  cudaError_t last_error = cudaSuccess;
+#if defined(__x86_64__)
+  void* sched_sp = nullptr;
+#else
+  ucontext_t sched_ctx;
+#endif
+};
+
+Emu& E() {
+  static Emu* e = new Emu();  // never destroyed: fibers may be abandoned mid-kernel after a deadlock
+  return *e;
+}
+
+thread_local Fiber* tl_fiber __attribute__((tls_model("initial-exec"))) = nullptr;
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------------------
+// Context switch
+#if defined(__x86_64__)
+extern "C" void cuda_emu_switch(void** save_sp, void* to_sp);
+asm(R"(
+.text
+.globl cuda_emu_switch
+.hidden cuda_emu_switch
+.type cuda_emu_switch,@function
+cuda_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+.size cuda_emu_switch, .-cuda_emu_switch
+)");
+#endif
+
+namespace {
+
+[[noreturn]] void fiber_main();
+
+void yield_to_scheduler(Fiber* f) {
+  Emu& e = E();
+#if defined(__x86_64__)
+  cuda_emu_switch(&f->sp, e.sched_sp);
+#else
+  swapcontext(&f->ctx, &e.sched_ctx);
+#endif
+}
+
+void switch_to(Fiber* f) {
+  Emu& e = E();
+  ++e.switches;
+  tl_fiber = f;
+#if defined(__x86_64__)
+  cuda_emu_switch(&e.sched_sp, f->sp);
+#else
+  swapcontext(&e.sched_ctx, &f->ctx);
+#endif
+  tl_fiber = nullptr;
+}
+
+void init_fiber(Fiber* f, char* stack_base) {
+  f->stack_lo = reinterpret_cast<uintptr_t>(stack_base);
+  f->stack_hi = f->stack_lo + kStackBytes;
+#if defined(__x86_64__)
+  uint64_t* sp = reinterpret_cast<uint64_t*>(f->stack_hi & ~uintptr_t(15));
+  *--sp = 0;                                          // fake return address of fiber_main (keeps the ABI alignment)
+  *--sp = reinterpret_cast<uint64_t>(&fiber_main);    // popped by the first switch's ret
+  for (int i = 0; i < 6; ++i) *--sp = 0;              // rbp rbx r12 r13 r14 r15
+  --sp;
+  reinterpret_cast<uint32_t*>(sp)[0] = 0x1f80;        // mxcsr: round to nearest, exceptions masked
+  reinterpret_cast<uint16_t*>(sp)[2] = 0x037f;        // x87 control word
+  f->sp = sp;
+#else
+  getcontext(&f->ctx);
+  f->ctx.uc_stack.ss_sp = stack_base;
+  f->ctx.uc_stack.ss_size = kStackBytes;
+  f->ctx.uc_link = nullptr;
+  makecontext(&f->ctx, fiber_main, 0);
+#endif
+}
+
+void ensure_stacks(int n) {
+  Emu& e = E();
+  if (e.stacks_for >= n) return;
+  const size_t per = kStackBytes + kGuardBytes;
+  if (e.stacks) munmap(e.stacks, per * e.stacks_for);
+  void* p = mmap(nullptr, per * n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) throw std::runtime_error("cuda_emu: cannot map fiber stacks");
+  e.stacks = static_cast<char*>(p);
+  for (int i = 0; i < n; ++i) mprotect(e.stacks + i * per, kGuardBytes, PROT_NONE);  // overflow faults
+  e.stacks_for = n;
+}
+
+std::string fmt(const char* f, va_list ap) {
+  char buf[1024];
+  vsnprintf(buf, sizeof(buf), f, ap);
+  return buf;
+}
+
+std::string where(int thread) {
+  Emu& e = E();
+  char buf[256];
+  const Fiber& f = e.fibers[thread];
+  snprintf(buf, sizeof(buf), "%s block (%u,%u,%u) thread (%u,%u,%u)", e.cfg.name, e.block.x, e.block.y, e.block.z,
+           f.tid.x, f.tid.y, f.tid.z);
+  return buf;
+}
+
+void add_report(std::string msg) {
+  Emu& e = E();
+  ++e.report_count;
+  if (e.reports.size() < kMaxReports) e.reports.push_back(std::move(msg));
+}
+
+Fiber* current(const char* what) {
+  Fiber* f = tl_fiber;
+  if (f == nullptr) throw std::logic_error(std::string("cuda_emu: ") + what + " called outside a kernel");
+  return f;
+}
+
+Warp& warp_of(const Fiber* f) { return E().warps[f->linear / kWarpSize]; }
+
+void complete_barrier() {
+  Emu& e = E();
+  for (int k = 0; k < 3; ++k) e.reduce_res[k] = e.reduce_acc[k];
+  e.reduce_acc[0] = 0, e.reduce_acc[1] = 1, e.reduce_acc[2] = 0;
+  e.arrived = 0;
+  ++e.gen;
+  ++e.epoch;  // a new barrier interval for the race detector
+}
+
+bool ready(const Fiber& f) {
+  Emu& e = E();
+  switch (f.state) {
+    case kReady: return true;
+    case kWaitBarrier: return e.gen != f.wait_gen;
+    case kWaitWarp: return f.coll_done;
+    default: return false;
+  }
+}
+
+void report_deadlock() {
+  Emu& e = E();
+  int bar = 0, coll = 0;
+  std::string example;
+  for (auto& f : e.fibers) {
+    if (f.state == kWaitBarrier) ++bar;
+    if (f.state == kWaitWarp) {
+      ++coll;
+      if (example.empty()) {
+        const Warp& w = warp_of(&f);
+        const int lane = f.linear % kWarpSize;
+        char buf[200];
+        snprintf(buf, sizeof(buf), "; e.g. thread %d waits in %s with mask 0x%08x (lanes arrived 0x%08x, exited 0x%08x)",
+                 f.linear, w.what[lane], w.mask[lane], w.arrived, w.exited);
+        example = buf;
+      }
+    }
+  }
+  char buf[256];
+  snprintf(buf, sizeof(buf), "deadlock: %s block (%u,%u,%u): %d threads wait at __syncthreads, %d in warp collectives "
+           "that can never complete", e.cfg.name, e.block.x, e.block.y, e.block.z, bar, coll);
+  add_report(buf + example);
+  e.aborted = true;
+}
+
+void run_block() {
+  Emu& e = E();
+  for (int t = 0; t < e.nthreads; ++t) {
+    Fiber& f = e.fibers[t];
+    init_fiber(&f, e.stacks + t * (kStackBytes + kGuardBytes) + kGuardBytes);
+    f.state = kReady;
+    f.coll_done = false;
+    f.open_copies.clear();
+    f.copy_groups.clear();
+  }
+  for (size_t w = 0; w < e.warps.size(); ++w) {
+    Warp& wp = e.warps[w];
+    wp.arrived = 0;
+    const int lanes = std::min(kWarpSize, e.nthreads - static_cast<int>(w) * kWarpSize);
+    wp.exited = lanes == kWarpSize ? 0u : ~((1u << lanes) - 1u);
+    std::memset(wp.sync_count, 0, sizeof(wp.sync_count));
+  }
+  e.live = e.nthreads;
+  e.arrived = 0;
+  e.reduce_acc[0] = 0, e.reduce_acc[1] = 1, e.reduce_acc[2] = 0;
+  e.static_used = 0;
+  ++e.block_serial;
+  ++e.epoch;
+  std::memset(e.arena, 0xff, kArenaBytes);  // uninitialized shared memory reads as NaN / all-ones
+  int alive = e.nthreads;
+  while (alive > 0) {
+    bool progress = false;
+    for (int t = 0; t < e.nthreads; ++t) {
+      Fiber& f = e.fibers[t];
+      if (f.state == kDone || !ready(f)) continue;
+      f.state = kReady;
+      switch_to(&f);
+      progress = true;
+      if (f.state == kDone) --alive;
+    }
+    if (!progress) {
+      report_deadlock();
+      return;
+    }
+  }
+}
+
+[[noreturn]] void fiber_main() {
+  Emu& e = E();
+  Fiber* f = tl_fiber;
+  e.run(e.run_ctx);
+  if (!f->open_copies.empty() || !f->copy_groups.empty())
+    add_report("cp.async: " + where(f->linear) + " returned with cp.async copies it never waited for");
+  f->state = kDone;
+  --e.live;
+  Warp& w = warp_of(f);
+  w.exited |= 1u << (f->linear % kWarpSize);
+  if (e.arrived > 0 && e.arrived == e.live) complete_barrier();  // exited threads count as arrived
+  yield_to_scheduler(f);
+  __builtin_unreachable();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Checks
+void race(int a, int b, const char* kind, size_t offset, size_t bytes) {
+  Emu& e = E();
+  ++e.race_count;
+  char buf[512];
+  snprintf(buf, sizeof(buf), "racecheck: %s block (%u,%u,%u): %s hazard on shared memory offset %zu (%zu bytes) "
+           "between threads %d and %d with no __syncthreads() between the accesses", e.cfg.name, e.block.x,
+           e.block.y, e.block.z, kind, offset, bytes, a, b);
+  add_report(buf);
+}
+
+bool ordered_in_warp(int earlier, uint32_t earlier_sync, int later) {
+  if (earlier / kWarpSize != later / kWarpSize) return false;
+  return E().warps[earlier / kWarpSize].sync_count[earlier % kWarpSize] > earlier_sync;
+}
+
+void check_shared(int t, size_t off, size_t n, bool write, bool atomic) {
+  Emu& e = E();
+  const uint32_t sync = e.warps[t / kWarpSize].sync_count[t % kWarpSize];
+  for (size_t b = off; b < off + n; ++b) {
+    Shadow& s = e.shadow[b];
+    if (s.epoch != e.epoch) s = Shadow{e.epoch, -1, -1, 0, 0};
+    const int w = s.writer < 0 ? -1 : (s.writer & 0x3fff);
+    const bool w_atomic = s.writer >= 0 && (s.writer & 0x4000);
+    if (write) {
+      if (w >= 0 && w != t && !(atomic && w_atomic) && !ordered_in_warp(w, s.wsync, t)) {
+        race(w, t, "write-after-write", b, n);
+        return;
+      }
+      if (s.reader == -2 || (s.reader >= 0 && s.reader != t && !ordered_in_warp(s.reader, s.rsync, t))) {
+        race(s.reader, t, "write-after-read", b, n);
+        return;
+      }
+      s.writer = static_cast<int16_t>(t | (atomic ? 0x4000 : 0));
+      s.wsync = sync;
+    } else {
+      if (w >= 0 && w != t && !ordered_in_warp(w, s.wsync, t)) {
+        race(w, t, "read-after-write", b, n);
+        return;
+      }
+      if (s.reader == -1 || s.reader == t) {
+        s.reader = static_cast<int16_t>(t);
+        s.rsync = sync;
+      } else {
+        s.reader = -2;
+      }
+    }
+  }
+}
+
+void memcheck(int t, uintptr_t a, size_t n, bool write, const char* why) {
+  Emu& e = E();
+  ++e.memcheck_count;
+  char buf[512];
+  snprintf(buf, sizeof(buf), "memcheck: %s: invalid %s of %zu bytes at 0x%llx: %s", where(t).c_str(),
+           write ? "write" : "read", n, static_cast<unsigned long long>(a), why);
+  add_report(buf);
+}
+
+void classify(int t, uintptr_t a, size_t n, bool write, bool atomic) {
+  Emu& e = E();
+  const uintptr_t arena = reinterpret_cast<uintptr_t>(e.arena);
+  if (a >= arena && a < arena + kArenaBytes) {
+    const size_t off = a - arena;
+    const size_t used = e.static_used > 0 ? e.static_used : e.dyn_bytes;
+    if (off + n > used) {
+      char why[160];
+      snprintf(why, sizeof(why), "shared memory offset %zu is beyond the %zu bytes this block has", off, used);
+      memcheck(t, a, n, write, why);
+      return;
+    }
+    check_shared(t, off, n, write, atomic);
+    return;
+  }
+  for (const Range& r : e.ranges) {
+    if (a >= r.lo && a + n <= r.hi) {
+      if (write && !r.writable) memcheck(t, a, n, write, ("write to the read-only input " + r.name).c_str());
+      return;
+    }
+  }
+  if (!write) {
+    for (auto& r : e.readonly)
+      if (a >= r.first && a + n <= r.second) return;  // constants of the kernel code
+  }
+  const uintptr_t sb = reinterpret_cast<uintptr_t>(e.stacks);
+  if (a >= sb && a < sb + e.stacks_for * (kStackBytes + kGuardBytes)) {
+    memcheck(t, a, n, write, "local memory of another thread");
+    return;
+  }
+  std::string why = "outside the tensors passed to the kernel";
+  const Range* near = nullptr;
+  uintptr_t dist = ~uintptr_t(0);
+  for (const Range& r : e.ranges) {
+    const uintptr_t d = a < r.lo ? r.lo - a : (a >= r.hi ? a - r.hi + 1 : 0);
+    if (d < dist) dist = d, near = &r;
+  }
+  if (near != nullptr) {
+    char buf[200];
+    snprintf(buf, sizeof(buf), " (%llu bytes %s %s)", static_cast<unsigned long long>(a < near->lo ? near->lo - a : a + n - near->hi),
+             a < near->lo ? "before" : "past the end of", near->name.c_str());
+    why += buf;
+  }
+  memcheck(t, a, n, write, why.c_str());
+}
+
+inline void on_access(const void* p, size_t n, bool write) {
+  Fiber* f = tl_fiber;
+  if (f == nullptr) return;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  if (a >= f->stack_lo && a < f->stack_hi) return;  // the thread's own locals and parameters
+  classify(f->linear, a, n, write, false);
+}
+
+int find_readonly_segments(dl_phdr_info* info, size_t, void* data) {
+  auto* self = static_cast<uintptr_t*>(data);
+  for (int i = 0; i < info->dlpi_phnum; ++i) {
+    const ElfW(Phdr)& ph = info->dlpi_phdr[i];
+    if (ph.p_type != PT_LOAD) continue;
+    const uintptr_t lo = info->dlpi_addr + ph.p_vaddr, hi = lo + ph.p_memsz;
+    if (*self >= lo && *self < hi) {
+      for (int j = 0; j < info->dlpi_phnum; ++j) {
+        const ElfW(Phdr)& q = info->dlpi_phdr[j];
+        if (q.p_type == PT_LOAD && !(q.p_flags & PF_W))
+          E().readonly.emplace_back(info->dlpi_addr + q.p_vaddr, info->dlpi_addr + q.p_vaddr + q.p_memsz);
+      }
+      return 1;
+    }
+  }
+  return 0;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Warp collectives
+template <int kKind>
+void shfl_combine(const unsigned char (*in)[kSlotBytes], unsigned char (*out)[kSlotBytes], unsigned mask, int t0) {
+  struct In { uint64_t v; int32_t arg, width; };
+  for (int l = 0; l < kWarpSize; ++l) {
+    if (!(mask >> l & 1)) continue;
+    In x;
+    std::memcpy(&x, in[l], sizeof(x));
+    const int w = x.width;
+    if (w < 1 || w > kWarpSize || (w & (w - 1)) != 0) {
+      report("shuffle: %s: width %d is not a power of 2 in [1, 32]", where(t0 + l).c_str(), w);
+      std::memcpy(out[l], &x.v, 8);
+      continue;
+    }
+    const int seg = l & ~(w - 1), pos = l & (w - 1);
+    int src = l;
+    if (kKind == 0) src = seg + (x.arg & (w - 1));
+    if (kKind == 1) src = pos >= x.arg ? l - x.arg : l;
+    if (kKind == 2) src = pos + x.arg < w ? l + x.arg : l;
+    if (kKind == 3) {
+      src = l ^ x.arg;
+      if (src >= seg + w || src < 0 || src >= kWarpSize) src = l;  // later groups: own value
+    }
+    if (!(mask >> src & 1)) {
+      report("shuffle: %s reads lane %d, which is not in the mask 0x%08x (undefined value on the GPU)",
+             where(t0 + l).c_str(), src, mask);
+      src = l;
+    }
+    uint64_t v;
+    std::memcpy(&v, in[src], 8);
+    std::memcpy(out[l], &v, 8);
+  }
+}
+
+template <int kKind>
+void vote_combine(const unsigned char (*in)[kSlotBytes], unsigned char (*out)[kSlotBytes], unsigned mask, int) {
+  unsigned ballot = 0;
+  for (int l = 0; l < kWarpSize; ++l) {
+    if (!(mask >> l & 1)) continue;
+    int p;
+    std::memcpy(&p, in[l], sizeof(p));
+    if (p) ballot |= 1u << l;
+  }
+  const unsigned r = kKind == 0 ? ballot : (kKind == 1 ? unsigned(ballot != 0) : unsigned(ballot == mask));
+  for (int l = 0; l < kWarpSize; ++l)
+    if (mask >> l & 1) std::memcpy(out[l], &r, sizeof(r));
+}
+
+template <int kKind>
+void match_combine(const unsigned char (*in)[kSlotBytes], unsigned char (*out)[kSlotBytes], unsigned mask, int) {
+  uint64_t v[kWarpSize];
+  for (int l = 0; l < kWarpSize; ++l)
+    if (mask >> l & 1) std::memcpy(&v[l], in[l], 8);
+  bool all = true;
+  for (int l = 0; l < kWarpSize; ++l) {
+    if (!(mask >> l & 1)) continue;
+    unsigned same = 0;
+    for (int k = 0; k < kWarpSize; ++k)
+      if ((mask >> k & 1) && v[k] == v[l]) same |= 1u << k;
+    if (same != mask) all = false;
+    std::memcpy(out[l], &same, 4);
+  }
+  for (int l = 0; l < kWarpSize; ++l) {
+    if (!(mask >> l & 1)) continue;
+    const unsigned r = kKind == 0 ? 0u : (all ? mask : 0u);
+    const int pred = all;
+    if (kKind == 1) std::memcpy(out[l], &r, 4);
+    std::memcpy(out[l] + 4, &pred, 4);
+  }
+}
+
+void syncwarp_combine(const unsigned char (*)[kSlotBytes], unsigned char (*)[kSlotBytes], unsigned mask, int t0) {
+  Warp& w = E().warps[t0 / kWarpSize];
+  for (int l = 0; l < kWarpSize; ++l)
+    if (mask >> l & 1) ++w.sync_count[l];
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------------------
+// API of cuda_emu.h
+void report(const char* f, ...) {
+  va_list ap;
+  va_start(ap, f);
+  add_report(fmt(f, ap));
+  va_end(ap);
+}
+
+uint3 thread_idx() { return current("threadIdx")->tid; }
+uint3 block_idx() { return E().block; }
+dim3 block_dim() { return E().cfg.block; }
+dim3 grid_dim() { return E().cfg.grid; }
+int lane_id() { return current("lane_id")->linear % kWarpSize; }
+int warp_thread0() { return current("warp_thread0")->linear / kWarpSize * kWarpSize; }
+void threadfence() {}
+
+unsigned active_mask() {
+  Fiber* f = current("__activemask");
+  return ~warp_of(f).exited;
+}
+
+void syncthreads() { syncthreads_reduce(0, 0); }
+
+int syncthreads_reduce(int kind, int predicate) {
+  Emu& e = E();
+  Fiber* f = current("__syncthreads");
+  e.reduce_acc[0] += predicate != 0;
+  e.reduce_acc[1] &= predicate != 0;
+  e.reduce_acc[2] |= predicate != 0;
+  if (++e.arrived == e.live) {
+    complete_barrier();
+  } else {
+    f->state = kWaitBarrier;
+    f->wait_gen = e.gen;
+    yield_to_scheduler(f);
+  }
+  return e.reduce_res[kind];
+}
+
+void warp_collective(unsigned mask, Combine combine, const void* in, size_t in_bytes, void* out, size_t out_bytes,
+                     const char* what) {
+  Fiber* f = current(what);
+  Warp& w = warp_of(f);
+  const int lane = f->linear % kWarpSize;
+  if (in_bytes > kSlotBytes || out_bytes > kSlotBytes) throw std::logic_error("cuda_emu: collective slot too small");
+  if (!(mask >> lane & 1)) {
+    report("%s: %s: the calling lane %d is not in the mask 0x%08x", what, where(f->linear).c_str(), lane, mask);
+    mask |= 1u << lane;
+  }
+  if (mask & w.exited) {
+    report("%s: %s: mask 0x%08x names lanes that have exited or do not exist (0x%08x); the GPU would hang", what,
+           where(f->linear).c_str(), mask, mask & w.exited);
+    mask &= ~w.exited;
+  }
+  std::memcpy(w.in[lane], in, in_bytes);
+  w.mask[lane] = mask;
+  w.fn[lane] = combine;
+  w.what[lane] = what;
+  w.arrived |= 1u << lane;
+  f->coll_done = false;
+  if ((w.arrived & mask) == mask) {
+    for (int l = 0; l < kWarpSize; ++l) {
+      if (!(mask >> l & 1)) continue;
+      if (w.mask[l] != mask || w.fn[l] != combine) {
+        report("warp collective: %s: lanes %d and %d of one warp met in different collectives (%s with mask 0x%08x, "
+               "%s with mask 0x%08x)", E().cfg.name, lane, l, what, mask, w.what[l], w.mask[l]);
+        break;
+      }
+    }
+    const int t0 = f->linear - lane;
+    combine(w.in, w.out, mask, t0);
+    w.arrived &= ~mask;
+    for (int l = 0; l < kWarpSize; ++l)
+      if ((mask >> l & 1) && l != lane) E().fibers[t0 + l].coll_done = true;
+  } else {
+    f->state = kWaitWarp;
+    yield_to_scheduler(f);
+  }
+  std::memcpy(out, w.out[lane], out_bytes);
+}
+
+uint64_t shfl(int kind, unsigned mask, uint64_t value, int arg, int width) {
+  struct { uint64_t v; int32_t arg, width; } in{value, arg, width};
+  static const Combine fns[4] = {shfl_combine<0>, shfl_combine<1>, shfl_combine<2>, shfl_combine<3>};
+  static const char* names[4] = {"__shfl_sync", "__shfl_up_sync", "__shfl_down_sync", "__shfl_xor_sync"};
+  uint64_t out = 0;
+  warp_collective(mask, fns[kind], &in, sizeof(in), &out, sizeof(out), names[kind]);
+  return out;
+}
+
+unsigned vote(int kind, unsigned mask, int predicate) {
+  static const Combine fns[3] = {vote_combine<0>, vote_combine<1>, vote_combine<2>};
+  static const char* names[3] = {"__ballot_sync", "__any_sync", "__all_sync"};
+  unsigned out = 0;
+  warp_collective(mask, fns[kind], &predicate, sizeof(predicate), &out, sizeof(out), names[kind]);
+  return out;
+}
+
+unsigned match(int kind, unsigned mask, uint64_t value, int* pred) {
+  static const Combine fns[2] = {match_combine<0>, match_combine<1>};
+  static const char* names[2] = {"__match_any_sync", "__match_all_sync"};
+  unsigned out[2] = {0, 0};
+  warp_collective(mask, fns[kind], &value, sizeof(value), out, sizeof(out), names[kind]);
+  if (pred != nullptr) *pred = static_cast<int>(out[1]);
+  return out[0];
+}
+
+void syncwarp(unsigned mask) {
+  char none = 0;
+  warp_collective(mask, syncwarp_combine, &none, 1, &none, 1, "__syncwarp");
+}
+
+void check_access(int thread, const void* p, size_t bytes, bool write, bool atomic) {
+  if (thread < 0) thread = current("atomic")->linear;
+  Fiber* f = &E().fibers[thread];
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  if (a >= f->stack_lo && a < f->stack_hi) return;
+  classify(thread, a, bytes, write, atomic);
+}
+
+bool is_shared(const void* p, size_t bytes) {
+  Emu& e = E();
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p), arena = reinterpret_cast<uintptr_t>(e.arena);
+  return a >= arena && a + bytes <= arena + kArenaBytes;
+}
+
+void read_shared(int thread, const void* p, size_t bytes, void* dst) {
+  if (!is_shared(p, bytes)) {
+    memcheck(thread, reinterpret_cast<uintptr_t>(p), bytes, false, "address is not in shared memory (ldmatrix)");
+    std::memset(dst, 0xff, bytes);
+    return;
+  }
+  classify(thread, reinterpret_cast<uintptr_t>(p), bytes, false, false);
+  std::memcpy(dst, p, bytes);
+}
+
+void cp_async(void* dst, const void* src, int bytes, int src_bytes) {
+  Fiber* f = current("cp.async");
+  if (!is_shared(dst, bytes)) memcheck(f->linear, reinterpret_cast<uintptr_t>(dst), bytes, true,
+                                       "cp.async destination is not in shared memory");
+  if (reinterpret_cast<uintptr_t>(dst) % bytes || reinterpret_cast<uintptr_t>(src) % bytes)
+    report("cp.async: %s: addresses %p <- %p are not aligned to the copy size %d", where(f->linear).c_str(), dst, src,
+           bytes);
+  f->open_copies.push_back(Copy{dst, src, bytes, src_bytes});
+}
+
+void cp_async_commit() {
+  Fiber* f = current("cp.async.commit_group");
+  f->copy_groups.push_back(std::move(f->open_copies));
+  f->open_copies.clear();
+}
+
+void cp_async_wait(int pending) {
+  Fiber* f = current("cp.async.wait_group");
+  while (static_cast<int>(f->copy_groups.size()) > pending) {
+    for (const Copy& c : f->copy_groups.front()) {
+      // The copy lands now, as late as the ISA allows: a read of the destination before the wait sees the fill.
+      unsigned char buf[16] = {0};
+      if (c.src_bytes > 0) {
+        classify(f->linear, reinterpret_cast<uintptr_t>(c.src), c.src_bytes, false, false);
+        std::memcpy(buf, c.src, c.src_bytes);
+      }
+      if (is_shared(c.dst, c.bytes)) {
+        classify(f->linear, reinterpret_cast<uintptr_t>(c.dst), c.bytes, true, false);
+        std::memcpy(c.dst, buf, c.bytes);
+      }
+    }
+    f->copy_groups.erase(f->copy_groups.begin());
+  }
+}
+
+void* shared_alloc(SharedSite& site, size_t bytes, size_t align) {
+  Emu& e = E();
+  current("__shared__");
+  if (site.block_serial != e.block_serial) {
+    const size_t start = std::max(e.static_used, (e.dyn_bytes + 127) & ~size_t(127));
+    const size_t off = (start + align - 1) & ~(align - 1);
+    const size_t static_bytes = off + bytes - ((e.dyn_bytes + 127) & ~size_t(127));
+    if (static_bytes > kStaticSharedLimit || off + bytes > kSharedLimit) {
+      report("shared memory: %s: static __shared__ variables need %zu bytes (limit %zu) next to %zu dynamic bytes",
+             e.cfg.name, static_bytes, kStaticSharedLimit, e.dyn_bytes);
+      e.aborted = true;
+      return e.arena;
+    }
+    site.offset = off;
+    site.block_serial = e.block_serial;
+    e.static_used = off + bytes;
+  }
+  return e.arena + site.offset;
+}
+
+void* dynamic_shared() { return E().arena; }
+
+void launch(const Config& cfg, const void* kernel, void (*run)(void*), void* ctx) {
+  Emu& e = E();
+  std::lock_guard<std::mutex> lock(e.mu);
+  const uint64_t nthreads = uint64_t(cfg.block.x) * cfg.block.y * cfg.block.z;
+  if (nthreads == 0 || nthreads > kMaxThreads || cfg.block.z > 64 || cfg.grid.x == 0 || cfg.grid.y == 0 ||
+      cfg.grid.z == 0 || cfg.grid.x > 2147483647u || cfg.grid.y > 65535 || cfg.grid.z > 65535) {
+    e.last_error = cudaErrorInvalidConfiguration;
+    return;
+  }
+  auto it = e.max_dynamic_smem.find(kernel);
+  const size_t dyn_limit = it == e.max_dynamic_smem.end() ? kDefaultDynamicLimit : size_t(it->second);
+  if (cfg.smem > dyn_limit) {
+    e.last_error = cudaErrorInvalidValue;  // what the GPU says for too much dynamic shared memory
+    return;
+  }
+  if (e.arena == nullptr) {
+    e.arena = static_cast<unsigned char*>(aligned_alloc(4096, kArenaBytes));
+    e.shadow = static_cast<Shadow*>(calloc(kArenaBytes, sizeof(Shadow)));
+    uintptr_t self = reinterpret_cast<uintptr_t>(&launch);
+    dl_iterate_phdr(find_readonly_segments, &self);
+  }
+  ensure_stacks(static_cast<int>(nthreads));
+  e.cfg = cfg;
+  e.kernel = kernel;
+  e.run = run;
+  e.run_ctx = ctx;
+  e.nthreads = static_cast<int>(nthreads);
+  e.dyn_bytes = cfg.smem;
+  e.fibers.assign(e.nthreads, Fiber{});
+  for (int t = 0; t < e.nthreads; ++t) {
+    Fiber& f = e.fibers[t];
+    f.linear = t;
+    f.tid = uint3{unsigned(t % cfg.block.x), unsigned(t / cfg.block.x % cfg.block.y),
+                  unsigned(t / (cfg.block.x * cfg.block.y))};
+  }
+  e.warps.assign((e.nthreads + kWarpSize - 1) / kWarpSize, Warp{});
+  e.aborted = false;
+  ++e.launches;
+  for (unsigned z = 0; z < cfg.grid.z && !e.aborted; ++z)
+    for (unsigned y = 0; y < cfg.grid.y && !e.aborted; ++y)
+      for (unsigned x = 0; x < cfg.grid.x && !e.aborted; ++x) {
+        e.block = uint3{x, y, z};
+        run_block();
+        ++e.blocks;
+        e.threads += e.nthreads;
+      }
+}
+
+}  // namespace cuda_emu
+
+// ---------------------------------------------------------------------------------------------------------------
+// ThreadSanitizer's instrumentation ABI, implemented by the checkers above (no ThreadSanitizer runtime is linked).
+extern "C" {
+void __tsan_init() {}
+void __tsan_func_entry(void*) {}
+void __tsan_func_exit() {}
+void __tsan_vptr_update(void**, void*) {}
+void __tsan_vptr_read(void**) {}
+void __tsan_read_range(void* p, unsigned long n) { cuda_emu::on_access(p, n, false); }
+void __tsan_write_range(void* p, unsigned long n) { cuda_emu::on_access(p, n, true); }
+#define CUDA_EMU_HOOKS(n)                                                                        \
+  void __tsan_read##n(void* p) { cuda_emu::on_access(p, n, false); }                             \
+  void __tsan_write##n(void* p) { cuda_emu::on_access(p, n, true); }                             \
+  void __tsan_unaligned_read##n(void* p) { cuda_emu::on_access(p, n, false); }                   \
+  void __tsan_unaligned_write##n(void* p) { cuda_emu::on_access(p, n, true); }                   \
+  void __tsan_volatile_read##n(void* p) { cuda_emu::on_access(p, n, false); }                    \
+  void __tsan_volatile_write##n(void* p) { cuda_emu::on_access(p, n, true); }
+CUDA_EMU_HOOKS(1)
+CUDA_EMU_HOOKS(2)
+CUDA_EMU_HOOKS(4)
+CUDA_EMU_HOOKS(8)
+CUDA_EMU_HOOKS(16)
+#undef CUDA_EMU_HOOKS
+// Atomics in instrumented host code (static-local guards, pybind11): performed, not checked.
+#define CUDA_EMU_ATOMICS(n, T)                                                                                   \
+  T __tsan_atomic##n##_load(const volatile T* a, int) { return __atomic_load_n(a, __ATOMIC_SEQ_CST); }         \
+  void __tsan_atomic##n##_store(volatile T* a, T v, int) { __atomic_store_n(a, v, __ATOMIC_SEQ_CST); }         \
+  T __tsan_atomic##n##_exchange(volatile T* a, T v, int) { return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST); } \
+  T __tsan_atomic##n##_fetch_add(volatile T* a, T v, int) { return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST); } \
+  T __tsan_atomic##n##_fetch_sub(volatile T* a, T v, int) { return __atomic_fetch_sub(a, v, __ATOMIC_SEQ_CST); } \
+  T __tsan_atomic##n##_fetch_and(volatile T* a, T v, int) { return __atomic_fetch_and(a, v, __ATOMIC_SEQ_CST); } \
+  T __tsan_atomic##n##_fetch_or(volatile T* a, T v, int) { return __atomic_fetch_or(a, v, __ATOMIC_SEQ_CST); }   \
+  T __tsan_atomic##n##_fetch_xor(volatile T* a, T v, int) { return __atomic_fetch_xor(a, v, __ATOMIC_SEQ_CST); } \
+  T __tsan_atomic##n##_fetch_nand(volatile T* a, T v, int) { return __atomic_fetch_nand(a, v, __ATOMIC_SEQ_CST); } \
+  int __tsan_atomic##n##_compare_exchange_strong(volatile T* a, T* c, T v, int, int) {                         \
+    return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                      \
+  }                                                                                                              \
+  int __tsan_atomic##n##_compare_exchange_weak(volatile T* a, T* c, T v, int, int) {                           \
+    return __atomic_compare_exchange_n(a, c, v, true, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                       \
+  }                                                                                                              \
+  T __tsan_atomic##n##_compare_exchange_val(volatile T* a, T c, T v, int, int) {                               \
+    __atomic_compare_exchange_n(a, &c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                            \
+    return c;                                                                                                    \
+  }
+CUDA_EMU_ATOMICS(8, uint8_t)
+CUDA_EMU_ATOMICS(16, uint16_t)
+CUDA_EMU_ATOMICS(32, uint32_t)
+CUDA_EMU_ATOMICS(64, uint64_t)
+#undef CUDA_EMU_ATOMICS
+void __tsan_atomic_thread_fence(int) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+void __tsan_atomic_signal_fence(int) {}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The CUDA runtime calls the entry points make, answered for one emulated sm_90 device.
+cudaError_t cudaGetLastError(void) {
+  cudaError_t e = cuda_emu::E().last_error;
+  cuda_emu::E().last_error = cudaSuccess;
+  return e;
+}
+cudaError_t cudaPeekAtLastError(void) { return cuda_emu::E().last_error; }
+const char* cudaGetErrorString(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorNoDevice: return "no CUDA-capable device is detected (emulator)";
+    default: return "unknown error (emulator)";
+  }
+}
+const char* cudaGetErrorName(cudaError_t e) { return cudaGetErrorString(e); }
+cudaError_t cudaGetDeviceCount(int* n) {
+  *n = 0;  // the emulator is not a device: backend="cuda" stays unavailable
+  return cudaErrorNoDevice;
+}
+cudaError_t cudaGetDevice(int* d) {
+  *d = 0;
+  return cudaSuccess;
+}
+cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
+cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int) {
+  switch (attr) {
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = cuda_emu::E().optin_reported; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlock: *v = int(cuda_emu::kStaticSharedLimit); return cudaSuccess;
+    case cudaDevAttrMaxThreadsPerBlock: *v = cuda_emu::kMaxThreads; return cudaSuccess;
+    case cudaDevAttrWarpSize: *v = 32; return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount: *v = 132; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor: *v = 9; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor: *v = 0; return cudaSuccess;
+    default: return cudaErrorInvalidValue;
+  }
+}
+cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
+  if (value < 0 || size_t(value) > cuda_emu::kSharedLimit) return cudaErrorInvalidValue;
+  cuda_emu::E().max_dynamic_smem[func] = value;
+  return cudaSuccess;
+}
+}  // extern "C"
+
+// ---------------------------------------------------------------------------------------------------------------
+// Python side: which memory a kernel may touch, and what the checkers found.
+namespace dalle {
+
+void register_emu(pybind11::module_& m) {
+  namespace py = pybind11;
+  m.def("emu_begin", [](const std::vector<std::tuple<uintptr_t, uintptr_t, bool, std::string>>& ranges) {
+    auto& e = cuda_emu::E();
+    e.ranges.clear();
+    for (auto& [lo, bytes, writable, name] : ranges) e.ranges.push_back({lo, lo + bytes, writable, name});
+    e.reports.clear();
+    e.report_count = e.race_count = e.memcheck_count = 0;
+  }, py::arg("ranges"),
+        "Start a checked call: the (pointer, bytes, writable, name) ranges kernels may access in global memory.");
+  m.def("emu_end", []() {
+    auto& e = cuda_emu::E();
+    std::vector<std::string> out = e.reports;
+    if (e.report_count > e.reports.size())
+      out.push_back("... and " + std::to_string(e.report_count - e.reports.size()) + " more reports");
+    e.ranges.clear();
+    e.reports.clear();
+    e.report_count = 0;
+    return out;
+  }, "End a checked call: the racecheck/memcheck/synchronization reports since emu_begin (empty: clean).");
+  m.def("emu_set_shared_optin", [](int bytes) {
+    cuda_emu::E().optin_reported = bytes < 0 ? int(cuda_emu::kSharedLimit) : bytes;
+  }, py::arg("bytes"),
+        "The opt-in shared memory per block that cudaDeviceGetAttribute reports (-1: the emulated sm_90's 227 KiB); "
+        "lets tests steer kernels onto their global-memory paths.");
+  m.def("emu_stats", []() {
+    auto& e = cuda_emu::E();
+    py::dict d;
+    d["launches"] = e.launches;
+    d["blocks"] = e.blocks;
+    d["threads"] = e.threads;
+    d["switches"] = e.switches;
+    return d;
+  }, "Counters since the module was loaded: launches, blocks and threads emulated, fiber switches.");
+}
+
+}  // namespace dalle
