@@ -269,9 +269,15 @@ def _train(config: TrainDVAEConfig) -> Path:
               {"params": list(model.decoder.parameters()), "lr_mult": 1.0}]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
     data = _Batches(cfg, mcfg.image_size)
+    # fp16 has too few exponent bits for the loss gradient (about 1 / (pixels in the batch) per value): the
+    # loss is scaled before the backward and unscaled in fp32 before the update (torch.amp's dynamic scaler),
+    # as the logit-Laplace op's own backward expects. bf16 and fp32 need no scale.
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     if ckpt:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("grad_scaler"):
+            scaler.load_state_dict(ckpt["grad_scaler"])
         set_rng_state(ckpt["rng"])
     elif cfg.logit_init_std:
         x0 = data.batch(0).to(device)
@@ -295,7 +301,7 @@ def _train(config: TrainDVAEConfig) -> Path:
 
     def save_checkpoint(step):
         atomic_save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                     "rng": rng_state(), "train_config": asdict(cfg), "model_config": asdict(mcfg),
+                     "grad_scaler": scaler.state_dict(), "rng": rng_state(), "train_config": asdict(cfg), "model_config": asdict(mcfg),
                      "kmeans_centres": None if centres is None else centres.cpu()}, ckpt_path)
 
     try:
@@ -324,8 +330,9 @@ def _train(config: TrainDVAEConfig) -> Path:
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite dVAE loss {loss.item()} at step {step}")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)  # skipped (and the scale halved) when the scaled gradients overflowed
+        scaler.update()
         done = step + 1
         ev = {"heldout_mae": "", "heldout_scorer_acc": "", "codes_used": ""}
         if done % cfg.sample_every == 0 or done == cfg.steps:
