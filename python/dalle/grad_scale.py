@@ -11,7 +11,11 @@ out. Rules, with ``M`` the number of data-parallel workers:
 - a block whose parameter gradients or outgoing activation gradient held a non-finite value has those
   values zeroed, its update skipped (its parameters and optimizer moments are left untouched this step)
   and its scale divided by ``sqrt(2)``;
-- scales are clamped to ``[2**7 * M, 2**24 * M]``.
+- scales are clamped to ``[2**7 * M, 2**24 * M]``;
+- the output layers (text and image heads) belong to the top block: the float32 loss gradient is multiplied
+  by the top block's scale before the head's 16-bit matmuls round it (``scale_logits``) and divided out in
+  float32 after them (``unscale_head``); otherwise most of a gradient of about 1 / (tokens in the batch) per
+  logit rounds to zero or subnormals in fp16 before any scale applies.
 
 Usage::
 
@@ -83,12 +87,15 @@ class BlockGradScaler:
         self.scales = [init_scale * world_size] * n_blocks
         self.found = None  # per-block count of non-finite outgoing gradients, on the model's device
         self.blocks = None
+        self.head_params = []
 
     def attach(self, model) -> "BlockGradScaler":
         """Make ``model`` (anything with ``.blocks`` and a ``grad_scaler`` attribute) use these scales."""
         if len(model.blocks) != self.n_blocks:
             raise ValueError(f"model has {len(model.blocks)} blocks but the scaler has {self.n_blocks}")
         self.blocks = model.blocks
+        # the output layers run on the top block's scaled gradient (``scale_logits``) and share its fate
+        self.head_params = list(model.head_parameters()) if hasattr(model, "head_parameters") else []
         model.grad_scaler = self
         return self
 
@@ -100,6 +107,23 @@ class BlockGradScaler:
 
     def exit(self, index: int, x: torch.Tensor) -> torch.Tensor:
         return _ScaleIn.apply(x, self.scales[index])
+
+    # -- the head (final norm, output layers): the loss gradient is scaled before it meets 16 bits ------------
+    # Under fp16 autocast the head's matmuls run in fp16, so a loss gradient of about 1 / (tokens in the batch)
+    # would be rounded to fp16 (most of it to zero) before the top block could scale it. The head therefore
+    # scales the float32 logits' gradient by the top block's scale (``scale_logits``) and divides it out, in
+    # float32, from the final hidden states and from the head's weights (``unscale_head``); a non-finite value
+    # there counts against the top block.
+    def scale_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Identity; the gradient of the float32 ``logits`` is multiplied by the top block's scale."""
+        return _ScaleIn.apply(logits, self.scales[-1])
+
+    def unscale_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Identity; the gradient reaching ``x`` (final hidden states or a head weight, float32) is divided by
+        the top block's scale and filtered, as a block's outgoing gradient is."""
+        if self.found is None or self.found.device != x.device:
+            self.found = torch.zeros(self.n_blocks, dtype=torch.float32, device=x.device)
+        return _UnscaleOut.apply(x, self.scales[-1], self.found, self.n_blocks - 1)
 
     # -- called by the trainer after backward ----------------------------------------------------------
     def nonfinite_blocks(self) -> list[bool]:
@@ -134,6 +158,9 @@ class BlockGradScaler:
                     p.grad = None
                 else:
                     p.grad.mul_(1.0 / self.scales[l])
+        if skipped[-1]:  # the head's gradients were unscaled in the backward; a bad top block drops them too
+            for p in self.head_params:
+                p.grad = None
         if self.found is not None:
             self.found.zero_()
         return skipped

@@ -268,6 +268,11 @@ class DALLE(nn.Module):
                              f"{getattr(features, 'dtype', type(features))} {tuple(getattr(features, 'shape', ()))}")
         self.image_emb.features.copy_(features)
 
+    def head_parameters(self) -> list:
+        """The output layers' parameters (text head; image head, or the tied CodeEmbedding)."""
+        image = self.image_emb if self.cfg.code_features else self.image_head
+        return [self.text_head.weight, *image.parameters()]
+
     def image_head_weight(self) -> torch.Tensor:
         """``(image_vocab, d)`` output vectors of the image codes: the head's, or CodeEmbedding's (tied)."""
         return self.image_emb.weight if self.cfg.code_features else self.image_head.weight
@@ -344,9 +349,14 @@ class DALLE(nn.Module):
     def _logits(self, text, image):
         T = self.cfg.text_len
         h = self.run_blocks(self.embed(text, image))
-        text_logits = self.text_head(h[:, : T - 1])
-        image_logits = self.image_logits(h[:, T - 1: -1])
-        return text_logits, image_logits
+        scaler = self.grad_scaler if torch.is_grad_enabled() else None
+        if scaler is None:
+            return self.text_head(h[:, : T - 1]), self.image_logits(h[:, T - 1: -1])
+        # per-resblock gradient scaling: the head runs on the scaled loss gradient (grad_scale.py)
+        h = scaler.unscale_head(h)
+        text_logits = F.linear(h[:, : T - 1], scaler.unscale_head(self.text_head.weight))
+        image_logits = self.image_logits(h[:, T - 1: -1], scaler.unscale_head(self.image_head_weight()))
+        return scaler.scale_logits(text_logits.float()), scaler.scale_logits(image_logits.float())
 
     def loss(self, text, image, return_parts=False):
         """``(loss_text + 7 * loss_image) / 8`` (SPEC.md section 2), losses computed in float32."""
