@@ -11,7 +11,7 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "triton", "cuda", "torch")
+BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 
 
 def triton_interpreter_enabled() -> bool:
@@ -59,12 +59,13 @@ def cuda_extension_has(op: str) -> bool:
 
 
 def resolve_backend(backend: str, tensor: torch.Tensor, *, cuda_op: str | None = None,
-                    prefer_cuda: bool = True, arg: str = "backend") -> str:
+                    prefer_cuda: bool = True, cpu_path: bool = False, arg: str = "backend") -> str:
     """Resolve ``backend`` for an op whose inputs live where ``tensor`` lives.
 
     ``cuda_op`` names the op's entry point in the CUDA extension (None: the op has no CUDA version).
     ``auto`` picks, for CUDA tensors, the CUDA extension when it is built and ``prefer_cuda``,
-    else Triton; for CPU tensors Triton when the interpreter is on, else the PyTorch reference.
+    else Triton; for CPU tensors Triton when the interpreter is on, else the op's own CPU path when it has
+    one (``cpu_path``), else the PyTorch reference.
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"{arg} must be one of {BACKENDS}, got {backend!r}")
@@ -80,7 +81,7 @@ def resolve_backend(backend: str, tensor: torch.Tensor, *, cuda_op: str | None =
             return "torch"
         if triton_interpreter_enabled() and triton_available():
             return "triton"
-        return "torch"
+        return "cpu" if cpu_path else "torch"
     if backend == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
@@ -89,6 +90,12 @@ def resolve_backend(backend: str, tensor: torch.Tensor, *, cuda_op: str | None =
                 f"backend='triton' got tensors on {tensor.device}: Triton kernels need CUDA tensors, or "
                 "TRITON_INTERPRET=1 set before triton is imported to run them on the CPU interpreter")
         return "triton"
+    if backend == "cpu":
+        if not cpu_path:
+            raise ValueError(f"{arg}='cpu' is not available for this op; use 'triton', 'torch' or 'auto'")
+        if on_cuda:
+            raise ValueError(f"{arg}='cpu' got tensors on {tensor.device}; move them to the CPU")
+        return "cpu"
     if backend == "cuda":
         if cuda_op is None:
             raise ValueError(f"{arg}='cuda' is not available for this op; use 'triton', 'torch' or 'auto'")

@@ -19,6 +19,7 @@ import torch
 
 from .. import masks as _masks
 from .._dispatch import resolve_backend
+from .attention_cpu import cpu_attention
 
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -464,7 +465,7 @@ _sparse_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 def _resolve_backend(backend: str, device: torch.device) -> str:
     """``resolve_backend`` run eagerly even under torch.compile (it imports and reads the environment, which
     Dynamo does not trace); its answer is a constant for a given device and environment."""
-    return resolve_backend(backend, torch.empty(0, device=device))
+    return resolve_backend(backend, torch.empty(0, device=device), cpu_path=True)
 
 
 def triton_attention(q, k, v, mask, text_len, grid, kernel, scale, block_m=0, block_n=0):
@@ -482,12 +483,16 @@ def sparse_attention(q, k, v, mask="row", text_len=0, grid=(32, 32), kernel=11, 
     ``mask``: ``"row"``, ``"column"``, ``"conv"`` (``kernel`` x ``kernel`` window, odd), ``"conv_clipped"`` or
     ``"causal"``; ``scale`` defaults to ``1 / sqrt(head_dim)``.
     ``backend``: ``"triton"`` (block-sparse kernels; CUDA tensors, or CPU under ``TRITON_INTERPRET=1``),
-    ``"torch"`` (the dense-masked reference, differentiable by autograd) or ``"auto"`` (Triton for CUDA tensors
-    and in the interpreter, else torch). The Triton path is a ``torch.library`` custom op
-    (``torch.ops.dalle_kernels.sparse_attention_fwd``): ``torch.compile(fullgraph=True)`` traces it.
+    ``"cpu"`` (block-sparse over the same lookup tables from PyTorch's batched matmuls, CPU tensors;
+    ``ops/attention_cpu.py``), ``"torch"`` (the dense-masked reference, differentiable by autograd) or ``"auto"``
+    (Triton for CUDA tensors and in the interpreter, else cpu). The Triton and cpu paths are ``torch.library``
+    custom ops (``torch.ops.dalle_kernels.sparse_attention_fwd``, ``..._cpu_fwd``):
+    ``torch.compile(fullgraph=True)`` traces them.
     """
     T, H, W, scale = check_inputs(q, k, v, mask, text_len, grid, kernel, scale)
     backend = _resolve_backend(backend, q.device)
     if backend == "torch":
         return attention_ref(q, k, v, mask, T, (H, W), kernel, scale)
+    if backend == "cpu":
+        return cpu_attention(q, k, v, mask, T, (H, W), kernel, scale)[0]
     return triton_attention(q, k, v, mask, T, (H, W), kernel, scale)[0]
