@@ -50,7 +50,7 @@ class DALLEConfig:
     code_features: int = 0  # 0: image embedding and head are lookup tables (the paper); > 0: see CodeEmbedding
     code_feature_groups: tuple = ()  # CodeEmbedding: column counts of feature groups, one MLP each, summed
     checkpoint: bool = False  # recompute each block in backward (activation checkpointing)
-    attn_backend: str = "auto"  # dalle_kernels backend: auto | triton | cuda | torch
+    attn_backend: str = "auto"  # dalle_kernels backend: auto | triton | cpu | torch
 
     def __post_init__(self):
         self.grid = tuple(int(g) for g in self.grid)
