@@ -259,7 +259,7 @@ def test_triton_on_cpu_without_interpreter(monkeypatch):
 # ----------------------------------------------------------------------------------------------------------------
 # torch.compile traces through the custom op without graph breaks.
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
 def test_torch_compile_fullgraph(device, backend):
     if backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs the Triton interpreter on CPU")

@@ -2,7 +2,8 @@
 
 Runs without the Triton interpreter (plain PyTorch ops), so every case runs in both lanes' CPU share: every
 mask at every odd shape in fp32, fp16 and bf16, the default tiles and small forced tiles (several blocks, full,
-partial and padding tiles, merged groups, chunked groups).
+partial and padding tiles, merged groups, chunked groups). torch.compile(fullgraph=True) over this backend is
+test_attention.py's test_torch_compile_fullgraph.
 """
 import pytest
 import torch
@@ -169,27 +170,6 @@ def test_cpu_extra_memory_is_linear_in_n():
         assert 0 < extra < 2 * n * n * 4, (n, extra, "one fp32 (B, heads, N, N) score matrix")
         per_position.append(extra / n)
     assert per_position[1] < 1.25 * per_position[0], per_position
-
-
-def test_torch_compile_fullgraph_cpu():
-    torch._dynamo.reset()
-    T, H, W = 3, 4, 5
-
-    def block(x, wq):
-        q = k = v = (x @ wq).unflatten(-1, (2, 16)).transpose(1, 2)
-        o = sparse_attention(q, k, v, mask="conv", text_len=T, grid=(H, W), kernel=3, backend="cpu")
-        return o.transpose(1, 2).flatten(2).sum()
-
-    x = torch.randn(2, T + H * W, 32)
-    wq = torch.randn(32, 32, requires_grad=True)
-    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
-    loss = compiled(x, wq)
-    (g,) = torch.autograd.grad(loss, wq)
-    wq2 = wq.detach().clone().requires_grad_()
-    loss_eager = block(x, wq2)
-    (g_eager,) = torch.autograd.grad(loss_eager, wq2)
-    torch.testing.assert_close(loss, loss_eager, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(g, g_eager, rtol=1e-5, atol=1e-4)
 
 
 def test_cpu_custom_op_opcheck():

@@ -19,6 +19,7 @@ import torch
 
 from .. import masks as _masks
 from .._dispatch import resolve_backend
+from . import _attention_op
 from .attention_cpu import cpu_attention
 
 HEAD_DIMS = (16, 32, 64, 128)
@@ -427,11 +428,6 @@ def _sparse_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
     return _triton_forward(q, k, v, mask, text_len, H, W, kernel, scale, block_m, block_n)
 
 
-@_sparse_attention_fwd.register_fake
-def _(q, k, v, mask, text_len, H, W, kernel, scale, block_m, block_n):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
-
-
 @torch.library.custom_op("dalle_kernels::sparse_attention_bwd", mutates_args=())
 def _sparse_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                           lse: torch.Tensor, mask: str, text_len: int, H: int, W: int, kernel: int, scale: float,
@@ -439,26 +435,7 @@ def _sparse_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     return _triton_backward(do, q, k, v, o, lse, mask, text_len, H, W, kernel, scale, block_m, block_n)
 
 
-@_sparse_attention_bwd.register_fake
-def _(do, q, k, v, o, lse, mask, text_len, H, W, kernel, scale, block_m, block_n):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, *settings = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse)
-    ctx.settings = settings
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, do, _dlse):
-    q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = _sparse_attention_bwd(do, q, k, v, o, lse, *ctx.settings)
-    return (dq, dk, dv) + (None,) * len(ctx.settings)
-
-
-_sparse_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+_attention_op.register(_sparse_attention_fwd, _sparse_attention_bwd)
 
 
 @torch.compiler.assume_constant_result

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import masks as _masks
+from . import _attention_op
 
 # 64 x 64 tiles measured fastest at the paper shape on 2 cores (128 x 128 visits 0.62 / 0.49 / 0.73 of causal's
 # tiles instead of 0.50 / 0.43 / 0.63, 32-wide tiles halve the matmul sizes for little saving); sequences of at
@@ -242,19 +243,14 @@ def cpu_backward(do, q, k, v, o, lse, mask, text_len, H, W, kernel, scale, block
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Autograd: two custom ops, as for the Triton path, so torch.compile(fullgraph=True) traces a model without a
-# graph break; only o and the row log-sum-exp are saved.
+# Autograd: two custom ops, as for the Triton path (``_attention_op``), so torch.compile(fullgraph=True) traces a
+# model without a graph break; only o and the row log-sum-exp are saved.
 
 @torch.library.custom_op("dalle_kernels::sparse_attention_cpu_fwd", mutates_args=(), device_types="cpu")
 def _sparse_attention_cpu_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: str, text_len: int, H: int,
                               W: int, kernel: int, scale: float, block_m: int, block_n: int
                               ) -> tuple[torch.Tensor, torch.Tensor]:
     return cpu_forward(q, k, v, mask, text_len, H, W, kernel, scale, block_m, block_n)
-
-
-@_sparse_attention_cpu_fwd.register_fake
-def _(q, k, v, mask, text_len, H, W, kernel, scale, block_m, block_n):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("dalle_kernels::sparse_attention_cpu_bwd", mutates_args=(), device_types="cpu")
@@ -264,26 +260,7 @@ def _sparse_attention_cpu_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     return cpu_backward(do, q, k, v, o, lse, mask, text_len, H, W, kernel, scale, block_m, block_n)
 
 
-@_sparse_attention_cpu_bwd.register_fake
-def _(do, q, k, v, o, lse, mask, text_len, H, W, kernel, scale, block_m, block_n):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, *settings = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse)
-    ctx.settings = settings
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, do, _dlse):
-    q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = _sparse_attention_cpu_bwd(do, q, k, v, o, lse, *ctx.settings)
-    return (dq, dk, dv) + (None,) * len(ctx.settings)
-
-
-_sparse_attention_cpu_fwd.register_autograd(_backward, setup_context=_setup_context)
+_attention_op.register(_sparse_attention_cpu_fwd, _sparse_attention_cpu_bwd)
 
 
 def cpu_attention(q, k, v, mask, text_len, grid, kernel, scale, block_m=0, block_n=0):
