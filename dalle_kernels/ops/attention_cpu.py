@@ -1,18 +1,18 @@
-"""Block-sparse DALL-E attention on the CPU from PyTorch's batched matmuls (``sparse_attention(backend="cpu")``).
+"""Block-sparse DALL-E attention on the CPU from PyTorch's own kernels (``sparse_attention(backend="cpu")``).
 
 ``O = softmax(scale * Q K^T + M) V`` with ``M`` = 0 where ``masks.dense_mask`` allows a pair and -inf elsewhere,
 computed only on the tiles the kernels visit: the same lookup tables (``masks.block_tables``) list, per query
-block, the key blocks it sees and which of those tiles are full. Query blocks whose lists have the same shape
-(number of full tiles, number of partial tiles) form a group; per group the listed key blocks are gathered
-(``index_select``) into one ``(g, c * block_n, head_dim)`` batch and the whole row is computed at once with
-batched matmuls: a blockwise softmax in fp32 over only the listed keys. Full tiles come first in each list and
-get no predicate work; the partial tiles (at most a few per query block) get a cached additive 0 / -inf bias
-built from the mask predicate ``masks.allowed``. The forward saves ``O`` and the row log-sum-exp only; the
-backward recomputes ``P = exp(S - lse)`` per group, writes ``dQ`` per query block and scatter-adds ``dK`` and
-``dV`` per key block (``index_add_``), as FlashAttention's backward does per tile (Dao et al., 2022, alg. 2).
+block, the key blocks it sees and which of those tiles are full. Query blocks with similar numbers of listed key
+blocks form a group (``_merge``); per group the listed key blocks are gathered (``index_select``, full tiles
+first, padding slots at the end) and PyTorch's fused CPU flash kernel (the one behind
+``scaled_dot_product_attention``) runs the group as one batch, with an fp32 online softmax, a cached 0 / -inf
+bias built once per layout from the mask predicate ``masks.allowed`` (partial and padding tiles), and the row
+log-sum-exp as a second output. The forward saves ``O`` and that log-sum-exp only; the backward (the kernel's
+own, recomputing ``P`` from the log-sum-exp as FlashAttention does, Dao et al. 2022, alg. 2) returns dQ per query
+block and dK, dV per gathered key block, scatter-added per key block (``index_add_``).
 
-Extra memory is O(N): fp32 block copies of the inputs and, per group, score tiles of at most
-``SCORE_BUDGET`` elements (a group is split into chunks of query blocks above that), never an N x N matrix.
+Extra memory is O(N x key blocks per query block): fp32 block copies of the inputs and gathered keys and values
+per group, a group split into chunks of query blocks whose scores exceed ``SCORE_BUDGET``; never N x N.
 ``column`` runs the kernels' transposed layout (SPEC.md): rows are gathered in that order.
 Inputs may be float32, float16 or bfloat16 with any strides; the arithmetic is fp32 throughout.
 """
@@ -133,10 +133,10 @@ def plan(mask: str, text_len: int, H: int, W: int, kernel: int, block_m: int = 0
 def _merge(blocks: list) -> list:
     """Split query blocks sorted by list length into runs computed as one padded group each.
 
-    A run costs ``GROUP_OVERHEAD`` tiles (the fixed cost of a group's dozen tensor ops, measured at the paper
-    shape) plus its query blocks times its longest list; dynamic programming picks the cheapest split. Under
-    row, column and conv this merges the text query blocks (short causal lists) into the image group; under
-    causal it keeps a few groups of similar lengths.
+    A run costs ``GROUP_OVERHEAD`` tiles (a group's fixed cost: gathers, one fused call, scatters; 4 tried against
+    0 at the paper shape) plus its query blocks times its longest list; dynamic programming picks the cheapest
+    split. Under row, column and conv this merges the text query blocks (short causal lists) into the image
+    group; under causal it keeps a few groups of similar lengths.
     """
     widths = [len(f) + len(p) for _, f, p in blocks]
     best = [0.0] + [math.inf] * len(blocks)
