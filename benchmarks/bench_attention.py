@@ -1,20 +1,27 @@
 """sparse_attention (Triton) against dense causal SDPA, SDPA with the same boolean mask, and FlexAttention.
 
 GPU (``pytest benchmarks/bench_attention.py --device=cuda``): the paper shape, batch 8, 16 heads, T = 256,
-32 x 32 grid, head_dim 64, bf16; forward and forward+backward. CPU (default): the torch providers at a small
-shape (the Triton interpreter is not a speed figure).
+32 x 32 grid, head_dim 64, bf16; forward and forward+backward. CPU (default): T = 256, 32 x 32 grid, batch 1,
+4 heads, head_dim 64, fp32 (T = 16, 8 x 8, 2 heads of 32 under ``--benchmark-disable``); the Triton interpreter
+is not a speed figure and is skipped.
 
-Providers: ``triton`` (this package), ``dense`` (``scaled_dot_product_attention(is_causal=True)``, the mask-free
-baseline the targets are stated against), ``sdpa_mask`` (SDPA with the boolean ``dense_mask``), ``flex``
-(``flex_attention`` with a block mask from the same predicate; compiled on GPU, eager on CPU).
+Providers: ``triton`` (this package, GPU), ``cpu`` (this package's block-sparse CPU path, CPU), ``torch`` (the
+dense-masked reference), ``dense`` (``scaled_dot_product_attention(is_causal=True)``, the mask-free baseline the
+targets are stated against), ``sdpa_mask`` (SDPA with the boolean ``dense_mask``), ``flex`` (``flex_attention``
+with a block mask from the same predicate; compiled on GPU, eager on CPU).
 extra_info: ``tflops`` = useful FLOPs (allowed pairs only: 4 * pairs * head_dim forward, 2.5x that backward) /
 median time (absent under ``--benchmark-disable``); ``peak_mem_mb`` = peak memory above the inputs (GPU);
 ``max_err`` / ``grad_max_err`` = max abs error of the output / of dq, dk, dv against ``attention_ref`` in float64
 on the same inputs (providers that compute the masked attention, i.e. not ``dense``); ``tiles`` /
-``causal_tiles`` for the Triton kernel's forward tiling.
+``causal_tiles`` for the Triton kernel's forward tiling; ``sdpa_causal_ratio`` (``cpu`` and ``torch``, timed runs
+only) = median time of the provider / median time of ``dense``, from ``RATIO_REPS`` runs of each alternated in
+one process, so that the ratio holds under load that changes over the run.
 
 Tile counts per mask at the paper shape (no GPU needed): ``python benchmarks/bench_attention.py``.
 """
+import statistics
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,8 +31,11 @@ from dalle_kernels._bench import max_abs_error, median_seconds, peak_memory_mb, 
 from dalle_kernels.ops import attention as A
 
 SHAPES = {"cuda": dict(B=8, heads=16, T=256, grid=(32, 32), d=64, dtype=torch.bfloat16),
-          "cpu": dict(B=1, heads=2, T=16, grid=(8, 8), d=32, dtype=torch.float32)}
-PROVIDERS = ("triton", "dense", "sdpa_mask", "flex")
+          "cpu": dict(B=1, heads=4, T=256, grid=(32, 32), d=64, dtype=torch.float32),
+          # under --benchmark-disable (CI: each case runs once, for its errors) a small shape keeps the run short
+          "cpu_untimed": dict(B=1, heads=2, T=16, grid=(8, 8), d=32, dtype=torch.float32)}
+PROVIDERS = ("triton", "cpu", "torch", "dense", "sdpa_mask", "flex")
+RATIO_REPS = 10
 MASKS = ("row", "column", "conv")
 KERNEL = 11
 
@@ -56,6 +66,9 @@ def make_fn(provider, mask, T, grid, device):
     if provider == "triton":
         return lambda q, k, v: sparse_attention(q, k, v, mask=mask, text_len=T, grid=grid, kernel=KERNEL,
                                                 backend="triton")
+    if provider in ("cpu", "torch"):
+        return lambda q, k, v: sparse_attention(q, k, v, mask=mask, text_len=T, grid=grid, kernel=KERNEL,
+                                                backend=provider)
     if provider == "dense":
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if provider == "sdpa_mask":
@@ -79,6 +92,28 @@ def errors(fn, q, k, v, do, mask, T, grid, mode):
     return out
 
 
+def make_step(fn, q, k, v, do, mode, dev):
+    def step():
+        o = fn(q, k, v)
+        if mode == "fwd_bwd":
+            o.backward(do)
+            q.grad = k.grad = v.grad = None
+        sync(dev)
+
+    return step
+
+
+def interleaved_ratio(step, baseline, reps=RATIO_REPS) -> float:
+    """Median time of ``step`` over median time of ``baseline``, the two run alternately ``reps`` times each."""
+    times = ([], [])
+    for _ in range(reps):
+        for fn, out in ((step, times[0]), (baseline, times[1])):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return statistics.median(times[0]) / statistics.median(times[1])
+
+
 def useful_flops(mask, T, grid, B, heads, d, mode):
     pairs = int(masks.dense_mask(mask, T, grid, KERNEL).sum())
     fwd = 4 * pairs * d * B * heads
@@ -93,11 +128,13 @@ def test_attention(benchmark, record_env, bench_device, mask, provider, mode):
     dev = bench_device
     if dev == "cpu" and provider == "triton":
         pytest.skip("CPU: the Triton interpreter is not a speed figure")
+    if dev == "cuda" and provider == "cpu":
+        pytest.skip("the cpu backend takes CPU tensors")
     if provider == "flex":
         pytest.importorskip("torch.nn.attention.flex_attention")
         if dev == "cpu" and mode == "fwd_bwd":
             pytest.skip("FlexAttention has no backward on CPU")
-    s = SHAPES[dev]
+    s = SHAPES["cpu_untimed" if dev == "cpu" and getattr(benchmark, "disabled", False) else dev]
     B, heads, T, grid, d, dtype = s["B"], s["heads"], s["T"], s["grid"], s["d"], s["dtype"]
     n = T + grid[0] * grid[1]
     gen = torch.Generator().manual_seed(0)
@@ -105,20 +142,17 @@ def test_attention(benchmark, record_env, bench_device, mask, provider, mode):
                for _ in range(3))
     do = torch.randn(B, heads, n, d, generator=gen).to(dev, dtype)
     fn = make_fn(provider, mask, T, grid, dev)
-
-    def step():
-        o = fn(q, k, v)
-        if mode == "fwd_bwd":
-            o.backward(do)
-            q.grad = k.grad = v.grad = None
-        sync(dev)
-
+    step = make_step(fn, q, k, v, do, mode, dev)
     step()  # warm-up (compiles)
     peak = peak_memory_mb(step, dev)
     if peak is not None:
         record_env["peak_mem_mb"] = peak
     if provider != "dense":  # dense causal is the speed baseline, not the masked function
         record_env.update(errors(fn, q, k, v, do, mask, T, grid, mode))
+    if provider in ("cpu", "torch") and not getattr(benchmark, "disabled", False):
+        dense = make_step(make_fn("dense", mask, T, grid, dev), q, k, v, do, mode, dev)
+        dense()
+        record_env["sdpa_causal_ratio"] = interleaved_ratio(step, dense)
     benchmark(step)
     flops = useful_flops(mask, T, grid, B, heads, d, mode)
     record_env.update(shape=(B, heads, n, d), text_len=T, grid=grid, dtype=str(dtype), mask=mask,

@@ -46,12 +46,21 @@ def environment(device: str) -> dict:
 def peak_memory_mb(step: Callable[[], object], device: str) -> float | None:
     """Run ``step`` once; return the peak memory it allocated above what was allocated before, in MiB.
 
-    CUDA only (the caching allocator's counters); ``None`` on the CPU, where PyTorch keeps no such count.
+    CUDA: the caching allocator's counters. CPU: the allocation and free events PyTorch's profiler records
+    (``profile_memory=True``), summed in time order: every tensor allocation, including those inside ops.
     """
-    if device != "cuda":
-        return None
     import torch
 
+    if device != "cuda":
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]")
+        live = peak = 0
+        for _, nbytes in events:
+            live += nbytes
+            peak = max(peak, live)
+        return peak / 2**20
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "triton", "cuda", "torch", "cuda_emu")
+BACKENDS = ("auto", "triton", "cuda", "cpu", "torch", "cuda_emu")
 
 
 def triton_interpreter_enabled() -> bool:
@@ -108,14 +108,16 @@ def emu_extension_has(op: str) -> bool:
 
 
 def resolve_backend(backend: str, tensor: torch.Tensor, *, cuda_op: str | None = None,
-                    prefer_cuda: bool = True, arg: str = "backend", triton_dot: bool = False) -> str:
+                    prefer_cuda: bool = True, cpu_path: bool = False, arg: str = "backend",
+                    triton_dot: bool = False) -> str:
     """Resolve ``backend`` for an op whose inputs live where ``tensor`` lives and have its dtype.
 
     ``cuda_op`` names the op's entry point in the CUDA extension (None: the op has no CUDA version).
-    ``triton_dot``: the op's Triton kernels call ``tl.dot`` on operands of ``tensor``'s dtype (see
-    ``known_wrong``). ``auto`` picks, for CUDA tensors, the CUDA extension when it is built and
-    ``prefer_cuda``, else Triton; for CPU tensors Triton when the interpreter is on, else the PyTorch
-    reference; and never a path ``known_wrong`` names for these inputs (the PyTorch reference instead).
+    ``cpu_path``: the op has its own CPU implementation (backend ``"cpu"``). ``triton_dot``: the op's Triton
+    kernels call ``tl.dot`` on operands of ``tensor``'s dtype (see ``known_wrong``). ``auto`` picks, for CUDA
+    tensors, the CUDA extension when it is built and ``prefer_cuda``, else Triton; for CPU tensors Triton when
+    the interpreter is on, else the op's CPU path when it has one, else the PyTorch reference; and never a path
+    ``known_wrong`` names for these inputs (the CPU path or the reference instead).
     Raises ValueError for an unknown ``backend``, for a backend that cannot run on ``tensor``'s device and for
     one ``known_wrong`` names (the message says which backend to use instead); RuntimeError when an explicit
     backend needs a missing package or the unbuilt CUDA extension.
@@ -136,7 +138,7 @@ def resolve_backend(backend: str, tensor: torch.Tensor, *, cuda_op: str | None =
         if (triton_interpreter_enabled() and triton_available()
                 and known_wrong("triton", tensor, triton_dot=triton_dot) is None):
             return "triton"
-        return "torch"
+        return "cpu" if cpu_path else "torch"
     if backend == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
@@ -146,10 +148,17 @@ def resolve_backend(backend: str, tensor: torch.Tensor, *, cuda_op: str | None =
                 "TRITON_INTERPRET=1 set before triton is imported to run them on the CPU interpreter")
         reason = known_wrong("triton", tensor, triton_dot=triton_dot)
         if reason is not None:
+            instead = "cpu" if cpu_path else "torch"
             raise ValueError(f"{arg}='triton' cannot compute this op correctly for {tensor.dtype} tensors on "
-                             f"{tensor.device}: {reason}. Use {arg}='torch' (what {arg}='auto' picks here), "
+                             f"{tensor.device}: {reason}. Use {arg}='{instead}' (what {arg}='auto' picks here), "
                              "float32/float16 inputs, or CUDA tensors")
         return "triton"
+    if backend == "cpu":
+        if not cpu_path:
+            raise ValueError(f"{arg}='cpu' is not available for this op; use 'triton', 'torch' or 'auto'")
+        if on_cuda:
+            raise ValueError(f"{arg}='cpu' got tensors on {tensor.device}; move them to the CPU")
+        return "cpu"
     if backend == "cuda":
         if cuda_op is None:
             raise ValueError(f"{arg}='cuda' is not available for this op; use 'triton', 'torch' or 'auto'")

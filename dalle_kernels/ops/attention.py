@@ -19,8 +19,11 @@ import torch
 
 from .. import masks as _masks
 from .._dispatch import resolve_backend
+from . import _attention_op
+from .attention_cpu import cpu_attention
 
 HEAD_DIMS = (16, 32, 64, 128)
+ATTENTION_BACKENDS = ("auto", "triton", "cpu", "torch")  # what sparse_attention's backend= takes
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -426,11 +429,6 @@ def _sparse_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
     return _triton_forward(q, k, v, mask, text_len, H, W, kernel, scale, block_m, block_n)
 
 
-@_sparse_attention_fwd.register_fake
-def _(q, k, v, mask, text_len, H, W, kernel, scale, block_m, block_n):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
-
-
 @torch.library.custom_op("dalle_kernels::sparse_attention_bwd", mutates_args=())
 def _sparse_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                           lse: torch.Tensor, mask: str, text_len: int, H: int, W: int, kernel: int, scale: float,
@@ -438,34 +436,15 @@ def _sparse_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     return _triton_backward(do, q, k, v, o, lse, mask, text_len, H, W, kernel, scale, block_m, block_n)
 
 
-@_sparse_attention_bwd.register_fake
-def _(do, q, k, v, o, lse, mask, text_len, H, W, kernel, scale, block_m, block_n):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, *settings = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse)
-    ctx.settings = settings
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, do, _dlse):
-    q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = _sparse_attention_bwd(do, q, k, v, o, lse, *ctx.settings)
-    return (dq, dk, dv) + (None,) * len(ctx.settings)
-
-
-_sparse_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+_attention_op.register(_sparse_attention_fwd, _sparse_attention_bwd)
 
 
 @torch.compiler.assume_constant_result
 def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """``resolve_backend`` run eagerly even under torch.compile (it imports and reads the environment, which
-    Dynamo does not trace); its answer is a constant for a given device, dtype and environment. Every kernel
-    here multiplies operands of the inputs' dtype with ``tl.dot``."""
-    return resolve_backend(backend, torch.empty(0, device=device, dtype=dtype), triton_dot=True)
+    Dynamo does not trace); its answer is a constant for a given device, dtype and environment. Every Triton
+    kernel here multiplies operands of the inputs' dtype with ``tl.dot``."""
+    return resolve_backend(backend, torch.empty(0, device=device, dtype=dtype), cpu_path=True, triton_dot=True)
 
 
 def triton_attention(q, k, v, mask, text_len, grid, kernel, scale, block_m=0, block_n=0):
@@ -485,16 +464,21 @@ def sparse_attention(q, k, v, mask="row", text_len=0, grid=(32, 32), kernel=11, 
     ``"axial_row"`` (DALLE-pytorch's: the query's own image row) or ``"causal"``; definitions and sources in
     ``dalle_kernels.masks``. ``scale`` defaults to ``1 / sqrt(head_dim)``.
     ``backend``: ``"triton"`` (block-sparse kernels; CUDA tensors, or CPU under ``TRITON_INTERPRET=1``),
-    ``"torch"`` (the dense-masked reference, differentiable by autograd) or ``"auto"`` (Triton for CUDA tensors
-    and in the interpreter, else torch; bfloat16 CPU tensors always go to torch, because the interpreter's
-    ``tl.dot`` is wrong on bfloat16). The Triton path is a ``torch.library`` custom op
-    (``torch.ops.dalle_kernels.sparse_attention_fwd``): ``torch.compile(fullgraph=True)`` traces it.
+    ``"cpu"`` (block-sparse over the same lookup tables from PyTorch's fused CPU attention kernel per group of
+    query blocks, CPU tensors; ``ops/attention_cpu.py``), ``"torch"`` (the dense-masked reference,
+    differentiable by autograd) or ``"auto"`` (Triton for CUDA tensors and in the interpreter, else cpu;
+    bfloat16 CPU tensors never go to the interpreter, whose ``tl.dot`` is wrong on bfloat16). The Triton and cpu
+    paths are ``torch.library`` custom ops (``torch.ops.dalle_kernels.sparse_attention_fwd``, ``..._cpu_fwd``):
+    ``torch.compile(fullgraph=True)`` traces them.
 
     Raises TypeError/ValueError for inputs outside the above, and ValueError for ``backend="triton"`` where it
-    cannot run or be right (CPU tensors without the interpreter; bfloat16 CPU tensors in the interpreter).
+    cannot run or be right (CPU tensors without the interpreter; bfloat16 CPU tensors in the interpreter) and
+    for ``backend="cpu"`` on CUDA tensors.
     """
     T, H, W, scale = check_inputs(q, k, v, mask, text_len, grid, kernel, scale)
     backend = _resolve_backend(backend, q.device, q.dtype)
     if backend == "torch":
         return attention_ref(q, k, v, mask, T, (H, W), kernel, scale)
+    if backend == "cpu":
+        return cpu_attention(q, k, v, mask, T, (H, W), kernel, scale)[0]
     return triton_attention(q, k, v, mask, T, (H, W), kernel, scale)[0]

@@ -173,7 +173,7 @@ def run_load_failed(parser, run, exc: Exception, flag: str = "--run"):
 
 
 # ------------------------------------------------------------------------------------------------ attention
-ATTN_BACKENDS = ("auto", "triton", "torch")  # sparse_attention has no CUDA-extension kernel
+from dalle_kernels.ops.attention import ATTENTION_BACKENDS as ATTN_BACKENDS  # noqa: E402 - no CUDA kernel
 
 
 def check_attn_backend(parser, backend: str, device_text: str, flag: str = "--attn-backend") -> None:

@@ -24,9 +24,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from dalle_kernels import sparse_attention
-from dalle_kernels._dispatch import BACKENDS
 from dalle_kernels.masks import MASKS, check_layout
-from dalle_kernels.ops.attention import HEAD_DIMS
+from dalle_kernels.ops.attention import ATTENTION_BACKENDS, HEAD_DIMS
 
 
 def layer_masks(n_layers: int, last: str = "conv") -> list[str]:
@@ -52,7 +51,7 @@ class DALLEConfig:
     code_features: int = 0  # 0: image embedding and head are lookup tables (the paper); > 0: see CodeEmbedding
     code_feature_groups: tuple = ()  # CodeEmbedding: column counts of feature groups, one MLP each, summed
     checkpoint: bool = False  # recompute each block in backward (activation checkpointing)
-    attn_backend: str = "auto"  # dalle_kernels backend: auto | triton | cuda | torch
+    attn_backend: str = "auto"  # dalle_kernels backend: auto | triton | cpu | torch
 
     def __post_init__(self):
         self.grid = tuple(int(g) for g in self.grid)
@@ -76,8 +75,9 @@ class DALLEConfig:
         # what sparse_attention takes, checked here rather than at the first forward
         if self.head_dim not in HEAD_DIMS:
             raise ValueError(f"DALLEConfig.head_dim must be one of {HEAD_DIMS} (sparse_attention), got {self.head_dim}")
-        if self.attn_backend not in BACKENDS:
-            raise ValueError(f"DALLEConfig.attn_backend must be one of {BACKENDS}, got {self.attn_backend!r}")
+        if self.attn_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"DALLEConfig.attn_backend must be one of {ATTENTION_BACKENDS}, "
+                             f"got {self.attn_backend!r}")
 
     @property
     def d_model(self) -> int:
