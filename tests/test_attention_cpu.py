@@ -85,7 +85,10 @@ def test_plan_merges_and_pads_groups():
                 assert sorted(slots[:cnt]) == tables.q_lut[m, :cnt].tolist(), (mask, m)
                 if g.bias is not None:  # padding slots are masked out entirely
                     assert torch.isinf(g.bias[0, i, :, cnt * p.block_n:]).all(), (mask, m)
-        assert len(p.groups) <= 3 or mask == "causal", (mask, len(p.groups))
+        # the masks whose key blocks per query block form a few patterns merge into few groups; causal's and
+        # conv_torus's (whose wrapped rows reach back to the grid's top) differ from block to block
+        assert len(p.groups) <= 3 or mask in ("causal", "conv_torus"), (mask, len(p.groups))
+        assert len(p.groups) <= tables.q_lut.shape[0], mask
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

@@ -62,6 +62,10 @@ def test_explicit_triton_refused_for_bf16_dot_in_interpreter(interpreter):
     assert _dispatch.resolve_backend("triton", fake("cpu", torch.float16), triton_dot=True) == "triton"
     assert _dispatch.resolve_backend("triton", fake("cuda", torch.bfloat16), triton_dot=True) == "triton"
     assert _dispatch.resolve_backend("torch", fake("cpu", torch.bfloat16), triton_dot=True) == "torch"
+    # an op with a CPU path of its own goes there instead, and the refusal names it
+    assert _dispatch.resolve_backend("auto", fake("cpu", torch.bfloat16), triton_dot=True, cpu_path=True) == "cpu"
+    with pytest.raises(ValueError, match=r"Use backend='cpu'"):
+        _dispatch.resolve_backend("triton", fake("cpu", torch.bfloat16), triton_dot=True, cpu_path=True)
 
 
 def test_every_op_using_tl_dot_declares_it():
@@ -96,7 +100,7 @@ def test_issue_case_bf16_attention_auto_matches_float64(cpu_lane):
     grads = torch.autograd.grad(ref, (q64, k64, v64), do)
     for name, got, want in zip("qkv", (q.grad, k.grad, v.grad), grads):
         assert (got.double() - want).abs().max() <= 3e-2 * max(1.0, want.abs().max().item()), name
-    with pytest.raises(ValueError, match="backend='torch'"):
+    with pytest.raises(ValueError, match="backend='cpu'"):  # the op's CPU path: what auto picked
         sparse_attention(q, k, v, mask="row", text_len=T, grid=(H, W), backend="triton")
 
 
