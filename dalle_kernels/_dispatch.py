@@ -45,14 +45,19 @@ CUDA_BUILD_HINT = (
 )
 
 
+def _require(load, what: str, hint: str, op: str | None):
+    """The module ``load()`` imports (with entry point ``op``), or a RuntimeError that says how to build it."""
+    mod, exc = load()
+    if mod is None:
+        raise RuntimeError(f"{hint} (import failed: {exc})")
+    if op is not None and not hasattr(mod, op):
+        raise RuntimeError(f"The built {what} has no '{op}' entry point; rebuild it. {hint}")
+    return mod
+
+
 def cuda_extension(op: str | None = None):
     """Return the compiled extension module, or raise a RuntimeError that says how to build it."""
-    mod, exc = _load_cuda_extension()
-    if mod is None:
-        raise RuntimeError(f"{CUDA_BUILD_HINT} (import failed: {exc})")
-    if op is not None and not hasattr(mod, op):
-        raise RuntimeError(f"The built CUDA extension has no '{op}' entry point; rebuild it. {CUDA_BUILD_HINT}")
-    return mod
+    return _require(_load_cuda_extension, "CUDA extension", CUDA_BUILD_HINT, op)
 
 
 def cuda_extension_has(op: str) -> bool:
@@ -94,12 +99,7 @@ EMU_BUILD_HINT = (
 
 def emu_extension(op: str | None = None):
     """The emulation extension (the CUDA kernels compiled for the CPU), or a RuntimeError saying how to build it."""
-    mod, exc = _load_emu_extension()
-    if mod is None:
-        raise RuntimeError(f"{EMU_BUILD_HINT} (import failed: {exc})")
-    if op is not None and not hasattr(mod, op):
-        raise RuntimeError(f"The built emulation extension has no '{op}' entry point; rebuild it. {EMU_BUILD_HINT}")
-    return mod
+    return _require(_load_emu_extension, "emulation extension", EMU_BUILD_HINT, op)
 
 
 def emu_extension_has(op: str) -> bool:
