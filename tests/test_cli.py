@@ -525,3 +525,11 @@ def test_convert_bad_arguments(tmp_path, capsys):
     (tmp_path / "old").mkdir()
     usage_error(dalle.convert.main, [str(tmp_path / "old"), "--out", str(tmp_path / "new")], capsys, "--out")
     assert not (tmp_path / "new").exists()
+
+
+def test_generate_unwritable_out_is_refused_before_sampling(tmp_path, capsys, no_work, trained_run):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")  # a file where the grid's folder would be
+    line = usage_error(dalle.generate.main, ["--run", str(trained_run), "a red circle", "-n", "1",
+                                             "--out", str(blocker / "sub" / "grid.png")], capsys, "--out")
+    assert "nothing was sampled" in line

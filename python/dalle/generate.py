@@ -15,6 +15,7 @@ it cannot parse keeps its draw order, with a warning; when it parses none, ``--r
 from __future__ import annotations
 
 import argparse
+import os
 import warnings
 from pathlib import Path
 
@@ -254,6 +255,10 @@ def parse_args(argv=None):
     p = build_parser()
     a = p.parse_args(argv)
     run = cli.check_run(p, a.run)
+    out = Path(a.out) if a.out else run / "generated.png"
+    folder = next(f for f in (out.parent, *out.parent.parents) if f.exists())  # the grid's folder is made
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        p.error(f"argument --out: cannot write {out} ({folder} is not a writable folder); nothing was sampled")
     if a.prompt_image is None and a.prompt_rows is not None:
         cli.warn(f"--prompt-rows {a.prompt_rows}: has no effect without --prompt-image")
     if a.prompt_image is not None:
