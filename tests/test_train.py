@@ -204,3 +204,41 @@ def test_resume_with_code_embedding_and_dropouts(tmp_path, dvae_file):
     torch.testing.assert_close(model.image_emb.features, feats)
     wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_metrics_of_a_run_started_again_from_step_0_replace_the_old_ones(tmp_path):
+    """The pipeline's second call trains the transformer again from step 0 into the same folder: its rows
+    replace the old ones (one header, no mixed rows)."""
+    import csv
+
+    from dalle.common import MetricsLogger
+
+    old = MetricsLogger(tmp_path, tensorboard=False)
+    for step in (1, 2, 3):
+        old.log(step, loss=1.0)
+    old.close()
+    new = MetricsLogger(tmp_path, resume_step=0, tensorboard=False)
+    new.log(1, loss=2.0)
+    new.close()
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows == [{"step": "1", "loss": "2.0"}]
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    """Models, checkpoints, tokenizers and grids are shared: written with the usual 0o666 & ~umask, not 0o600."""
+    import os
+
+    from dalle.common import atomic_save
+    from dalle.images import save_grid
+    from dalle.tokenizer import train_tokenizer
+
+    old = os.umask(0o022)
+    try:
+        paths = [atomic_save({"x": torch.zeros(1)}, tmp_path / "c.pt"),
+                 save_grid(torch.zeros(1, 3, 4, 4), tmp_path / "g.png", nrow=1),
+                 train_tokenizer(["a red circle", "a blue square"], vocab_size=40).save(tmp_path / "t.json")]
+    finally:
+        os.umask(old)
+    for p in paths:
+        assert p.stat().st_mode & 0o777 == 0o644, p

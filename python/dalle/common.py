@@ -49,6 +49,9 @@ def _atomic_write(path, write) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # as open() would create it: files people share are not owner-only
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -250,6 +253,8 @@ class MetricsLogger:
                     w.writeheader()
                     w.writerows(rows)
                 os.replace(tmp, self.path)
+            else:  # resumed at (or before) the first logged step: the old rows belong to another run
+                self.path.unlink()
         elif self.path.exists():
             self.path.unlink()
         self.tb = None

@@ -1,8 +1,6 @@
 """PNG image grids (samples, reconstructions), optionally with a caption under each image."""
 from __future__ import annotations
 
-import os
-import tempfile
 import textwrap
 import unicodedata
 from pathlib import Path
@@ -97,15 +95,6 @@ def make_grid(images, nrow: int = 8, captions=None, scale: int | None = None, pa
 def save_grid(images, path, nrow: int = 8, captions=None, scale: int | None = None) -> Path:
     """Write ``make_grid(images, nrow, captions, scale)`` as a PNG (atomically: temporary file, then rename)."""
     grid = make_grid(images, nrow=nrow, captions=captions, scale=scale)  # bad input raises before any folder exists
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        grid.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    from .common import _atomic_write
+
+    return _atomic_write(path, lambda f: grid.save(f, format="PNG"))

@@ -6,9 +6,7 @@ embedding has ``vocab_size + T`` rows. BPE dropout (probability 0.1 by default) 
 """
 from __future__ import annotations
 
-import os
 import string
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -56,12 +54,9 @@ class CaptionTokenizer:
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            f.write(self._tok.to_str())
-        os.replace(tmp, path)
-        return path
+        from .common import _atomic_write
+
+        return _atomic_write(path, lambda f: f.write(self._tok.to_str().encode()))
 
     def encode(self, caption: str, dropout: bool = False) -> list[int]:
         """BPE ids of one caption, no truncation or padding."""
