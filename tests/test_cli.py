@@ -533,3 +533,40 @@ def test_generate_unwritable_out_is_refused_before_sampling(tmp_path, capsys, no
     line = usage_error(dalle.generate.main, ["--run", str(trained_run), "a red circle", "-n", "1",
                                              "--out", str(blocker / "sub" / "grid.png")], capsys, "--out")
     assert "nothing was sampled" in line
+
+
+def test_generate_run_with_another_dvae_or_bad_files_is_a_usage_error(tmp_path, capsys, no_work, trained_run):
+    """A run records its dVAE's absolute folder and digest: another dVAE in its place is refused, as are a
+    model file that is not safetensors and a broken tokenizer, each as one usage line."""
+    import shutil
+
+    from dalle.dvae import DVAE, DVAEConfig
+
+    meta = dalle.train.load_run_model(trained_run)[1]
+    assert os.path.isabs(meta["dvae"]) and meta["dvae_digest"]
+    cases = {"dvae": "holds another dVAE", "model": "safetensors", "tokenizer": "tokenizers JSON",
+             "config": "layers", "width": "does not describe the weights"}
+    for what, expect in cases.items():
+        run = tmp_path / what
+        shutil.copytree(trained_run, run)
+        if what == "dvae":  # the recorded folder is gone; RUN/dvae holds a dVAE of other weights
+            dalle_dvae = meta["dvae"]
+            os.rename(dalle_dvae, dalle_dvae + ".gone")
+            torch.manual_seed(1)
+            DVAE(DVAEConfig.tiny(n_hid=8, n_init=8, vocab_size=32)).save(run / "dvae")
+        elif what in ("config", "width"):  # an edited config.json: nothing is allocated for it
+            import json
+
+            config = json.loads((run / "config.json").read_text())
+            config.update(n_layers=10 ** 9) if what == "config" else config.update(head_dim=128)
+            (run / "config.json").write_text(json.dumps(config))
+        elif what == "model":
+            (run / "model.safetensors").write_bytes(b"not a safetensors file")
+        else:
+            (run / "tokenizer.json").write_text("{1: 2}")
+        try:
+            line = usage_error(dalle.generate.main, ["--run", str(run), "a red circle", "-n", "1"], capsys, "--run")
+        finally:
+            if what == "dvae":
+                os.rename(dalle_dvae + ".gone", dalle_dvae)
+        assert expect in line, (what, line)

@@ -165,11 +165,14 @@ def _files_wanted(path: Path) -> str:
 
 
 def run_load_failed(parser, run, exc: Exception, flag: str = "--run"):
-    """Usage error for a run folder whose files ``check_run`` found but whose loading found one missing (the
-    dVAE: the path its model file records, else one of ``RUN_DVAE_FILES`` in the run folder)."""
-    also = " or ".join(str(Path(run) / n) for n in RUN_DVAE_FILES)
-    parser.error(f"argument {flag}: {run!r} cannot be loaded: {exc} (a run's dVAE is the one its model file "
-                 f"records, else {also})")
+    """Usage error for a run folder whose files ``check_run`` found but whose loading failed: a file missing
+    (the dVAE: the path its model file records, else one of ``RUN_DVAE_FILES`` in the run folder), or one that
+    is not what it should be (an earlier version's, not safetensors, another kind of model, another dVAE)."""
+    where = ""
+    if isinstance(exc, FileNotFoundError):
+        also = " or ".join(str(Path(run) / n) for n in RUN_DVAE_FILES)
+        where = f" (a run's dVAE is the one its model file records, else {also})"
+    parser.error(f"argument {flag}: {run!r} cannot be loaded: {exc}{where}")
 
 
 # ------------------------------------------------------------------------------------------------ attention

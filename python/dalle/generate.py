@@ -41,13 +41,26 @@ def load_run(run, device="cpu"):
 
 
 def run_dvae_path(run, ckpt) -> Path:
-    """The dVAE folder a run's checkpoint ``ckpt`` was trained with, or ``RUN/dvae`` (the pipeline's) when the
-    run folder was moved."""
+    """The dVAE folder a run's checkpoint ``ckpt`` was trained with: the folder it records, else ``RUN/dvae``
+    (the pipeline's) when the run folder was moved. When the run records its dVAE's digest (runs written since
+    the digest was added), the folder's weights must match it: a ValueError names the folders looked at
+    otherwise, so a run never decodes its codes with another dVAE."""
+    from .train import _file_digest
+
     run = Path(run)
-    dvae_path = Path(ckpt.get("dvae") or run / "dvae")
-    if not pretrained_files(dvae_path)[0].is_file() and pretrained_files(run / "dvae")[0].is_file():
-        dvae_path = run / "dvae"
-    return dvae_path
+    recorded = Path(ckpt["dvae"]) if ckpt.get("dvae") else None
+    looked = [p for p in (recorded, run / "dvae") if p is not None]
+    found = [p for p in looked if pretrained_files(p)[0].is_file()]
+    digest = ckpt.get("dvae_digest")
+    if digest is None:  # an older run: the first dVAE found
+        return found[0] if found else looked[0]
+    for p in found:
+        if _file_digest(pretrained_files(p)[0]) == digest:
+            return p
+    if not found:
+        return looked[0]  # the loader names what is missing
+    raise ValueError(f"the dVAE this run was trained with (weights digest {digest}) is not at "
+                     f"{' or '.join(map(str, looked))}: {', '.join(map(str, found))} holds another dVAE")
 
 
 def scene_of(caption: str):
@@ -295,7 +308,7 @@ def main(argv=None):
     device = pick_device(a.device)
     try:
         model, tok, dvae = load_run(a.run, device)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:  # a file missing, or not what the run needs (the message says)
         cli.run_load_failed(p, a.run, e)
     rows = 2 if a.prompt_rows is None else a.prompt_rows
     if a.prompt_image is not None and not rows < model.cfg.grid[0]:

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import load_pretrained, pick_device, pretrained_files, save_pretrained
+from .common import UnsafeFileError, load_pretrained, pick_device, pretrained_files, save_pretrained
 from .dvae import _as_unit_float
 
 
@@ -286,7 +286,7 @@ def main(argv=None):
     cli.check_run(p, a.run)
     try:
         out = train_for_run(a.run, steps=a.steps, seed=a.seed, device=pick_device(a.device), progress=a.progress)
-    except FileNotFoundError as e:  # the run's dVAE, found missing when its model file was read
+    except (FileNotFoundError, UnsafeFileError) as e:  # the run's dVAE missing, or an earlier version's file
         cli.run_load_failed(p, a.run, e)
     print(f"wrote {out}")
 

@@ -47,7 +47,11 @@ class CaptionTokenizer:
             path = path / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer at {path}")
-        return cls(Tokenizer.from_file(str(path)), dropout=dropout)
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a bad file
+            raise ValueError(f"{path} is not a tokenizers JSON file ({e})") from None
+        return cls(tok, dropout=dropout)
 
     def save(self, path) -> Path:
         """Write ``tokenizer.json`` atomically (``path`` may be a folder)."""

@@ -282,7 +282,7 @@ def load_run_model(run, device="cpu") -> tuple[DALLE, dict]:
     weights, config = pretrained_files(run)
     if weights.is_file() or config.is_file():
         state_dict, meta = load_pretrained(run, MODEL_TYPE)
-        meta = {k: meta.get(k) for k in ("train_config", "step", "dvae")} | {"model_config": meta}
+        meta = {k: meta.get(k) for k in ("train_config", "step", "dvae", "dvae_digest")} | {"model_config": meta}
     elif (run / "dalle.pt").is_file():
         raise UnsafeFileError(f"{run} holds a model of an earlier version of dalle ({run / 'dalle.pt'}, a torch "
                               f"pickle), which is no longer read; {convert_hint(run, trust=False)}")
@@ -292,7 +292,20 @@ def load_run_model(run, device="cpu") -> tuple[DALLE, dict]:
     else:
         raise FileNotFoundError(f"no trained model in {run}: looked for {weights} + {config} (the final model) "
                                 f"and {run / 'checkpoint.pt'}")
-    model = DALLE(DALLEConfig.from_dict(meta["model_config"]))
+    cfg = DALLEConfig.from_dict(meta["model_config"])
+    # The config must describe these weights before anything is allocated for it (a config.json edited to a
+    # billion layers would otherwise fill the memory before load_state_dict could object).
+    blocks = {k.split(".")[1] for k in state_dict if k.startswith("blocks.")}
+    if len(blocks) != cfg.n_layers:
+        raise ValueError(f"{run}: the config says {cfg.n_layers} layers but the weights hold {len(blocks)}")
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in DALLE(cfg).state_dict().items()}
+    wrong = sorted(k for k in shapes.keys() | state_dict.keys()
+                   if shapes.get(k) != (tuple(state_dict[k].shape) if k in state_dict else None))
+    if wrong:
+        raise ValueError(f"{run}: the config does not describe the weights ({len(wrong)} tensors differ, first "
+                         f"{wrong[0]!r})")
+    model = DALLE(cfg)
     model.load_state_dict(state_dict)
     return model.to(device).eval(), meta
 
@@ -384,13 +397,18 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     logger = MetricsLogger(run, resume_step=step) if is_main else None
     sample_text = data["text"][0, : cfg.n_sample_captions].to(device)
 
+    # The dVAE the codes came from: its absolute folder (a relative one would be read from wherever the run is
+    # used later) and the digest of its weights, which generate checks before it decodes anything.
+    dvae_ref = str(Path(cfg.dvae_path).resolve())
+    dvae_digest = _file_digest(pretrained_files(cfg.dvae_path)[0])
+
     def save(final=False):
         if powersgd_state is not None and not final:  # error feedback is per worker: one file each
             atomic_save({"step": step, "state": powersgd_state.state_dict()}, run / f"powersgd_rank{rank}.pt")
             dist.barrier()
         if not is_main:
             return
-        meta = {"train_config": dataclasses.asdict(cfg), "step": step, "dvae": str(cfg.dvae_path)}
+        meta = {"train_config": dataclasses.asdict(cfg), "step": step, "dvae": dvae_ref, "dvae_digest": dvae_digest}
         if final:
             save_run_model(run, model, meta)
             return
