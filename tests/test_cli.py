@@ -133,6 +133,7 @@ def dvae_path(tmp_path):
     path = tmp_path / "dvae"
     path.mkdir()
     (path / "model.safetensors").touch()  # the command line checks that the file exists; the trainer reads it
+    (path / "config.json").write_text('{"model_type": "dalle_dvae"}')  # and that it is a dVAE's
     return path
 
 
@@ -570,3 +571,15 @@ def test_generate_run_with_another_dvae_or_bad_files_is_a_usage_error(tmp_path, 
             if what == "dvae":
                 os.rename(dalle_dvae + ".gone", dalle_dvae)
         assert expect in line, (what, line)
+
+
+def test_train_dvae_of_another_kind_and_bad_head_dim(tmp_path, capsys, no_work, dvae_path):
+    other = tmp_path / "reranker"
+    other.mkdir()
+    (other / "model.safetensors").touch()
+    (other / "config.json").write_text('{"model_type": "dalle_reranker"}')
+    run = tmp_path / "run"
+    usage_error(dalle.train.main, ["--run", str(run), "--dvae", str(other)], capsys, "--dvae")
+    usage_error(dalle.train.main, ["--run", str(run), "--dvae", str(dvae_path), "--head-dim", "24"], capsys,
+                "--head-dim")
+    assert not run.exists()

@@ -113,6 +113,7 @@ def test_config_validation(tmp_path):
         TrainConfig(run=str(tmp_path), precision="fp8")
     (tmp_path / "dvae").mkdir()
     (tmp_path / "dvae" / "model.safetensors").touch()
+    (tmp_path / "dvae" / "config.json").write_text('{"model_type": "dalle_dvae"}')
     (tmp_path / "checkpoint.pt").touch()  # the command line checks that the files exist, not what they hold
     cfg, resume = parse_args(["--run", str(tmp_path), "--steps", "7", "--resume", "--no-progress"])
     assert cfg.steps == 7 and resume and not cfg.progress

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import sys
@@ -39,8 +40,9 @@ import torch.nn as nn
 from .common import (MetricsLogger, UnsafeFileError, atomic_save, autocast_context, convert_hint, load_checkpoint,
                      load_pretrained, pick_device, pretrained_files, rng_state, save_pretrained, seed_everything,
                      set_rng_state)
+from .dvae import MODEL_TYPE as DVAE_MODEL_TYPE
 from .grad_scale import BlockGradScaler
-from .model import DALLE, DALLEConfig
+from .model import DALLE, DALLEConfig, HEAD_DIMS
 from .tokenizer import padding_ids
 
 MODEL_TYPE = "dalle"  # config.json's model_type
@@ -571,6 +573,15 @@ def parse_args(argv=None):
         p.error(f"argument --dvae: {e}")
     if not dvae_file.is_file():
         p.error(f"argument --dvae: no dVAE: looked for {dvae_file} (train one: python -m dalle.train_dvae)")
+    try:
+        kind = json.loads(pretrained_files(cfg.dvae_path)[1].read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    if kind != DVAE_MODEL_TYPE:
+        p.error(f"argument --dvae: {cfg.dvae_path} does not hold a dVAE (its config.json says model_type "
+                f"{kind!r}, expected {DVAE_MODEL_TYPE!r}; train one: python -m dalle.train_dvae)")
+    if cfg.head_dim and cfg.head_dim not in HEAD_DIMS:
+        p.error(f"argument --head-dim: expected one of {HEAD_DIMS} (0: the preset's), got {cfg.head_dim}")
     cli.check_precision(p, cfg.precision, cfg.device)
     cli.check_attn_backend(p, cfg.attn_backend, cfg.device)
     if cfg.powersgd_rank and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
