@@ -161,7 +161,8 @@ def resolve_backend(backend: str, tensor: torch.Tensor, *, cuda_op: str | None =
         return "cpu"
     if backend == "cuda":
         if cuda_op is None:
-            raise ValueError(f"{arg}='cuda' is not available for this op; use 'triton', 'torch' or 'auto'")
+            others = "'triton', 'cpu', 'torch' or 'auto'" if cpu_path else "'triton', 'torch' or 'auto'"
+            raise ValueError(f"{arg}='cuda' is not available for this op; use {others}")
         if not on_cuda:
             raise ValueError(f"{arg}='cuda' got tensors on {tensor.device}; move them to a CUDA device")
         cuda_extension(cuda_op)

@@ -180,3 +180,11 @@ def test_cpu_custom_op_opcheck():
     torch.library.opcheck(torch.ops.dalle_kernels.sparse_attention_cpu_fwd.default,
                           (q, k, v, "row", 2, 3, 3, 3, 0.25, 0, 0),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("shape", [(0, 2), (2, 0)], ids=["batch0", "heads0"])
+def test_cpu_empty_batch_or_heads(shape):
+    q = torch.randn(*shape, 7 + 15, 16, requires_grad=True)
+    out = sparse_attention(q, q, q, mask="row", text_len=7, grid=(5, 3), backend="cpu")
+    out.sum().backward()
+    assert out.shape == q.shape and q.grad.shape == q.shape

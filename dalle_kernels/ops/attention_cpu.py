@@ -205,6 +205,8 @@ def cpu_forward(q, k, v, mask, text_len, H, W, kernel, scale, block_m=0, block_n
     """``(o, lse)``: the output in q's dtype (contiguous, raster order) and the fp32 row log-sum-exp
     ``(B, heads, N)`` (natural log), over the listed tiles only."""
     B, h, n, D = q.shape
+    if B * h == 0:  # nothing to attend: empty outputs, as the reference gives
+        return torch.empty(q.shape, dtype=q.dtype), torch.empty(B, h, n, dtype=torch.float32)
     p = plan(mask, text_len, H, W, kernel, block_m, block_n)
     qp = _to_blocks(q, p, p.block_m)
     kp, vp = _to_blocks(k, p, p.block_n), _to_blocks(v, p, p.block_n)
@@ -224,6 +226,8 @@ def cpu_backward(do, q, k, v, o, lse, mask, text_len, H, W, kernel, scale, block
     saved row log-sum-exp and returns ``dQ`` and the gathered blocks' ``dK``, ``dV``; those are scatter-added
     per key block (a key block is seen by several query blocks)."""
     B, h, n, D = q.shape
+    if B * h == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     p = plan(mask, text_len, H, W, kernel, block_m, block_n)
     qp, dop, op = (_to_blocks(t, p, p.block_m) for t in (q, do, o))
     lsep = _to_blocks(lse, p, p.block_m)

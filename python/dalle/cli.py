@@ -186,10 +186,10 @@ def check_attn_backend(parser, backend: str, device_text: str, flag: str = "--at
     if backend != "triton":
         return
     if not triton_available():
-        parser.error(f"argument {flag}: triton needs the triton package (pip install triton); use auto or torch")
+        parser.error(f"argument {flag}: triton needs the triton package (pip install triton); use auto, cpu or torch")
     if not device_is_cuda(device_text) and not triton_interpreter_enabled():
         parser.error(f"argument {flag}: triton on the CPU needs TRITON_INTERPRET=1 set before start; "
-                     "use auto or torch")
+                     "use auto, cpu or torch")
 
 
 def name_flags(message: str, fields) -> str:
