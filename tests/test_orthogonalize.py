@@ -243,3 +243,12 @@ def test_cuda_entry_point_validates_before_launch():
         with pytest.raises(ValueError, match=msg):
             fn(**{**good, **bad})
     fn(**{**good, "batch": 0, "p": 0, "w": 0})  # empty batch: nothing to do
+
+
+def test_refuses_a_tensor_that_requires_grad():
+    P = torch.randn(8, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="requires grad"):
+        orthogonalize(P, backend="torch")
+    with torch.no_grad():
+        orthogonalize(P, backend="torch")
+    torch.testing.assert_close(P.detach().T @ P.detach(), torch.eye(3), atol=1e-5, rtol=0)

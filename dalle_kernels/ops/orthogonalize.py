@@ -116,6 +116,10 @@ def check_input(P, name: str = "P", dtypes=DTYPES) -> None:
     if n < r:
         raise ValueError(f"{name} must be tall: n >= r is needed for r orthonormal columns, got n={n}, r={r} "
                          f"(shape {tuple(P.shape)})")
+    if P.requires_grad and torch.is_grad_enabled():
+        # the op writes P in place outside autograd, as torch's own in-place ops refuse to for such tensors
+        raise ValueError(f"{name} requires grad: orthogonalize works in place and is not differentiable; pass "
+                         f"{name}.detach() or call it under torch.no_grad()")
 
 
 # ----------------------------------------------------------------------------------------------------
