@@ -583,3 +583,9 @@ def test_train_dvae_of_another_kind_and_bad_head_dim(tmp_path, capsys, no_work, 
     usage_error(dalle.train.main, ["--run", str(run), "--dvae", str(dvae_path), "--head-dim", "24"], capsys,
                 "--head-dim")
     assert not run.exists()
+
+
+def test_generate_caption_warnings_are_one_line_each(capsys, trained_run, tmp_path):
+    dalle.generate.main(["--run", str(trained_run), "", "a red circle", "-n", "1", "--out", str(tmp_path / "g.png")])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("warning: caption 0") and "empty caption" in err[0], err

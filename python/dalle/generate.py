@@ -331,9 +331,19 @@ def main(argv=None):
         except ValueError as e:  # written by an earlier version: the message says how to train it again
             p.error(f"argument --rank-by: {e}")
     g = torch.Generator(device=device).manual_seed(a.seed)
-    images = sample_captions(model, tok, dvae, a.captions, n=a.n, rerank=a.rerank, temperature=a.temperature,
-                             top_k=a.top_k, top_p=a.top_p, image_prefix=prefix, generator=g, guidance=a.guidance,
-                             reranker=reranker)
+    with warnings.catch_warnings():  # a caption's warning is one line, like the flags' (no source location)
+        shown = warnings.showwarning
+
+        def show(message, category, *args, **kwargs):
+            if issubclass(category, CaptionWarning):
+                cli.warn(str(message))
+            else:
+                shown(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
+        images = sample_captions(model, tok, dvae, a.captions, n=a.n, rerank=a.rerank, temperature=a.temperature,
+                                 top_k=a.top_k, top_p=a.top_p, image_prefix=prefix, generator=g,
+                                 guidance=a.guidance, reranker=reranker)
     from .images import save_grid
 
     out = Path(a.out) if a.out else Path(a.run) / "generated.png"
