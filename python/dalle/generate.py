@@ -315,9 +315,9 @@ def main(argv=None):
         p.error(f"argument --prompt-rows: this run's grid has {model.cfg.grid[0]} rows; expected 1 to "
                 f"{model.cfg.grid[0] - 1}, got {rows}")
     if a.guidance != 1.0:
-        from .train import load_run_model
+        from .train import load_run_meta
 
-        if not load_run_model(a.run)[1].get("train_config", {}).get("cond_dropout", 0.0):
+        if not (load_run_meta(a.run).get("train_config") or {}).get("cond_dropout", 0.0):
             cli.warn(f"--guidance {a.guidance:g}: {a.run} was trained without caption dropout (--cond-dropout), "
                      "so its empty-caption logits were never trained")
     prefix = load_prompt_tokens(a.prompt_image, dvae, rows, model.cfg.grid) if a.prompt_image else None

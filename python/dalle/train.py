@@ -272,6 +272,19 @@ def save_run_model(run, model: DALLE, meta: dict) -> Path:
     return save_pretrained(run, model.state_dict(), {"model_type": MODEL_TYPE, **model.cfg.to_dict(), **meta})
 
 
+RUN_META = ("train_config", "step", "dvae", "dvae_digest")  # what a run saves beside its model's config
+
+
+def load_run_meta(run) -> dict:
+    """``RUN_META`` of a run: from ``RUN/config.json`` alone (no weights read) when the run has its final model,
+    else as ``load_run_model`` reads it."""
+    config = pretrained_files(run)[1]
+    if not config.is_file():
+        return load_run_model(run)[1]
+    meta = json.loads(config.read_text())
+    return {k: meta.get(k) for k in RUN_META}
+
+
 def load_run_model(run, device="cpu") -> tuple[DALLE, dict]:
     """The trained model of a run and its saved metadata (``model_config``, ``train_config``, ``step``, ``dvae``).
 
@@ -284,7 +297,7 @@ def load_run_model(run, device="cpu") -> tuple[DALLE, dict]:
     weights, config = pretrained_files(run)
     if weights.is_file() or config.is_file():
         state_dict, meta = load_pretrained(run, MODEL_TYPE)
-        meta = {k: meta.get(k) for k in ("train_config", "step", "dvae", "dvae_digest")} | {"model_config": meta}
+        meta = {k: meta.get(k) for k in RUN_META} | {"model_config": meta}
     elif (run / "dalle.pt").is_file():
         raise UnsafeFileError(f"{run} holds a model of an earlier version of dalle ({run / 'dalle.pt'}, a torch "
                               f"pickle), which is no longer read; {convert_hint(run, trust=False)}")
@@ -402,7 +415,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     # The dVAE the codes came from: its absolute folder (a relative one would be read from wherever the run is
     # used later) and the digest of its weights, which generate checks before it decodes anything.
     dvae_ref = str(Path(cfg.dvae_path).resolve())
-    dvae_digest = _file_digest(pretrained_files(cfg.dvae_path)[0])
+    dvae_digest = data["key"]["dvae"]  # prepare_data's digest of the dVAE's weights (the data cache's key)
 
     def save(final=False):
         if powersgd_state is not None and not final:  # error feedback is per worker: one file each
@@ -568,13 +581,13 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     cfg = TrainConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)})
     try:
-        dvae_file = pretrained_files(cfg.dvae_path)[0]
+        dvae_file, dvae_config = pretrained_files(cfg.dvae_path)
     except (FileNotFoundError, ValueError) as e:  # UnsafeFileError (an old torch file) is a ValueError
         p.error(f"argument --dvae: {e}")
     if not dvae_file.is_file():
         p.error(f"argument --dvae: no dVAE: looked for {dvae_file} (train one: python -m dalle.train_dvae)")
     try:
-        kind = json.loads(pretrained_files(cfg.dvae_path)[1].read_text()).get("model_type")
+        kind = json.loads(dvae_config.read_text()).get("model_type")
     except (OSError, ValueError, AttributeError):
         kind = None
     if kind != DVAE_MODEL_TYPE:
