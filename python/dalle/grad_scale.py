@@ -100,10 +100,14 @@ class BlockGradScaler:
         return self
 
     # -- called by the model's forward -----------------------------------------------------------------
+    def _found_on(self, device) -> torch.Tensor:
+        """The per-block non-finite counts, on ``device`` (made on first use)."""
+        if self.found is None or self.found.device != device:
+            self.found = torch.zeros(self.n_blocks, dtype=torch.float32, device=device)
+        return self.found
+
     def enter(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        if self.found is None or self.found.device != x.device:
-            self.found = torch.zeros(self.n_blocks, dtype=torch.float32, device=x.device)
-        return _UnscaleOut.apply(x, self.scales[index], self.found, index)
+        return _UnscaleOut.apply(x, self.scales[index], self._found_on(x.device), index)
 
     def exit(self, index: int, x: torch.Tensor) -> torch.Tensor:
         return _ScaleIn.apply(x, self.scales[index])
@@ -121,9 +125,7 @@ class BlockGradScaler:
     def unscale_head(self, x: torch.Tensor) -> torch.Tensor:
         """Identity; the gradient reaching ``x`` (final hidden states or a head weight, float32) is divided by
         the top block's scale and filtered, as a block's outgoing gradient is."""
-        if self.found is None or self.found.device != x.device:
-            self.found = torch.zeros(self.n_blocks, dtype=torch.float32, device=x.device)
-        return _UnscaleOut.apply(x, self.scales[-1], self.found, self.n_blocks - 1)
+        return _UnscaleOut.apply(x, self.scales[-1], self._found_on(x.device), self.n_blocks - 1)
 
     # -- called by the trainer after backward ----------------------------------------------------------
     def nonfinite_blocks(self) -> list[bool]:
