@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from dalle_kernels._cli import Parser, int_at_least, positive_int  # noqa: F401 - shared with dalle_kernels
+from dalle_kernels.ops.attention import ATTENTION_BACKENDS as ATTN_BACKENDS  # sparse_attention's (no CUDA kernel)
 
 # The files a trained transformer run folder must hold, by role; any one name of a role will do.
 # The loaders (dalle.train.load_run_model, dalle.tokenizer.CaptionTokenizer.load, dalle.generate.run_dvae_path)
@@ -176,9 +177,6 @@ def run_load_failed(parser, run, exc: Exception, flag: str = "--run"):
 
 
 # ------------------------------------------------------------------------------------------------ attention
-from dalle_kernels.ops.attention import ATTENTION_BACKENDS as ATTN_BACKENDS  # noqa: E402 - no CUDA kernel
-
-
 def check_attn_backend(parser, backend: str, device_text: str, flag: str = "--attn-backend") -> None:
     """``triton`` runs on CUDA tensors, or on CPU ones only in Triton's interpreter (``TRITON_INTERPRET=1``)."""
     from dalle_kernels._dispatch import triton_available, triton_interpreter_enabled
