@@ -3,8 +3,9 @@
     python -m dalle.rerank --run runs/demo        # train RUN/reranker/ on the run's training pairs
     python -m dalle.generate --run runs/demo "a blue circle" -n 4 --rerank 8    # best 4 of 32 by the reranker
 
-It is trained on the transformer's own training pairs (the built-in captioned shapes of the run) with the
-symmetric in-batch contrastive loss of CLIP. An image and a caption meet in two pathways, and the score is the
+It is trained on the transformer's own training pairs (the built-in captioned shapes of the run, or for a run
+on your own data its token shards' training split, images decoded by the run's dVAE) with the symmetric
+in-batch contrastive loss of CLIP. An image and a caption meet in two pathways, and the score is the
 mean of the two cosines:
 
 - colour: per-pixel features of the RGB values (1x1 convolutions) averaged over the image, which cannot see
@@ -245,22 +246,50 @@ def train_reranker(images: torch.Tensor, captions, tok, steps: int = 4000, batch
     return model.eval()
 
 
-def train_for_run(run, steps: int = 4000, seed: int = 0, device="cpu", progress=True, log=print) -> Path:
-    """Train the reranker ``RUN/reranker/`` (``model.safetensors`` + ``config.json``) on the training pairs of a
-    transformer run (built-in captioned shapes); returns that folder."""
+def run_training_pairs(run, ckpt: dict, dvae, max_pairs: int = 4096, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
+    """The training pairs of a transformer run as ``(images uint8 (N, 3, S, S), captions)``.
+
+    Built-in captioned shapes: the run's training split, rendered. Token shards (``--data``): at most
+    ``max_pairs`` pairs of the training split (a seeded subset when there are more), each image the dVAE's
+    decoding of its stored codes (crop 0): what the reranker will judge are dVAE decodings too.
+    """
+    tcfg = ckpt["train_config"]
+    if tcfg.get("data"):
+        from .data.shards import TokenShards
+
+        shards = TokenShards(tcfg["data"], split="train")
+        n = len(shards)
+        idx = torch.arange(n) if n <= max_pairs else torch.randperm(
+            n, generator=torch.Generator().manual_seed(seed))[:max_pairs].sort().values
+        device = next(dvae.parameters()).device
+        h, w = shards.grid
+        images = []
+        with torch.no_grad():
+            for i in range(0, len(idx), 64):
+                codes = shards.codes(idx[i:i + 64]).view(-1, h, w).to(device)
+                images.append((dvae.decode(codes).clamp(0, 1) * 255).round().to(torch.uint8).cpu())
+        return torch.cat(images), [shards.caption(int(i)) for i in idx]
     from .data.shapes import ShapesDataset
+
+    ds = ShapesDataset("train", size=tcfg["dataset_size"], image_size=dvae.cfg.image_size, seed=tcfg["data_seed"])
+    return torch.stack([ds[i][0] for i in range(len(ds))]), ds.captions()
+
+
+def train_for_run(run, steps: int = 4000, seed: int = 0, device="cpu", progress=True, log=print,
+                  max_pairs: int = 4096) -> Path:
+    """Train the reranker ``RUN/reranker/`` (``model.safetensors`` + ``config.json``) on the training pairs of a
+    transformer run (``run_training_pairs``: the built-in captioned shapes, or up to ``max_pairs`` pairs of the
+    run's token shards); returns that folder."""
     from .generate import run_dvae_path
     from .tokenizer import CaptionTokenizer
     from .train import load_dvae, load_run_model
 
     run = Path(run)
     _, ckpt = load_run_model(run)
-    tcfg = ckpt["train_config"]
     tok = CaptionTokenizer.load(run / "tokenizer.json")
-    dvae = load_dvae(run_dvae_path(run, ckpt))
-    ds = ShapesDataset("train", size=tcfg["dataset_size"], image_size=dvae.cfg.image_size, seed=tcfg["data_seed"])
-    images = torch.stack([ds[i][0] for i in range(len(ds))])
-    model = train_reranker(images, ds.captions(), tok, steps=steps, seed=seed, device=device, progress=progress,
+    dvae = load_dvae(run_dvae_path(run, ckpt), device)
+    images, captions = run_training_pairs(run, ckpt, dvae, max_pairs=max_pairs, seed=seed)
+    model = train_reranker(images, captions, tok, steps=steps, seed=seed, device=device, progress=progress,
                            log=log)
     return model.save(run / "reranker")
 
@@ -273,6 +302,8 @@ def build_parser():
                                                "RUN/reranker/ (model.safetensors + config.json)")
     p.add_argument("--steps", type=cli.positive_int, default=4000, help="updates")
     p.add_argument("--seed", type=cli.nonneg_int, default=0, help="seed of the init, the batches and the noise")
+    p.add_argument("--max-pairs", type=cli.positive_int, default=4096,
+                   help="most training pairs of a run on token shards (a seeded subset; the built-in shapes: all)")
     p.add_argument("--device", type=cli.device, default="auto", help=cli.DEVICE_HELP)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
@@ -285,7 +316,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     cli.check_run(p, a.run)
     try:
-        out = train_for_run(a.run, steps=a.steps, seed=a.seed, device=pick_device(a.device), progress=a.progress)
+        out = train_for_run(a.run, steps=a.steps, seed=a.seed, device=pick_device(a.device), progress=a.progress,
+                            max_pairs=a.max_pairs)
     except (FileNotFoundError, UnsafeFileError) as e:  # the run's dVAE missing, or an earlier version's file
         cli.run_load_failed(p, a.run, e)
     print(f"wrote {out}")

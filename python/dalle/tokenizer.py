@@ -118,21 +118,31 @@ def _new_tokenizer() -> Tokenizer:
 
 
 def train_tokenizer(captions: Iterable[str], vocab_size: int, path=None, dropout: float = 0.1) -> CaptionTokenizer:
-    """Train lowercased BPE on ``captions`` (at most ``vocab_size`` ids; fewer when the corpus runs out of
-    merges) and save it to ``path`` (a file, or a folder that gets ``tokenizer.json``) when given."""
+    """Train lowercased BPE on ``captions`` (any iterable of str, read once and streamed: at most ``vocab_size``
+    ids; fewer when the corpus runs out of merges) and save it to ``path`` (a file, or a folder that gets
+    ``tokenizer.json``) when given. ``ValueError`` when no caption is non-empty; ``TypeError`` for a non-str."""
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
         raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
     if isinstance(captions, str):
         raise TypeError("captions must be an iterable of str, not a single str (it would train on its characters)")
-    captions = [c for c in captions if isinstance(c, str) and c.strip()]
-    if not captions:
-        raise ValueError("train_tokenizer needs at least one non-empty caption")
+    seen = [0]
+
+    def stream():  # streamed to the trainer: the captions of a large dataset are never all held at once
+        for c in captions:
+            if not isinstance(c, str):
+                raise TypeError(f"captions must be str, got {type(c).__name__}")
+            if c.strip():
+                seen[0] += 1
+                yield c
+
     tok = _new_tokenizer()
     # Printable ASCII is always in the alphabet so that unseen letters and digits do not become [UNK].
     alphabet = sorted(set(string.ascii_lowercase + string.digits + string.punctuation))
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[UNK], initial_alphabet=alphabet,
                                   show_progress=False)
-    tok.train_from_iterator(captions, trainer)
+    tok.train_from_iterator(stream(), trainer)
+    if not seen[0]:
+        raise ValueError("train_tokenizer needs at least one non-empty caption")
     out = CaptionTokenizer(tok, dropout=dropout)
     if path is not None:
         out.save(path)

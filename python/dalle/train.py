@@ -1,11 +1,15 @@
 """Train the DALL-E transformer on captioned images (SPEC.md sections 2 and 4).
 
     python -m dalle.train --run runs/mine --dvae runs/dvae --steps 2000
+    python -m dalle.train --run runs/photos --data tokens/photos --steps 20000     # your own data
     torchrun --nproc_per_node 2 -m dalle.train --run-dir runs/ddp --dvae runs/dvae [--powersgd-rank 4]
 
-Data (built-in captioned shapes): the captions train a BPE tokenizer (``RUN/tokenizer.json``); every image is
-encoded once by the frozen dVAE (argmax codes) and cached with the tokenized captions in
-``RUN/data_cache.pt`` (rebuilt only when the dataset, dVAE or text settings change). BPE dropout: the cache
+Data, built-in captioned shapes (the default): the captions train a BPE tokenizer (``RUN/tokenizer.json``);
+every image is encoded once by the frozen dVAE (argmax codes) and cached with the tokenized captions in
+``RUN/data_cache.pt`` (rebuilt only when the dataset, dVAE or text settings change). Your own data
+(``--data DIR``: token shards written by ``python -m dalle.encode``): codes are read per batch from the
+memory-mapped shards, the captions are tokenized once into the memory-mapped ``RUN/text_tokens.npy``
+(``prepare_shard_data``), so memory stays flat as the data grows. BPE dropout: the cache
 holds ``--dropout-variants`` dropout encodings of every caption, drawn once; each step picks one per sample
 from a generator seeded by the step, so training is an exact function of the step (the tokenizer's own
 dropout RNG cannot be seeded, and exact resume needs that).
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -57,7 +62,9 @@ PRESETS = {
 @dataclass
 class TrainConfig:
     run: str
-    dvae: str = ""  # the frozen dVAE's folder (model.safetensors + config.json; default: RUN/dvae)
+    dvae: str = ""  # the frozen dVAE's folder (model.safetensors + config.json; default: the data's or RUN/dvae)
+    data: str = ""  # token shards folder (python -m dalle.encode); empty: the built-in captioned shapes
+    tokenizer: str = ""  # reuse this tokenizer.json instead of training BPE on the data's captions
     preset: str = "tiny"
     n_layers: int = 0  # 0: from the preset
     n_heads: int = 0
@@ -118,8 +125,16 @@ class TrainConfig:
 
     @property
     def dvae_path(self) -> Path:
-        """The dVAE's folder (or a file in it): ``--dvae``, else ``RUN/dvae`` (where the pipeline trains it)."""
-        return Path(self.dvae) if self.dvae else Path(self.run) / "dvae"
+        """The dVAE's folder (or a file in it): ``--dvae``, else the one the token shards of ``--data`` were
+        encoded with (their manifest), else ``RUN/dvae`` (where the pipeline trains it)."""
+        if self.dvae:
+            return Path(self.dvae)
+        if self.data:
+            try:
+                return Path(json.loads((Path(self.data) / "manifest.json").read_text())["dvae"]["path"])
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # TokenShards says what is wrong with the folder
+        return Path(self.run) / "dvae"
 
 
 class PlateauSchedule:
@@ -176,8 +191,103 @@ def load_dvae(path, device="cpu"):
                                 "or pass --dvae DIR") from None
 
 
+class _TextTable:
+    """``(variants, N, text_len)`` token ids in a memory-mapped ``.npy``, indexed like a tensor ``t[var, idx]``."""
+
+    def __init__(self, path: Path):
+        import numpy as np
+
+        self.array = np.load(path, mmap_mode="r")
+        self.shape = tuple(self.array.shape)
+
+    def __getitem__(self, key):
+        import numpy as np
+
+        var, idx = key
+        if isinstance(idx, slice):  # t[0, :n]
+            return torch.from_numpy(np.array(self.array[var, idx], dtype=np.int64))
+        var, idx = torch.as_tensor(var).numpy(), torch.as_tensor(idx).numpy()
+        return torch.from_numpy(np.asarray(self.array[var, idx], dtype=np.int64))
+
+
+def _shards_key(shards) -> dict:
+    m = shards.manifest
+    return {"source": m.get("source"), "dvae": shards.dvae_digest, "samples": m.get("samples"),
+            "shards": [(e["name"], e["samples"], e.get("heldout")) for e in m["shards"]], "crops": shards.crops}
+
+
+def prepare_shard_data(cfg: TrainConfig, dvae, log=print) -> dict:
+    """The training split of the token shards in ``cfg.data`` (``python -m dalle.encode``): image codes read from
+    the memory-mapped shards per batch; the captions tokenized once into ``RUN/text_tokens.npy`` (memory-mapped,
+    ``(1 + dropout_variants, N, text_len)``: the clean encoding, then the BPE-dropout ones), by a tokenizer
+    trained on the split's captions (streamed) or ``cfg.tokenizer``. Memory stays flat as the data grows."""
+    import numpy as np
+
+    from .data.shards import TokenShards
+    from .tokenizer import CaptionTokenizer, train_tokenizer
+
+    run = Path(cfg.run)
+    shards = TokenShards(cfg.data, split="train")
+    digest = _file_digest(pretrained_files(cfg.dvae_path)[0])
+    if digest != shards.dvae_digest:
+        raise ValueError(f"--data {cfg.data} holds codes of another dVAE (digest {shards.dvae_digest}, "
+                         f"{shards.dvae_path}) than --dvae {cfg.dvae_path} (digest {digest}): encode the data "
+                         "with this dVAE (python -m dalle.encode) or train with the data's dVAE")
+    if len(shards) == 0:
+        raise ValueError(f"--data {cfg.data}: the training split is empty (every sample is held out)")
+    tok_path, text_path, key_path = run / "tokenizer.json", run / "text_tokens.npy", run / "text_tokens.json"
+    tok_src = Path(cfg.tokenizer) if cfg.tokenizer else None
+    if tok_src is not None and tok_src.is_dir():
+        tok_src = tok_src / "tokenizer.json"
+    key = {"data": _shards_key(shards), "text_len": cfg.text_len, "bpe_vocab": cfg.bpe_vocab,
+           "bpe_dropout": cfg.bpe_dropout, "variants": cfg.dropout_variants,
+           "tokenizer": _file_digest(tok_src) if tok_src else "trained", "version": 1}
+    ready = False
+    if key_path.is_file() and text_path.is_file() and tok_path.is_file():
+        try:
+            ready = json.loads(key_path.read_text()) == json.loads(json.dumps(key))
+        except ValueError:
+            ready = False
+    if not ready:
+        key_path.unlink(missing_ok=True)  # the key is written last: its presence means the tokens are complete
+        if tok_src is not None:
+            tok = CaptionTokenizer.load(tok_src, dropout=cfg.bpe_dropout)
+            tok.save(tok_path)
+            log(f"preparing data: {len(shards)} captions tokenized by {tok_src}")
+        else:
+            log(f"preparing data: BPE (vocabulary {cfg.bpe_vocab}) trained on {len(shards)} captions of {cfg.data}")
+            tok = train_tokenizer(shards.iter_captions(), cfg.bpe_vocab, tok_path, dropout=cfg.bpe_dropout)
+        n_var = 1 + (cfg.dropout_variants if cfg.bpe_dropout > 0 else 0)
+        dtype = np.uint16 if tok.vocab_size + cfg.text_len <= 65536 else np.int32
+        tmp = text_path.with_name(text_path.name + ".tmp")
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n_var, len(shards), cfg.text_len))
+        chunk, start = [], 0
+        it = shards.iter_captions()
+        while True:
+            chunk = [c for _, c in zip(range(4096), it)]
+            if not chunk:
+                break
+            stop = start + len(chunk)
+            out[0, start:stop] = tok.encode_batch(chunk, cfg.text_len).numpy()
+            for v in range(1, n_var):
+                out[v, start:stop] = tok.encode_batch(chunk, cfg.text_len, dropout=True).numpy()
+            start = stop
+        out.flush()
+        del out
+        os.replace(tmp, text_path)
+        key_path.write_text(json.dumps(key))
+    tok = CaptionTokenizer.load(tok_path)
+    text = _TextTable(text_path)
+    return {"key": {"dvae": digest, **key}, "text": text, "image": shards, "n": len(shards),
+            "text_vocab": tok.vocab_size, "grid": tuple(shards.grid), "image_vocab": shards.vocab_size,
+            "captions": [shards.caption(i) for i in range(min(cfg.n_sample_captions, len(shards)))],
+            "sample_text": text[0, : cfg.n_sample_captions]}
+
+
 def prepare_data(cfg: TrainConfig, dvae, log=print) -> dict:
     """Tokenizer + cached (text variants, image codes) for the training split; built once per settings."""
+    if cfg.data:
+        return prepare_shard_data(cfg, dvae, log)
     from .data.shapes import ShapesDataset
     from .tokenizer import CaptionTokenizer, train_tokenizer
 
@@ -213,19 +323,33 @@ def prepare_data(cfg: TrainConfig, dvae, log=print) -> dict:
     return cache
 
 
+def _with_views(data: dict, cfg: TrainConfig) -> dict:
+    """``n`` (training pairs) and ``sample_text`` (the sample grids' captions, tokenized) for either data kind."""
+    data.setdefault("n", int(data["image"].shape[0]))
+    data.setdefault("sample_text", data["text"][0, : cfg.n_sample_captions])
+    return data
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_perm(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+
+
 def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
-    """Indices of the global batch at ``step``: epochs of seeded permutations, a pure function of the step."""
+    """Indices of the global batch at ``step``: epochs of seeded permutations, a pure function of the step (so a
+    run resumed mid-epoch draws what an uninterrupted one would)."""
     start = step * batch_size
     out = []
     while len(out) < batch_size:
         epoch, offset = divmod(start + len(out), n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-        out.extend(perm[offset: offset + batch_size - len(out)].tolist())
+        out.extend(_epoch_perm(n, seed, epoch)[offset: offset + batch_size - len(out)].tolist())
     return torch.tensor(out)
 
 
 def get_batch(data: dict, step: int, cfg: TrainConfig, rank: int = 0, world: int = 1):
-    idx = batch_indices(step, cfg.batch_size, data["image"].shape[0], cfg.seed)[rank::world]
+    """``(text, image)`` of this rank's share of the global batch at ``step``: a pure function of the step."""
+    n = data["n"] if "n" in data else int(data["image"].shape[0])
+    idx = batch_indices(step, cfg.batch_size, n, cfg.seed)[rank::world]
     n_var = data["text"].shape[0]
     if n_var > 1:  # one of the cached BPE-dropout encodings per sample (index 0 is the clean one)
         g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
@@ -237,7 +361,13 @@ def get_batch(data: dict, step: int, cfg: TrainConfig, rank: int = 0, world: int
         g = torch.Generator().manual_seed(cfg.seed * 104729 + step)
         drop = torch.rand(cfg.batch_size, generator=g)[rank::world] < cfg.cond_dropout
         text = torch.where(drop[:, None], padding_ids(text.shape[1], int(data["text_vocab"])), text)
-    return text, data["image"][idx].long()
+    if isinstance(data["image"], torch.Tensor):
+        return text, data["image"][idx].long()
+    crop = None  # token shards: one of the K stored crops per sample, drawn per step
+    if data["image"].crops > 1:
+        g = torch.Generator().manual_seed(cfg.seed * 15485863 + step)
+        crop = torch.randint(data["image"].crops, (cfg.batch_size,), generator=g)[rank::world]
+    return text, data["image"].codes(idx, crop)
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -368,6 +498,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         dist.barrier()
         if not is_main:
             data = prepare_data(cfg, dvae, log)
+    data = _with_views(data, cfg)
     if cfg.image_embedding == "dvae":
         data["code_features"] = dvae.code_features().cpu()
         data["code_feature_groups"] = dvae.code_feature_groups
@@ -410,7 +541,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     elif cfg.powersgd_rank:
         raise ValueError("--powersgd-rank needs several data-parallel workers (run under torchrun)")
     logger = MetricsLogger(run, resume_step=step) if is_main else None
-    sample_text = data["text"][0, : cfg.n_sample_captions].to(device)
+    sample_text = data["sample_text"].to(device)
 
     # The dVAE the codes came from: its absolute folder (a relative one would be read from wherever the run is
     # used later) and the digest of its weights, which generate checks before it decodes anything.
@@ -511,7 +642,10 @@ def _flag_specs() -> dict:
     return {
         "run": (cli.output_dir, "run folder to write (under torchrun: --run-dir)"),
         "dvae": (str, "the frozen dVAE's folder (model.safetensors + config.json, as dalle.train_dvae writes "
-                      "it; default: RUN/dvae, where dalle.pipeline trains it)"),
+                      "it; default: the one --data was encoded with, else RUN/dvae, where dalle.pipeline trains it)"),
+        "data": (str, "token shards of your own images and captions, as python -m dalle.encode writes them "
+                      "(default: the built-in captioned shapes)"),
+        "tokenizer": (str, "a tokenizer.json to reuse (default: BPE trained on the training captions)"),
         "preset": (tuple(PRESETS), "transformer size"),
         "n_layers": (cli.nonneg_int, "transformer blocks (0: the preset's)"),
         "n_heads": (cli.nonneg_int, "attention heads (0: the preset's)"),
@@ -556,7 +690,8 @@ def _flag_specs() -> dict:
 def build_parser() -> argparse.ArgumentParser:
     from . import cli
 
-    p = cli.Parser(prog="python -m dalle.train", description="Train the DALL-E transformer on the built-in captioned "
+    p = cli.Parser(prog="python -m dalle.train", description="Train the DALL-E transformer on token shards of your "
+                   "own images and captions (--data, from python -m dalle.encode) or on the built-in captioned "
                    "shapes, with a frozen dVAE's codes as image tokens.")
     p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt (it must exist)")
     specs = _flag_specs()
@@ -593,6 +728,27 @@ def parse_args(argv=None):
     if kind != DVAE_MODEL_TYPE:
         p.error(f"argument --dvae: {cfg.dvae_path} does not hold a dVAE (its config.json says model_type "
                 f"{kind!r}, expected {DVAE_MODEL_TYPE!r}; train one: python -m dalle.train_dvae)")
+    if cfg.data:
+        from .data.shards import TokenShards
+
+        try:
+            shards = TokenShards(cfg.data, split="train")
+        except (FileNotFoundError, ValueError) as e:
+            p.error(f"argument --data: {e}")
+        digest = _file_digest(dvae_file)
+        if digest != shards.dvae_digest:
+            p.error(f"argument --dvae: {cfg.data} holds the codes of another dVAE ({shards.dvae_path}, digest "
+                    f"{shards.dvae_digest}) than {cfg.dvae_path} (digest {digest}); train with the dVAE the data "
+                    "was encoded with (leave out --dvae) or encode it again with this one (python -m dalle.encode)")
+        if len(shards) == 0:
+            p.error(f"argument --data: {cfg.data} has no training samples (all are held out)")
+    if cfg.tokenizer:
+        from .tokenizer import CaptionTokenizer
+
+        try:
+            CaptionTokenizer.load(cfg.tokenizer)
+        except (FileNotFoundError, ValueError) as e:
+            p.error(f"argument --tokenizer: {e}")
     if cfg.head_dim and cfg.head_dim not in HEAD_DIMS:
         p.error(f"argument --head-dim: expected one of {HEAD_DIMS} (0: the preset's), got {cfg.head_dim}")
     cli.check_precision(p, cfg.precision, cfg.device)
