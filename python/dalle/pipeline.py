@@ -106,6 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn-backend", default="auto", choices=cli.ATTN_BACKENDS,
                    help="dalle_kernels.sparse_attention backend")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run (dVAE or transformer)")
+    g = p.add_argument_group("your own data (see README: Train on your own data)")
+    g.add_argument("--data", default=None,
+                   help="your images and captions: a folder of images with same-named .txt captions, a .tsv/.csv "
+                        "of (path, caption), or WebDataset shards (a brace pattern such as "
+                        "'data/{00000..00099}.tar', a .tar, or a folder of .tar files)")
+    g.add_argument("--dvae", default=None, help="with --data: use this trained dVAE folder instead of training one")
+    g.add_argument("--openai-dvae", nargs=2, metavar=("ENCODER_PKL", "DECODER_PKL"), default=None,
+                   help="with --data: OpenAI's released dVAE (encoder.pkl decoder.pkl), converted once into RUN/dvae")
+    g.add_argument("--image-size", type=cli.positive_int, default=64,
+                   help="with --data and a dVAE trained here: its image side in pixels (a multiple of 8)")
+    g.add_argument("--crops", type=cli.positive_int, default=1, help="with --data: random crops encoded per image")
+    g.add_argument("--heldout", type=cli.probability, default=0.02,
+                   help="with --data: share of the pairs held out for evaluation (by a hash of each key)")
+    g.add_argument("--bpe-vocab", type=cli.positive_int, default=4096, help="with --data: BPE vocabulary size")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p
 
@@ -117,6 +131,12 @@ def parse_args(argv=None):
     p = build_parser()
     a = p.parse_args(argv)
     cli.check_attn_backend(p, a.attn_backend, a.device)
+    if a.data is None:
+        for flag in ("dvae", "openai_dvae"):
+            if getattr(a, flag) is not None:
+                p.error(f"argument --{flag.replace('_', '-')}: only with --data (the built-in demo trains its dVAE)")
+    else:
+        _check_data_args(p, a)
     if a.resume:  # the transformer's checkpoint, or the dVAE's in RUN/dvae/
         cli.check_resume(p, a.run, Path(a.run) / "dvae")
     if a.guidance != 1.0 and a.cond_dropout == 0.0:
@@ -129,8 +149,160 @@ def parse_args(argv=None):
     return a
 
 
+def _check_data_args(p, a) -> None:
+    """Usage errors of the --data flags, before anything is written."""
+    from .data.sources import open_source
+
+    if a.dvae is not None and a.openai_dvae is not None:
+        p.error("argument --openai-dvae: not allowed with --dvae (one dVAE)")
+    try:
+        open_source(a.data)
+    except (FileNotFoundError, ValueError) as e:
+        p.error(f"argument --data: {e}")
+    if a.dvae is not None:
+        w, c = pretrained_files(a.dvae) if Path(a.dvae).exists() else (Path(a.dvae), None)
+        if not w.is_file():
+            p.error(f"argument --dvae: no dVAE at {a.dvae} (looked for {w})")
+    for f in a.openai_dvae or ():
+        if not Path(f).is_file():
+            p.error(f"argument --openai-dvae: no such file {f}")
+    if a.dvae is None and a.openai_dvae is None and a.image_size % 8:
+        p.error(f"argument --image-size: must be a multiple of 8 (the dVAE's grid factor), got {a.image_size}")
+    if a.image_embedding == "dvae" and a.openai_dvae is not None:
+        cli.warn("--image-embedding dvae with OpenAI's dVAE draws all 8192 codes once at 256 x 256 pixels "
+                 "(minutes on a CPU); --image-embedding table is the paper's choice")
+
+
+def _first_heldout_images(source: str, keys: set, size: int) -> dict:
+    """The original images (uint8, eval crop at ``size``) of ``keys``, streamed from the source until all found."""
+    from collections import Counter
+
+    from .data.sources import open_source
+    from .data.transforms import preprocess
+
+    out, src = {}, open_source(source)
+    for sample in src.samples(skipped=Counter()):
+        if sample.key in keys:
+            out[sample.key] = preprocess(sample.image, size, "eval")
+            if len(out) == len(keys):
+                break
+    return out
+
+
+def run_on_data(a) -> dict:
+    """The main job on the user's own pairs: dVAE (trained, given or OpenAI's) -> token shards -> tokenizer +
+    transformer -> reranker -> samples and reconstructions for held-out captions, ``RUN/results.json``."""
+    from .data.shards import TokenShards
+    from .encode import main as encode_main
+    from .generate import load_run, rerank_order, sample_captions
+    from .images import save_grid
+    from .train import TrainConfig, train
+    from .train_dvae import TrainDVAEConfig, train_dvae
+
+    run = Path(a.run)
+    run.mkdir(parents=True, exist_ok=True)
+    device = pick_device(a.device)
+    t_start, times = time.time(), {}
+
+    t0 = time.time()
+    dvae_path = Path(a.dvae) if a.dvae is not None else run / "dvae"
+    if a.dvae is not None:
+        print(f"[1/5] dVAE: using {dvae_path}")
+    elif pretrained_files(dvae_path)[0].is_file():
+        print(f"[1/5] dVAE: reusing {dvae_path}")
+    elif a.openai_dvae is not None:
+        from .dvae import DVAE
+
+        print(f"[1/5] dVAE: OpenAI's released dVAE ({a.openai_dvae[0]}, {a.openai_dvae[1]}) -> {dvae_path}")
+        DVAE.from_openai(*a.openai_dvae).save(dvae_path)
+    else:
+        print(f"[1/5] dVAE: training {a.dvae_steps} steps on {a.data} ({a.image_size} px) -> {dvae_path}")
+        dvae_ckpt = dvae_path / "checkpoint.pt"
+        train_dvae(TrainDVAEConfig(run=str(dvae_path), data=a.data, image_size=a.image_size, steps=a.dvae_steps,
+                                   eval_images=a.dvae_eval_images, seed=a.seed, device=a.device,
+                                   progress=a.progress, resume=a.resume and dvae_ckpt.is_file()))
+    times["dvae_s"] = time.time() - t0
+
+    t0 = time.time()
+    tokens = run / "tokens"
+    print(f"[2/5] encoding {a.data} -> {tokens} ({a.crops} crop(s) per image, {a.heldout:.0%} held out)")
+    argv = ["--data", a.data, "--dvae", str(dvae_path), "--out", str(tokens), "--crops", str(a.crops),
+            "--heldout", str(a.heldout), "--seed", str(a.seed), "--device", a.device]
+    encode_main(argv + ([] if a.progress else ["--no-progress"]))
+    times["encode_s"] = time.time() - t0
+
+    t0 = time.time()
+    print(f"[3/5] transformer: {a.steps} steps ({a.preset}) -> {run / 'model.safetensors'}")
+    cfg = TrainConfig(run=str(run), dvae=str(dvae_path), data=str(tokens), preset=a.preset, steps=a.steps,
+                      batch_size=a.batch_size, lr=a.lr, warmup=a.warmup, plateau_window=250, plateau_patience=2,
+                      text_len=a.text_len, bpe_vocab=a.bpe_vocab, seed=a.seed, device=a.device,
+                      cond_dropout=a.cond_dropout, image_embedding=a.image_embedding, attn_backend=a.attn_backend,
+                      ckpt_every=max(50, a.steps // 10), log_every=10, progress=a.progress)
+    train(cfg, resume=a.resume)
+    times["transformer_s"] = time.time() - t0
+
+    t0 = time.time()
+    reranker = None
+    if a.reranker_steps > 0:
+        from .rerank import Reranker, train_for_run
+
+        print(f"[4/5] reranker: {a.reranker_steps} steps on the training pairs -> {run / 'reranker'}")
+        train_for_run(run, steps=a.reranker_steps, seed=a.seed, device=device, progress=a.progress)
+        reranker = Reranker.load(run / "reranker", map_location=device)
+    else:
+        print("[4/5] reranker: none (--reranker-steps 0)")
+    times["reranker_s"] = time.time() - t0
+
+    t0 = time.time()
+    model, tok, dvae = load_run(run, device)
+    held = TokenShards(tokens, split="heldout")
+    n = min(a.eval_captions, len(held))
+    results = {"train_pairs": len(TokenShards(tokens, split="train")), "heldout_pairs": len(held)}
+    if n == 0:
+        print("[5/5] no held-out pairs (--heldout 0 or too little data): no held-out samples")
+    else:
+        print(f"[5/5] sampling {n} held-out captions, {a.rerank} candidates each (top-k {a.top_k})")
+        captions = [held.caption(i) for i in range(n)]
+        idx = torch.arange(n)
+        codes = held.codes(idx).to(device)
+        with torch.no_grad():  # the transformer's loss on held-out pairs (clean captions, stored crop 0)
+            text = tok.encode_batch(captions, model.cfg.text_len).to(device)
+            _, lt, li = model.loss(text, codes, return_parts=True)
+            recon = dvae.decode(codes.view(n, *held.grid)).cpu()
+        results.update(heldout_loss_text=float(lt), heldout_loss_image=float(li))
+        g = torch.Generator(device=device).manual_seed(a.seed)
+        images = sample_captions(model, tok, dvae, captions, n=a.rerank, temperature=a.temperature, top_k=a.top_k,
+                                 generator=g, guidance=a.guidance)  # (C, K, 3, S, S)
+        if reranker is not None:
+            pick = torch.tensor([rerank_order(c, t, tok.encode(t), reranker)[0] for c, t in zip(images, captions)])
+            picked = images[torch.arange(n), pick]
+        else:
+            picked = images[:, 0]
+        m = min(16, n)
+        originals = _first_heldout_images(a.data, {held.key(i) for i in range(m)}, dvae.cfg.image_size)
+        orig = [originals.get(held.key(i)) for i in range(m)]
+        rows, caps = [], []
+        for i in range(m):
+            rows += [orig[i].float() / 255 if orig[i] is not None else torch.zeros_like(recon[i]), recon[i],
+                     images[i, 0].float().cpu(), picked[i].float().cpu()]
+            caps += [captions[i], "dVAE reconstruction", "sample", "reranker's pick" if reranker else "sample"]
+        save_grid(torch.stack(rows), run / "samples_heldout.png", nrow=4, captions=caps)
+        save_grid(torch.stack([r for i, r in enumerate(rows) if i % 4 < 2]), run / "reconstructions_heldout.png",
+                  nrow=4, captions=[c for i, c in enumerate(caps) if i % 4 < 2])
+    times["sampling_s"] = time.time() - t0
+    times["total_s"] = time.time() - t_start
+    summary = {"times": times, "results": results, "settings": vars(a)}
+    (run / "results.json").write_text(json.dumps(summary, indent=2))
+    for k, v in results.items():
+        print(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")
+    print(f"wrote {run / 'samples_heldout.png'}, {run / 'reconstructions_heldout.png'}, {run / 'results.json'}")
+    return summary
+
+
 def main(argv=None):
     a = parse_args(argv)
+    if a.data is not None:
+        return run_on_data(a)
     from .generate import load_run
     from .images import save_grid
     from .train import TrainConfig, train

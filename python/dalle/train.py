@@ -325,8 +325,10 @@ def prepare_data(cfg: TrainConfig, dvae, log=print) -> dict:
 
 def _with_views(data: dict, cfg: TrainConfig) -> dict:
     """``n`` (training pairs) and ``sample_text`` (the sample grids' captions, tokenized) for either data kind."""
-    data.setdefault("n", int(data["image"].shape[0]))
-    data.setdefault("sample_text", data["text"][0, : cfg.n_sample_captions])
+    if "n" not in data:
+        data["n"] = int(data["image"].shape[0])
+    if "sample_text" not in data:
+        data["sample_text"] = data["text"][0, : cfg.n_sample_captions]
     return data
 
 
@@ -715,6 +717,13 @@ def parse_args(argv=None):
     p = build_parser()
     a = p.parse_args(argv)
     cfg = TrainConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)})
+    if cfg.data:  # first: the default dVAE is the one the data was encoded with
+        from .data.shards import TokenShards
+
+        try:
+            shards = TokenShards(cfg.data, split="train")
+        except (FileNotFoundError, ValueError) as e:
+            p.error(f"argument --data: {e}")
     try:
         dvae_file, dvae_config = pretrained_files(cfg.dvae_path)
     except (FileNotFoundError, ValueError) as e:  # UnsafeFileError (an old torch file) is a ValueError
@@ -729,12 +738,6 @@ def parse_args(argv=None):
         p.error(f"argument --dvae: {cfg.dvae_path} does not hold a dVAE (its config.json says model_type "
                 f"{kind!r}, expected {DVAE_MODEL_TYPE!r}; train one: python -m dalle.train_dvae)")
     if cfg.data:
-        from .data.shards import TokenShards
-
-        try:
-            shards = TokenShards(cfg.data, split="train")
-        except (FileNotFoundError, ValueError) as e:
-            p.error(f"argument --data: {e}")
         digest = _file_digest(dvae_file)
         if digest != shards.dvae_digest:
             p.error(f"argument --dvae: {cfg.data} holds the codes of another dVAE ({shards.dvae_path}, digest "
