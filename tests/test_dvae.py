@@ -1,6 +1,8 @@
 """dVAE: shapes through encoder/decoder, schedules, loss wiring to the fused logit-Laplace op, training and
 exact resume of the trainer, image grids."""
 import csv
+import dataclasses
+import json
 import math
 
 import pytest
@@ -416,3 +418,94 @@ def test_fp16_loss_scale_round_trips_through_resume(tmp_path):
     for k in sp:
         torch.testing.assert_close(ss[k], sp[k], rtol=1e-5, atol=1e-6)
         assert torch.equal(sr[k], ss[k]), k
+
+
+# ------------------------------------------------------------------------------------------ real data
+def _photo_folder(root, n=20):
+    """``n`` small noisy gradient images with captions, a garbage file and a truncated PNG (its header opens)."""
+    import numpy as np
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        h, w = 20 + i % 5, 22 + i % 7
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = np.stack([xx * 255 // (w - 1), yy * 255 // (h - 1), np.full_like(xx, 25 * (i % 10))], -1)
+        arr = np.clip(base + rng.integers(-20, 20, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(root / f"img{i:02d}.png")
+        (root / f"img{i:02d}.txt").write_text(f"a noisy gradient picture number {i}")
+    (root / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    (root / "garbage.txt").write_text("a garbage file here")
+    data = (root / "img00.png").read_bytes()
+    (root / "img03b.png").write_bytes(data[: len(data) // 2])
+    (root / "img03b.txt").write_text("a truncated picture file")
+    return root
+
+
+_REAL = dict(image_size=16, n_hid=8, n_init=8, vocab_size=16, batch_size=4, steps=10, kmeans_warmup_steps=4,
+             kmeans_images=8, heldout=0.2, eval_images=8)
+
+
+def test_real_data_heldout_split_and_corrupt_files(tmp_path, capsys):
+    folder = _photo_folder(tmp_path / "photos")
+    data = _Batches(_cfg(tmp_path / "r", data=str(folder), **_REAL).resolved(), 16)
+    train_keys, held_keys = set(data.ds.keys), set(data.held.keys)
+    assert not train_keys & held_keys and len(train_keys | held_keys) == 20
+    assert held_keys and "img03b.png" not in train_keys | held_keys
+    from dalle.data.folder import heldout_split
+
+    assert held_keys == {data.full.keys[i] for i in heldout_split(data.full.keys, 0.2)[1]}
+    assert data.full.skipped["corrupt_image"] == 2
+    # training batches over several epochs only ever hold training images, and nothing is counted again
+    for step in range(12):
+        data.batch(step)
+    assert data.full.skipped["corrupt_image"] == 2
+    run = tmp_path / "run"
+    train_dvae(_cfg(run, data=str(folder), **_REAL))
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["eval_split"] == "heldout" and ev["eval_images"] == len(held_keys)
+    assert (run / "recon_000010.png").is_file()
+    assert "corrupt_image 2" in capsys.readouterr().err
+
+
+def test_real_data_resume_equals_uninterrupted_with_corrupt_files(tmp_path):
+    folder = _photo_folder(tmp_path / "photos")
+    a, b = tmp_path / "a", tmp_path / "b"
+    train_dvae(_cfg(a, data=str(folder), **_REAL))
+    train_dvae(_cfg(b, data=str(folder), stop_at=6, **_REAL))  # 16 training images, batch 4: inside epoch 2
+    assert not (b / "model.safetensors").exists()
+    train_dvae(_cfg(b, data=str(folder), resume=True, workers=2, **_REAL))  # workers give the same batches
+    sa, sb = DVAE.load(a).state_dict(), DVAE.load(b).state_dict()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    assert _rows(a) == _rows(b)
+    assert json.loads((a / "eval.json").read_text())["heldout_mae"] == \
+        json.loads((b / "eval.json").read_text())["heldout_mae"]
+
+
+def test_worker_found_corrupt_file_counted_once(tmp_path):
+    """A file that turns corrupt after the index was built is found by the DataLoader workers, counted once in
+    the main process however many workers and epochs meet it, and served by the next item in every run."""
+    folder = _photo_folder(tmp_path / "photos")
+    cfg = _cfg(tmp_path / "r", data=str(folder), workers=2, **_REAL).resolved()
+    data = _Batches(cfg, 16)
+    serial = _Batches(dataclasses.replace(cfg, workers=0), 16)  # the same index, loading in this process
+    victim = data.ds.items[1][0]
+    victim.write_bytes(victim.read_bytes()[:60])
+    got = list(data.stream(0, 12))  # 3 epochs of 16 training images
+    assert data.full.skipped["corrupt_image"] == 3 and data.ds.bad == {1}
+    for step, x in enumerate(got):
+        assert torch.equal(x, serial.batch(step)), step
+    assert serial.ds.bad == {1}
+
+
+def test_real_data_single_pair_and_heldout_zero_evaluate_on_training_images(tmp_path, capsys):
+    folder = tmp_path / "one"
+    _photo_folder(folder, n=1)
+    run = tmp_path / "run"
+    train_dvae(_cfg(run, data=str(folder), **{**_REAL, "steps": 2, "kmeans_warmup_steps": 0}))
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["eval_split"] == "train" and ev["eval_images"] == 1
+    assert "no held-out images" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="heldout"):
+        TrainDVAEConfig(heldout=1.0).resolved()

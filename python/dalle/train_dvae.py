@@ -6,6 +6,11 @@ every ``--ckpt-every`` steps and at the end), the final model as ``model.safeten
 (and TensorBoard scalars when installed), ``recon_XXXXXX.png`` grids (held-out images above their
 reconstructions) and ``eval.json`` (held-out per-pixel mean absolute error of ``decode(encode(x))``).
 
+Real data (``--data`` a folder or a .tsv/.csv): a fraction ``--heldout`` (default 0.02) of the pairs, chosen by
+a hash of each image's path relative to the folder (``dalle.data.folder.heldout_split``, the rule the token
+shards use), is held out of training; eval.json (``eval_split: "heldout"``) and the grids use them. Every image is
+decoded once at the start, so a corrupt file is counted once and never enters a batch.
+
 The first ``--kmeans-warmup-steps`` updates (tiny preset: half of them) are the k-means warm start
 (``DVAE.warmup_loss``; the centres are kept in the checkpoint), the rest the ELBO with its schedules.
 
@@ -50,6 +55,7 @@ class TrainDVAEConfig:
     n_blk_per_group: int | None = None
     num_images: int = 20000  # built-in data: size of the training split
     eval_images: int = 256  # held-out images for the reconstruction error
+    heldout: float = 0.02  # real data: fraction of the pairs held out of training (dalle.data.folder.heldout_split)
     steps: int = 1200
     batch_size: int = 32
     lr: float | None = None  # peak step size; preset default (paper 1e-4, tiny 6e-3)
@@ -98,6 +104,8 @@ class TrainDVAEConfig:
         if not 0 <= c.kmeans_warmup_steps < c.steps or c.kmeans_images < 1:
             raise ValueError(f"kmeans_warmup_steps must be in [0, steps) and kmeans_images >= 1, got "
                              f"{c.kmeans_warmup_steps} (steps {c.steps}) and {c.kmeans_images}")
+        if isinstance(c.heldout, bool) or not isinstance(c.heldout, (int, float)) or not 0 <= c.heldout < 1:
+            raise ValueError(f"heldout must be a fraction in [0, 1), got {c.heldout!r}")
         if c.channel_shuffle not in ("auto", "on", "off"):
             raise ValueError(f"channel_shuffle must be auto, on or off, got {c.channel_shuffle!r}")
         if c.channel_shuffle == "auto":
@@ -142,15 +150,23 @@ def schedules(cfg: TrainDVAEConfig, step: int) -> dict:
 # ------------------------------------------------------------------------------------------------- data
 class _Batches:
     """Batch of step ``s``: global sample indices ``[s*B, (s+1)*B)``, each mapped through the permutation of
-    its epoch (seeded by ``(seed, epoch)``). Real-data samples also get their own augmentation generator."""
+    its epoch (seeded by ``(seed, epoch)``). Real-data samples also get their own augmentation generator.
+
+    Real data: every image is decoded once at construction (``ImageCaptionDataset(verify=True)``), so a corrupt
+    file is counted once and left out of the index before the first permutation is drawn; the index, and with
+    it every batch, is the same in every run and after every resume. The pairs whose key
+    ``heldout_split(keys, cfg.heldout)`` holds out are in ``self.held`` and never in a batch."""
 
     def __init__(self, cfg: TrainDVAEConfig, image_size: int):
         self.cfg = cfg
         self.real = cfg.data != "shapes"
+        self.held = None
         if self.real:
-            from .data.folder import ImageCaptionDataset
+            from .data.folder import ImageCaptionDataset, heldout_split
 
-            self.ds = ImageCaptionDataset(cfg.data, image_size=image_size, mode="dvae")
+            self.full = ImageCaptionDataset(cfg.data, image_size=image_size, mode="dvae", verify=True)
+            train, held = heldout_split(self.full.keys, cfg.heldout)
+            self.ds, self.held = self.full.subset(train), self.full.subset(held)
             self.n = len(self.ds)
         else:
             from .data.shapes import ShapesDataset
@@ -184,23 +200,50 @@ class _Batches:
             x = torch.gather(x, 1, order[:, :, None, None].expand_as(x))
         return x
 
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, list[int]]:
+        # a DataLoader worker's item: the batch, and the indices its copy of the data found corrupt
+        return self.batch(step), sorted(self.ds.bad)
+
+    def stream(self, start: int, end: int):
+        """The batches of steps ``[start, end)`` in order; real data with ``cfg.workers`` loads them in that
+        many DataLoader processes (each batch is a function of its step, so the result is the same). A file
+        that a worker finds corrupt is counted once, in this process."""
+        if not (self.real and self.cfg.workers):
+            for step in range(start, end):
+                yield self.batch(step)
+            return
+        # its own generator: a DataLoader draws its workers' base seed from it, and from the global RNG (the
+        # Gumbel noise's, saved in the checkpoint) without one
+        loader = torch.utils.data.DataLoader(self, batch_size=None, sampler=range(start, end),
+                                             num_workers=self.cfg.workers, prefetch_factor=2,
+                                             generator=torch.Generator().manual_seed(self.cfg.seed))
+        for x, bad in loader:
+            self.ds.mark_bad(bad)
+            yield x
+
 
 # the six orders of (R, G, B); the built-in palette (red, green, blue, yellow, magenta, cyan) maps onto itself
 _CHANNEL_ORDERS = torch.tensor(list(itertools.permutations(range(3))))
 
 
-def _heldout(cfg: TrainDVAEConfig, image_size: int):
-    """Images for the reconstruction error: the built-in held-out split, or the last real images."""
+def _heldout(cfg: TrainDVAEConfig, image_size: int, data: _Batches):
+    """``(images, scenes, split)`` for the reconstruction error: the built-in held-out split, or the first
+    ``eval_images`` held-out real pairs (eval crop). Real data with nothing held out (``--heldout 0`` or a
+    single usable pair) is evaluated on its first training images, with a warning, and ``split`` says
+    ``"train"``."""
     if cfg.data == "shapes":
         from .data.shapes import ShapesDataset
 
         ds = ShapesDataset("heldout", cfg.eval_images, image_size, seed=cfg.seed)
-        return ds.images(), [ds.scene(i) for i in range(len(ds))]
-    from .data.folder import ImageCaptionDataset
-
-    ds = ImageCaptionDataset(cfg.data, image_size=image_size, mode="dvae")
+        return ds.images(), [ds.scene(i) for i in range(len(ds))], "heldout"
+    ds, split = data.held, "heldout"
+    if not len(ds):
+        why = "--heldout 0" if cfg.heldout == 0 else f"{len(data.ds)} usable pair"
+        print(f"warning: {why}: no held-out images; eval.json reports the error on training images",
+              file=sys.stderr)
+        ds, split = data.ds, "train"
     n = min(cfg.eval_images, len(ds))
-    return torch.stack([ds.load(len(ds) - 1 - i, train=False)[0] for i in range(n)]), None
+    return torch.stack([ds.load(i, seed=(cfg.seed, i), train=False)[0] for i in range(n)]), None, split
 
 
 @torch.no_grad()
@@ -255,7 +298,9 @@ def _train(config: TrainDVAEConfig) -> Path:
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         ckpt = load_checkpoint(ckpt_path)
         # a checkpoint written before the warm start and channel shuffle existed trained without them
-        saved = TrainDVAEConfig(**{"kmeans_warmup_steps": 0, "channel_shuffle": "off", **ckpt["train_config"]})
+        # and on every real pair (no held-out split)
+        saved = TrainDVAEConfig(**{"kmeans_warmup_steps": 0, "channel_shuffle": "off", "heldout": 0.0,
+                                   **ckpt["train_config"]})
         # The schedules and data of the run being resumed win; only the length and bookkeeping may change.
         keep = {"steps", "stop_at", "resume", "progress", "device", "threads", "workers", "log_every",
                 "sample_every", "ckpt_every", "run"}
@@ -295,7 +340,7 @@ def _train(config: TrainDVAEConfig) -> Path:
         centres = centres.to(device)
     (run / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
-    eval_images, eval_scenes = _heldout(cfg, mcfg.image_size)
+    eval_images, eval_scenes, eval_split = _heldout(cfg, mcfg.image_size, data)
     logger = MetricsLogger(run, resume_step=start if cfg.resume else None)
     end = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
 
@@ -312,6 +357,7 @@ def _train(config: TrainDVAEConfig) -> Path:
         bar = range(start, end)
     model.train()
     t0 = time.time()
+    batches = data.stream(start, end)
     for step in bar:
         warm = step < cfg.kmeans_warmup_steps
         elbo_step = step - cfg.kmeans_warmup_steps
@@ -319,7 +365,7 @@ def _train(config: TrainDVAEConfig) -> Path:
         s = {"beta": "", "tau": "", "lr": cfg.lr} if warm else schedules(cfg, elbo_step)
         for group in opt.param_groups:
             group["lr"] = s["lr"] * (1.0 if warm else group["lr_mult"])
-        x = data.batch(step).to(device, non_blocking=True)
+        x = next(batches).to(device, non_blocking=True)
         with autocast_context(device, cfg.precision):
             if warm:
                 loss, stats = model.warmup_loss(x, centres, fixed_ln_b=cfg.fixed_ln_b_steps > 0)
@@ -351,13 +397,14 @@ def _train(config: TrainDVAEConfig) -> Path:
     logger.close()
     if hasattr(bar, "close"):
         bar.close()
-    if getattr(data, "real", False):
-        data.ds.report(file=sys.stderr)
+    if data.real:
+        data.full.report(file=sys.stderr)
     if end < cfg.steps:
         return ckpt_path
     path = model.save(run)
     ev, _ = evaluate(model, eval_images, eval_scenes)
-    ev.update(steps=cfg.steps, train_wall_s=time.time() - t0 if start == 0 else None)
+    ev.update(eval_split=eval_split, eval_images=len(eval_images), steps=cfg.steps,
+              train_wall_s=time.time() - t0 if start == 0 else None)
     (run / "eval.json").write_text(json.dumps(ev, indent=2))
     return path
 
@@ -379,6 +426,10 @@ def _flag_specs() -> dict:
         "n_blk_per_group": (cli.positive_int, "residual blocks per group (default: the preset's)"),
         "num_images": (cli.positive_int, "built-in data: training images"),
         "eval_images": (cli.positive_int, "held-out images for the reconstruction error"),
+        "heldout": (cli.float_in(0, 1, high_open=True), "real data: fraction of the pairs held out of training "
+                                                        "for eval.json and the reconstruction grids, chosen by a "
+                                                        "hash of each image's path (at least one when there are "
+                                                        "2 or more pairs; 0: none, evaluate on training images)"),
         "steps": (cli.positive_int, "updates (the k-means warm start included)"),
         "batch_size": (cli.positive_int, "batch size"),
         "lr": (cli.positive_float, "peak step size (paper 1e-4, tiny 6e-3)"),
@@ -458,6 +509,8 @@ def parse_args(argv=None) -> TrainDVAEConfig:
     if cfg.kmeans_warmup_steps is not None and cfg.kmeans_warmup_steps >= cfg.steps:
         p.error(f"argument --kmeans-warmup-steps: must be less than --steps ({cfg.steps}), "
                 f"got {cfg.kmeans_warmup_steps}")
+    if cfg.data == "shapes" and cfg.heldout != TrainDVAEConfig.heldout:
+        cli.warn("--heldout: the built-in shapes have their own held-out split; --heldout only serves real data")
     if cfg.data == "shapes" and cfg.workers:
         cli.warn("--workers: the built-in shapes are made in memory; --workers only serves real data")
     try:
