@@ -509,3 +509,91 @@ def test_real_data_single_pair_and_heldout_zero_evaluate_on_training_images(tmp_
     assert "no held-out images" in capsys.readouterr().err
     with pytest.raises(ValueError, match="heldout"):
         TrainDVAEConfig(heldout=1.0).resolved()
+
+
+def _tar_shards(root, n_shards=3, per_shard=7):
+    """img2dataset-style tars: ``KEY.png`` + ``KEY.txt`` + ``KEY.json``; one garbage image and one truncated PNG
+    in the second shard."""
+    import io
+
+    import numpy as np
+    import webdataset as wds
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for s in range(n_shards):
+        with wds.TarWriter(str(root / f"{s:05d}.tar")) as w:
+            for i in range(per_shard):
+                h, w_ = 18 + i % 4, 20 + (i + s) % 6
+                arr = rng.integers(0, 255, (h, w_, 3), dtype=np.uint8)
+                buf = io.BytesIO()
+                Image.fromarray(arr).save(buf, format="PNG")
+                png = buf.getvalue()
+                if s == 1 and i == 2:
+                    png = b"garbage"
+                if s == 1 and i == 4:
+                    png = png[: len(png) // 2]
+                w.write({"__key__": f"{s:05d}{i:04d}", "png": png, "txt": f"random noise picture {s} {i}",
+                         "json": b"{}"})
+    return root
+
+
+_STREAM = dict(_REAL, shuffle_buffer=5, heldout=0.15, steps=12)
+
+
+def test_shards_stream_resume_equals_uninterrupted(tmp_path):
+    pytest.importorskip("dalle.data.sources", reason="dalle.data.sources (WebDataset reading) comes with encode")
+    shards = _tar_shards(tmp_path / "shards")
+    pattern = str(shards / "{00000..00002}.tar")
+    a, b = tmp_path / "a", tmp_path / "b"
+    train_dvae(_cfg(a, data=pattern, **_STREAM))
+    for stop in (5, 9):  # 19 training samples, batch 4, buffer 5: inside the first and the second epoch
+        train_dvae(_cfg(b, data=pattern, stop_at=stop, resume=stop != 5, **_STREAM))
+    train_dvae(_cfg(b, data=pattern, resume=True, **_STREAM))
+    sa, sb = DVAE.load(a).state_dict(), DVAE.load(b).state_dict()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    assert _rows(a) == _rows(b)
+    ev = json.loads((a / "eval.json").read_text())
+    assert ev["eval_split"] == "heldout" and ev["eval_images"] >= 1
+
+
+def test_shards_stream_excludes_heldout_and_counts_skips_once(tmp_path):
+    pytest.importorskip("dalle.data.sources", reason="dalle.data.sources (WebDataset reading) comes with encode")
+    from collections import Counter
+
+    from dalle.data.sources import is_heldout
+    from dalle.train_dvae import _StreamBatches
+
+    shards = _tar_shards(tmp_path / "shards")
+    for data_arg, bad in ((str(shards), 2), (str(shards / "00001.tar"), 2), (str(shards / "00000.tar"), 0),
+                          (str(shards / "{00000..00002}.tar"), 2)):
+        data = _StreamBatches(_cfg(tmp_path / "r", data=data_arg, **_STREAM).resolved(), 16)
+        held, split = data.eval_set(8)
+        assert split == "heldout" and held.dtype == torch.uint8 and held.shape[1:] == (3, 16, 16)
+        keys = [s.key for u in range(len(data.src.units)) for s in data.src.iter_unit(u, Counter())]
+        n_train = sum(not (is_heldout(k, 0.15) or k in data.extra_heldout) for k in keys)
+        assert 0 < n_train < len(keys)
+        drawn, step = [], 0
+        take = data._next
+        data._next = lambda: (drawn.append(take()) or drawn[-1])
+        while not drawn or drawn[-1][0][0] < 2:  # two whole epochs of the stream
+            data.batch(step)
+            step += 1
+        for epoch in (0, 1):  # each training sample exactly once per epoch, no held-out one
+            refs = [r for r, _ in drawn if r[0] == epoch]
+            assert len(refs) == len(set(refs)) == n_train
+        assert f"corrupt_image {bad}" in data.report() if bad else "corrupt_image" not in data.report()
+        with pytest.raises(ValueError, match="in order"):
+            data.batch(0)
+
+
+def test_shards_everything_held_out_is_a_clear_error(tmp_path):
+    pytest.importorskip("dalle.data.sources", reason="dalle.data.sources (WebDataset reading) comes with encode")
+    shards = _tar_shards(tmp_path / "shards", n_shards=1, per_shard=3)
+    from dalle.train_dvae import _StreamBatches
+
+    data = _StreamBatches(_cfg(tmp_path / "r", data=str(shards), **{**_STREAM, "heldout": 0.9999999}).resolved(), 16)
+    assert data.eval_set(8)[1] == "heldout"
+    with pytest.raises(ValueError, match="no training samples"):
+        data.batch(0)

@@ -66,13 +66,9 @@ def _pairs_from_table(table: Path) -> tuple[list[tuple[Path, str | None]], Count
     return pairs, skipped
 
 
-def _is_heldout(key: str, fraction: float) -> bool:
-    # the split rule of the token shards: int(sha1(key)[:8 hex], 16) / 2**32 < fraction (Python's ``hash`` is
-    # salted per process, sha1 is the same everywhere)
-    return _key_hash(key) < fraction
-
-
 def _key_hash(key: str) -> float:
+    # the split rule of the token shards (``dalle.data.sources.is_heldout``): held out when this is < fraction;
+    # Python's ``hash`` is salted per process, sha1 is the same everywhere
     return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 2**32
 
 
