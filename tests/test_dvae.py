@@ -597,3 +597,30 @@ def test_shards_everything_held_out_is_a_clear_error(tmp_path):
     assert data.eval_set(8)[1] == "heldout"
     with pytest.raises(ValueError, match="no training samples"):
         data.batch(0)
+
+
+@pytest.mark.parametrize("argv,flag", [(["--heldout", "1"], "--heldout"), (["--heldout", "-0.1"], "--heldout"),
+                                       (["--shuffle-buffer", "0"], "--shuffle-buffer"),
+                                       (["--data", "nowhere/{00000..00002}.tar"], "--data")])
+def test_cli_data_flags_are_checked(tmp_path, capsys, argv, flag):
+    from dalle.train_dvae import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--run", str(tmp_path / "run"), *argv])
+    assert flag in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_cli_accepts_shard_forms_and_warns_about_unused_flags(tmp_path, capsys):
+    from dalle.train_dvae import _is_shards, parse_args
+
+    shards = _tar_shards(tmp_path / "shards", n_shards=2, per_shard=1)
+    folder = _photo_folder(tmp_path / "photos", n=1)
+    for data in (str(shards), str(shards / "00000.tar"), str(shards / "{00000..00001}.tar")):
+        assert _is_shards(data) and parse_args(["--run", str(tmp_path / "r"), "--data", data]).data == data
+    assert not _is_shards(str(folder))
+    parse_args(["--run", str(tmp_path / "r"), "--data", str(shards), "--workers", "2"])
+    assert "--workers" in capsys.readouterr().err
+    parse_args(["--run", str(tmp_path / "r"), "--data", str(folder), "--shuffle-buffer", "9"])
+    assert "--shuffle-buffer" in capsys.readouterr().err
+    parse_args(["--run", str(tmp_path / "r"), "--heldout", "0.5"])
+    assert "--heldout" in capsys.readouterr().err
