@@ -6,16 +6,20 @@ every ``--ckpt-every`` steps and at the end), the final model as ``model.safeten
 (and TensorBoard scalars when installed), ``recon_XXXXXX.png`` grids (held-out images above their
 reconstructions) and ``eval.json`` (held-out per-pixel mean absolute error of ``decode(encode(x))``).
 
-Real data (``--data`` a folder or a .tsv/.csv): a fraction ``--heldout`` (default 0.02) of the pairs, chosen by
-a hash of each image's path relative to the folder (``dalle.data.folder.heldout_split``, the rule the token
-shards use), is held out of training; eval.json (``eval_split: "heldout"``) and the grids use them. Every image is
-decoded once at the start, so a corrupt file is counted once and never enters a batch.
+Real data: a fraction ``--heldout`` (default 0.02) of the pairs, chosen by a hash of each sample's key (the
+image path relative to the folder or the table's folder; a tar's member key; ``dalle.data.folder.heldout_split``,
+the rule the token shards use), is held out of training; eval.json (``eval_split: "heldout"``) and the grids use
+them. An image folder or table is indexed once at the start with every image decoded (``_Batches``), so a
+corrupt file is counted once and never enters a batch; ``--workers`` load its batches in DataLoader processes.
+WebDataset tar shards (a .tar, a folder of .tar files, a brace pattern) are read as a stream through a seeded
+shuffle buffer of ``--shuffle-buffer`` images (``_StreamBatches``), with the stream's place in the checkpoint.
 
 The first ``--kmeans-warmup-steps`` updates (tiny preset: half of them) are the k-means warm start
 (``DVAE.warmup_loss``; the centres are kept in the checkpoint), the rest the ELBO with its schedules.
 
 The batch at step ``s`` is a pure function of ``(seed, s)`` (a per-epoch permutation; the channel order
-too), and the Gumbel noise comes from the global torch RNG saved in the checkpoint, so ``--resume``
+too) for the built-in data and a folder or table, and a function of the stream's place, saved in the checkpoint,
+for shards; the Gumbel noise comes from the global torch RNG saved in the checkpoint, so ``--resume``
 continues exactly as an uninterrupted run would.
 """
 from __future__ import annotations
@@ -671,7 +675,7 @@ def _flag_specs() -> dict:
         "preset": (tuple(PRESETS), "model size and schedules"),
         "data": (_data_source, "shapes (the built-in captioned shapes), an image folder, a .tsv or .csv "
                                "table of (path, caption) rows, or WebDataset tar shards (a .tar, a folder of "
-                               ".tar files, or a brace pattern like data/{00000..00009}.tar)"),
+                               ".tar files, or a brace pattern of .tar files such as {00000..00009}.tar)"),
         "image_size": (cli.positive_int, "image side in pixels (default: the preset's)"),
         "n_hid": (cli.positive_int, "hidden channels (default: the preset's)"),
         "n_init": (cli.positive_int, "channels of the first convolution (default: the preset's)"),
@@ -682,8 +686,10 @@ def _flag_specs() -> dict:
         "eval_images": (cli.positive_int, "held-out images for the reconstruction error"),
         "heldout": (cli.float_in(0, 1, high_open=True), "real data: fraction of the pairs held out of training "
                                                         "for eval.json and the reconstruction grids, chosen by a "
-                                                        "hash of each image's path (at least one when there are "
-                                                        "2 or more pairs; 0: none, evaluate on training images)"),
+                                                        "hash of each sample's key (the image path relative to "
+                                                        "the folder or table; a tar's member key); at least one "
+                                                        "when there are 2 or more pairs; 0: none, evaluate on "
+                                                        "training images"),
         "shuffle_buffer": (cli.positive_int, "WebDataset shards: images held in the shuffle buffer (3 * S * S "
                                              "bytes each)"),
         "steps": (cli.positive_int, "updates (the k-means warm start included)"),
@@ -737,7 +743,7 @@ def _data_source(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{len(missing)} of the .tar files {text!r} names are missing "
                                          f"(first: {missing[0]})")
     raise argparse.ArgumentTypeError(f"expected shapes, an image folder, a .tsv/.csv file, a .tar, a folder of "
-                                     f".tar files or a brace pattern like data/{{00000..00009}}.tar, got {text!r}"
+                                     f".tar files or a brace pattern of .tar files such as {{00000..00009}}.tar, got {text!r}"
                                      + ("" if path.exists() else " (no such file or folder)"))
 
 
