@@ -624,3 +624,23 @@ def test_cli_accepts_shard_forms_and_warns_about_unused_flags(tmp_path, capsys):
     assert "--shuffle-buffer" in capsys.readouterr().err
     parse_args(["--run", str(tmp_path / "r"), "--heldout", "0.5"])
     assert "--heldout" in capsys.readouterr().err
+
+
+def test_shards_without_usable_pairs_or_heldout_zero(tmp_path):
+    pytest.importorskip("dalle.data.sources", reason="dalle.data.sources (WebDataset reading) comes with encode")
+    import webdataset as wds
+
+    from dalle.train_dvae import _StreamBatches
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with wds.TarWriter(str(bad / "00000.tar")) as w:
+        for i in range(3):
+            w.write({"__key__": f"{i:04d}", "png": b"garbage", "txt": "a garbage picture here"})
+    data = _StreamBatches(_cfg(tmp_path / "r", data=str(bad), **_STREAM).resolved(), 16)
+    with pytest.raises(ValueError, match=f"no usable image/caption pairs in {bad}.*corrupt_image 3"):
+        data.eval_set(8)
+    shards = _tar_shards(tmp_path / "shards", n_shards=1, per_shard=5)
+    data = _StreamBatches(_cfg(tmp_path / "r", data=str(shards), **{**_STREAM, "heldout": 0.0}).resolved(), 16)
+    images, split = data.eval_set(3)
+    assert split == "train" and len(images) == 3
