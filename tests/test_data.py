@@ -201,18 +201,84 @@ def _write_folder(root, n_good=5):
 
 def test_folder_skips_and_counts(tmp_path):
     _write_folder(tmp_path / "imgs")
-    ds = ImageCaptionDataset(tmp_path / "imgs", image_size=16)
-    assert ds.skipped["corrupt_image"] == 1 and ds.skipped["missing_caption"] == 1
-    assert ds.skipped["empty_caption"] == 1 and ds.skipped["aspect"] == 1
-    assert len(ds) == 6  # 5 good + the truncated one (its header reads fine)
-    seen = [ds[i] for i in range(len(ds))]  # a whole epoch: no crash
+    ds = ImageCaptionDataset(tmp_path / "imgs", image_size=16)  # verify=True: every image decoded once
+    assert ds.skipped["missing_caption"] == 1 and ds.skipped["empty_caption"] == 1 and ds.skipped["aspect"] == 1
+    assert ds.skipped["corrupt_image"] == 2  # the garbage file and the truncated one that opens
+    assert len(ds) == 5 and ds.keys == [f"good{i}.png" for i in range(5)]
+    for _ in range(3):  # epochs: nothing left to fail, the counts stay
+        seen = [ds[i] for i in range(len(ds))]
     assert all(im.shape == (3, 16, 16) and im.dtype == torch.uint8 for im, _ in seen)
-    assert ds.skipped["corrupt_image"] == 2  # the truncated file, found at load time
-    assert "6 usable pairs" in ds.report() and "corrupt_image 2" in ds.report()
+    assert ds.skipped["corrupt_image"] == 2 and not ds.bad
+    assert "5 usable pairs" in ds.report() and "corrupt_image 2" in ds.report()
     assert ds.captions()[0] == "a gradient picture number 0"
-    # verify=True finds the truncated file up front
-    strict = ImageCaptionDataset(tmp_path / "imgs", image_size=16, verify=True)
-    assert len(strict) == 5 and strict.skipped["corrupt_image"] == 2
+
+
+def test_lazy_corrupt_file_counted_once_and_replaced_deterministically(tmp_path):
+    """verify=False: the truncated file is found at load time, counted once however often it is visited, never
+    decoded again, and its slot serves the next decodable item whatever the order of visits."""
+    _write_folder(tmp_path / "imgs")
+    lazy = ImageCaptionDataset(tmp_path / "imgs", image_size=16, verify=False)
+    assert len(lazy) == 6 and lazy.skipped["corrupt_image"] == 1  # header only: the truncated file passes
+    t = lazy.keys.index("truncated.png")
+    assert t == 5  # sorted last: its replacement wraps around to item 0
+    forward = [lazy.load(i, seed=(0, i)) for i in range(6)]
+    assert lazy.bad == {t} and lazy.skipped["corrupt_image"] == 2
+    for _ in range(4):  # more epochs
+        [lazy.load(i, seed=(0, i)) for i in range(6)]
+    assert lazy.skipped["corrupt_image"] == 2 and "5 usable pairs" in lazy.report()
+    other = ImageCaptionDataset(tmp_path / "imgs", image_size=16, verify=False)
+    backward = [other.load(i, seed=(0, i)) for i in reversed(range(6))][::-1]  # the corrupt slot first
+    for (a, ca), (b, cb) in zip(forward, backward):
+        assert torch.equal(a, b) and ca == cb
+    assert forward[t][1] == "a gradient picture number 0"  # the next item in index order (wrapping)
+    # the same image as item 0 with the augmentation of the corrupt slot's own seed
+    assert torch.equal(forward[t][0], other.load(0, seed=(0, t))[0])
+    # a worker process's findings merge into the main process's count once
+    fresh = ImageCaptionDataset(tmp_path / "imgs", image_size=16, verify=False)
+    fresh.mark_bad([t])
+    fresh.mark_bad([t])
+    assert fresh.skipped["corrupt_image"] == 2 and fresh.bad == {t}
+    with pytest.raises(IndexError):
+        fresh.mark_bad([6])
+
+
+def test_heldout_split_rule(tmp_path):
+    import hashlib
+
+    from dalle.data.folder import heldout_split
+
+    keys = [f"img{i:04d}.png" for i in range(2000)]
+    train, held = heldout_split(keys, 0.1)
+    want = [i for i, k in enumerate(keys) if int(hashlib.sha1(k.encode()).hexdigest()[:8], 16) / 2**32 < 0.1]
+    assert held == want and sorted(train + held) == list(range(2000))
+    assert 150 < len(held) < 250
+    # stable under adding and removing other samples
+    _, held_half = heldout_split(keys[::2], 0.1)
+    assert [keys[::2][i] for i in held_half] == [k for k in (keys[i] for i in held) if k in set(keys[::2])]
+    # at least one held out (the smallest hash) and at least one trains (the largest hash)
+    h = [int(hashlib.sha1(k.encode()).hexdigest()[:8], 16) for k in keys[:3]]
+    assert heldout_split(keys[:3], 1e-9) == ([i for i in range(3) if i != h.index(min(h))], [h.index(min(h))])
+    assert heldout_split(keys[:3], 0.999999)[0] == [h.index(max(h))]
+    assert heldout_split(keys[:1], 0.5) == ([0], []) and heldout_split(keys, 0) == (list(range(2000)), [])
+    for bad in (-0.1, 1.0, True, "0.1"):
+        with pytest.raises(ValueError, match="fraction"):
+            heldout_split(keys, bad)
+
+
+def test_keys_are_paths_relative_to_the_folder_or_table(tmp_path):
+    _write_folder(tmp_path / "d" / "imgs", n_good=2)
+    ds = ImageCaptionDataset(tmp_path / "d", image_size=8)
+    assert ds.keys == ["imgs/good0.png", "imgs/good1.png"]
+    table = tmp_path / "d" / "t.tsv"
+    outside = tmp_path / "elsewhere.png"
+    outside.write_bytes((tmp_path / "d" / "imgs" / "good0.png").read_bytes())
+    table.write_text(f"imgs/good1.png\ta second picture\nimgs/good1.png\tthe same one again\n"
+                     f"{outside}\tan absolute path\n")
+    t = ImageCaptionDataset(table, image_size=8)
+    assert t.keys == ["imgs/good1.png", "imgs/good1.png#2", outside.as_posix()]
+    sub = t.subset([2, 0])
+    assert sub.keys == [outside.as_posix(), "imgs/good1.png"] and sub.captions()[0] == "an absolute path"
+    assert sub.skipped is t.skipped
 
 
 @pytest.mark.parametrize("suffix", [".tsv", ".csv"])

@@ -1,6 +1,8 @@
 """dVAE: shapes through encoder/decoder, schedules, loss wiring to the fused logit-Laplace op, training and
 exact resume of the trainer, image grids."""
 import csv
+import dataclasses
+import json
 import math
 
 import pytest
@@ -416,3 +418,229 @@ def test_fp16_loss_scale_round_trips_through_resume(tmp_path):
     for k in sp:
         torch.testing.assert_close(ss[k], sp[k], rtol=1e-5, atol=1e-6)
         assert torch.equal(sr[k], ss[k]), k
+
+
+# ------------------------------------------------------------------------------------------ real data
+def _photo_folder(root, n=20):
+    """``n`` small noisy gradient images with captions, a garbage file and a truncated PNG (its header opens)."""
+    import numpy as np
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        h, w = 20 + i % 5, 22 + i % 7
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = np.stack([xx * 255 // (w - 1), yy * 255 // (h - 1), np.full_like(xx, 25 * (i % 10))], -1)
+        arr = np.clip(base + rng.integers(-20, 20, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(root / f"img{i:02d}.png")
+        (root / f"img{i:02d}.txt").write_text(f"a noisy gradient picture number {i}")
+    (root / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    (root / "garbage.txt").write_text("a garbage file here")
+    data = (root / "img00.png").read_bytes()
+    (root / "img03b.png").write_bytes(data[: len(data) // 2])
+    (root / "img03b.txt").write_text("a truncated picture file")
+    return root
+
+
+_REAL = dict(image_size=16, n_hid=8, n_init=8, vocab_size=16, batch_size=4, steps=10, kmeans_warmup_steps=4,
+             kmeans_images=8, heldout=0.2, eval_images=8)
+
+
+def test_real_data_heldout_split_and_corrupt_files(tmp_path, capsys):
+    folder = _photo_folder(tmp_path / "photos")
+    data = _Batches(_cfg(tmp_path / "r", data=str(folder), **_REAL).resolved(), 16)
+    train_keys, held_keys = set(data.ds.keys), set(data.held.keys)
+    assert not train_keys & held_keys and len(train_keys | held_keys) == 20
+    assert held_keys and "img03b.png" not in train_keys | held_keys
+    from dalle.data.folder import heldout_split
+
+    assert held_keys == {data.full.keys[i] for i in heldout_split(data.full.keys, 0.2)[1]}
+    assert data.full.skipped["corrupt_image"] == 2
+    # training batches over several epochs only ever hold training images, and nothing is counted again
+    for step in range(12):
+        data.batch(step)
+    assert data.full.skipped["corrupt_image"] == 2
+    run = tmp_path / "run"
+    train_dvae(_cfg(run, data=str(folder), **_REAL))
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["eval_split"] == "heldout" and ev["eval_images"] == len(held_keys)
+    assert (run / "recon_000010.png").is_file()
+    assert "corrupt_image 2" in capsys.readouterr().err
+
+
+def test_real_data_resume_equals_uninterrupted_with_corrupt_files(tmp_path):
+    folder = _photo_folder(tmp_path / "photos")
+    a, b = tmp_path / "a", tmp_path / "b"
+    train_dvae(_cfg(a, data=str(folder), **_REAL))
+    train_dvae(_cfg(b, data=str(folder), stop_at=6, **_REAL))  # 16 training images, batch 4: inside epoch 2
+    assert not (b / "model.safetensors").exists()
+    train_dvae(_cfg(b, data=str(folder), resume=True, workers=2, **_REAL))  # workers give the same batches
+    sa, sb = DVAE.load(a).state_dict(), DVAE.load(b).state_dict()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    assert _rows(a) == _rows(b)
+    assert json.loads((a / "eval.json").read_text())["heldout_mae"] == \
+        json.loads((b / "eval.json").read_text())["heldout_mae"]
+
+
+def test_worker_found_corrupt_file_counted_once(tmp_path):
+    """A file that turns corrupt after the index was built is found by the DataLoader workers, counted once in
+    the main process however many workers and epochs meet it, and served by the next item in every run."""
+    folder = _photo_folder(tmp_path / "photos")
+    cfg = _cfg(tmp_path / "r", data=str(folder), workers=2, **_REAL).resolved()
+    data = _Batches(cfg, 16)
+    serial = _Batches(dataclasses.replace(cfg, workers=0), 16)  # the same index, loading in this process
+    victim = data.ds.items[1][0]
+    victim.write_bytes(victim.read_bytes()[:60])
+    got = list(data.stream(0, 12))  # 3 epochs of 16 training images
+    assert data.full.skipped["corrupt_image"] == 3 and data.ds.bad == {1}
+    for step, x in enumerate(got):
+        assert torch.equal(x, serial.batch(step)), step
+    assert serial.ds.bad == {1}
+
+
+def test_real_data_single_pair_and_heldout_zero_evaluate_on_training_images(tmp_path, capsys):
+    folder = tmp_path / "one"
+    _photo_folder(folder, n=1)
+    run = tmp_path / "run"
+    train_dvae(_cfg(run, data=str(folder), **{**_REAL, "steps": 2, "kmeans_warmup_steps": 0}))
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["eval_split"] == "train" and ev["eval_images"] == 1
+    assert "no held-out images" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="heldout"):
+        TrainDVAEConfig(heldout=1.0).resolved()
+
+
+def _tar_shards(root, n_shards=3, per_shard=7):
+    """img2dataset-style tars: ``KEY.png`` + ``KEY.txt`` + ``KEY.json``; one garbage image and one truncated PNG
+    in the second shard."""
+    import io
+
+    import numpy as np
+    import webdataset as wds
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for s in range(n_shards):
+        with wds.TarWriter(str(root / f"{s:05d}.tar")) as w:
+            for i in range(per_shard):
+                h, w_ = 18 + i % 4, 20 + (i + s) % 6
+                arr = rng.integers(0, 255, (h, w_, 3), dtype=np.uint8)
+                buf = io.BytesIO()
+                Image.fromarray(arr).save(buf, format="PNG")
+                png = buf.getvalue()
+                if s == 1 and i == 2:
+                    png = b"garbage"
+                if s == 1 and i == 4:
+                    png = png[: len(png) // 2]
+                w.write({"__key__": f"{s:05d}{i:04d}", "png": png, "txt": f"random noise picture {s} {i}",
+                         "json": b"{}"})
+    return root
+
+
+_STREAM = dict(_REAL, shuffle_buffer=5, heldout=0.15, steps=12)
+
+
+def test_shards_stream_resume_equals_uninterrupted(tmp_path):
+    pytest.importorskip("dalle.data.sources", reason="dalle.data.sources (WebDataset reading) comes with encode")
+    shards = _tar_shards(tmp_path / "shards")
+    pattern = str(shards / "{00000..00002}.tar")
+    a, b = tmp_path / "a", tmp_path / "b"
+    train_dvae(_cfg(a, data=pattern, **_STREAM))
+    for stop in (5, 9):  # 19 training samples, batch 4, buffer 5: inside the first and the second epoch
+        train_dvae(_cfg(b, data=pattern, stop_at=stop, resume=stop != 5, **_STREAM))
+    train_dvae(_cfg(b, data=pattern, resume=True, **_STREAM))
+    sa, sb = DVAE.load(a).state_dict(), DVAE.load(b).state_dict()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    assert _rows(a) == _rows(b)
+    ev = json.loads((a / "eval.json").read_text())
+    assert ev["eval_split"] == "heldout" and ev["eval_images"] >= 1
+
+
+def test_shards_stream_excludes_heldout_and_counts_skips_once(tmp_path):
+    pytest.importorskip("dalle.data.sources", reason="dalle.data.sources (WebDataset reading) comes with encode")
+    from collections import Counter
+
+    from dalle.data.sources import is_heldout
+    from dalle.train_dvae import _StreamBatches
+
+    shards = _tar_shards(tmp_path / "shards")
+    for data_arg, bad in ((str(shards), 2), (str(shards / "00001.tar"), 2), (str(shards / "00000.tar"), 0),
+                          (str(shards / "{00000..00002}.tar"), 2)):
+        data = _StreamBatches(_cfg(tmp_path / "r", data=data_arg, **_STREAM).resolved(), 16)
+        held, split = data.eval_set(8)
+        assert split == "heldout" and held.dtype == torch.uint8 and held.shape[1:] == (3, 16, 16)
+        keys = [s.key for u in range(len(data.src.units)) for s in data.src.iter_unit(u, Counter())]
+        n_train = sum(not (is_heldout(k, 0.15) or k in data.extra_heldout) for k in keys)
+        assert 0 < n_train < len(keys)
+        drawn, step = [], 0
+        take = data._next
+        data._next = lambda: (drawn.append(take()) or drawn[-1])
+        while not drawn or drawn[-1][0][0] < 2:  # two whole epochs of the stream
+            data.batch(step)
+            step += 1
+        for epoch in (0, 1):  # each training sample exactly once per epoch, no held-out one
+            refs = [r for r, _ in drawn if r[0] == epoch]
+            assert len(refs) == len(set(refs)) == n_train
+        assert f"corrupt_image {bad}" in data.report() if bad else "corrupt_image" not in data.report()
+        with pytest.raises(ValueError, match="in order"):
+            data.batch(0)
+
+
+def test_shards_everything_held_out_is_a_clear_error(tmp_path):
+    pytest.importorskip("dalle.data.sources", reason="dalle.data.sources (WebDataset reading) comes with encode")
+    shards = _tar_shards(tmp_path / "shards", n_shards=1, per_shard=3)
+    from dalle.train_dvae import _StreamBatches
+
+    data = _StreamBatches(_cfg(tmp_path / "r", data=str(shards), **{**_STREAM, "heldout": 0.9999999}).resolved(), 16)
+    assert data.eval_set(8)[1] == "heldout"
+    with pytest.raises(ValueError, match="no training samples"):
+        data.batch(0)
+
+
+@pytest.mark.parametrize("argv,flag", [(["--heldout", "1"], "--heldout"), (["--heldout", "-0.1"], "--heldout"),
+                                       (["--shuffle-buffer", "0"], "--shuffle-buffer"),
+                                       (["--data", "nowhere/{00000..00002}.tar"], "--data")])
+def test_cli_data_flags_are_checked(tmp_path, capsys, argv, flag):
+    from dalle.train_dvae import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--run", str(tmp_path / "run"), *argv])
+    assert flag in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_cli_accepts_shard_forms_and_warns_about_unused_flags(tmp_path, capsys):
+    from dalle.train_dvae import _is_shards, parse_args
+
+    shards = _tar_shards(tmp_path / "shards", n_shards=2, per_shard=1)
+    folder = _photo_folder(tmp_path / "photos", n=1)
+    for data in (str(shards), str(shards / "00000.tar"), str(shards / "{00000..00001}.tar")):
+        assert _is_shards(data) and parse_args(["--run", str(tmp_path / "r"), "--data", data]).data == data
+    assert not _is_shards(str(folder))
+    parse_args(["--run", str(tmp_path / "r"), "--data", str(shards), "--workers", "2"])
+    assert "--workers" in capsys.readouterr().err
+    parse_args(["--run", str(tmp_path / "r"), "--data", str(folder), "--shuffle-buffer", "9"])
+    assert "--shuffle-buffer" in capsys.readouterr().err
+    parse_args(["--run", str(tmp_path / "r"), "--heldout", "0.5"])
+    assert "--heldout" in capsys.readouterr().err
+
+
+def test_shards_without_usable_pairs_or_heldout_zero(tmp_path):
+    pytest.importorskip("dalle.data.sources", reason="dalle.data.sources (WebDataset reading) comes with encode")
+    import webdataset as wds
+
+    from dalle.train_dvae import _StreamBatches
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with wds.TarWriter(str(bad / "00000.tar")) as w:
+        for i in range(3):
+            w.write({"__key__": f"{i:04d}", "png": b"garbage", "txt": "a garbage picture here"})
+    data = _StreamBatches(_cfg(tmp_path / "r", data=str(bad), **_STREAM).resolved(), 16)
+    with pytest.raises(ValueError, match=f"no usable image/caption pairs in {bad}.*corrupt_image 3"):
+        data.eval_set(8)
+    shards = _tar_shards(tmp_path / "shards", n_shards=1, per_shard=5)
+    data = _StreamBatches(_cfg(tmp_path / "r", data=str(shards), **{**_STREAM, "heldout": 0.0}).resolved(), 16)
+    images, split = data.eval_set(3)
+    assert split == "train" and len(images) == 3

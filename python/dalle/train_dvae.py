@@ -6,11 +6,20 @@ every ``--ckpt-every`` steps and at the end), the final model as ``model.safeten
 (and TensorBoard scalars when installed), ``recon_XXXXXX.png`` grids (held-out images above their
 reconstructions) and ``eval.json`` (held-out per-pixel mean absolute error of ``decode(encode(x))``).
 
+Real data: a fraction ``--heldout`` (default 0.02) of the pairs, chosen by a hash of each sample's key (the
+image path relative to the folder or the table's folder; a tar's member key; ``dalle.data.folder.heldout_split``,
+the rule the token shards use), is held out of training; eval.json (``eval_split: "heldout"``) and the grids use
+them. An image folder or table is indexed once at the start with every image decoded (``_Batches``), so a
+corrupt file is counted once and never enters a batch; ``--workers`` load its batches in DataLoader processes.
+WebDataset tar shards (a .tar, a folder of .tar files, a brace pattern) are read as a stream through a seeded
+shuffle buffer of ``--shuffle-buffer`` images (``_StreamBatches``), with the stream's place in the checkpoint.
+
 The first ``--kmeans-warmup-steps`` updates (tiny preset: half of them) are the k-means warm start
 (``DVAE.warmup_loss``; the centres are kept in the checkpoint), the rest the ELBO with its schedules.
 
 The batch at step ``s`` is a pure function of ``(seed, s)`` (a per-epoch permutation; the channel order
-too), and the Gumbel noise comes from the global torch RNG saved in the checkpoint, so ``--resume``
+too) for the built-in data and a folder or table, and a function of the stream's place, saved in the checkpoint,
+for shards; the Gumbel noise comes from the global torch RNG saved in the checkpoint, so ``--resume``
 continues exactly as an uninterrupted run would.
 """
 from __future__ import annotations
@@ -41,7 +50,7 @@ PRESETS = {"tiny": DVAEConfig.tiny, "paper": DVAEConfig.paper}
 class TrainDVAEConfig:
     run: str = "runs/dvae"
     preset: str = "tiny"
-    data: str = "shapes"  # "shapes" (built-in) or an image folder / .tsv / .csv of (path, caption)
+    data: str = "shapes"  # "shapes" (built-in), an image folder / .tsv / .csv of (path, caption), or tar shards
     image_size: int | None = None  # model overrides of the preset (None: the preset's value)
     n_hid: int | None = None
     n_init: int | None = None
@@ -50,6 +59,8 @@ class TrainDVAEConfig:
     n_blk_per_group: int | None = None
     num_images: int = 20000  # built-in data: size of the training split
     eval_images: int = 256  # held-out images for the reconstruction error
+    heldout: float = 0.02  # real data: fraction of the pairs held out of training (dalle.data.folder.heldout_split)
+    shuffle_buffer: int = 1000  # WebDataset shards: images in the shuffle buffer (_StreamBatches)
     steps: int = 1200
     batch_size: int = 32
     lr: float | None = None  # peak step size; preset default (paper 1e-4, tiny 6e-3)
@@ -98,6 +109,10 @@ class TrainDVAEConfig:
         if not 0 <= c.kmeans_warmup_steps < c.steps or c.kmeans_images < 1:
             raise ValueError(f"kmeans_warmup_steps must be in [0, steps) and kmeans_images >= 1, got "
                              f"{c.kmeans_warmup_steps} (steps {c.steps}) and {c.kmeans_images}")
+        if isinstance(c.heldout, bool) or not isinstance(c.heldout, (int, float)) or not 0 <= c.heldout < 1:
+            raise ValueError(f"heldout must be a fraction in [0, 1), got {c.heldout!r}")
+        if isinstance(c.shuffle_buffer, bool) or not isinstance(c.shuffle_buffer, int) or c.shuffle_buffer < 1:
+            raise ValueError(f"shuffle_buffer must be a positive int, got {c.shuffle_buffer!r}")
         if c.channel_shuffle not in ("auto", "on", "off"):
             raise ValueError(f"channel_shuffle must be auto, on or off, got {c.channel_shuffle!r}")
         if c.channel_shuffle == "auto":
@@ -142,15 +157,23 @@ def schedules(cfg: TrainDVAEConfig, step: int) -> dict:
 # ------------------------------------------------------------------------------------------------- data
 class _Batches:
     """Batch of step ``s``: global sample indices ``[s*B, (s+1)*B)``, each mapped through the permutation of
-    its epoch (seeded by ``(seed, epoch)``). Real-data samples also get their own augmentation generator."""
+    its epoch (seeded by ``(seed, epoch)``). Real-data samples also get their own augmentation generator.
+
+    Real data: every image is decoded once at construction (``ImageCaptionDataset(verify=True)``), so a corrupt
+    file is counted once and left out of the index before the first permutation is drawn; the index, and with
+    it every batch, is the same in every run and after every resume. The pairs whose key
+    ``heldout_split(keys, cfg.heldout)`` holds out are in ``self.held`` and never in a batch."""
 
     def __init__(self, cfg: TrainDVAEConfig, image_size: int):
         self.cfg = cfg
         self.real = cfg.data != "shapes"
+        self.held = None
         if self.real:
-            from .data.folder import ImageCaptionDataset
+            from .data.folder import ImageCaptionDataset, heldout_split
 
-            self.ds = ImageCaptionDataset(cfg.data, image_size=image_size, mode="dvae")
+            self.full = ImageCaptionDataset(cfg.data, image_size=image_size, mode="dvae", verify=True)
+            train, held = heldout_split(self.full.keys, cfg.heldout)
+            self.ds, self.held = self.full.subset(train), self.full.subset(held)
             self.n = len(self.ds)
         else:
             from .data.shapes import ShapesDataset
@@ -178,29 +201,299 @@ class _Batches:
             x = self.images[torch.tensor([i for _, i in idx])]
         else:
             x = torch.stack([self.ds.load(i, seed=(self.cfg.seed, g))[0] for g, i in idx])
-        if self.cfg.channel_shuffle == "on":
-            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step + 1)
-            order = _CHANNEL_ORDERS[torch.randint(len(_CHANNEL_ORDERS), (len(x),), generator=g)]
-            x = torch.gather(x, 1, order[:, :, None, None].expand_as(x))
+        return _shuffle_channels(self.cfg, step, x)
+
+    def first(self, n: int) -> list[torch.Tensor]:
+        """The batches of steps ``0 .. n-1`` (the data-dependent init and the k-means warm start see them)."""
+        return [self.batch(i) for i in range(n)]
+
+    def eval_set(self, n: int) -> tuple[torch.Tensor, str]:
+        """``(images uint8 (m, 3, S, S), split)``: the first ``n`` held-out pairs (eval crop), or the first
+        training ones with ``split == "train"`` when nothing is held out."""
+        ds, split = (self.held, "heldout") if len(self.held) else (self.ds, "train")
+        return torch.stack([ds.load(i, train=False)[0] for i in range(min(n, len(ds)))]), split
+
+    def report(self, file=None) -> str:
+        return self.full.report(file)
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, list[int]]:
+        # a DataLoader worker's item: the batch, and the indices its copy of the data found corrupt
+        return self.batch(step), sorted(self.ds.bad)
+
+    def stream(self, start: int, end: int):
+        """The batches of steps ``[start, end)`` in order; real data with ``cfg.workers`` loads them in that
+        many DataLoader processes (each batch is a function of its step, so the result is the same). A file
+        that a worker finds corrupt is counted once, in this process."""
+        if not (self.real and self.cfg.workers):
+            for step in range(start, end):
+                yield self.batch(step)
+            return
+        # its own generator: a DataLoader draws its workers' base seed from it, and from the global RNG (the
+        # Gumbel noise's, saved in the checkpoint) without one
+        loader = torch.utils.data.DataLoader(self, batch_size=None, sampler=range(start, end),
+                                             num_workers=self.cfg.workers, prefetch_factor=2,
+                                             generator=torch.Generator().manual_seed(self.cfg.seed))
+        for x, bad in loader:
+            self.ds.mark_bad(bad)
+            yield x
+
+
+class _StreamBatches:
+    """Batches from a source without random access (WebDataset tar shards, ``dalle.data.sources``).
+
+    The source's units (one per tar file) are read in a per-epoch order (a permutation seeded by
+    ``(seed, epoch)``); each unit's training samples (``is_heldout(key, heldout)`` false) are preprocessed as
+    they are read (augmentation seeded by ``(seed, epoch, unit, n)``, ``n`` the sample's place in the unit) into
+    a shuffle buffer of ``cfg.shuffle_buffer`` images. Each batch element is a slot of the buffer drawn by a
+    seeded generator; the slot is refilled with the next sample of the stream. Epochs follow one another without
+    a break. Memory: the buffer holds ``shuffle_buffer`` images of ``3 * S * S`` bytes (S = 256: 192 KiB each,
+    188 MiB for the default 1000), plus the sample being decoded and the evaluation images; it does not grow
+    with the data.
+
+    Exact resume: ``state_dict()`` (saved in the checkpoint) records the reader's place (epoch, unit position,
+    samples taken from the unit), the generator's state and, for each buffer slot, where its sample came from.
+    ``load_state_dict`` re-reads the units the buffer still refers to (usually one or two: a sample rarely stays
+    in a buffer of M slots for more than a few M draws) and skips to the reader's place in its unit, so the
+    resumed stream is the one an uninterrupted run reads. Skipped samples are counted by reason the first time
+    their unit is read (``unit_skips``, also in the checkpoint), so re-reading in later epochs or on resume
+    counts nothing twice. Held-out pairs: the first ``eval_images`` held-out samples in the units' natural order
+    (one pass over the data when it holds fewer); when the fraction picks none and the source has two or more
+    usable samples, the one with the smallest key hash is held out (``heldout_split``'s rule).
+    """
+
+    real = True
+
+    def __init__(self, cfg: TrainDVAEConfig, image_size: int):
+        from .data.sources import open_source
+
+        self.cfg, self.image_size = cfg, image_size
+        self.src = open_source(cfg.data)
+        self.unit_skips: dict[int, dict] = {}
+        self.extra_heldout: set[str] = set()  # the smallest-hash key when the fraction picks none
+        self._eval = None
+        self._restart()
+
+    # ----------------------------------------------------------------------------------------- reading
+    def _read_unit(self, u: int):
+        """Every usable sample of unit ``u``; skips are counted only on the unit's first read."""
+        from collections import Counter
+
+        skipped = Counter()
+        yield from self.src.iter_unit(u, skipped)
+        if u not in self.unit_skips:
+            self.unit_skips[u] = dict(skipped)
+
+    def _is_heldout(self, key: str) -> bool:
+        from .data.sources import is_heldout
+
+        return is_heldout(key, self.cfg.heldout) or key in self.extra_heldout
+
+    def order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.src.units), generator=g).tolist()
+
+    def _unit_train(self, epoch: int, pos: int):
+        """``(n, preprocessed image)`` for the training samples of the unit at ``pos`` in ``epoch``'s order."""
+        from .data.transforms import preprocess
+
+        u = self.order(epoch)[pos]
+        n = 0
+        for sample in self._read_unit(u):
+            if self._is_heldout(sample.key):
+                continue
+            g = torch.Generator().manual_seed(int(_mix(self.cfg.seed, epoch, u, n)))
+            yield n, preprocess(sample.image, self.image_size, "dvae", g)
+            n += 1
+
+    def _next(self) -> tuple[tuple[int, int, int], torch.Tensor]:
+        """The stream's next ``((epoch, pos, n), image)``."""
+        empty_units = 0
+        while True:
+            item = next(self._reader, None)
+            if item is not None:
+                self._ordinal = item[0] + 1
+                return (self._epoch, self._pos, item[0]), item[1]
+            empty_units = empty_units + 1 if self._ordinal == 0 else 0
+            if empty_units >= len(self.src.units):
+                raise ValueError(f"{self.src.path}: no training samples ({self.skip_line()}; "
+                                 f"--heldout {self.cfg.heldout:g} holds the rest out)")
+            self._pos += 1
+            if self._pos == len(self.src.units):
+                self._epoch, self._pos = self._epoch + 1, 0
+            self._ordinal = 0
+            self._reader = self._unit_train(self._epoch, self._pos)
+
+    def _restart(self):
+        self._epoch = self._pos = self._ordinal = 0
+        self._reader = self._unit_train(0, 0)
+        self._refs: list[tuple[int, int, int]] = []
+        self._slots: list[torch.Tensor] = []
+        self._gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + 7)
+        self.step = 0
+
+    # ----------------------------------------------------------------------------------------- batches
+    def batch(self, step: int) -> torch.Tensor:
+        """The next batch; ``step`` must be the stream's place (batches come in order)."""
+        if step != self.step:
+            raise ValueError(f"a stream gives its batches in order: asked for step {step} at step {self.step}")
+        while len(self._slots) < self.cfg.shuffle_buffer:
+            ref, x = self._next()
+            self._refs.append(ref)
+            self._slots.append(x)
+        out = []
+        for j in torch.randint(len(self._slots), (self.cfg.batch_size,), generator=self._gen).tolist():
+            out.append(self._slots[j])
+            self._refs[j], self._slots[j] = self._next()
+        self.step += 1
+        return _shuffle_channels(self.cfg, step, torch.stack(out))
+
+    def first(self, n: int) -> list[torch.Tensor]:
+        """The batches of steps ``0 .. n-1``, read by a fresh stream (this one stays where it is)."""
+        other = _StreamBatches.__new__(_StreamBatches)
+        other.__dict__.update(self.__dict__)
+        other.unit_skips = self.unit_skips  # shared: a unit's skips are counted once
+        other._restart()
+        return [other.batch(i) for i in range(n)]
+
+    def stream(self, start: int, end: int):
+        for step in range(start, end):
+            yield self.batch(step)
+
+    # -------------------------------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict:
+        return {"step": self.step, "epoch": self._epoch, "pos": self._pos, "ordinal": self._ordinal,
+                "refs": [list(r) for r in self._refs], "generator": self._gen.get_state(),
+                "unit_skips": {str(u): dict(c) for u, c in self.unit_skips.items()},
+                "extra_heldout": sorted(self.extra_heldout)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.unit_skips = {int(u): dict(c) for u, c in state["unit_skips"].items()}
+        self.extra_heldout = set(state["extra_heldout"])
+        self.step, self._epoch, self._pos = state["step"], state["epoch"], state["pos"]
+        self._ordinal = state["ordinal"]
+        self._gen.set_state(state["generator"])
+        self._refs = [tuple(r) for r in state["refs"]]
+        found: dict[tuple[int, int, int], torch.Tensor] = {}
+        for epoch, pos in sorted({(e, p) for e, p, _ in self._refs}):
+            wanted = {n for e, p, n in self._refs if (e, p) == (epoch, pos)}
+            for n, x in self._unit_train(epoch, pos):
+                if n in wanted:
+                    found[(epoch, pos, n)] = x
+                if n >= max(wanted):
+                    break
+        missing = [r for r in self._refs if r not in found]
+        if missing:
+            raise ValueError(f"{self.src.path}: the data changed since the checkpoint (sample {missing[0]} of the "
+                             f"shuffle buffer is gone); resume needs the same shards")
+        self._slots = [found[r] for r in self._refs]
+        self._reader = self._unit_train(self._epoch, self._pos)
+        for _ in range(self._ordinal):
+            if next(self._reader, None) is None:
+                raise ValueError(f"{self.src.path}: the data changed since the checkpoint (unit "
+                                 f"{self.src.units[self.order(self._epoch)[self._pos]]} is shorter)")
+
+    # ------------------------------------------------------------------------------------ eval, report
+    def eval_set(self, n: int) -> tuple[torch.Tensor, str]:
+        """``(images, split)``: the first ``n`` held-out samples in the units' natural order (eval crop)."""
+        from .data.folder import _key_hash
+        from .data.transforms import preprocess
+
+        held, usable, smallest = [], 0, None
+        for u in range(len(self.src.units)):
+            for sample in self._read_unit(u):
+                usable += 1
+                if smallest is None or (_key_hash(sample.key), sample.key) < smallest[0]:
+                    smallest = ((_key_hash(sample.key), sample.key), sample)
+                if self._is_heldout(sample.key):
+                    held.append(preprocess(sample.image, self.image_size, "eval"))
+                    if len(held) == n:
+                        return torch.stack(held), "heldout"
+        if not held and usable >= 2 and self.cfg.heldout > 0:
+            self.extra_heldout = {smallest[1].key}
+            held = [preprocess(smallest[1].image, self.image_size, "eval")]
+        if held:
+            return torch.stack(held), "heldout"
+        if usable == 0:
+            raise ValueError(f"no usable image/caption pairs in {self.src.path} ({self.skip_line()})")
+        train = []
+        for u in range(len(self.src.units)):
+            for sample in self._read_unit(u):
+                train.append(preprocess(sample.image, self.image_size, "eval"))
+                if len(train) == n:
+                    return torch.stack(train), "train"
+        return torch.stack(train), "train"
+
+    def skip_line(self) -> str:
+        from collections import Counter
+
+        total = Counter()
+        for c in self.unit_skips.values():
+            total.update(c)
+        return ", ".join(f"{k} {v}" for k, v in sorted(total.items())) or "nothing skipped"
+
+    def report(self, file=None) -> str:
+        read = len(self.unit_skips)
+        line = f"{self.src.path}: {read} of {len(self.src.units)} units read, skipped: {self.skip_line()}"
+        if file is not None:
+            print(line, file=file)
+        return line
+
+
+def _mix(*ints: int) -> int:
+    """A 63-bit seed from non-negative ints (numpy's SeedSequence: distinct tuples, unrelated streams)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence(list(ints)).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _shuffle_channels(cfg: TrainDVAEConfig, step: int, x: torch.Tensor) -> torch.Tensor:
+    """``x`` with a random RGB order per image (seeded by ``(seed, step)``) when ``channel_shuffle`` is on."""
+    if cfg.channel_shuffle != "on":
         return x
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + 1)
+    order = _CHANNEL_ORDERS[torch.randint(len(_CHANNEL_ORDERS), (len(x),), generator=g)]
+    return torch.gather(x, 1, order[:, :, None, None].expand_as(x))
+
+
+def _is_shards(data: str) -> bool:
+    """``--data`` names WebDataset tars (``dalle.data.sources.open_source``'s rule): a brace pattern, a .tar
+    file, or a folder holding .tar files and no images."""
+    from .data.folder import IMAGE_EXTENSIONS
+
+    p = Path(data)
+    if p.is_file():
+        return p.suffix.lower() == ".tar"
+    if p.is_dir():
+        return (not any(q.suffix.lower() in IMAGE_EXTENSIONS and q.is_file() for q in p.rglob("*"))
+                and any(q.is_file() for q in p.glob("*.tar")))
+    return "{" in data and ".." in data
+
+
+def _data(cfg: TrainDVAEConfig, image_size: int):
+    return _StreamBatches(cfg, image_size) if cfg.data != "shapes" and _is_shards(cfg.data) else \
+        _Batches(cfg, image_size)
 
 
 # the six orders of (R, G, B); the built-in palette (red, green, blue, yellow, magenta, cyan) maps onto itself
 _CHANNEL_ORDERS = torch.tensor(list(itertools.permutations(range(3))))
 
 
-def _heldout(cfg: TrainDVAEConfig, image_size: int):
-    """Images for the reconstruction error: the built-in held-out split, or the last real images."""
+def _heldout(cfg: TrainDVAEConfig, image_size: int, data):
+    """``(images, scenes, split)`` for the reconstruction error: the built-in held-out split, or the first
+    ``eval_images`` held-out real pairs (eval crop). Real data with nothing held out (``--heldout 0`` or a
+    single usable pair) is evaluated on its first training images, with a warning, and ``split`` says
+    ``"train"``."""
     if cfg.data == "shapes":
         from .data.shapes import ShapesDataset
 
         ds = ShapesDataset("heldout", cfg.eval_images, image_size, seed=cfg.seed)
-        return ds.images(), [ds.scene(i) for i in range(len(ds))]
-    from .data.folder import ImageCaptionDataset
-
-    ds = ImageCaptionDataset(cfg.data, image_size=image_size, mode="dvae")
-    n = min(cfg.eval_images, len(ds))
-    return torch.stack([ds.load(len(ds) - 1 - i, train=False)[0] for i in range(n)]), None
+        return ds.images(), [ds.scene(i) for i in range(len(ds))], "heldout"
+    images, split = data.eval_set(cfg.eval_images)
+    if split == "train":
+        why = "--heldout 0" if cfg.heldout == 0 else "a single usable pair"
+        print(f"warning: {why}: no held-out images; eval.json reports the error on training images",
+              file=sys.stderr)
+    return images, None, split
 
 
 @torch.no_grad()
@@ -255,7 +548,9 @@ def _train(config: TrainDVAEConfig) -> Path:
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         ckpt = load_checkpoint(ckpt_path)
         # a checkpoint written before the warm start and channel shuffle existed trained without them
-        saved = TrainDVAEConfig(**{"kmeans_warmup_steps": 0, "channel_shuffle": "off", **ckpt["train_config"]})
+        # and on every real pair (no held-out split)
+        saved = TrainDVAEConfig(**{"kmeans_warmup_steps": 0, "channel_shuffle": "off", "heldout": 0.0,
+                                   **ckpt["train_config"]})
         # The schedules and data of the run being resumed win; only the length and bookkeeping may change.
         keep = {"steps", "stop_at", "resume", "progress", "device", "threads", "workers", "log_every",
                 "sample_every", "ckpt_every", "run"}
@@ -268,7 +563,9 @@ def _train(config: TrainDVAEConfig) -> Path:
     groups = [{"params": list(model.encoder.parameters()), "lr_mult": cfg.encoder_lr},
               {"params": list(model.decoder.parameters()), "lr_mult": 1.0}]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
-    data = _Batches(cfg, mcfg.image_size)
+    data = _data(cfg, mcfg.image_size)
+    # before any batch: a stream learns here which sample is held out when the fraction picks none
+    eval_images, eval_scenes, eval_split = _heldout(cfg, mcfg.image_size, data)
     # fp16 has too few exponent bits for the loss gradient (about 1 / (pixels in the batch) per value): the
     # loss is scaled before the backward and unscaled in fp32 before the update (torch.amp's dynamic scaler),
     # as the logit-Laplace op's own backward expects. bf16 and fp32 need no scale.
@@ -279,8 +576,13 @@ def _train(config: TrainDVAEConfig) -> Path:
         if ckpt.get("grad_scaler"):
             scaler.load_state_dict(ckpt["grad_scaler"])
         set_rng_state(ckpt["rng"])
+        if hasattr(data, "load_state_dict"):
+            if not ckpt.get("data"):
+                raise ValueError(f"{ckpt_path}: no data-stream position in the checkpoint; cannot resume a run on "
+                                 f"shards exactly")
+            data.load_state_dict(ckpt["data"])
     elif cfg.logit_init_std:
-        x0 = data.batch(0).to(device)
+        x0 = data.first(1)[0].to(device)
         x0 = x0.float() / 255 if x0.dtype == torch.uint8 else x0.float()
         model.encoder.init_logits_from_data(map_pixels(x0, LOGIT_LAPLACE_EPS), cfg.logit_init_std)
     centres = None
@@ -289,20 +591,20 @@ def _train(config: TrainDVAEConfig) -> Path:
             centres = ckpt["kmeans_centres"]
         else:  # cells of the first kmeans_images training images (as the first updates see them)
             n = -(-cfg.kmeans_images // cfg.batch_size)
-            x = torch.cat([data.batch(i) for i in range(n)])[:cfg.kmeans_images]
+            x = torch.cat(data.first(n))[:cfg.kmeans_images]
             centres = kmeans_cells(x, mcfg.grid_factor, mcfg.vocab_size,
                                    generator=torch.Generator().manual_seed(cfg.seed))
         centres = centres.to(device)
     (run / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
-    eval_images, eval_scenes = _heldout(cfg, mcfg.image_size)
     logger = MetricsLogger(run, resume_step=start if cfg.resume else None)
     end = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
 
     def save_checkpoint(step):
         atomic_save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
                      "grad_scaler": scaler.state_dict(), "rng": rng_state(), "train_config": asdict(cfg), "model_config": asdict(mcfg),
-                     "kmeans_centres": None if centres is None else centres.cpu()}, ckpt_path)
+                     "kmeans_centres": None if centres is None else centres.cpu(),
+                     "data": data.state_dict() if hasattr(data, "state_dict") else None}, ckpt_path)
 
     try:
         from tqdm import tqdm
@@ -312,6 +614,7 @@ def _train(config: TrainDVAEConfig) -> Path:
         bar = range(start, end)
     model.train()
     t0 = time.time()
+    batches = data.stream(start, end)
     for step in bar:
         warm = step < cfg.kmeans_warmup_steps
         elbo_step = step - cfg.kmeans_warmup_steps
@@ -319,7 +622,7 @@ def _train(config: TrainDVAEConfig) -> Path:
         s = {"beta": "", "tau": "", "lr": cfg.lr} if warm else schedules(cfg, elbo_step)
         for group in opt.param_groups:
             group["lr"] = s["lr"] * (1.0 if warm else group["lr_mult"])
-        x = data.batch(step).to(device, non_blocking=True)
+        x = next(batches).to(device, non_blocking=True)
         with autocast_context(device, cfg.precision):
             if warm:
                 loss, stats = model.warmup_loss(x, centres, fixed_ln_b=cfg.fixed_ln_b_steps > 0)
@@ -351,13 +654,14 @@ def _train(config: TrainDVAEConfig) -> Path:
     logger.close()
     if hasattr(bar, "close"):
         bar.close()
-    if getattr(data, "real", False):
-        data.ds.report(file=sys.stderr)
+    if data.real:
+        data.report(file=sys.stderr)
     if end < cfg.steps:
         return ckpt_path
     path = model.save(run)
     ev, _ = evaluate(model, eval_images, eval_scenes)
-    ev.update(steps=cfg.steps, train_wall_s=time.time() - t0 if start == 0 else None)
+    ev.update(eval_split=eval_split, eval_images=len(eval_images), steps=cfg.steps,
+              train_wall_s=time.time() - t0 if start == 0 else None)
     (run / "eval.json").write_text(json.dumps(ev, indent=2))
     return path
 
@@ -369,8 +673,9 @@ def _flag_specs() -> dict:
     return {
         "run": (cli.output_dir, "run folder to write"),
         "preset": (tuple(PRESETS), "model size and schedules"),
-        "data": (_data_source, "shapes (the built-in captioned shapes), an image folder, or a .tsv or .csv "
-                               "table of (path, caption) rows"),
+        "data": (_data_source, "shapes (the built-in captioned shapes), an image folder, a .tsv or .csv "
+                               "table of (path, caption) rows, or WebDataset tar shards (a .tar, a folder of "
+                               ".tar files, or a brace pattern of .tar files such as {00000..00009}.tar)"),
         "image_size": (cli.positive_int, "image side in pixels (default: the preset's)"),
         "n_hid": (cli.positive_int, "hidden channels (default: the preset's)"),
         "n_init": (cli.positive_int, "channels of the first convolution (default: the preset's)"),
@@ -379,6 +684,14 @@ def _flag_specs() -> dict:
         "n_blk_per_group": (cli.positive_int, "residual blocks per group (default: the preset's)"),
         "num_images": (cli.positive_int, "built-in data: training images"),
         "eval_images": (cli.positive_int, "held-out images for the reconstruction error"),
+        "heldout": (cli.float_in(0, 1, high_open=True), "real data: fraction of the pairs held out of training "
+                                                        "for eval.json and the reconstruction grids, chosen by a "
+                                                        "hash of each sample's key (the image path relative to "
+                                                        "the folder or table; a tar's member key); at least one "
+                                                        "when there are 2 or more pairs; 0: none, evaluate on "
+                                                        "training images"),
+        "shuffle_buffer": (cli.positive_int, "WebDataset shards: images held in the shuffle buffer (3 * S * S "
+                                             "bytes each)"),
         "steps": (cli.positive_int, "updates (the k-means warm start included)"),
         "batch_size": (cli.positive_int, "batch size"),
         "lr": (cli.positive_float, "peak step size (paper 1e-4, tiny 6e-3)"),
@@ -414,13 +727,23 @@ def _flag_specs() -> dict:
 
 
 def _data_source(text: str) -> str:
-    """argparse type of ``--data``: ``shapes``, an image folder or a .tsv/.csv table that exists."""
+    """argparse type of ``--data``: ``shapes``, an image folder, a .tsv/.csv table, a .tar or a folder of .tar
+    files that exists, or a brace pattern of .tar files that all exist."""
     import argparse
 
     path = Path(text)
-    if text == "shapes" or path.is_dir() or (path.is_file() and path.suffix.lower() in (".tsv", ".csv")):
+    if text == "shapes" or path.is_dir() or (path.is_file() and path.suffix.lower() in (".tsv", ".csv", ".tar")):
         return text
-    raise argparse.ArgumentTypeError(f"expected shapes, an image folder or a .tsv/.csv file, got {text!r}"
+    if not path.exists() and "{" in text and ".." in text:
+        import braceexpand
+
+        missing = [f for f in braceexpand.braceexpand(text) if not Path(f).is_file()]
+        if not missing:
+            return text
+        raise argparse.ArgumentTypeError(f"{len(missing)} of the .tar files {text!r} names are missing "
+                                         f"(first: {missing[0]})")
+    raise argparse.ArgumentTypeError(f"expected shapes, an image folder, a .tsv/.csv file, a .tar, a folder of "
+                                     f".tar files or a brace pattern of .tar files such as {{00000..00009}}.tar, got {text!r}"
                                      + ("" if path.exists() else " (no such file or folder)"))
 
 
@@ -458,8 +781,16 @@ def parse_args(argv=None) -> TrainDVAEConfig:
     if cfg.kmeans_warmup_steps is not None and cfg.kmeans_warmup_steps >= cfg.steps:
         p.error(f"argument --kmeans-warmup-steps: must be less than --steps ({cfg.steps}), "
                 f"got {cfg.kmeans_warmup_steps}")
+    if cfg.data == "shapes" and cfg.heldout != TrainDVAEConfig.heldout:
+        cli.warn("--heldout: the built-in shapes have their own held-out split; --heldout only serves real data")
     if cfg.data == "shapes" and cfg.workers:
         cli.warn("--workers: the built-in shapes are made in memory; --workers only serves real data")
+    shards = cfg.data != "shapes" and _is_shards(cfg.data)
+    if shards and cfg.workers:
+        cli.warn("--workers: WebDataset shards are read as one stream in this process; --workers serves an image "
+                 "folder or table")
+    if not shards and cfg.shuffle_buffer != TrainDVAEConfig.shuffle_buffer:
+        cli.warn("--shuffle-buffer: only WebDataset shards are read through a shuffle buffer")
     try:
         cfg.resolved().model_config()
     except ValueError as e:  # a combination of model sizes the dVAE cannot take (image size vs. groups, ...)
