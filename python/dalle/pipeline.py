@@ -219,6 +219,7 @@ def run_on_data(a) -> dict:
         print(f"[1/5] dVAE: training {a.dvae_steps} steps on {a.data} ({a.image_size} px) -> {dvae_path}")
         dvae_ckpt = dvae_path / "checkpoint.pt"
         train_dvae(TrainDVAEConfig(run=str(dvae_path), data=a.data, image_size=a.image_size, steps=a.dvae_steps,
+                                   heldout=a.heldout,
                                    eval_images=a.dvae_eval_images, seed=a.seed, device=a.device,
                                    progress=a.progress, resume=a.resume and dvae_ckpt.is_file()))
     times["dvae_s"] = time.time() - t0
