@@ -1,0 +1,254 @@
+"""OpenAI's released dVAE (``encoder.pkl``, ``decoder.pkl`` of the ``dall_e`` package) as a ``dalle.dvae.DVAE``.
+
+The released files are ``torch.save`` pickles of whole modules (``dall_e.encoder.Encoder``,
+``dall_e.decoder.Decoder``), and unpickling can run code from a file. They are read here with a restricted
+unpickler: ``torch.load(..., weights_only=True)`` with an allowlist (``torch.serialization.safe_globals``) of
+stand-in classes named like the classes the ``dall_e`` module tree is made of (``PICKLED_CLASSES``). A stand-in
+only stores the attribute dict the pickle gives it; nothing of ``dall_e`` (nor of the modules' classes) is
+imported or run, so ``dall_e`` need not be installed. Besides the stand-ins the reader rebuilds only what
+``weights_only=True`` always allows (tensors, storages, dicts, lists, numbers, strings, ``torch.device``); any
+other global in the file is refused with ``UnsafeFileError`` naming it, and nothing from the file runs.
+
+Weights map one to one (``openai_names``): the ``dall_e`` convolutions hold ``w``, ``b`` where ours (plain
+``nn.Conv2d``) hold ``weight``, ``bias``; ``blocks.input`` / ``blocks.group_<g>.block_<i>`` /
+``blocks.output.conv`` are our ``net`` entries in order. The architecture is the same (SPEC.md section 3):
+7x7 input conv, ``group_count`` groups of ``n_blk_per_group`` residual blocks with post-gain
+``1 / (group_count * n_blk_per_group)**2`` and bottleneck width ``n_out // 4``, 2x2 max-pool / nearest 2x
+upsampling between groups, ReLU + 1x1 output conv; the decoder's 6 output channels are the logit-Laplace ``mu``
+and ``ln b``; ``map_pixels`` uses eps 0.1. The released model is ``DVAEConfig.openai()``.
+
+One difference in use, not in the weights: on CUDA the ``dall_e`` convolutions run in float16 (all but the
+encoder's last and the decoder's first); ``DVAE`` computes in float32 (or the autocast dtype it runs under).
+"""
+from __future__ import annotations
+
+import io
+import pickle
+import re
+from collections import OrderedDict
+from os import PathLike
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .common import UnsafeFileError, unpickling_refusal
+
+ENCODER_CLASS, DECODER_CLASS = "dall_e.encoder.Encoder", "dall_e.decoder.Decoder"
+# Every class a torch.save of the dall_e encoder or decoder names (checked with
+# torch.serialization.get_unsafe_globals_in_checkpoint on the package's modules).
+PICKLED_CLASSES = (
+    ENCODER_CLASS, "dall_e.encoder.EncoderBlock", DECODER_CLASS, "dall_e.decoder.DecoderBlock", "dall_e.utils.Conv2d",
+    "torch.nn.modules.container.Sequential", "torch.nn.modules.activation.ReLU", "torch.nn.modules.linear.Identity",
+    "torch.nn.modules.pooling.MaxPool2d", "torch.nn.modules.upsampling.Upsample",
+)
+
+
+class PickledModule:
+    """Stand-in for a module class named in the pickle: keeps the attribute dict the pickle holds (``_modules``,
+    ``_parameters``, the ``attrs`` fields) and does nothing else. ``pickled_name`` is the class it stands for."""
+
+    pickled_name = ""
+
+    def __setstate__(self, state):
+        if not isinstance(state, dict):
+            raise pickle.UnpicklingError(f"{self.pickled_name}: expected an attribute dict, got {type(state).__name__}")
+        self.__dict__.update(state)
+
+    def __repr__(self):
+        return f"<pickled {self.pickled_name}>"
+
+
+STAND_INS = {name: type(name.rsplit(".", 1)[1], (PickledModule,), {"pickled_name": name, "__module__": __name__})
+             for name in PICKLED_CLASSES}
+
+
+def read_pickled_module(source):
+    """The object in a ``torch.save`` file of a ``dall_e`` module (``source``: a path or a binary file object),
+    read with the restricted unpickler described in the module docstring: the module tree comes back as
+    ``PickledModule`` stand-ins holding tensors; a file holding a plain state dict comes back as that dict.
+
+    Raises ``FileNotFoundError`` for a missing path, ``UnsafeFileError`` (a ``ValueError``) naming the global
+    the reader refused (nothing from the file runs), ``ValueError`` for a file that is not a torch file."""
+    name = source if isinstance(source, (str, PathLike)) else getattr(source, "name", "the file")
+    if isinstance(source, (str, PathLike)) and not Path(source).is_file():
+        raise FileNotFoundError(f"no file {source}")
+    try:
+        with torch.serialization.safe_globals([(cls, full) for full, cls in STAND_INS.items()]):
+            return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "WeightsUnpickler error" not in str(e):
+            raise ValueError(f"{name} is not a torch file ({e})") from None
+        reason = unpickling_refusal(e)
+        refused = re.search(r"GLOBAL (\S+)", reason)
+        what = f"the global {refused.group(1)}" if refused else reason
+        raise UnsafeFileError(f"{name} is refused: it names {what}, which is neither a tensor nor a class of the "
+                              "dall_e module tree, and running it could run code from the file (the restricted "
+                              f"reader stopped at: {reason}); nothing from the file was run") from None
+    except RuntimeError as e:  # the zip reader: not a torch file
+        raise ValueError(f"{name} is not a torch file ({str(e).splitlines()[0]})") from None
+
+
+def class_name(module) -> str:
+    """``module.class`` of a stand-in or of a real module (an ``nn.Module`` someone loaded)."""
+    if isinstance(module, PickledModule):
+        return module.pickled_name
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def _modules(module) -> "OrderedDict[str, object]":
+    children = vars(module).get("_modules")
+    if not isinstance(children, dict):
+        raise ValueError(f"{class_name(module)} holds no submodules (not a module tree)")
+    return children
+
+
+def flat_state(module, prefix: str = "") -> dict:
+    """``state_dict()`` of a stand-in tree (or a real module tree): ``{dotted name: tensor}``."""
+    out = {}
+    for k, v in (vars(module).get("_parameters") or {}).items():
+        if v is not None:
+            out[prefix + k] = v
+    for k, v in (vars(module).get("_buffers") or {}).items():
+        if v is not None and k not in (vars(module).get("_non_persistent_buffers_set") or ()):
+            out[prefix + k] = v
+    for k, child in _modules(module).items():
+        if child is not None:
+            out.update(flat_state(child, f"{prefix}{k}."))
+    return out
+
+
+def _blocks(sd: dict, what: str) -> tuple[int, int]:
+    """``(group_count, n_blk_per_group)`` from ``blocks.group_<g>.block_<i>.`` names; every group alike."""
+    found: dict[int, set[int]] = {}
+    for k in sd:
+        m = re.match(r"blocks\.group_(\d+)\.block_(\d+)\.", k)
+        if m:
+            found.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    groups = sorted(found)
+    if not groups or groups != list(range(1, len(groups) + 1)):
+        raise ValueError(f"{what}: expected residual groups blocks.group_1 .. group_G, found {groups}")
+    counts = {len(b) for b in found.values()}
+    if len(counts) != 1 or any(sorted(b) != list(range(1, len(b) + 1)) for b in found.values()):
+        raise ValueError(f"{what}: groups hold different blocks ({ {g: sorted(b) for g, b in found.items()} })")
+    return len(groups), counts.pop()
+
+
+def _shape(sd: dict, key: str, what: str) -> torch.Size:
+    if key not in sd:
+        raise ValueError(f"{what}: no weight {key!r} (found {sorted(sd)[:6]}...): not a dall_e module")
+    return sd[key].shape
+
+
+def openai_config(encoder_sd: dict, decoder_sd: dict, image_size: int = 256):
+    """The ``DVAEConfig`` the two ``dall_e`` state dicts describe (sizes read from the weight shapes)."""
+    from .dvae import DVAEConfig
+
+    groups, blocks = _blocks(encoder_sd, "encoder")
+    d_groups, d_blocks = _blocks(decoder_sd, "decoder")
+    enc_in, dec_in = _shape(encoder_sd, "blocks.input.w", "encoder"), _shape(decoder_sd, "blocks.input.w", "decoder")
+    enc_out = _shape(encoder_sd, "blocks.output.conv.w", "encoder")
+    dec_out = _shape(decoder_sd, "blocks.output.conv.w", "decoder")
+    cfg = DVAEConfig.openai(image_size=image_size, n_hid=enc_in[0], n_init=dec_in[0], vocab_size=enc_out[0],
+                            group_count=groups, n_blk_per_group=blocks, input_channels=enc_in[1])
+    theirs = dict(group_count=d_groups, n_blk_per_group=d_blocks, vocab_size=dec_in[1], n_hid=dec_out[1],
+                  output_channels=dec_out[0])
+    ours = dict(group_count=groups, n_blk_per_group=blocks, vocab_size=enc_out[0], n_hid=enc_in[0],
+                output_channels=2 * enc_in[1])
+    if theirs != ours:
+        diff = {k: (ours[k], theirs[k]) for k in ours if ours[k] != theirs[k]}
+        raise ValueError(f"the encoder and decoder are not one dVAE: (encoder's, decoder's) {diff}")
+    return cfg
+
+
+def openai_names(model) -> dict[str, str]:
+    """``{dall_e name: our name}`` for every weight of ``model`` (a ``DVAE``): the one-to-one map."""
+    from .dvae import DecoderBlock, EncoderBlock
+
+    names = {}
+    for part, coder, first in (("encoder", model.encoder, "net.0"), ("decoder", model.decoder, "input")):
+        convs = {"blocks.input": f"{part}.{first}", "blocks.output.conv": f"{part}.net.{len(coder.net) - 1}"}
+        blocks = [i for i, m in enumerate(coder.net) if isinstance(m, (EncoderBlock, DecoderBlock))]
+        for j, i in enumerate(blocks):
+            g, b = divmod(j, model.cfg.n_blk_per_group)
+            theirs, ours = f"blocks.group_{g + 1}.block_{b + 1}", f"{part}.net.{i}"
+            if isinstance(coder.net[i].id_path, nn.Conv2d):
+                convs[f"{theirs}.id_path"] = f"{ours}.id_path"
+            for k in range(4):  # res_path: ReLU, conv, ReLU, conv, ...: convs at 1, 3, 5, 7
+                convs[f"{theirs}.res_path.conv_{k + 1}"] = f"{ours}.res_path.{2 * k + 1}"
+        for t, o in convs.items():
+            names[f"{part}:{t}.w"], names[f"{part}:{t}.b"] = f"{o}.weight", f"{o}.bias"
+    return names
+
+
+def _check_layout(module, cfg, part: str) -> None:
+    """The non-weight structure of a ``dall_e`` module tree: the pooling / upsampling between groups and the
+    blocks' post-gain (a state dict has neither; only a module tree is checked)."""
+    n_layers = cfg.group_count * cfg.n_blk_per_group
+    top = _modules(module).get("blocks")
+    groups = _modules(top) if top is not None else {}
+    want = ("pool", "torch.nn.modules.pooling.MaxPool2d") if part == "encoder" else \
+        ("upsample", "torch.nn.modules.upsampling.Upsample")
+    for g in range(1, cfg.group_count + 1):
+        members = _modules(groups[f"group_{g}"])
+        between = members.get(want[0])
+        if (between is None) != (g == cfg.group_count):
+            raise ValueError(f"{part}: group_{g} {'has' if between is not None else 'lacks'} a {want[0]} layer")
+        if between is not None:
+            a = vars(between)
+            ok = class_name(between) == want[1] and (
+                a.get("kernel_size") in (2, (2, 2)) and a.get("stride") in (None, 2, (2, 2)) and not a.get("padding")
+                if part == "encoder" else a.get("scale_factor") in (2, 2.0, (2.0, 2.0)) and a.get("mode") == "nearest")
+            if not ok:
+                raise ValueError(f"{part}: group_{g}.{want[0]} is not a 2x {want[0]} ({class_name(between)}, "
+                                 f"{ {k: a.get(k) for k in ('kernel_size', 'stride', 'scale_factor', 'mode')} })")
+        for b in range(1, cfg.n_blk_per_group + 1):
+            gain = vars(members[f"block_{b}"]).get("post_gain")
+            if gain is None or abs(gain - 1 / n_layers**2) > 1e-12:
+                raise ValueError(f"{part}: group_{g}.block_{b} has post_gain {gain!r}, expected 1/{n_layers}**2")
+
+
+def _as_state(source, part: str, expected: str):
+    """``(state dict, module tree or None)`` of a path / file object / module / state dict."""
+    obj = read_pickled_module(source) if isinstance(source, (str, PathLike, io.IOBase)) else source
+    if isinstance(obj, dict):
+        if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+            raise ValueError(f"{part}: a state dict must map names to tensors")
+        return dict(obj), None
+    if not isinstance(obj, (PickledModule, nn.Module)):
+        raise TypeError(f"{part} must be a path to the released {part}.pkl, a dall_e module or its state dict, got "
+                        f"{type(obj).__name__}")
+    if class_name(obj) != expected:
+        raise ValueError(f"{part} holds a {class_name(obj)}, expected a {expected} (OpenAI's {part}.pkl)")
+    return flat_state(obj), obj
+
+
+def load_openai(encoder, decoder, image_size: int = 256):
+    """``DVAE`` with the weights of OpenAI's released dVAE; see ``DVAE.from_openai``."""
+    from .dvae import DVAE
+
+    enc_sd, enc_tree = _as_state(encoder, "encoder", ENCODER_CLASS)
+    dec_sd, dec_tree = _as_state(decoder, "decoder", DECODER_CLASS)
+    cfg = openai_config(enc_sd, dec_sd, image_size)
+    for tree, part in ((enc_tree, "encoder"), (dec_tree, "decoder")):
+        if tree is not None:
+            _check_layout(tree, cfg, part)
+    model = DVAE(cfg)
+    names = openai_names(model)
+    given = {f"encoder:{k}": v for k, v in enc_sd.items()} | {f"decoder:{k}": v for k, v in dec_sd.items()}
+    missing, unexpected = sorted(names.keys() - given.keys()), sorted(given.keys() - names.keys())
+    if missing or unexpected:
+        raise ValueError(f"the weights do not match the dall_e dVAE layout: missing {missing[:6]}, unexpected "
+                         f"{unexpected[:6]}")
+    ours = model.state_dict()
+    state = {}
+    for theirs, name in names.items():
+        t = given[theirs]
+        if t.shape != ours[name].shape:
+            raise ValueError(f"{theirs.replace(':', ' ')} has shape {tuple(t.shape)}, expected "
+                             f"{tuple(ours[name].shape)} for the dVAE its other weights describe")
+        if not t.is_floating_point():
+            raise ValueError(f"{theirs.replace(':', ' ')} is {t.dtype}, expected floating point")
+        state[name] = t.detach().to("cpu", torch.float32)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
