@@ -210,16 +210,19 @@ def _check_layout(module, cfg, part: str) -> None:
 
 def _as_state(source, part: str, expected: str):
     """``(state dict, module tree or None)`` of a path / file object / module / state dict."""
-    obj = read_pickled_module(source) if isinstance(source, (str, PathLike, io.IOBase)) else source
+    is_file = isinstance(source, (str, PathLike, io.IOBase))
+    obj = read_pickled_module(source) if is_file else source
+    where = f"{part} ({getattr(source, 'name', source)})" if is_file else part
     if isinstance(obj, dict):
         if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-            raise ValueError(f"{part}: a state dict must map names to tensors")
+            raise ValueError(f"{where}: holds a dict that is not a state dict (names to tensors)")
         return dict(obj), None
     if not isinstance(obj, (PickledModule, nn.Module)):
-        raise TypeError(f"{part} must be a path to the released {part}.pkl, a dall_e module or its state dict, got "
-                        f"{type(obj).__name__}")
+        kind = TypeError if not is_file else ValueError
+        raise kind(f"{where} must be the released {part}.pkl, a dall_e module or its state dict, got a "
+                   f"{type(obj).__name__}")
     if class_name(obj) != expected:
-        raise ValueError(f"{part} holds a {class_name(obj)}, expected a {expected} (OpenAI's {part}.pkl)")
+        raise ValueError(f"{where} holds a {class_name(obj)}, expected a {expected} (OpenAI's {part}.pkl)")
     return flat_state(obj), obj
 
 
