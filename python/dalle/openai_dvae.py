@@ -81,10 +81,12 @@ def read_pickled_module(source):
             raise ValueError(f"{name} is not a torch file ({e})") from None
         reason = unpickling_refusal(e)
         refused = re.search(r"GLOBAL (\S+)", reason)
-        what = f"the global {refused.group(1)}" if refused else reason
-        raise UnsafeFileError(f"{name} is refused: it names {what}, which is neither a tensor nor a class of the "
-                              "dall_e module tree, and running it could run code from the file (the restricted "
-                              f"reader stopped at: {reason}); nothing from the file was run") from None
+        if refused is None:  # an opcode the reader does not know: not a torch file
+            raise ValueError(f"{name} is not a torch file of the dall_e modules (the restricted reader stopped at: "
+                             f"{reason}); nothing from the file was run") from None
+        raise UnsafeFileError(f"{name} is refused: it names the global {refused.group(1)}, which is neither a "
+                              "tensor nor a class of the dall_e module tree, and loading it could run code from the "
+                              f"file; nothing from the file was run") from None
     except RuntimeError as e:  # the zip reader: not a torch file
         raise ValueError(f"{name} is not a torch file ({str(e).splitlines()[0]})") from None
 
@@ -236,7 +238,8 @@ def load_openai(encoder, decoder, image_size: int = 256):
     for tree, part in ((enc_tree, "encoder"), (dec_tree, "decoder")):
         if tree is not None:
             _check_layout(tree, cfg, part)
-    model = DVAE(cfg)
+    with torch.device("meta"):  # shapes only: every weight is replaced below, so none is drawn
+        model = DVAE(cfg)
     names = openai_names(model)
     given = {f"encoder:{k}": v for k, v in enc_sd.items()} | {f"decoder:{k}": v for k, v in dec_sd.items()}
     missing, unexpected = sorted(names.keys() - given.keys()), sorted(given.keys() - names.keys())
@@ -252,6 +255,6 @@ def load_openai(encoder, decoder, image_size: int = 256):
                              f"{tuple(ours[name].shape)} for the dVAE its other weights describe")
         if not t.is_floating_point():
             raise ValueError(f"{theirs.replace(':', ' ')} is {t.dtype}, expected floating point")
-        state[name] = t.detach().to("cpu", torch.float32)
-    model.load_state_dict(state, strict=True)
+        state[name] = t.detach().to("cpu", torch.float32, copy=True)  # never shares memory with the source
+    model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
