@@ -1,13 +1,14 @@
 """OpenAI's released dVAE (``encoder.pkl``, ``decoder.pkl`` of the ``dall_e`` package) as a ``dalle.dvae.DVAE``.
 
 The released files are ``torch.save`` pickles of whole modules (``dall_e.encoder.Encoder``,
-``dall_e.decoder.Decoder``), and unpickling can run code from a file. They are read here with a restricted
-unpickler: ``torch.load(..., weights_only=True)`` with an allowlist (``torch.serialization.safe_globals``) of
-stand-in classes named like the classes the ``dall_e`` module tree is made of (``PICKLED_CLASSES``). A stand-in
-only stores the attribute dict the pickle gives it; nothing of ``dall_e`` (nor of the modules' classes) is
-imported or run, so ``dall_e`` need not be installed. Besides the stand-ins the reader rebuilds only what
-``weights_only=True`` always allows (tensors, storages, dicts, lists, numbers, strings, ``torch.device``); any
-other global in the file is refused with ``UnsafeFileError`` naming it, and nothing from the file runs.
+``dall_e.decoder.Decoder``) in torch's legacy (pre-zip) format, and unpickling can run code from a file. They are
+read here with a restricted unpickler that rebuilds tensors and stand-in classes named like the classes the
+``dall_e`` module tree is made of (``PICKLED_CLASSES``) and nothing else. A stand-in only stores the attribute
+dict the pickle gives it; nothing of ``dall_e`` (nor of the modules' classes) is imported or run, so ``dall_e``
+need not be installed. Legacy files are read by ``LegacyUnpickler`` (``find_class`` allows the stand-ins, torch's
+tensor-rebuild functions, storage types, ``OrderedDict``, ``set`` and ``torch.device``); zip files (torch >= 1.6)
+by ``torch.load(..., weights_only=True)`` with the stand-ins added by ``torch.serialization.safe_globals``. Any
+other global in a file is refused with ``UnsafeFileError`` naming it, and nothing from the file runs.
 
 Weights map one to one (``openai_names``): the ``dall_e`` convolutions hold ``w``, ``b`` where ours (plain
 ``nn.Conv2d``) hold ``weight``, ``bias``; ``blocks.input`` / ``blocks.group_<g>.block_<i>`` /
@@ -22,6 +23,7 @@ encoder's last and the decoder's first); ``DVAE`` computes in float32 (or the au
 """
 from __future__ import annotations
 
+import _compat_pickle
 import io
 import pickle
 import re
@@ -63,22 +65,104 @@ STAND_INS = {name: type(name.rsplit(".", 1)[1], (PickledModule,), {"pickled_name
              for name in PICKLED_CLASSES}
 
 
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.save's format before zip files (OpenAI's files are in it)
+# What the legacy reader rebuilds besides the stand-ins: the callables torch.save's tensors and modules name
+LEGACY_GLOBALS = {
+    "collections.OrderedDict": OrderedDict, "builtins.set": set, "torch.device": torch.device,
+    "torch._utils._rebuild_tensor": torch._utils._rebuild_tensor,
+    "torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
+    "torch._utils._rebuild_parameter": torch._utils._rebuild_parameter,
+}
+
+
+class LegacyUnpickler(pickle.Unpickler):
+    """Reads the pickles of torch's legacy (pre-zip) format with ``find_class`` restricted to ``STAND_INS``,
+    ``LEGACY_GLOBALS`` and torch's storage types (the ``pickle`` documentation's "restricting globals"): a
+    file can only name those, so unpickling it runs nothing of the file's choosing. Storages are created empty
+    here and filled by ``read_legacy`` from the bytes after the pickles."""
+
+    def __init__(self, file):
+        super().__init__(file)
+        self.storages: dict[str, torch.Tensor] = {}  # key -> flat tensor owning the storage
+
+    def find_class(self, module, name):
+        if (module, name) in _compat_pickle.NAME_MAPPING:  # protocol 2 writes Python 2 names (__builtin__.set)
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        full = f"{module}.{name}"
+        if full in STAND_INS:
+            return STAND_INS[full]
+        if full in LEGACY_GLOBALS:
+            return LEGACY_GLOBALS[full]
+        if module == "torch" and name.endswith("Storage"):
+            try:
+                return torch.serialization.StorageType(name)  # a dtype holder (.dtype), nothing callable
+            except (KeyError, AttributeError):
+                pass
+        raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {full}")
+
+    def persistent_load(self, pid):
+        if not isinstance(pid, tuple) or not pid:
+            raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+        if pid[0] == "module" and len(pid) == 4 and isinstance(pid[1], type) and issubclass(pid[1], PickledModule):
+            return pid[1]  # the module's class (a stand-in); the source text saved with it is ignored
+        if pid[0] == "storage" and len(pid) == 6 and isinstance(pid[1], torch.serialization.StorageType):
+            storage_type, key, _location, numel, view = pid[1:]
+            if key not in self.storages:
+                self.storages[key] = torch.empty(int(numel), dtype=storage_type.dtype)
+            root = self.storages[key]
+            untyped = root.untyped_storage()
+            if view is not None:  # (view key, offset, size) in elements: a part of the root storage
+                _, offset, size = view
+                untyped = untyped[int(offset) * root.element_size(): (int(offset) + int(size)) * root.element_size()]
+            return torch.storage.TypedStorage(wrap_storage=untyped, dtype=root.dtype, _internal=True)
+        raise pickle.UnpicklingError(f"persistent id {pid[0]!r} is not a tensor storage or a dall_e module")
+
+
+def read_legacy(f):
+    """The object in a legacy-format ``torch.save`` file ``f`` (binary, at its start), with ``LegacyUnpickler``:
+    magic number, protocol, system info, the object, the storage keys, then each storage as an int64 element
+    count and its bytes (little-endian), the layout of ``torch.serialization._legacy_load``."""
+    if LegacyUnpickler(f).load() != LEGACY_MAGIC:
+        raise pickle.UnpicklingError("no torch.save magic number")
+    LegacyUnpickler(f).load()  # protocol version
+    info = LegacyUnpickler(f).load()
+    if not isinstance(info, dict) or not info.get("little_endian", False):
+        raise pickle.UnpicklingError("only little-endian torch files are read")
+    main = LegacyUnpickler(f)
+    obj = main.load()
+    for key in LegacyUnpickler(f).load():
+        flat = main.storages[key]
+        count = int.from_bytes(f.read(8), "little")
+        data = f.read(count * flat.element_size())
+        if count != flat.numel() or len(data) != flat.numel() * flat.element_size():
+            raise pickle.UnpicklingError(f"storage {key} is truncated or of the wrong size")
+        flat.view(torch.uint8).copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    return obj
+
+
 def read_pickled_module(source):
     """The object in a ``torch.save`` file of a ``dall_e`` module (``source``: a path or a binary file object),
     read with the restricted unpickler described in the module docstring: the module tree comes back as
     ``PickledModule`` stand-ins holding tensors; a file holding a plain state dict comes back as that dict.
+    Zip files (torch >= 1.6) are read by ``torch.load(weights_only=True)``, legacy files (OpenAI's) by
+    ``read_legacy``; both refuse every global but the same allowlist.
 
     Raises ``FileNotFoundError`` for a missing path, ``UnsafeFileError`` (a ``ValueError``) naming the global
     the reader refused (nothing from the file runs), ``ValueError`` for a file that is not a torch file."""
     name = source if isinstance(source, (str, PathLike)) else getattr(source, "name", "the file")
     if isinstance(source, (str, PathLike)) and not Path(source).is_file():
         raise FileNotFoundError(f"no file {source}")
+    f = open(source, "rb") if isinstance(source, (str, PathLike)) else source
     try:
+        start = f.tell()
+        zipped = f.read(4) == b"PK\x03\x04"
+        f.seek(start)
+        if not zipped:
+            return read_legacy(f)
         with torch.serialization.safe_globals([(cls, full) for full, cls in STAND_INS.items()]):
-            return torch.load(source, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "WeightsUnpickler error" not in str(e):
-            raise ValueError(f"{name} is not a torch file ({e})") from None
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError) as e:
         reason = unpickling_refusal(e)
         refused = re.search(r"GLOBAL (\S+)", reason)
         if refused is None:  # an opcode the reader does not know: not a torch file
@@ -89,6 +173,9 @@ def read_pickled_module(source):
                               f"file; nothing from the file was run") from None
     except RuntimeError as e:  # the zip reader: not a torch file
         raise ValueError(f"{name} is not a torch file ({str(e).splitlines()[0]})") from None
+    finally:
+        if f is not source:
+            f.close()
 
 
 def class_name(module) -> str:
