@@ -162,10 +162,11 @@ def read_pickled_module(source):
             return read_legacy(f)
         with torch.serialization.safe_globals([(cls, full) for full, cls in STAND_INS.items()]):
             return torch.load(f, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError) as e:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, AttributeError, IndexError,
+            OverflowError) as e:  # what a malformed pickle raises in the readers
         reason = unpickling_refusal(e)
         refused = re.search(r"GLOBAL (\S+)", reason)
-        if refused is None:  # an opcode the reader does not know: not a torch file
+        if refused is None:  # malformed, truncated or an opcode the reader does not know: not a torch file
             raise ValueError(f"{name} is not a torch file of the dall_e modules (the restricted reader stopped at: "
                              f"{reason}); nothing from the file was run") from None
         raise UnsafeFileError(f"{name} is refused: it names the global {refused.group(1)}, which is neither a "
