@@ -264,6 +264,14 @@ def test_other_files_and_shapes_are_clear_errors(small, tmp_path):
     tree._modules["blocks"]._modules["group_2"]._modules["pool"].kernel_size = 3
     with pytest.raises(ValueError, match="group_2.pool is not a 2x pool"):
         DVAE.from_openai(tree, dec_path)
+    tree = read_pickled_module(enc_path)  # what a crafted file can build without running code: a loop, a string
+    tree._modules["blocks"]._modules["loop"] = tree
+    with pytest.raises(ValueError, match="deeper than a dall_e module"):
+        DVAE.from_openai(tree, dec_path)
+    tree = read_pickled_module(enc_path)
+    tree._modules["blocks"]._modules["input"]._parameters["w"] = "weights"
+    with pytest.raises(ValueError, match="blocks.input.w is a str, expected a tensor"):
+        DVAE.from_openai(tree, dec_path)
     tree = read_pickled_module(dec_path)
     tree._modules["blocks"]._modules["group_4"]._modules["block_1"].post_gain = 1.0
     with pytest.raises(ValueError, match="post_gain 1.0"):

@@ -187,14 +187,18 @@ def class_name(module) -> str:
 
 
 def _modules(module) -> "OrderedDict[str, object]":
-    children = vars(module).get("_modules")
+    children = vars(module).get("_modules") if isinstance(module, (PickledModule, nn.Module)) else None
     if not isinstance(children, dict):
         raise ValueError(f"{class_name(module)} holds no submodules (not a module tree)")
     return children
 
 
 def flat_state(module, prefix: str = "") -> dict:
-    """``state_dict()`` of a stand-in tree (or a real module tree): ``{dotted name: tensor}``."""
+    """``state_dict()`` of a stand-in tree (or a real module tree): ``{dotted name: tensor}``. ``ValueError`` for
+    a tree deeper than the ``dall_e`` modules' 5 levels (a crafted file can make one cyclic) or an entry that is
+    not a tensor."""
+    if prefix.count(".") > 8:
+        raise ValueError(f"{prefix[:80]}...: module tree deeper than a dall_e module's")
     out = {}
     for k, v in (vars(module).get("_parameters") or {}).items():
         if v is not None:
@@ -205,6 +209,9 @@ def flat_state(module, prefix: str = "") -> dict:
     for k, child in _modules(module).items():
         if child is not None:
             out.update(flat_state(child, f"{prefix}{k}."))
+    bad = [k for k, v in out.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"{bad[0]} is a {type(out[bad[0]]).__name__}, expected a tensor")
     return out
 
 
