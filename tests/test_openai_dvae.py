@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from dalle.common import UnsafeFileError
 from dalle.convert import main as convert_main
 from dalle.dvae import DVAE, DVAEConfig
-from dalle.openai_dvae import read_pickled_module
+from dalle.openai_dvae import openai_names, read_pickled_module
 from dalle_kernels import map_pixels, unmap_pixels
 
 dall_e = pytest.importorskip("dall_e", reason="the dall-e package is not installed "
@@ -139,23 +139,34 @@ def test_small_matches_dall_e_from_the_pickles(small):
 
 
 def test_every_tensor_is_mapped(small):
-    """Changing any one of dall_e's tensors changes our output: none is dropped or swapped for another of the
-    same shape (conv_2 and conv_3 of a block have the same shape)."""
+    """Each of dall_e's tensors lands where it acts the same: a change to one of theirs, made to the tensor it maps
+    to in ours, changes both outputs alike, and visibly (none is dropped or swapped for another of the same shape:
+    conv_2 and conv_3 of a block have the same shape)."""
     enc, dec, *_ = small
-    images = photos(16)[:1]
-    e_sd, d_sd = enc.state_dict(), dec.state_dict()
-    base = DVAE.from_openai(e_sd, d_sd)
-    ids = base.encode(images)
+    images = photos(8)  # 1x1 code grids: the mapping, not the pictures, is under test
+    model = DVAE.from_openai(enc, dec)
+    ours = model.state_dict()
+    ids = model.encode(images)
+    one_hot = F.one_hot(ids, model.vocab_size).permute(0, 3, 1, 2).float()
+    x = images.float() / 255
+    run = {"encoder": (lambda: model.logits(images), lambda: enc(dall_e.map_pixels(x))),
+           "decoder": (lambda: model.decoder(ids), lambda: dec(one_hot))}
+    g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        ref = (base.logits(images), base.decoder(ids))
-    for part, sd in (("encoder", e_sd), ("decoder", d_sd)):
-        for k, t in sd.items():
-            changed = {**sd, k: t + 0.05 * torch.randn_like(t)}
-            m = DVAE.from_openai(changed, d_sd) if part == "encoder" else DVAE.from_openai(e_sd, changed)
-            with torch.no_grad():
-                out = m.logits(images) if part == "encoder" else m.decoder(ids)
-            ours = ref[0] if part == "encoder" else ref[1]
-            assert (out - ours).abs().max() > 1e-4, f"{part} {k} does not reach the output"
+        for theirs_name, our_name in openai_names(model).items():
+            part, key = theirs_name.split(":")
+            theirs = (enc if part == "encoder" else dec).state_dict()[key]  # shares memory with the module
+            before, kept = run[part][0](), theirs.clone()
+            changed = theirs + 2 * theirs.std() * torch.randn(theirs.shape, generator=g)  # twice its spread
+            theirs.copy_(changed)
+            ours[our_name].copy_(changed)
+            try:
+                after, expected = run[part][0](), run[part][1]()
+                torch.testing.assert_close(after, expected, **TOL, msg=lambda m: f"{theirs_name}: {m}")
+                assert (after - before).abs().max() > 10 * TOL["atol"], f"{theirs_name} does not reach the output"
+            finally:
+                theirs.copy_(kept)
+                ours[our_name].copy_(kept)
 
 
 def test_released_config_matches_dall_e(tmp_path):
