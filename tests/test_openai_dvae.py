@@ -8,6 +8,7 @@ requests`` (the package imports both); skipped without it.
 """
 import pickle
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +137,20 @@ def test_small_matches_dall_e_from_the_pickles(small):
         torch.save(module, path, _use_new_zipfile_serialization=False)
     again = DVAE.from_openai(legacy / "encoder.pkl", legacy / "decoder.pkl")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_reading_needs_no_dall_e(small, monkeypatch, tmp_path):
+    """The stand-ins replace dall_e's classes: with the package made unimportable the pickles still load, in both
+    torch formats, to the same weights."""
+    enc, dec, enc_path, dec_path = small
+    torch.save(enc, tmp_path / "encoder.pkl", _use_new_zipfile_serialization=False)
+    for name in [m for m in sys.modules if m == "dall_e" or m.startswith("dall_e.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # import dall_e now raises ImportError
+    with pytest.raises(ImportError):
+        import dall_e.encoder  # noqa: F401
+    for path in (enc_path, tmp_path / "encoder.pkl"):
+        model = DVAE.from_openai(path, dec_path)
+        assert torch.equal(model.encoder.net[-1].weight, enc.blocks.output.conv.w)
 
 
 def test_every_tensor_is_mapped(small):
