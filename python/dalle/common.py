@@ -102,8 +102,9 @@ def atomic_save(obj, path) -> Path:
 
 
 def unpickling_refusal(error: Exception) -> str:
-    """The first line of why ``torch.load(weights_only=True)`` refused a file (e.g. ``Unsupported global: GLOBAL
-    pathlib.Path.write_text ...``), at most 200 characters, without torch's advice to allowlist it."""
+    """The first line of why a restricted unpickler (``torch.load(weights_only=True)``'s or dalle's) refused a
+    file (e.g. ``Unsupported global: GLOBAL pathlib.Path.write_text ...``), at most 200 characters, without
+    torch's preamble."""
     return str(error).rsplit("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0][:200]
 
 

@@ -399,13 +399,13 @@ class DVAE(nn.Module):
         ``encoder``, ``decoder``: the released ``encoder.pkl`` and ``decoder.pkl`` (paths or binary file
         objects), the ``dall_e`` package's ``Encoder`` / ``Decoder`` modules, or their state dicts.
         ``image_size``: the images' side the model is used at (the released one was trained at 256); it sets
-        ``grid_size`` only, the weights work at any size divisible by 8.
+        ``grid_size`` only, the weights work at any size divisible by the grid factor (8).
 
         The files are pickles (torch's legacy format; zip files are read too), read with a restricted
         unpickler (an allowlist of stand-ins for the ``dall_e`` module tree's classes and torch's tensor
         rebuilders; ``dalle.openai_dvae``): it rebuilds tensors and that tree's attribute dicts only, runs no
-        code from the file and needs no ``dall_e`` installed. Raises ``UnsafeFileError`` naming any other global a file names (nothing runs),
-        ``ValueError`` for a file or module that is not the ``dall_e`` encoder / decoder, whose layout differs
+        code from the file and needs no ``dall_e`` installed. Raises ``UnsafeFileError`` naming any other
+        global a file names (nothing runs), ``ValueError`` for a file or module that is not the ``dall_e`` encoder / decoder, whose layout differs
         (pooling, upsampling, post-gain) or whose weights' names or shapes do not fit one dVAE,
         ``FileNotFoundError`` for a missing path. Convert once with ``python -m dalle.convert --openai-dvae``."""
         from .openai_dvae import load_openai
