@@ -237,7 +237,8 @@ def test_crafted_pickles_are_refused_and_never_run(small, tmp_path, capsys):
                    _with_attr(Encoder(**SMALL), WritesMarker(marker)), p, _use_new_zipfile_serialization=False),
                "pickle.dump": lambda p: p.write_bytes(pickle.dumps(WritesMarker(marker), protocol=2)),
                "pickle.dump protocol 5": lambda p: p.write_bytes(pickle.dumps(WritesMarker(marker), protocol=5)),
-               "hidden in a dall_e encoder": lambda p: torch.save(_with_attr(Encoder(**SMALL), WritesMarker(marker)), p)}
+               "hidden in a dall_e encoder": lambda p: torch.save(
+                   _with_attr(Encoder(**SMALL), WritesMarker(marker)), p)}
     for how, write in crafted.items():
         path = tmp_path / how / "encoder.pkl"
         path.parent.mkdir()

@@ -405,9 +405,9 @@ class DVAE(nn.Module):
         unpickler (an allowlist of stand-ins for the ``dall_e`` module tree's classes and torch's tensor
         rebuilders; ``dalle.openai_dvae``): it rebuilds tensors and that tree's attribute dicts only, runs no
         code from the file and needs no ``dall_e`` installed. Raises ``UnsafeFileError`` naming any other
-        global a file names (nothing runs), ``ValueError`` for a file or module that is not the ``dall_e`` encoder / decoder, whose layout differs
-        (pooling, upsampling, post-gain) or whose weights' names or shapes do not fit one dVAE,
-        ``FileNotFoundError`` for a missing path. Convert once with ``python -m dalle.convert --openai-dvae``."""
+        global a file names (nothing runs), ``ValueError`` for a file or module that is not the ``dall_e``
+        encoder / decoder, whose layout differs (pooling, upsampling, post-gain) or whose weights' names or
+        shapes do not fit one dVAE, ``FileNotFoundError`` for a missing path. Convert once with ``python -m dalle.convert --openai-dvae``."""
         from .openai_dvae import load_openai
 
         return load_openai(encoder, decoder, image_size)
