@@ -407,7 +407,8 @@ class DVAE(nn.Module):
         code from the file and needs no ``dall_e`` installed. Raises ``UnsafeFileError`` naming any other
         global a file names (nothing runs), ``ValueError`` for a file or module that is not the ``dall_e``
         encoder / decoder, whose layout differs (pooling, upsampling, post-gain) or whose weights' names or
-        shapes do not fit one dVAE, ``FileNotFoundError`` for a missing path. Convert once with ``python -m dalle.convert --openai-dvae``."""
+        shapes do not fit one dVAE, ``FileNotFoundError`` for a missing path. Convert once with
+        ``python -m dalle.convert --openai-dvae``."""
         from .openai_dvae import load_openai
 
         return load_openai(encoder, decoder, image_size)
