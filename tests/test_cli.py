@@ -526,6 +526,18 @@ def test_convert_bad_arguments(tmp_path, capsys):
     (tmp_path / "old").mkdir()
     usage_error(dalle.convert.main, [str(tmp_path / "old"), "--out", str(tmp_path / "new")], capsys, "--out")
     assert not (tmp_path / "new").exists()
+    usage_error(dalle.convert.main, [], capsys, "path")
+    enc, dec = tmp_path / "encoder.pkl", tmp_path / "decoder.pkl"  # read only after the flags are checked
+    enc.write_bytes(b"x")
+    dec.write_bytes(b"x")
+    out = ["--out", str(tmp_path / "new")]
+    for argv, flag in ((["--openai-dvae", str(enc), str(tmp_path / "nosuch.pkl"), *out], "--openai-dvae"),
+                       (["--openai-dvae", str(enc), str(dec)], "--out"),
+                       (["--openai-dvae", str(enc), str(dec), "--out", str(enc)], "--out"),
+                       (["--openai-dvae", str(enc), str(dec), *out, "--trust-pickle"], "--trust-pickle"),
+                       ([str(tmp_path / "old"), "--openai-dvae", str(enc), str(dec), *out], "--openai-dvae")):
+        usage_error(dalle.convert.main, argv, capsys, flag)
+    assert not (tmp_path / "new").exists()
 
 
 def test_generate_unwritable_out_is_refused_before_sampling(tmp_path, capsys, no_work, trained_run):

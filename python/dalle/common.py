@@ -101,6 +101,13 @@ def atomic_save(obj, path) -> Path:
     return _atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def unpickling_refusal(error: Exception) -> str:
+    """The first line of why a restricted unpickler (``torch.load(weights_only=True)``'s or dalle's) refused a
+    file (e.g. ``Unsupported global: GLOBAL pathlib.Path.write_text ...``), at most 200 characters, without
+    torch's preamble."""
+    return str(error).rsplit("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0][:200]
+
+
 def load_checkpoint(path, map_location="cpu"):
     """A torch file of plain data (a training checkpoint, the data cache, PowerSGD state), read with
     ``torch.load(weights_only=True)``: no code from the file runs.
@@ -115,7 +122,7 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).rsplit("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0][:200]
+        reason = unpickling_refusal(e)
         raise UnsafeFileError(f"{path} cannot be read without running code from it, so it is refused (the safe "
                               f"reader stopped at: {reason}); it is a file of an earlier version of dalle or not a "
                               f"dalle file; {convert_hint(path, trust=True)}") from None

@@ -3,6 +3,7 @@
     python -m dalle.convert runs/demo                    # every old file in the run folder and its subfolders
     python -m dalle.convert runs/demo/dalle.pt --out exported/dalle
     python -m dalle.convert runs/demo --trust-pickle     # also files that only full unpickling can read
+    python -m dalle.convert --openai-dvae encoder.pkl decoder.pkl --out dvae/openai   # OpenAI's released dVAE
 
 Models (``dalle.pt``, ``dvae.pt``, ``reranker.pt``) become folders of ``model.safetensors`` + ``config.json``:
 the transformer's into its run folder, a dVAE's into its run folder (``RUN/dvae/`` when it sits beside a
@@ -15,6 +16,10 @@ earlier version's training checkpoint, whose NumPy RNG state was pickled, or a c
 with ``--trust-pickle``: that reads it with full unpickling, which runs whatever code the file holds, so give the
 flag only for files you made yourself or got from a source you trust. Without it nothing is written. Every file
 written is read back with the safe readers and compared with what was converted.
+
+OpenAI's released dVAE (``encoder.pkl`` + ``decoder.pkl``, pickles of the ``dall_e`` package's modules) is read
+with ``DVAE.from_openai``'s restricted unpickler, which rebuilds only tensors and that module tree (no
+``--trust-pickle``, never full unpickling), and written as a dVAE model folder.
 """
 from __future__ import annotations
 
@@ -170,16 +175,40 @@ def convert(path, out=None, trust_pickle: bool = False, log=print) -> list[str]:
     return done
 
 
+def convert_openai_dvae(encoder, decoder, out, log=print) -> str:
+    """Convert OpenAI's released dVAE (``encoder.pkl``, ``decoder.pkl``) into the model folder ``out``
+    (``model.safetensors`` + ``config.json``, which ``DVAE.load`` reads), then read it back and compare.
+
+    Raises what ``DVAE.from_openai`` raises (``UnsafeFileError`` for a file naming anything but tensors and the
+    ``dall_e`` module tree, ``ValueError`` for other files); nothing is written then."""
+    from .dvae import DVAE
+
+    model = DVAE.from_openai(encoder, decoder)
+    model.save(out)
+    again = DVAE.load(out)
+    if again.cfg != model.cfg or not _same_tensors(model.state_dict(), again.state_dict()):
+        raise RuntimeError(f"{out} does not read back the dVAE converted from {encoder} and {decoder}")
+    line = (f"{encoder} + {decoder} -> {out} (model.safetensors + config.json, {len(again.state_dict())} tensors "
+            f"read back identical; {again.cfg.vocab_size} codes, grid {again.grid_size[0]}x{again.grid_size[1]} "
+            f"at {again.cfg.image_size}x{again.cfg.image_size})")
+    log(line)
+    return line
+
+
 def build_parser():
     from . import cli
 
     p = cli.Parser(prog="python -m dalle.convert", description=__doc__.split("\n\n")[0],
                    epilog="Models become model.safetensors + config.json folders; checkpoints stay "
                           "torch files with plain data. See the README, 'Model files'.")
-    p.add_argument("path", help="an old file (dalle.pt, dvae.pt, reranker.pt, checkpoint.pt, data_cache.pt, "
+    p.add_argument("path", nargs="?", help="an old file (dalle.pt, dvae.pt, reranker.pt, checkpoint.pt, data_cache.pt, "
                                 "powersgd_rank<i>.pt) or a folder holding some (searched recursively)")
     p.add_argument("--out", default=None, help="for a single file: the model folder (or torch file) to write "
-                                               "(default: where dalle's loaders look)")
+                                               "(default: where dalle's loaders look); for --openai-dvae: the "
+                                               "dVAE model folder to write (required)")
+    p.add_argument("--openai-dvae", nargs=2, metavar=("ENCODER_PKL", "DECODER_PKL"), default=None,
+                   help="convert OpenAI's released dVAE (encoder.pkl decoder.pkl) into the --out folder; read "
+                        "with a restricted unpickler (tensors and the dall_e module tree only), instead of PATH")
     p.add_argument("--trust-pickle", action="store_true",
                    help="also convert files that only full unpickling can read; this runs code from the file: "
                         "give it only for files from a source you trust")
@@ -189,6 +218,27 @@ def build_parser():
 def main(argv=None):
     p = build_parser()
     a = p.parse_args(argv)
+    if a.openai_dvae is not None:
+        if a.path is not None:
+            p.error("argument --openai-dvae: converts OpenAI's two files only; give no PATH with it")
+        if a.trust_pickle:
+            p.error("argument --trust-pickle: not for --openai-dvae (its files are always read with the "
+                    "restricted unpickler)")
+        if a.out is None:
+            p.error("argument --out: required with --openai-dvae (the dVAE model folder to write)")
+        for flag_file in a.openai_dvae:
+            if not Path(flag_file).is_file():
+                p.error(f"argument --openai-dvae: no file {flag_file!r}")
+        if Path(a.out).is_file():
+            p.error(f"argument --out: {a.out!r} is a file; expected the dVAE model folder to write")
+        try:
+            convert_openai_dvae(*a.openai_dvae, a.out)
+        except (ValueError, TypeError, FileNotFoundError) as e:  # UnsafeFileError is a ValueError
+            print(f"{p.prog}: error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        return
+    if a.path is None:
+        p.error("the following arguments are required: path (or --openai-dvae ENCODER_PKL DECODER_PKL)")
     if not Path(a.path).exists():
         p.error(f"argument path: no file or folder {a.path!r}")
     if a.out is not None and Path(a.path).is_dir():

@@ -63,6 +63,12 @@ class DVAEConfig:
         return cls(**overrides)
 
     @classmethod
+    def openai(cls, **overrides) -> "DVAEConfig":
+        """OpenAI's released dVAE (``DVAE.from_openai``): the paper's architecture, 256x256 images to a 32x32
+        grid of 8192 codes, ``n_hid`` 256, ``n_init`` 128, 4 groups of 2 blocks."""
+        return cls(**overrides)
+
+    @classmethod
     def tiny(cls, **overrides) -> "DVAEConfig":
         """A CPU-sized dVAE: 32x32 images to an 8x8 grid of 512 codes."""
         return cls(**{**dict(image_size=32, n_hid=32, n_init=64, vocab_size=512, group_count=3,
@@ -384,6 +390,28 @@ class DVAE(nn.Module):
     def save(self, path) -> Path:
         """Write the model as ``path/model.safetensors`` + ``path/config.json`` (``DVAE.load`` reads it back)."""
         return save_pretrained(path, self.state_dict(), {"model_type": MODEL_TYPE, **asdict(self.cfg)})
+
+    @classmethod
+    def from_openai(cls, encoder, decoder, image_size: int = 256) -> "DVAE":
+        """OpenAI's released dVAE as a ``DVAE`` (``DVAEConfig.openai()`` for the released files; the sizes are
+        read from the weights), in eval mode on the CPU, float32.
+
+        ``encoder``, ``decoder``: the released ``encoder.pkl`` and ``decoder.pkl`` (paths or binary file
+        objects), the ``dall_e`` package's ``Encoder`` / ``Decoder`` modules, or their state dicts.
+        ``image_size``: the images' side the model is used at (the released one was trained at 256); it sets
+        ``grid_size`` only, the weights work at any size divisible by the grid factor (8).
+
+        The files are pickles (torch's legacy format; zip files are read too), read with a restricted
+        unpickler (an allowlist of stand-ins for the ``dall_e`` module tree's classes and torch's tensor
+        rebuilders; ``dalle.openai_dvae``): it rebuilds tensors and that tree's attribute dicts only, runs no
+        code from the file and needs no ``dall_e`` installed. Raises ``UnsafeFileError`` naming any other
+        global a file names (nothing runs), ``ValueError`` for a file or module that is not the ``dall_e``
+        encoder / decoder, whose layout differs (pooling, upsampling, post-gain) or whose weights' names or
+        shapes do not fit one dVAE, ``FileNotFoundError`` for a missing path. Convert once with
+        ``python -m dalle.convert --openai-dvae``."""
+        from .openai_dvae import load_openai
+
+        return load_openai(encoder, decoder, image_size)
 
     @classmethod
     def load(cls, path, map_location="cpu") -> "DVAE":
