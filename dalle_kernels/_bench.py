@@ -69,6 +69,21 @@ def peak_memory_mb(step: Callable[[], object], device: str) -> float | None:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def resident_memory_mb() -> dict:
+    """This process's resident memory now and at its peak, in MiB (``VmRSS`` / ``VmHWM`` of /proc/self/status;
+    elsewhere only the peak, from ``resource.getrusage``, and ``None`` for now)."""
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return {"rss_mb": int(fields["VmRSS"].split()[0]) / 1024, "peak_rss_mb": int(fields["VmHWM"].split()[0]) / 1024}
+    except (OSError, KeyError, ValueError):
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        return {"rss_mb": None, "peak_rss_mb": peak / (2**20 if sys.platform == "darwin" else 1024)}
+
+
 def median_seconds(benchmark) -> float | None:
     """Median time of a finished pytest-benchmark run; ``None`` under ``--benchmark-disable`` (no timing)."""
     stats = getattr(benchmark, "stats", None)

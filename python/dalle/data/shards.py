@@ -12,8 +12,9 @@ Layout of a shards folder (written by ``python -m dalle.encode``)::
 "unit", "samples", "heldout", "skipped"}, ...], "samples", "heldout", "skipped", "complete": true}``.
 
 ``TokenShards(folder, split)`` reads them with memory that stays flat as the data grows: the codes are
-memory-mapped (a few shards' maps open at once), the captions of at most two shards are held, and the index
-keeps 8 bytes per sample of the split.
+memory-mapped (a few shards' maps open at once); a caption is read from its line (the byte offsets of a shard's
+lines are found the first time it is read, 4 bytes a sample); ``iter_captions`` holds one shard's captions at a
+time; the split's index keeps 8 bytes per sample.
 """
 from __future__ import annotations
 
@@ -95,7 +96,6 @@ class TokenShards:
     """
 
     MAPS_OPEN = 32  # memory maps kept open (each holds a file descriptor)
-    CAPTION_SHARDS = 2  # shards whose captions are held
 
     def __init__(self, folder, split: str = "train"):
         if split not in SPLITS:
@@ -142,7 +142,7 @@ class TokenShards:
         self._row = np.concatenate(rows) if rows else np.zeros(0, np.int32)
         self._starts = np.asarray(starts, np.int64)  # split index range of each shard
         self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._captions: OrderedDict[int, list[tuple[str, str]]] = OrderedDict()
+        self._starts_of: dict[int, np.ndarray] = {}  # line offsets of the shards read so far: 4 bytes a sample
 
     def _split_rows(self, k: int, s: dict) -> np.ndarray:
         """Rows of shard ``k`` in this split (int32); reads the held-out flags only for mixed shards."""
@@ -176,14 +176,21 @@ class TokenShards:
         self._maps[k] = mm
         return mm
 
-    def _shard_captions(self, k: int) -> list[tuple[str, str]]:
-        recs = self._captions.pop(k, None)
-        if recs is None:
-            recs = [(r["key"], r["caption"]) for r in map(json.loads, self._lines(k))]
-            while len(self._captions) >= self.CAPTION_SHARDS:
-                self._captions.popitem(last=False)
-        self._captions[k] = recs
-        return recs
+    def _line_starts(self, k: int) -> np.ndarray:
+        """Byte offsets of shard ``k``'s jsonl lines (n + 1 of them, uint32/uint64), found once per shard."""
+        starts = self._starts_of.get(k)
+        if starts is None:
+            data = np.fromfile(self.folder / f"{self._names[k]}.jsonl", dtype=np.uint8)
+            ends = np.flatnonzero(data == ord("\n")) + 1
+            starts = np.concatenate([[0], ends]).astype(np.uint32 if len(data) < 2**32 else np.uint64)
+            self._starts_of[k] = starts
+        return starts
+
+    def _record(self, k: int, r: int) -> dict:
+        starts = self._line_starts(k)
+        with open(self.folder / f"{self._names[k]}.jsonl", "rb") as f:
+            f.seek(int(starts[r]))
+            return json.loads(f.read(int(starts[r + 1]) - int(starts[r])))
 
     def _check_index(self, i) -> int:
         if isinstance(i, torch.Tensor) and i.ndim == 0 and not i.is_floating_point():
@@ -225,13 +232,11 @@ class TokenShards:
 
     def caption(self, i: int) -> str:
         """Caption of split sample ``i``."""
-        k, r = self._locate(i)
-        return self._shard_captions(k)[r][1]
+        return self._record(*self._locate(i))["caption"]
 
     def key(self, i: int) -> str:
         """Source key of split sample ``i`` (tar member key, or path relative to the folder / table)."""
-        k, r = self._locate(i)
-        return self._shard_captions(k)[r][0]
+        return self._record(*self._locate(i))["key"]
 
     def iter_captions(self) -> Iterator[str]:
         """The split's captions in index order, read shard by shard (one shard's captions in memory)."""
