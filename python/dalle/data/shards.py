@@ -12,7 +12,8 @@ Layout of a shards folder (written by ``python -m dalle.encode``)::
 "unit", "samples", "heldout", "skipped"}, ...], "samples", "heldout", "skipped", "complete": true}``.
 
 ``TokenShards(folder, split)`` reads them with memory that stays flat as the data grows: the codes are
-memory-mapped (a few shards' maps open at once); a caption is read from its line (the byte offsets of a shard's
+memory-mapped (as many shards' maps open at once as a quarter of the open-file limit allows; the pages read
+count as resident but are file cache the system reclaims); a caption is read from its line (the byte offsets of a shard's
 lines are found the first time it is read, 4 bytes a sample); ``iter_captions`` holds one shard's captions at a
 time; the split's index keeps 8 bytes per sample.
 """
@@ -86,6 +87,19 @@ def _codes_header(path: Path) -> tuple[tuple, np.dtype]:
     return shape, dtype
 
 
+def _maps_allowed() -> int:
+    """How many shards' memory maps to keep open: each holds a file descriptor, so a quarter of the soft limit
+    on open files (between 16 and 4096)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        soft = 16384 if soft == resource.RLIM_INFINITY else soft
+    except (ImportError, OSError, ValueError):
+        soft = 1024
+    return max(16, min(4096, soft // 4))
+
+
 class TokenShards:
     """The token shards in ``folder`` (written by ``python -m dalle.encode``), one split of them.
 
@@ -95,7 +109,6 @@ class TokenShards:
     encode), of another format or version, or a shard's files are missing or do not match it.
     """
 
-    MAPS_OPEN = 32  # memory maps kept open (each holds a file descriptor)
 
     def __init__(self, folder, split: str = "train"):
         if split not in SPLITS:
@@ -142,6 +155,7 @@ class TokenShards:
         self._row = np.concatenate(rows) if rows else np.zeros(0, np.int32)
         self._starts = np.asarray(starts, np.int64)  # split index range of each shard
         self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.maps_open = _maps_allowed()  # random batches touch many shards: keep as many maps as fds allow
         self._starts_of: dict[int, np.ndarray] = {}  # line offsets of the shards read so far: 4 bytes a sample
 
     def _split_rows(self, k: int, s: dict) -> np.ndarray:
@@ -171,7 +185,7 @@ class TokenShards:
         mm = self._maps.pop(k, None)
         if mm is None:
             mm = np.load(self.folder / f"{self._names[k]}.codes.npy", mmap_mode="r", allow_pickle=False)
-            while len(self._maps) >= self.MAPS_OPEN:
+            while len(self._maps) >= self.maps_open:
                 self._maps.popitem(last=False)
         self._maps[k] = mm
         return mm
