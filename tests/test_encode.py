@@ -96,6 +96,11 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, tars, monkeypatch):
     (tmp_path / "ref" / "shard-00001.codes.npy").unlink()
     run(tmp_path, tars, out="ref")
     assert files(tmp_path / "ref") == ref
+    # a data file removed under a done mark, and a temporary file a kill left: remade, cleaned up
+    (tmp_path / "ref" / "shard-00002.jsonl").unlink()
+    (tmp_path / "ref" / ".shard-00000.codes.npy.abc.tmp").write_bytes(b"torn")
+    run(tmp_path, tars, out="ref")
+    assert files(tmp_path / "ref") == ref and not list((tmp_path / "ref").glob(".*"))
     # a kill after the first shard (before the manifest): rerun finishes, byte for byte the same
     import dalle.data.shards as shards
 

@@ -124,7 +124,8 @@ def _difference(old: dict, new: dict) -> str | None:
 
 
 def _check_folder(out: Path, settings: dict, units: list[str]) -> dict[int, dict]:
-    """Done shards' entries by unit index; EncodeError when ``out`` holds shards made differently."""
+    """Done shards' entries by unit index (entry and both data files there); EncodeError when ``out`` holds
+    shards made differently."""
     manifest = out / MANIFEST
     if manifest.is_file():
         try:
@@ -150,7 +151,9 @@ def _check_folder(out: Path, settings: dict, units: list[str]) -> dict[int, dict
         if why:
             raise EncodeError(f"{out} holds token shards made with other settings ({why}); use another --out or "
                               f"the same settings")
-        done[index] = entry
+        stem = out / shard_name(index)
+        if Path(f"{stem}.codes.npy").is_file() and Path(f"{stem}.jsonl").is_file():
+            done[index] = entry  # else a data file was removed: the shard is made again
     return done
 
 
@@ -189,8 +192,14 @@ def encode(cfg: EncodeConfig, log=print) -> dict:
         done = _check_folder(out, settings, source.units)
         if world > 1:
             dist.barrier()  # every rank has read the folder before rank 0 changes it
-        if rank == 0 and (out / MANIFEST).exists() and len(done) < len(source.units):
-            (out / MANIFEST).unlink()  # shards were removed: the folder is no longer complete
+        if rank == 0:
+            if (out / MANIFEST).exists() and len(done) < len(source.units):
+                (out / MANIFEST).unlink()  # shards were removed: the folder is no longer complete
+            for i in range(len(source.units)):
+                if i not in done and writer.entry_path(i).exists():
+                    writer.entry_path(i).unlink()  # a done mark whose data files are gone
+            for tmp in [*out.glob(".shard-*.tmp"), *out.glob(f".{MANIFEST}.*.tmp")]:
+                tmp.unlink(missing_ok=True)  # left by a kill in the middle of a write
         todo = {i for i in range(len(source.units)) if i not in done}  # _UnitBatches takes this rank's share
         _encode_units(cfg, source, dvae, device, writer, settings, todo, rank, world, log)
         if world > 1:
