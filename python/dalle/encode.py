@@ -267,15 +267,15 @@ def _flag_specs() -> dict:
     from . import cli
 
     return {
-        "data": (str, "image folder, .tsv/.csv of (path, caption), a .tar, a folder of .tar shards or a brace "
-                      "pattern such as data/{00000..00099}.tar"),
+        "data": (str, "an image folder with same-named .txt captions, a .tsv or .csv table of (path, caption), "
+                      "a .tar, a folder of .tar shards or a brace pattern such as <DIR>/{00000..00099}.tar"),
         "dvae": (str, "the dVAE's folder (model.safetensors + config.json)"),
         "out": (cli.output_dir, "folder to write the token shards into (a rerun resumes it)"),
         "crops": (cli.positive_int, "random transformer crops stored per image"),
         "heldout": (cli.probability, "share of samples held out for evaluation (by a hash of the key)"),
         "batch_size": (cli.positive_int, "images per dVAE forward pass"),
         "workers": (cli.nonneg_int, "DataLoader worker processes decoding images"),
-        "chunk_size": (cli.positive_int, "folder/table: candidate pairs per shard"),
+        "chunk_size": (cli.positive_int, "image folder or table: candidate pairs per shard"),
         "seed": (cli.nonneg_int, "seed of the random crops"),
         "device": (cli.device, cli.DEVICE_HELP),
         "progress": (None, "no progress bar"),
