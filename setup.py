@@ -315,7 +315,7 @@ setup(
     + find_packages("python", include=["dalle", "dalle.*"]),
     package_dir={"dalle": "python/dalle"},
     install_requires=["torch>=2.4", "triton>=3.0; platform_system=='Linux'", "numpy", "tokenizers>=0.15",
-                      "pillow", "tqdm", "safetensors>=0.4"],
+                      "pillow", "tqdm", "safetensors>=0.4", "webdataset>=1.0"],
     extras_require={"test": ["pytest", "pytest-benchmark"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExt},

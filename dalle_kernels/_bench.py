@@ -69,6 +69,25 @@ def peak_memory_mb(step: Callable[[], object], device: str) -> float | None:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def resident_memory_mb() -> dict:
+    """This process's resident memory now and at its peak, in MiB (``VmRSS`` / ``VmHWM`` of /proc/self/status),
+    and now split into anonymous memory and mapped files (``RssAnon`` / ``RssFile``: memory-mapped data the
+    system can drop). Elsewhere only the peak, from ``resource.getrusage``; the others are ``None``."""
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        mb = {k: int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM", "RssAnon", "RssFile")}
+        return {"rss_mb": mb["VmRSS"], "peak_rss_mb": mb["VmHWM"], "rss_anon_mb": mb["RssAnon"],
+                "rss_file_mb": mb["RssFile"]}
+    except (OSError, KeyError, ValueError):
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        return {"rss_mb": None, "peak_rss_mb": peak / (2**20 if sys.platform == "darwin" else 1024),
+                "rss_anon_mb": None, "rss_file_mb": None}
+
+
 def median_seconds(benchmark) -> float | None:
     """Median time of a finished pytest-benchmark run; ``None`` under ``--benchmark-disable`` (no timing)."""
     stats = getattr(benchmark, "stats", None)

@@ -1,0 +1,334 @@
+"""Encode an image/caption source once into dVAE token shards (``dalle.data.shards``), for training the transformer.
+
+    python -m dalle.encode --data SRC --dvae DVAE_FOLDER --out DIR [--crops K] [--heldout 0.02] [--workers N]
+
+Every usable image is preprocessed for the transformer (SPEC.md section 5: near-centre square crop, resize to a
+random side in [S, 9/8 S], random S x S crop; ``--crops K`` stores K such crops) and encoded by the frozen dVAE
+(argmax codes). The crop randomness is drawn from (seed, sample key, crop index), so a rerun, on any number of
+processes or workers, writes the same codes. One output shard per source unit (a tar file, or ``--chunk-size``
+pairs of a folder/table); a shard is done when its ``.json`` entry exists, and a rerun after a kill skips done
+shards. A folder made with other settings or another dVAE is refused, naming the difference.
+Under torchrun each rank (and each of its DataLoader workers) encodes its share of the units, split as
+``Source.samples`` splits them (``i % world == rank`` with ``--workers 0``); rank 0 writes ``manifest.json`` last.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data.shards import FORMAT, MANIFEST, VERSION, ShardWriter, shard_name, write_json
+from .data.sources import Source, is_heldout, open_source
+from .data.transforms import preprocess
+
+PROG = "python -m dalle.encode"
+
+
+class EncodeError(ValueError):
+    """A source, dVAE or output folder the encode cannot use (the CLI prints it as one line, exit status 2)."""
+
+
+@dataclass
+class EncodeConfig:
+    data: str = ""
+    dvae: str = ""
+    out: str = ""
+    crops: int = 1
+    heldout: float = 0.02
+    batch_size: int = 64
+    workers: int = 0
+    chunk_size: int = 1000
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+
+
+def crop_generator(seed: int, key: str, crop: int) -> torch.Generator:
+    """The generator of crop ``crop`` of sample ``key``: a function of (seed, key, crop) only (sha256, not
+    Python's per-process ``hash``), so every process and rerun draws the same crop."""
+    digest = hashlib.sha256(f"{seed}\0{crop}\0{key}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def preprocess_crops(image, image_size: int, crops: int, seed: int, key: str) -> torch.Tensor:
+    """uint8 (K, 3, S, S): the K transformer crops of one image."""
+    return torch.stack([preprocess(image, image_size, "transformer", crop_generator(seed, key, c))
+                        for c in range(crops)])
+
+
+class _UnitBatches(torch.utils.data.IterableDataset):
+    """Preprocessed batches of the units this rank and DataLoader worker read, each batch within one unit and
+    cut at fixed positions (so batching, and with it the encoder's arithmetic, does not depend on the workers):
+    ``(unit, {"keys", "captions", "heldout", "images" uint8 (b, K, 3, S, S) or None}, skipped or None)``;
+    ``skipped`` (a dict) marks the unit's last batch."""
+
+    def __init__(self, source: Source, todo: set, rank: int, world: int, num_workers: int, image_size: int,
+                 crops: int, seed: int, heldout: float, batch: int):
+        self.source, self.todo, self.rank, self.world, self.num_workers = source, todo, rank, world, num_workers
+        self.image_size, self.crops, self.seed, self.heldout, self.batch = image_size, crops, seed, heldout, batch
+
+    def _pack(self, buf):
+        return {"keys": [b[0] for b in buf], "captions": [b[1] for b in buf], "heldout": [b[2] for b in buf],
+                "images": torch.stack([b[3] for b in buf]) if buf else None}
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        for i in self.source.unit_indices(self.rank, self.world, worker, self.num_workers):
+            if i not in self.todo:
+                continue
+            skipped, buf = Counter(), []
+            for s in self.source.iter_unit(i, skipped):
+                buf.append((s.key, s.caption, is_heldout(s.key, self.heldout),
+                            preprocess_crops(s.image, self.image_size, self.crops, self.seed, s.key)))
+                if len(buf) == self.batch:
+                    yield i, self._pack(buf), None
+                    buf = []
+            yield i, self._pack(buf), dict(skipped)
+
+
+def _settings(cfg: EncodeConfig, source: Source, dvae, digest: str, dvae_path: Path) -> dict:
+    h, w = dvae.grid_size
+    return {"format": FORMAT, "version": VERSION, "source": source.path, "source_kind": source.kind,
+            "dvae": {"path": str(dvae_path.absolute()), "digest": digest, "image_size": dvae.cfg.image_size,
+                     "grid": [h, w], "vocab_size": dvae.vocab_size},
+            "crops": cfg.crops, "heldout_fraction": cfg.heldout, "seed": cfg.seed,
+            "units": len(source.units), "chunk_size": source.chunk_size if source.kind != "webdataset" else None,
+            "min_words": source.min_words, "max_aspect": source.max_aspect}
+
+
+# settings that decide the codes; the dVAE's path may move, its digest may not
+_COMPARED = ("format", "version", "source", "source_kind", "crops", "heldout_fraction", "seed", "units",
+             "chunk_size", "min_words", "max_aspect")
+
+
+def _difference(old: dict, new: dict) -> str | None:
+    """The first setting in which ``old`` (found in the folder) and ``new`` (asked) differ, in words."""
+    o, n = old.get("dvae") or {}, new["dvae"]
+    if o.get("digest") != n["digest"]:
+        return (f"dVAE: the folder's codes are from dVAE {o.get('digest')} ({o.get('path')}), this encode uses "
+                f"{n['digest']} ({n['path']})")
+    for k in _COMPARED:
+        if old.get(k) != new[k]:
+            return f"{k}: {old.get(k)!r} in the folder, {new[k]!r} asked"
+    return None
+
+
+def _check_folder(out: Path, settings: dict, units: list[str]) -> dict[int, dict]:
+    """Done shards' entries by unit index (entry and both data files there); EncodeError when ``out`` holds
+    shards made differently."""
+    manifest = out / MANIFEST
+    if manifest.is_file():
+        try:
+            old = json.loads(manifest.read_text())
+        except ValueError:
+            old = {}
+        if old.get("format") != FORMAT:
+            raise EncodeError(f"{out} holds a {MANIFEST} that is not a token-shards manifest; choose another --out")
+        why = _difference({**old, "units": len(old.get("shards", []))}, settings)
+        if why:
+            raise EncodeError(f"{out} holds token shards made with other settings ({why}); use another --out or "
+                              f"the same settings")
+    done = {}
+    for p in sorted(out.glob("shard-*.json")):
+        try:
+            entry = json.loads(p.read_text())
+            index = int(p.name[len("shard-"):-len(".json")])
+        except ValueError:
+            raise EncodeError(f"{p} is not a shard entry written by {PROG}; choose another --out") from None
+        why = _difference(entry.get("settings", {}), settings)
+        if why is None and not (index < len(units) and entry.get("unit") == units[index]):
+            why = f"unit {index}: {entry.get('unit')!r} in the folder, not in the source"
+        if why:
+            raise EncodeError(f"{out} holds token shards made with other settings ({why}); use another --out or "
+                              f"the same settings")
+        stem = out / shard_name(index)
+        if Path(f"{stem}.codes.npy").is_file() and Path(f"{stem}.jsonl").is_file():
+            done[index] = entry  # else a data file was removed: the shard is made again
+    return done
+
+
+def _report(out, manifest: dict) -> str:
+    skipped = manifest["skipped"]
+    parts = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items()))
+    return (f"{out}: {manifest['samples']} usable samples ({manifest['heldout']} held out, {manifest['crops']} "
+            f"crop(s) each) in {len(manifest['shards'])} shards; {sum(skipped.values())} skipped"
+            + (f" ({parts})" if parts else ""))
+
+
+def encode(cfg: EncodeConfig, log=print) -> dict:
+    """Encode ``cfg.data`` with the dVAE in ``cfg.dvae`` into token shards in ``cfg.out``; returns the manifest.
+
+    EncodeError (a ValueError) when the source has no usable pair (naming the path and the skip reasons; no
+    manifest is written), or ``cfg.out`` holds shards made with other settings or another dVAE.
+    """
+    import torch.distributed as dist
+
+    from .common import pretrained_files
+    from .train import _file_digest, _setup_distributed, load_dvae
+
+    try:
+        source = open_source(cfg.data, chunk_size=cfg.chunk_size)
+    except ValueError as e:
+        raise EncodeError(str(e)) from None
+    rank, world, device = _setup_distributed(cfg.device)
+    try:
+        dvae_path = Path(cfg.dvae)
+        dvae = load_dvae(dvae_path, device)
+        dvae.requires_grad_(False)
+        digest = _file_digest(pretrained_files(dvae_path)[0])
+        settings = _settings(cfg, source, dvae, digest, pretrained_files(dvae_path)[0].parent)
+        out = Path(cfg.out)
+        writer = ShardWriter(out)
+        done = _check_folder(out, settings, source.units)
+        if world > 1:
+            dist.barrier()  # every rank has read the folder before rank 0 changes it
+        if rank == 0:
+            if (out / MANIFEST).exists() and len(done) < len(source.units):
+                (out / MANIFEST).unlink()  # shards were removed: the folder is no longer complete
+            for i in range(len(source.units)):
+                if i not in done and writer.entry_path(i).exists():
+                    writer.entry_path(i).unlink()  # a done mark whose data files are gone
+            for tmp in [*out.glob(".shard-*.tmp"), *out.glob(f".{MANIFEST}.*.tmp")]:
+                tmp.unlink(missing_ok=True)  # left by a kill in the middle of a write
+        todo = {i for i in range(len(source.units)) if i not in done}  # _UnitBatches takes this rank's share
+        _encode_units(cfg, source, dvae, device, writer, settings, todo, rank, world, log)
+        if world > 1:
+            dist.barrier()
+        entries = [writer.read_entry(i) for i in range(len(source.units))]
+        missing = [shard_name(i) for i, e in enumerate(entries) if e is None]
+        if missing:
+            raise RuntimeError(f"{out}: shards {missing[:5]} were not written (a rank failed?); rerun to finish")
+        skipped = sum((Counter(e["skipped"]) for e in entries), Counter())
+        n, held = sum(e["samples"] for e in entries), sum(e["heldout"] for e in entries)
+        if n == 0:
+            why = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())) or "no candidate pairs"
+            raise EncodeError(f"no usable image/caption pairs in {cfg.data} ({why})")
+        keep = ("name", "unit", "samples", "heldout", "skipped")
+        manifest = {**{k: settings[k] for k in ("format", "version", "source", "source_kind", "dvae")},
+                    "crops": cfg.crops, "heldout_fraction": cfg.heldout, "seed": cfg.seed,
+                    "chunk_size": settings["chunk_size"], "min_words": settings["min_words"],
+                    "max_aspect": settings["max_aspect"],
+                    "shards": [{k: e[k] for k in keep} for e in entries],
+                    "samples": n, "heldout": held, "skipped": dict(sorted(skipped.items())), "complete": True}
+        if rank == 0:
+            write_json(out / MANIFEST, manifest)
+            log(_report(out, manifest))
+        return manifest
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _encode_units(cfg, source, dvae, device, writer, settings, todo, rank, world, log) -> None:
+    from tqdm import tqdm
+
+    S, K = dvae.cfg.image_size, cfg.crops
+    per_batch = max(1, cfg.batch_size // K)  # samples per batch: batch_size images at most (one at least)
+    ds = _UnitBatches(source, todo, rank, world, max(1, cfg.workers), S, K, cfg.seed, cfg.heldout, per_batch)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=cfg.workers)
+    pending: dict[int, dict] = {}
+    bar = tqdm(total=None, unit="img", disable=not cfg.progress or rank != 0, desc="encode", dynamic_ncols=True)
+    t0, count = time.perf_counter(), 0
+    for unit, batch, skipped in loader:
+        acc = pending.setdefault(unit, {"codes": [], "records": []})
+        if batch["images"] is not None:
+            b = batch["images"].shape[0]
+            codes = dvae.encode(batch["images"].reshape(b * K, 3, S, S).to(device))
+            acc["codes"].append(codes.reshape(b, K, -1).cpu().numpy().astype(np.uint16))
+            acc["records"] += [{"key": k, "caption": c, "heldout": h}
+                               for k, c, h in zip(batch["keys"], batch["captions"], batch["heldout"])]
+            count += b
+            bar.update(b)
+        if skipped is not None:
+            acc = pending.pop(unit)
+            hw = dvae.grid_size[0] * dvae.grid_size[1]
+            codes = np.concatenate(acc["codes"]) if acc["codes"] else np.zeros((0, K, hw), np.uint16)
+            entry = {"name": shard_name(unit), "unit": source.units[unit], "samples": len(acc["records"]),
+                     "heldout": sum(r["heldout"] for r in acc["records"]), "skipped": dict(sorted(skipped.items())),
+                     "settings": settings}
+            writer.write(unit, codes, acc["records"], entry)
+    bar.close()
+    if count and rank == 0 and not cfg.progress:
+        log(f"encoded {count} images in {time.perf_counter() - t0:.1f} s")
+
+
+# ------------------------------------------------------------------------------------------------ command line
+def _flag_specs() -> dict:
+    from . import cli
+
+    return {
+        "data": (str, "an image folder with same-named .txt captions, a .tsv or .csv table of (path, caption), "
+                      "a .tar, a folder of .tar shards or a brace pattern such as <DIR>/{00000..00099}.tar"),
+        "dvae": (str, "the dVAE's folder (model.safetensors + config.json)"),
+        "out": (cli.output_dir, "folder to write the token shards into (a rerun resumes it)"),
+        "crops": (cli.positive_int, "random transformer crops stored per image"),
+        "heldout": (cli.probability, "share of samples held out for evaluation (by a hash of the key)"),
+        "batch_size": (cli.positive_int, "images per dVAE forward pass"),
+        "workers": (cli.nonneg_int, "DataLoader worker processes decoding images"),
+        "chunk_size": (cli.positive_int, "image folder or table: candidate pairs per shard"),
+        "seed": (cli.nonneg_int, "seed of the random crops"),
+        "device": (cli.device, cli.DEVICE_HELP),
+        "progress": (None, "no progress bar"),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import cli
+
+    p = cli.Parser(prog=PROG, description="Encode images and captions once into dVAE token shards.")
+    defaults, specs = EncodeConfig(), _flag_specs()
+    for f in dataclasses.fields(EncodeConfig):
+        kind, help_ = specs[f.name]
+        if f.name == "progress":
+            p.add_argument("--no-progress", dest="progress", action="store_false", help=help_)
+            continue
+        required = f.name in ("data", "dvae", "out")
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, required=required,
+                       **({} if required else {"default": getattr(defaults, f.name)}), help=help_,
+                       **cli.kind_kwargs(kind))
+    return p
+
+
+def parse_args(argv=None) -> EncodeConfig:
+    """The checked config; a bad flag, a source that cannot be read or a folder that is no dVAE is a usage
+    error (one line, exit status 2) before anything is written."""
+    from .common import pretrained_files
+
+    p = build_parser()
+    cfg = EncodeConfig(**vars(p.parse_args(argv)))
+    try:
+        open_source(cfg.data, chunk_size=cfg.chunk_size)
+    except ValueError as e:
+        p.error(f"argument --data: {e}")
+    try:
+        files = pretrained_files(cfg.dvae)
+    except (ValueError, FileNotFoundError) as e:
+        p.error(f"argument --dvae: {e}")
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        p.error(f"argument --dvae: {cfg.dvae!r} holds no {' / '.join(missing)} (a dVAE folder written by "
+                f"python -m dalle.train_dvae or DVAE.save)")
+    return cfg
+
+
+def main(argv=None) -> None:
+    cfg = parse_args(argv)
+    try:
+        encode(cfg)
+    except EncodeError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
