@@ -316,7 +316,9 @@ setup(
     package_dir={"dalle": "python/dalle"},
     install_requires=["torch>=2.4", "triton>=3.0; platform_system=='Linux'", "numpy", "tokenizers>=0.15",
                       "pillow", "tqdm", "safetensors>=0.4", "webdataset>=1.0"],
-    extras_require={"test": ["pytest", "pytest-benchmark"]},
+    # scikit-image: the photos of the real-data tests; attrs and requests: what the dall-e package (installed
+    # without its requirements, .ci/run) imports, to test DVAE.from_openai against it
+    extras_require={"test": ["pytest", "pytest-benchmark", "scikit-image", "attrs", "requests"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExt},
     zip_safe=False,
