@@ -480,7 +480,7 @@ def readme_code() -> str:
 def is_known(path: str, outputs: set[str]) -> bool:
     if path.startswith(OUTPUT_ROOTS) or path in outputs or path in RUN_OUTPUTS or "<" in path or "*" in path:
         return True
-    if path in PLACEHOLDERS:
+    if path in PLACEHOLDERS or re.fullmatch(r"[A-Z][A-Z0-9_]*(?:[./].*)?", path):  # NAME.txt, SHARDS/{..}.tar
         return True
     if path.startswith("python/") or (REPO / path).exists():
         return (REPO / path).exists()
@@ -493,7 +493,9 @@ PLACEHOLDERS = {"FILE.json", "SCRIPT.py"}  # the reader's own files, in capitals
 RUN_OUTPUTS = {"model.safetensors", "config.json", "reranker/", "dvae/", "checkpoint.pt", "tokenizer.json",
                "metrics.csv", "dalle.pt", "dvae.pt", "reranker.pt",  # the last three: an earlier version's
                "samples_train.png", "samples_heldout.png", "results.json", "eval.json", "data_cache.pt",
-               "generated.png", "summary.md", "samples/", "recon_XXXXXX.png", "powersgd_rank<i>.pt", "benchmarks.json"}
+               "generated.png", "summary.md", "samples/", "recon_XXXXXX.png", "powersgd_rank<i>.pt", "benchmarks.json",
+               # dalle.encode's token shards, and what a run on them writes
+               "manifest.json", "text_tokens.npy", "reconstructions_heldout.png"}
 
 
 def test_readme_and_help_name_only_files_that_exist_or_are_written():

@@ -108,9 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run (dVAE or transformer)")
     g = p.add_argument_group("your own data (see README: Train on your own data)")
     g.add_argument("--data", default=None,
-                   help="your images and captions: a folder of images with same-named .txt captions, a .tsv/.csv "
+                   help="your images and captions: a folder of images with same-named .txt captions, a .tsv or .csv "
                         "of (path, caption), or WebDataset shards (a brace pattern such as "
-                        "'data/{00000..00099}.tar', a .tar, or a folder of .tar files)")
+                        "'SHARDS/{00000..00099}.tar', a .tar, or a folder of .tar files)")
     g.add_argument("--dvae", default=None, help="with --data: use this trained dVAE folder instead of training one")
     g.add_argument("--openai-dvae", nargs=2, metavar=("ENCODER_PKL", "DECODER_PKL"), default=None,
                    help="with --data: OpenAI's released dVAE (encoder.pkl decoder.pkl), converted once into RUN/dvae")

@@ -742,7 +742,7 @@ def _data_source(text: str) -> str:
             return text
         raise argparse.ArgumentTypeError(f"{len(missing)} of the .tar files {text!r} names are missing "
                                          f"(first: {missing[0]})")
-    raise argparse.ArgumentTypeError(f"expected shapes, an image folder, a .tsv/.csv file, a .tar, a folder of "
+    raise argparse.ArgumentTypeError(f"expected shapes, an image folder, a .tsv or .csv file, a .tar, a folder of "
                                      f".tar files or a brace pattern of .tar files such as {{00000..00009}}.tar, got {text!r}"
                                      + ("" if path.exists() else " (no such file or folder)"))
 
