@@ -1,6 +1,18 @@
-"""The whole demo on the built-in captioned shapes: dVAE -> transformer -> samples -> scorer accuracies.
+"""The main job: dVAE -> transformer -> reranker -> samples, on the built-in captioned shapes or on your own data.
 
     python -m dalle.pipeline --run runs/demo
+    python -m dalle.pipeline --run runs/photos --data IMAGES/ [--dvae DIR | --openai-dvae ENC.pkl DEC.pkl]
+
+With ``--data`` (a folder, a .tsv/.csv or WebDataset shards; ``run_on_data``): the dVAE is trained on the data
+(``RUN/dvae/``, holding out ``--heldout`` of the pairs), given (``--dvae``) or OpenAI's released one converted
+into ``RUN/dvae/``; the pairs are encoded once into token shards (``RUN/tokens/``, ``dalle.encode``, the same
+held-out pairs by a hash of their keys); the transformer trains on the shards' training split with a BPE
+tokenizer trained on its captions; the reranker on (up to 4096 of) its pairs; then, for held-out captions:
+the transformer's loss, samples and the reranker's picks (``RUN/samples_heldout.png``: original, dVAE
+reconstruction, a sample, the pick), reconstructions (``RUN/reconstructions_heldout.png``) and
+``RUN/results.json``.
+
+Without ``--data``, the demo on the built-in captioned shapes:
 
 1. trains the tiny dVAE (``RUN/dvae/``, skipped when its final model ``RUN/dvae/model.safetensors`` exists),
 2. encodes the training images once and trains the tiny transformer (``RUN/``; ``--resume`` continues), with
