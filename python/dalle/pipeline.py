@@ -97,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=cli.nonneg_int, default=100, help="transformer warm-up updates")
     p.add_argument("--dataset-size", type=cli.positive_int, default=8000,
                    help="training caption-image pairs for the transformer")
-    p.add_argument("--text-len", type=cli.positive_int, default=24,
-                   help="text slots (clean captions use <= 15 BPE ids; BPE dropout makes longer ones)")
+    p.add_argument("--text-len", type=cli.positive_int, default=None,
+                   help="text slots (default 24 on the built-in shapes, whose clean captions use <= 15 BPE ids, "
+                        "BPE dropout making longer ones; 64 with --data; longer captions are truncated)")
     p.add_argument("--eval-captions", type=cli.positive_int, default=100, help="captions sampled per split")
     p.add_argument("--rerank", type=cli.positive_int, default=16, help="candidates per evaluation caption")
     p.add_argument("--reranker-steps", type=cli.nonneg_int, default=4000,
@@ -106,9 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=cli.positive_int, default=16, help="sample among the k likeliest image tokens")
     p.add_argument("--temperature", type=cli.nonneg_float, default=1.0,
                    help="sampling temperature (0: always the likeliest token)")
-    p.add_argument("--image-embedding", default="dvae", choices=("table", "dvae"),
-                   help="dvae: image-token vectors computed from the dVAE's codes (dalle.model.CodeEmbedding); "
-                        "table: the paper's lookup tables")
+    p.add_argument("--image-embedding", default=None, choices=("table", "dvae"),
+                   help="dvae: image-token vectors computed from the dVAE's codes (dalle.model.CodeEmbedding; the "
+                        "default on the built-in shapes); table: the paper's lookup tables (the default with --data)")
     p.add_argument("--cond-dropout", type=cli.probability, default=0.0,
                    help="share of training samples on the empty caption, in [0, 1) (for --guidance)")
     p.add_argument("--guidance", type=cli.finite_float, default=1.0,
@@ -143,6 +144,10 @@ def parse_args(argv=None):
     p = build_parser()
     a = p.parse_args(argv)
     cli.check_attn_backend(p, a.attn_backend, a.device)
+    if a.text_len is None:
+        a.text_len = 24 if a.data is None else 64
+    if a.image_embedding is None:
+        a.image_embedding = "dvae" if a.data is None else "table"
     if a.data is None:
         for flag in ("dvae", "openai_dvae"):
             if getattr(a, flag) is not None:
@@ -284,8 +289,23 @@ def run_on_data(a) -> dict:
             recon = dvae.decode(codes.view(n, *held.grid)).cpu()
         results.update(heldout_loss_text=float(lt), heldout_loss_image=float(li))
         g = torch.Generator(device=device).manual_seed(a.seed)
-        images = sample_captions(model, tok, dvae, captions, n=a.rerank, temperature=a.temperature, top_k=a.top_k,
-                                 generator=g, guidance=a.guidance)  # (C, K, 3, S, S)
+        import warnings
+
+        from .generate import CaptionWarning
+
+        with warnings.catch_warnings(record=True) as caught:  # one summary line, not a warning per caption
+            warnings.simplefilter("always", CaptionWarning)
+            images = sample_captions(model, tok, dvae, captions, n=a.rerank, temperature=a.temperature,
+                                     top_k=a.top_k, generator=g, guidance=a.guidance)  # (C, K, 3, S, S)
+        long = sum("text slots" in str(w.message) for w in caught if issubclass(w.category, CaptionWarning))
+        if long:
+            print(f"note: {long} of {n} held-out captions have more BPE tokens than the {model.cfg.text_len} text "
+                  "slots and are read truncated, as in training (--text-len sets the slots)")
+        for w in caught:
+            if not issubclass(w.category, CaptionWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            elif "text slots" not in str(w.message):
+                print(f"warning: {w.message}")
         if reranker is not None:
             pick = torch.tensor([rerank_order(c, t, tok.encode(t), reranker)[0] for c, t in zip(images, captions)])
             picked = images[torch.arange(n), pick]
