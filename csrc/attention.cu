@@ -1,0 +1,648 @@
+// Block-sparse attention under DALL-E's masks (dalle_kernels/ops/attention.py, SPEC.md section 1): forward,
+// backward preprocess (delta), dQ and dK/dV, walking the block lookup tables of masks.block_tables.
+//
+//   O = softmax(scale * Q K^T + M) V,   M = 0 where the mask allows a pair, -inf elsewhere.
+//
+// The same algorithm as the Triton kernels (FlashAttention-2, Dao 2023, algorithms 1 and 2): per query block the
+// forward visits only the key blocks listed in q_lut (q_full marks tiles entirely allowed and inside the sequence,
+// where no predicate is evaluated), with an online softmax in the log2 domain, and saves O and the row
+// log-sum-exp (natural log, fp32, (B, heads, N) by raster row) only. The backward recomputes P from the
+// log-sum-exp: delta = rowsum(dO * O); dQ = scale * dS K over q_lut; dK = scale * dS^T Q and dV = P^T dO per key
+// block over k_lut, with dS = P * (dO V^T - delta). `column` runs the transposed layout (block-diagonal causal,
+// SPEC.md) by address arithmetic: kernel position T + c*H + r reads and writes raster row T + r*W + c.
+//
+// Arithmetic: every product and sum in fp32 (CUDA cores, fmaf), for fp32, fp16 and bf16 inputs alike: tiles are
+// converted to fp32 as they are staged in shared memory, so fp32 inputs are computed exactly as fp32 (no TF32 or
+// 16-bit rounding of any operand), and products of fp16/bf16 values are exact in fp32. P and dS stay fp32 (they
+// are not rounded to the input dtype before the second matmul). Outputs are rounded to the input dtype once.
+//
+// One thread block of 128 threads per (batch * head, query block) or (batch * head, key block). Tiles BM x BN
+// (BM = BN: 16, 32 or 64; head_dim 16, 32, 64, 128). The row owned by a thread group of kThreads / BM consecutive
+// lanes: its softmax statistics are combined with warp shuffles, never across warps.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+#include "common.h"
+
+namespace dalle {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// Mask codes: masks.MASK_CODES.
+enum Mask : int { kCausal = 0, kRow = 1, kColumn = 2, kConv = 3, kConvClipped = 4, kConvTorus = 5, kAxialRow = 6 };
+
+struct Layout {
+  int n;      // T + H * W
+  int T, H, W, S;  // text length, grid, kernel // 2
+  int mask;
+};
+
+// Kernel-layout position -> raster row of the tensors (column: the image part is transposed).
+__device__ __forceinline__ int64_t raster_row(int pos, const Layout& L) {
+  if (L.mask != kColumn || pos < L.T) return pos;
+  const int t = pos - L.T;
+  return int64_t(L.T) + int64_t(t % L.H) * L.W + t / L.H;
+}
+
+// masks.tl_allowed: query position i may attend key position j, both in the kernel's layout and < n. Every / and %
+// sees non-negative operands where its result matters.
+__device__ __forceinline__ bool allowed(int i, int j, const Layout& L) {
+  const bool causal = j <= i;
+  if (L.mask == kCausal || !causal) return causal;
+  if (j < L.T) return true;
+  if (i < L.T) return false;
+  const int q = i - L.T, k = j - L.T, W = L.W, S = L.S;
+  switch (L.mask) {
+    case kRow: return q - k <= W;
+    case kColumn: return q / L.H == k / L.H;
+    case kConv: {
+      const int d = q - k, dm = d % W;
+      return d / W <= S && (dm <= S || dm >= W - S);
+    }
+    case kConvClipped: {
+      const int dc = q % W - k % W;
+      return q / W - k / W <= S && dc <= S && dc >= -S;
+    }
+    case kConvTorus: {
+      const int dr = q / W - k / W, dc = q % W - k % W, dcm = dc < 0 ? dc + W : dc;
+      return (dr <= S || dr >= L.H - S) && (dcm <= S || dcm >= W - S);
+    }
+    default: return q / W == k / W;  // axial_row
+  }
+}
+
+// Strides in elements; the head_dim axis is contiguous.
+struct Tensor4 {
+  const void* p;
+  int64_t sb, sh, sn;
+};
+
+struct Args {
+  Tensor4 q, k, v, o, dout;  // o: the forward output (backward: read); dout: dO
+  void* out0;                // forward: O; dQ kernel: dQ; dK/dV kernel: dK
+  void* out1;                // dK/dV kernel: dV
+  int64_t out_sb, out_sh, out_sn;  // strides of out0 and out1 (made alike by the caller)
+  float* lse;                // (B * heads, n) fp32, raster rows
+  float* delta;              // (B * heads, n) fp32
+  const int* lut;            // (blocks, lut_w) int32
+  const int* full;
+  const int* count;
+  int lut_w;
+  int heads;
+  Layout L;
+  float qk_scale;  // scale * log2(e)
+  float scale;
+};
+
+// rows x D tile of a (b, h) slice into shared memory as fp32, row stride LD; positions past n read as 0.
+template <typename T, int ROWS, int D, int LD>
+__device__ __forceinline__ void stage(float* dst, const T* base, int64_t sn, int pos0, const Layout& L) {
+  for (int idx = threadIdx.x; idx < ROWS * D; idx += kThreads) {
+    const int r = idx / D, c = idx % D, pos = pos0 + r;
+    dst[r * LD + c] = pos < L.n ? to_f(base[raster_row(pos, L) * sn + c]) : 0.0f;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ const T* slice(const Tensor4& t, int64_t b, int64_t h) {
+  return static_cast<const T*>(t.p) + b * t.sb + h * t.sh;
+}
+
+// Reduce over the G consecutive lanes that share a row (G a power of two <= 32).
+template <int G>
+__device__ __forceinline__ float group_max(float v) {
+#pragma unroll
+  for (int o = G / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+template <int G>
+__device__ __forceinline__ float group_sum(float v) {
+#pragma unroll
+  for (int o = G / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <int D, int BM, int BN>
+struct Smem {
+  static constexpr int LD = D + 1;    // padded rows: the row-by-row dot products hit distinct banks
+  static constexpr int LS = BN + 1;
+  static constexpr size_t fwd = sizeof(float) * (size_t(BM) * LD + size_t(BN) * LD + size_t(BN) * D + size_t(BM) * LS);
+  static constexpr size_t dq = sizeof(float) * (2 * size_t(BM) * LD + 2 * size_t(BN) * LD + size_t(BM) * LS + 2 * BM);
+  static constexpr size_t dkdv =
+      sizeof(float) * (2 * size_t(BM) * LD + 2 * size_t(BN) * LD + 2 * size_t(BM) * LS + 2 * BM);
+};
+
+// sum_k a[k] * b[k] over a head_dim row of two fp32 tiles in shared memory.
+template <int D>
+__device__ __forceinline__ float dot_row(const float* a, const float* b) {
+  float s = 0.0f;
+#pragma unroll 16
+  for (int k = 0; k < D; ++k) s = fmaf(a[k], b[k], s);
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Forward: one query block; grid (B * heads, query blocks), the last query block first (most key blocks under the
+// causal-like masks: starting it first shortens the tail).
+template <typename T, int D, int BM, int BN>
+__global__ void __launch_bounds__(kThreads) attn_fwd_kernel(Args a) {
+  using SM = Smem<D, BM, BN>;
+  constexpr int LD = SM::LD, LS = SM::LS, G = kThreads / BM, C = D / G;
+  extern __shared__ float smem[];
+  float* sQ = smem;
+  float* sK = sQ + BM * LD;
+  float* sV = sK + BN * LD;
+  float* sS = sV + BN * D;
+
+  const Layout L = a.L;
+  const int64_t bh = blockIdx.x, b = bh / a.heads, h = bh % a.heads;
+  const int mb = gridDim.y - 1 - blockIdx.y, m0 = mb * BM;
+  const T* kp = slice<T>(a.k, b, h);
+  const T* vp = slice<T>(a.v, b, h);
+  stage<T, BM, D, LD>(sQ, slice<T>(a.q, b, h), a.q.sn, m0, L);
+
+  const int tid = threadIdx.x, r = tid / G, part = tid % G;
+  float acc[C];
+#pragma unroll
+  for (int j = 0; j < C; ++j) acc[j] = 0.0f;
+  float m_i = -INFINITY, l_i = 0.0f;
+  const int count = a.count[mb];
+  for (int it = 0; it < count; ++it) {
+    const int kb = a.lut[int64_t(mb) * a.lut_w + it], n0 = kb * BN;
+    const bool full = a.full[int64_t(mb) * a.lut_w + it] != 0;
+    __syncthreads();  // the previous tile's K, V and P are no longer read
+    stage<T, BN, D, LD>(sK, kp, a.k.sn, n0, L);
+    stage<T, BN, D, D>(sV, vp, a.v.sn, n0, L);
+    __syncthreads();
+    for (int idx = tid; idx < BM * BN; idx += kThreads) {
+      const int rr = idx / BN, cc = idx % BN;
+      float s = dot_row<D>(sQ + rr * LD, sK + cc * LD) * a.qk_scale;
+      if (!full) {
+        const int i = m0 + rr, j = n0 + cc;
+        if (i >= L.n || j >= L.n || !allowed(i, j, L)) s = -INFINITY;
+      }
+      sS[rr * LS + cc] = s;
+    }
+    __syncthreads();
+    // Row r: each of its G threads folds the columns part, part + G, ... and the group combines by shuffles.
+    float* srow = sS + r * LS;
+    float mx = -INFINITY;
+    for (int c = part; c < BN; c += G) mx = fmaxf(mx, srow[c]);
+    const float m_new = fmaxf(m_i, group_max<G>(mx));
+    const float shift = m_new == -INFINITY ? 0.0f : m_new;  // a row with nothing allowed yet: exp2 gives 0, not NaN
+    const float alpha = exp2f(m_i - shift);
+    float sum = 0.0f;
+    for (int c = part; c < BN; c += G) {
+      const float p = exp2f(srow[c] - shift);
+      srow[c] = p;
+      sum += p;
+    }
+    l_i = l_i * alpha + group_sum<G>(sum);
+    m_i = m_new;
+#pragma unroll
+    for (int j = 0; j < C; ++j) acc[j] *= alpha;
+    __syncthreads();  // P complete
+    for (int c = 0; c < BN; ++c) {
+      const float p = srow[c];
+      const float* vrow = sV + c * D + part;
+#pragma unroll
+      for (int j = 0; j < C; ++j) acc[j] = fmaf(p, vrow[j * G], acc[j]);
+    }
+  }
+
+  const int pos = m0 + r;
+  if (pos < L.n) {
+    // Only positions past n can end with l = 0 (the diagonal is always allowed); they are not stored.
+    const float l_safe = l_i == 0.0f ? 1.0f : l_i, m_safe = m_i == -INFINITY ? 0.0f : m_i;
+    const float inv = 1.0f / l_safe;
+    const int64_t row = raster_row(pos, L);
+    T* op = static_cast<T*>(a.out0) + b * a.out_sb + h * a.out_sh + row * a.out_sn + part;
+#pragma unroll
+    for (int j = 0; j < C; ++j) op[j * G] = from_f<T>(acc[j] * inv);
+    if (part == 0) a.lse[bh * L.n + row] = (m_safe + log2f(l_safe)) * kLn2;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// delta = rowsum(dO * O) in fp32, one thread per raster row; grid (B * heads, ceil(n / kThreads)).
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) attn_bwd_delta_kernel(Args a) {
+  const int64_t bh = blockIdx.x, b = bh / a.heads, h = bh % a.heads;
+  const int row = blockIdx.y * kThreads + threadIdx.x;
+  if (row >= a.L.n) return;
+  const T* o = slice<T>(a.o, b, h) + int64_t(row) * a.o.sn;
+  const T* d = slice<T>(a.dout, b, h) + int64_t(row) * a.dout.sn;
+  float s = 0.0f;
+  for (int c = 0; c < D; ++c) s = fmaf(to_f(o[c]), to_f(d[c]), s);
+  a.delta[bh * a.L.n + row] = s;
+}
+
+// lse (natural log) -> log2 domain, and delta, of BM rows from position pos0 into shared memory (0 past n).
+__device__ __forceinline__ void stage_rows(float* s_lse2, float* s_delta, const Args& a, int64_t bh, int pos0, int rows) {
+  for (int r = threadIdx.x; r < rows; r += kThreads) {
+    const int pos = pos0 + r;
+    const bool ok = pos < a.L.n;
+    const int64_t i = bh * a.L.n + (ok ? raster_row(pos, a.L) : 0);
+    s_lse2[r] = ok ? a.lse[i] * kLog2e : 0.0f;
+    s_delta[r] = ok ? a.delta[i] : 0.0f;
+  }
+}
+
+// P and dS of one BM x BN tile: p = exp2(scale * q.k * log2e - lse2), dS = p * (dO.v - delta). Past n or where
+// the mask forbids a pair, p = 0 (the logit is -inf).
+template <int D>
+__device__ __forceinline__ void probs_and_dscores(const float* q, const float* k, const float* v, const float* dout,
+                                                  float lse2, float delta, int i, int j, bool full, const Args& a,
+                                                  float* p_out, float* ds_out) {
+  float s = dot_row<D>(q, k) * a.qk_scale;
+  if (!full && (i >= a.L.n || j >= a.L.n || !allowed(i, j, a.L))) s = -INFINITY;
+  const float p = exp2f(s - lse2);
+  *p_out = p;
+  *ds_out = p * (dot_row<D>(dout, v) - delta);
+}
+
+// dQ: one query block over q_lut; grid (B * heads, query blocks), last first.
+template <typename T, int D, int BM, int BN>
+__global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(Args a) {
+  using SM = Smem<D, BM, BN>;
+  constexpr int LD = SM::LD, LS = SM::LS, G = kThreads / BM, C = D / G;
+  extern __shared__ float smem[];
+  float* sQ = smem;
+  float* sdO = sQ + BM * LD;
+  float* sK = sdO + BM * LD;
+  float* sV = sK + BN * LD;
+  float* sS = sV + BN * LD;
+  float* sLse = sS + BM * LS;
+  float* sDelta = sLse + BM;
+
+  const Layout L = a.L;
+  const int64_t bh = blockIdx.x, b = bh / a.heads, h = bh % a.heads;
+  const int mb = gridDim.y - 1 - blockIdx.y, m0 = mb * BM;
+  const T* kp = slice<T>(a.k, b, h);
+  const T* vp = slice<T>(a.v, b, h);
+  stage<T, BM, D, LD>(sQ, slice<T>(a.q, b, h), a.q.sn, m0, L);
+  stage<T, BM, D, LD>(sdO, slice<T>(a.dout, b, h), a.dout.sn, m0, L);
+  stage_rows(sLse, sDelta, a, bh, m0, BM);
+
+  const int tid = threadIdx.x, r = tid / G, part = tid % G;
+  float acc[C];
+#pragma unroll
+  for (int j = 0; j < C; ++j) acc[j] = 0.0f;
+  const int count = a.count[mb];
+  for (int it = 0; it < count; ++it) {
+    const int n0 = a.lut[int64_t(mb) * a.lut_w + it] * BN;
+    const bool full = a.full[int64_t(mb) * a.lut_w + it] != 0;
+    __syncthreads();
+    stage<T, BN, D, LD>(sK, kp, a.k.sn, n0, L);
+    stage<T, BN, D, LD>(sV, vp, a.v.sn, n0, L);
+    __syncthreads();
+    for (int idx = tid; idx < BM * BN; idx += kThreads) {
+      const int rr = idx / BN, cc = idx % BN;
+      float p;
+      probs_and_dscores<D>(sQ + rr * LD, sK + cc * LD, sV + cc * LD, sdO + rr * LD, sLse[rr], sDelta[rr], m0 + rr,
+                           n0 + cc, full, a, &p, &sS[rr * LS + cc]);
+    }
+    __syncthreads();
+    const float* srow = sS + r * LS;
+    for (int c = 0; c < BN; ++c) {
+      const float ds = srow[c];
+      const float* krow = sK + c * LD + part;
+#pragma unroll
+      for (int j = 0; j < C; ++j) acc[j] = fmaf(ds, krow[j * G], acc[j]);
+    }
+  }
+  const int pos = m0 + r;
+  if (pos < L.n) {
+    T* dq = static_cast<T*>(a.out0) + b * a.out_sb + h * a.out_sh + raster_row(pos, L) * a.out_sn + part;
+#pragma unroll
+    for (int j = 0; j < C; ++j) dq[j * G] = from_f<T>(acc[j] * a.scale);
+  }
+}
+
+// dK, dV: one key block over k_lut (the query blocks that see it); grid (B * heads, key blocks).
+template <typename T, int D, int BM, int BN>
+__global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(Args a) {
+  using SM = Smem<D, BM, BN>;
+  constexpr int LD = SM::LD, LS = SM::LS, G = kThreads / BN, C = D / G;
+  extern __shared__ float smem[];
+  float* sK = smem;
+  float* sV = sK + BN * LD;
+  float* sQ = sV + BN * LD;
+  float* sdO = sQ + BM * LD;
+  float* sP = sdO + BM * LD;
+  float* sdS = sP + BM * LS;
+  float* sLse = sdS + BM * LS;
+  float* sDelta = sLse + BM;
+
+  const Layout L = a.L;
+  const int64_t bh = blockIdx.x, b = bh / a.heads, h = bh % a.heads;
+  const int nb = blockIdx.y, n0 = nb * BN;
+  const T* qp = slice<T>(a.q, b, h);
+  const T* dop = slice<T>(a.dout, b, h);
+  stage<T, BN, D, LD>(sK, slice<T>(a.k, b, h), a.k.sn, n0, L);
+  stage<T, BN, D, LD>(sV, slice<T>(a.v, b, h), a.v.sn, n0, L);
+
+  const int tid = threadIdx.x, c = tid / G, part = tid % G;  // thread group of key row c
+  float dk[C], dv[C];
+#pragma unroll
+  for (int j = 0; j < C; ++j) dk[j] = dv[j] = 0.0f;
+  const int count = a.count[nb];
+  for (int it = 0; it < count; ++it) {
+    const int m0 = a.lut[int64_t(nb) * a.lut_w + it] * BM;
+    const bool full = a.full[int64_t(nb) * a.lut_w + it] != 0;
+    __syncthreads();
+    stage<T, BM, D, LD>(sQ, qp, a.q.sn, m0, L);
+    stage<T, BM, D, LD>(sdO, dop, a.dout.sn, m0, L);
+    stage_rows(sLse, sDelta, a, bh, m0, BM);
+    __syncthreads();
+    for (int idx = tid; idx < BM * BN; idx += kThreads) {
+      const int rr = idx / BN, cc = idx % BN;
+      probs_and_dscores<D>(sQ + rr * LD, sK + cc * LD, sV + cc * LD, sdO + rr * LD, sLse[rr], sDelta[rr], m0 + rr,
+                           n0 + cc, full, a, &sP[rr * LS + cc], &sdS[rr * LS + cc]);
+    }
+    __syncthreads();
+    for (int rr = 0; rr < BM; ++rr) {
+      const float p = sP[rr * LS + c], ds = sdS[rr * LS + c];
+      const float* dorow = sdO + rr * LD + part;
+      const float* qrow = sQ + rr * LD + part;
+#pragma unroll
+      for (int j = 0; j < C; ++j) {
+        dv[j] = fmaf(p, dorow[j * G], dv[j]);
+        dk[j] = fmaf(ds, qrow[j * G], dk[j]);
+      }
+    }
+  }
+  const int pos = n0 + c;
+  if (pos < L.n) {
+    const int64_t off = b * a.out_sb + h * a.out_sh + raster_row(pos, L) * a.out_sn + part;
+    T* dkp = static_cast<T*>(a.out0) + off;
+    T* dvp = static_cast<T*>(a.out1) + off;
+#pragma unroll
+    for (int j = 0; j < C; ++j) {
+      dkp[j * G] = from_f<T>(dk[j] * a.scale);
+      dvp[j * G] = from_f<T>(dv[j]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Host side: checks, then launches.
+enum Kernel { kFwd = 0, kDq = 1, kDkdv = 2 };
+
+template <typename K>
+void launch_kernel(K kernel, dim3 grid, size_t smem, const Args& a, cudaStream_t stream) {
+  // Above 48 KB of dynamic shared memory a kernel must opt in (the device's limit is checked by the launch).
+  if (smem > 48 * 1024)
+    DALLE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  kernel<<<grid, kThreads, smem, stream>>>(a);
+  DALLE_CUDA_CHECK(cudaGetLastError());
+}
+
+template <typename T, int D, int B>
+void launch_tile(Kernel which, dim3 grid, const Args& a, cudaStream_t stream) {
+  using SM = Smem<D, B, B>;
+  switch (which) {
+    case kFwd: return launch_kernel(attn_fwd_kernel<T, D, B, B>, grid, SM::fwd, a, stream);
+    case kDq: return launch_kernel(attn_bwd_dq_kernel<T, D, B, B>, grid, SM::dq, a, stream);
+    default: return launch_kernel(attn_bwd_dkdv_kernel<T, D, B, B>, grid, SM::dkdv, a, stream);
+  }
+}
+
+// Tiles (BM = BN): 16 for every head_dim (the emulator's tests: several blocks at small sizes), 64 for head_dim
+// <= 64 and 32 for 128 (the GPU's: dK/dV needs 2 x BN x D + 2 x BM x D + 2 x BM x BN fp32 values of shared memory).
+bool tile_ok(int D, int block) { return block == 16 || (D <= 64 ? block == 64 : block == 32); }
+
+template <typename T, int D>
+void launch_d(Kernel which, int block, dim3 grid, const Args& a, cudaStream_t stream) {
+  if (block == 16) return launch_tile<T, D, 16>(which, grid, a, stream);
+  if constexpr (D <= 64) launch_tile<T, D, 64>(which, grid, a, stream);
+  else launch_tile<T, D, 32>(which, grid, a, stream);
+}
+
+template <typename T>
+void launch_t(Kernel which, int D, int block, dim3 grid, const Args& a, cudaStream_t stream) {
+  switch (D) {
+    case 16: return launch_d<T, 16>(which, block, grid, a, stream);
+    case 32: return launch_d<T, 32>(which, block, grid, a, stream);
+    case 64: return launch_d<T, 64>(which, block, grid, a, stream);
+    default: return launch_d<T, 128>(which, block, grid, a, stream);
+  }
+}
+
+void launch(Kernel which, int dtype, int D, int block, dim3 grid, const Args& a, cudaStream_t stream) {
+  switch (dtype) {
+    case kFloat32: return launch_t<float>(which, D, block, grid, a, stream);
+    case kFloat16: return launch_t<__half>(which, D, block, grid, a, stream);
+    default: return launch_t<__nv_bfloat16>(which, D, block, grid, a, stream);
+  }
+}
+
+template <typename T, int D>
+void launch_delta_d(dim3 grid, const Args& a, cudaStream_t stream) {
+  attn_bwd_delta_kernel<T, D><<<grid, kThreads, 0, stream>>>(a);
+}
+
+template <typename T>
+void launch_delta_t(int D, dim3 grid, const Args& a, cudaStream_t stream) {
+  switch (D) {
+    case 16: return launch_delta_d<T, 16>(grid, a, stream);
+    case 32: return launch_delta_d<T, 32>(grid, a, stream);
+    case 64: return launch_delta_d<T, 64>(grid, a, stream);
+    default: return launch_delta_d<T, 128>(grid, a, stream);
+  }
+}
+
+std::string str(int64_t v) { return std::to_string(v); }
+
+// Everything the kernels assume, checked before any CUDA call. Strides are in elements.
+struct Shape {
+  int64_t batch, heads, n, head_dim;
+  int T, H, W, kernel, mask, block, dtype, lut_rows, lut_w;
+};
+
+void check_shape(const char* op, const Shape& s) {
+  const std::string p = std::string(op) + ": ";
+  check_arg(s.dtype == kFloat32 || s.dtype == kFloat16 || s.dtype == kBFloat16,
+            p + "dtype must be float32 (0), float16 (1) or bfloat16 (2), got " + str(s.dtype));
+  check_arg(s.batch > 0 && s.heads > 0, p + "batch and heads must be positive, got " + str(s.batch) + ", " + str(s.heads));
+  check_arg(s.batch * s.heads <= 2147483647LL, p + "batch * heads must be < 2**31 (grid x)");
+  check_arg(s.head_dim == 16 || s.head_dim == 32 || s.head_dim == 64 || s.head_dim == 128,
+            p + "head_dim must be 16, 32, 64 or 128, got " + str(s.head_dim));
+  check_arg(s.mask >= kCausal && s.mask <= kAxialRow, p + "mask code must be in 0..6 (masks.MASK_CODES), got " + str(s.mask));
+  check_arg(s.T >= 0 && s.H > 0 && s.W > 0, p + "text_len must be >= 0 and the grid positive, got T=" + str(s.T) +
+                                                ", H=" + str(s.H) + ", W=" + str(s.W));
+  check_arg(s.kernel > 0 && s.kernel % 2 == 1, p + "kernel must be a positive odd int, got " + str(s.kernel));
+  check_arg(s.n == int64_t(s.T) + int64_t(s.H) * s.W,
+            p + "n must equal text_len + H * W = " + str(int64_t(s.T) + int64_t(s.H) * s.W) + ", got " + str(s.n));
+  check_arg(s.n < (int64_t(1) << 30), p + "n must be < 2**30, got " + str(s.n));
+  check_arg(tile_ok(static_cast<int>(s.head_dim), s.block),
+            p + "block must be 16, or 64 for head_dim <= 64 and 32 for head_dim 128; got " + str(s.block) +
+                " for head_dim " + str(s.head_dim));
+  const int64_t blocks = (s.n + s.block - 1) / s.block;
+  check_arg(blocks <= 65535, p + "n / block must be <= 65535 blocks (grid y), got " + str(blocks));
+  check_arg(s.lut_rows == blocks, p + "the lookup tables must have one row per block (" + str(blocks) + "), got " +
+                                      str(s.lut_rows));
+  check_arg(s.lut_w >= 1 && s.lut_w <= blocks,
+            p + "the lookup table width must be in [1, " + str(blocks) + "], got " + str(s.lut_w));
+}
+
+struct Pointer {
+  uintptr_t ptr;
+  const char* name;
+};
+
+void check_ptr(const char* op, const Pointer& p) {
+  check_arg(p.ptr != 0, std::string(op) + ": " + p.name + ": null data pointer");
+}
+
+void check_strides(const char* op, const char* name, int64_t sb, int64_t sh, int64_t sn) {
+  check_arg(sb >= 0 && sh >= 0 && sn >= 0,
+            std::string(op) + ": " + name + " strides must be >= 0 (head_dim contiguous), got " + str(sb) + ", " +
+                str(sh) + ", " + str(sn));
+}
+
+Args make_args(const Shape& s, double scale, uintptr_t lut, uintptr_t full, uintptr_t count) {
+  Args a{};
+  a.lut = reinterpret_cast<const int*>(lut);
+  a.full = reinterpret_cast<const int*>(full);
+  a.count = reinterpret_cast<const int*>(count);
+  a.lut_w = s.lut_w;
+  a.heads = static_cast<int>(s.heads);
+  a.L = Layout{static_cast<int>(s.n), s.T, s.H, s.W, s.kernel / 2, s.mask};
+  a.qk_scale = static_cast<float>(scale * 1.4426950408889634);
+  a.scale = static_cast<float>(scale);
+  return a;
+}
+
+Tensor4 tensor4(uintptr_t p, int64_t sb, int64_t sh, int64_t sn) { return Tensor4{reinterpret_cast<const void*>(p), sb, sh, sn}; }
+
+void forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse, uintptr_t lut, uintptr_t full,
+             uintptr_t count, int64_t batch, int64_t heads, int64_t n, int64_t head_dim, int64_t sqb, int64_t sqh,
+             int64_t sqn, int64_t skb, int64_t skh, int64_t skn, int64_t svb, int64_t svh, int64_t svn, int64_t sob,
+             int64_t soh, int64_t son, int lut_rows, int lut_w, int mask, int text_len, int H, int W, int kernel,
+             double scale, int block, int dtype, uintptr_t stream) {
+  const char* op = "attention_forward";
+  const Shape s{batch, heads, n, head_dim, text_len, H, W, kernel, mask, block, dtype, lut_rows, lut_w};
+  check_shape(op, s);
+  check_arg(scale > 0.0 && std::isfinite(scale), std::string(op) + ": scale must be positive and finite");
+  const Pointer pointers[] = {{q, "q"}, {k, "k"}, {v, "v"}, {o, "o"}, {lse, "lse"}, {lut, "lut"}, {full, "full"},
+                              {count, "count"}};
+  for (const Pointer& ptr : pointers) check_ptr(op, ptr);
+  check_strides(op, "q", sqb, sqh, sqn);
+  check_strides(op, "k", skb, skh, skn);
+  check_strides(op, "v", svb, svh, svn);
+  check_strides(op, "o", sob, soh, son);
+  Args a = make_args(s, scale, lut, full, count);
+  a.q = tensor4(q, sqb, sqh, sqn);
+  a.k = tensor4(k, skb, skh, skn);
+  a.v = tensor4(v, svb, svh, svn);
+  a.out0 = reinterpret_cast<void*>(o);
+  a.out_sb = sob, a.out_sh = soh, a.out_sn = son;
+  a.lse = reinterpret_cast<float*>(lse);
+  const dim3 grid(static_cast<unsigned>(batch * heads), static_cast<unsigned>(lut_rows));
+  launch(kFwd, dtype, static_cast<int>(head_dim), block, grid, a, reinterpret_cast<cudaStream_t>(stream));
+}
+
+// Backward: delta, then dQ over the query-block tables, then dK and dV over the key-block tables. The tables are
+// those of the forward (masks.block_tables with the same block): q_* for dQ, k_* for dK/dV. dk and dv share
+// strides (sdb, sdh, sdn); dq has its own.
+void backward(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse, uintptr_t delta,
+              uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t q_lut, uintptr_t q_full, uintptr_t q_count,
+              uintptr_t k_lut, uintptr_t k_full, uintptr_t k_count, int64_t batch, int64_t heads, int64_t n,
+              int64_t head_dim, int64_t sqb, int64_t sqh, int64_t sqn, int64_t skb, int64_t skh, int64_t skn,
+              int64_t svb, int64_t svh, int64_t svn, int64_t sob, int64_t soh, int64_t son, int64_t sdob,
+              int64_t sdoh, int64_t sdon, int64_t sdqb, int64_t sdqh, int64_t sdqn, int64_t sdb, int64_t sdh,
+              int64_t sdn, int q_lut_w, int k_lut_w, int mask, int text_len, int H, int W, int kernel, double scale,
+              int block, int dtype, uintptr_t stream) {
+  const char* op = "attention_backward";
+  const int64_t blocks = block > 0 ? (n + block - 1) / block : 0;
+  const Shape s{batch, heads, n, head_dim, text_len, H, W, kernel, mask, block, dtype, static_cast<int>(blocks), q_lut_w};
+  check_shape(op, s);
+  check_arg(k_lut_w >= 1 && k_lut_w <= blocks,
+            std::string(op) + ": the key-block table width must be in [1, " + str(blocks) + "], got " + str(k_lut_w));
+  check_arg(scale > 0.0 && std::isfinite(scale), std::string(op) + ": scale must be positive and finite");
+  const Pointer pointers[] = {{dout, "dout"}, {q, "q"}, {k, "k"}, {v, "v"}, {o, "o"}, {lse, "lse"},
+                              {delta, "delta"}, {dq, "dq"}, {dk, "dk"}, {dv, "dv"}, {q_lut, "q_lut"},
+                              {q_full, "q_full"}, {q_count, "q_count"}, {k_lut, "k_lut"}, {k_full, "k_full"},
+                              {k_count, "k_count"}};
+  for (const Pointer& ptr : pointers) check_ptr(op, ptr);
+  check_strides(op, "q", sqb, sqh, sqn);
+  check_strides(op, "k", skb, skh, skn);
+  check_strides(op, "v", svb, svh, svn);
+  check_strides(op, "o", sob, soh, son);
+  check_strides(op, "dout", sdob, sdoh, sdon);
+  check_strides(op, "dq", sdqb, sdqh, sdqn);
+  check_strides(op, "dk/dv", sdb, sdh, sdn);
+  auto st = reinterpret_cast<cudaStream_t>(stream);
+  Args a = make_args(s, scale, q_lut, q_full, q_count);
+  a.q = tensor4(q, sqb, sqh, sqn);
+  a.k = tensor4(k, skb, skh, skn);
+  a.v = tensor4(v, svb, svh, svn);
+  a.o = tensor4(o, sob, soh, son);
+  a.dout = tensor4(dout, sdob, sdoh, sdon);
+  a.lse = reinterpret_cast<float*>(lse);
+  a.delta = reinterpret_cast<float*>(delta);
+  const unsigned bh = static_cast<unsigned>(batch * heads);
+  const dim3 grid_delta(bh, static_cast<unsigned>((n + kThreads - 1) / kThreads));
+  switch (dtype) {
+    case kFloat32: launch_delta_t<float>(static_cast<int>(head_dim), grid_delta, a, st); break;
+    case kFloat16: launch_delta_t<__half>(static_cast<int>(head_dim), grid_delta, a, st); break;
+    default: launch_delta_t<__nv_bfloat16>(static_cast<int>(head_dim), grid_delta, a, st); break;
+  }
+  DALLE_CUDA_CHECK(cudaGetLastError());
+  const dim3 grid(bh, static_cast<unsigned>(blocks));
+  a.out0 = reinterpret_cast<void*>(dq);
+  a.out_sb = sdqb, a.out_sh = sdqh, a.out_sn = sdqn;
+  launch(kDq, dtype, static_cast<int>(head_dim), block, grid, a, st);
+  a.lut = reinterpret_cast<const int*>(k_lut);
+  a.full = reinterpret_cast<const int*>(k_full);
+  a.count = reinterpret_cast<const int*>(k_count);
+  a.lut_w = k_lut_w;
+  a.out0 = reinterpret_cast<void*>(dk);
+  a.out1 = reinterpret_cast<void*>(dv);
+  a.out_sb = sdb, a.out_sh = sdh, a.out_sn = sdn;
+  launch(kDkdv, dtype, static_cast<int>(head_dim), block, grid, a, st);
+}
+
+}  // namespace
+
+void register_attention(pybind11::module_& m) {
+  using pybind11::arg;
+  m.def("attention_forward", &forward, arg("q"), arg("k"), arg("v"), arg("o"), arg("lse"), arg("lut"), arg("full"),
+        arg("count"), arg("batch"), arg("heads"), arg("n"), arg("head_dim"), arg("stride_qb"), arg("stride_qh"),
+        arg("stride_qn"), arg("stride_kb"), arg("stride_kh"), arg("stride_kn"), arg("stride_vb"), arg("stride_vh"),
+        arg("stride_vn"), arg("stride_ob"), arg("stride_oh"), arg("stride_on"), arg("lut_rows"), arg("lut_w"),
+        arg("mask"), arg("text_len"), arg("H"), arg("W"), arg("kernel"), arg("scale"), arg("block"), arg("dtype"),
+        arg("stream"),
+        "Block-sparse attention forward. Pointers to q, k, v, o (batch, heads, n, head_dim; strides in elements, "
+        "head_dim contiguous), lse (batch * heads, n) fp32, and the int32 query-block tables lut/full (lut_rows, "
+        "lut_w) and count (lut_rows) of masks.block_tables(mask, text_len, (H, W), kernel, block, block).");
+  m.def("attention_backward", &backward, arg("dout"), arg("q"), arg("k"), arg("v"), arg("o"), arg("lse"),
+        arg("delta"), arg("dq"), arg("dk"), arg("dv"), arg("q_lut"), arg("q_full"), arg("q_count"), arg("k_lut"),
+        arg("k_full"), arg("k_count"), arg("batch"), arg("heads"), arg("n"), arg("head_dim"), arg("stride_qb"),
+        arg("stride_qh"), arg("stride_qn"), arg("stride_kb"), arg("stride_kh"), arg("stride_kn"), arg("stride_vb"),
+        arg("stride_vh"), arg("stride_vn"), arg("stride_ob"), arg("stride_oh"), arg("stride_on"), arg("stride_dob"),
+        arg("stride_doh"), arg("stride_don"), arg("stride_dqb"), arg("stride_dqh"), arg("stride_dqn"),
+        arg("stride_db"), arg("stride_dh"), arg("stride_dn"), arg("q_lut_w"), arg("k_lut_w"), arg("mask"),
+        arg("text_len"), arg("H"), arg("W"), arg("kernel"), arg("scale"), arg("block"), arg("dtype"), arg("stream"),
+        "Block-sparse attention backward: writes delta (batch * heads, n) fp32 workspace, dq, dk, dv (dk and dv share "
+        "the strides stride_d*) from dout, q, k, v, o, lse and both tables of the forward's block size.");
+}
+
+}  // namespace dalle
