@@ -25,9 +25,11 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <string>
 
 #include "common.h"
+#include "ptx.h"
 
 namespace dalle {
 namespace {
@@ -240,6 +242,183 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(Args a) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Forward on tensor cores, fp16/bf16: mma.sync m16n8k16 (fp32 accumulators), fragments from shared memory with
+// ldmatrix, K/V tiles double-buffered with cp.async (tile i + 1 is in flight while tile i is computed). 4 warps x 16
+// query rows = kMmaBM; BN keys per tile. Each thread holds two rows (g and g + 8 of its warp's 16) of S and O in the
+// m16n8 accumulator layout (csrc/ptx.h); a row's statistics combine over the 4 lanes of a quad. P is rounded to the
+// input dtype for the P V product (as the Triton kernels do); the sums stay fp32. Needs 16-byte aligned rows: the
+// entry point checks pointers and strides.
+constexpr int kMmaBM = 64;
+
+template <int D>
+struct MmaTile {
+  static constexpr int LDT = D + 8;  // row stride (elements): 16-byte aligned rows, ldmatrix rows 4 banks apart
+};
+
+template <int D, int BN>
+constexpr size_t mma_fwd_smem(size_t elem) {
+  return elem * MmaTile<D>::LDT * (size_t(kMmaBM) + 4 * size_t(BN));
+}
+
+// ROWS x D tile of T, rows by kernel position, into shared memory with cp.async (16 bytes per copy); positions
+// past n are zero-filled (no bytes read).
+template <typename T, int ROWS, int D>
+__device__ __forceinline__ void stage_async(T* dst, const T* base, int64_t sn, int pos0, const Layout& L) {
+  constexpr int kChunks = D / 8, LDT = MmaTile<D>::LDT;
+  for (int idx = threadIdx.x; idx < ROWS * kChunks; idx += kThreads) {
+    const int r = idx / kChunks, c = (idx % kChunks) * 8, pos = pos0 + r;
+    const bool ok = pos < L.n;
+    ptx::cp_async_16(dst + r * LDT + c, ok ? base + raster_row(pos, L) * sn + c : base, ok ? 16 : 0);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  const T v[2] = {from_f<T>(lo), from_f<T>(hi)};
+  uint32_t r;
+  memcpy(&r, v, sizeof(r));
+  return r;
+}
+
+template <typename T, int D, int BN>
+__global__ void __launch_bounds__(kThreads) attn_fwd_mma_kernel(Args a) {
+  constexpr int LDT = MmaTile<D>::LDT, KD = D / 16, NJ = BN / 8, ND = D / 8;
+  extern __shared__ float smem[];
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sK = sQ + kMmaBM * LDT;   // two buffers of BN rows
+  T* sV = sK + 2 * BN * LDT;   // two buffers of BN rows
+
+  const Layout L = a.L;
+  const int64_t bh = blockIdx.x, b = bh / a.heads, h = bh % a.heads;
+  const int mb = gridDim.y - 1 - blockIdx.y, m0 = mb * kMmaBM;
+  const T* kp = slice<T>(a.k, b, h);
+  const T* vp = slice<T>(a.v, b, h);
+  const int* lut = a.lut + int64_t(mb) * a.lut_w;
+  const int* full = a.full + int64_t(mb) * a.lut_w;
+  const int count = a.count[mb];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
+
+  stage_async<T, kMmaBM, D>(sQ, slice<T>(a.q, b, h), a.q.sn, m0, L);
+  if (count > 0) {
+    stage_async<T, BN, D>(sK, kp, a.k.sn, lut[0] * BN, L);
+    stage_async<T, BN, D>(sV, vp, a.v.sn, lut[0] * BN, L);
+  }
+  ptx::cp_async_commit();
+
+  uint32_t qf[KD][4];
+  float o[ND][4];
+#pragma unroll
+  for (int d = 0; d < ND; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.0f;
+  float m_i[2] = {-INFINITY, -INFINITY}, l_i[2] = {0.0f, 0.0f};  // l_i: this thread's share of the row sums
+  const int row0 = m0 + 16 * warp + g;  // this thread's rows: row0 and row0 + 8
+
+  for (int it = 0; it < count; ++it) {
+    const int buf = it & 1, n0 = lut[it] * BN;
+    if (it + 1 < count) {  // the other buffer was released by the barrier that ended iteration it - 1
+      stage_async<T, BN, D>(sK + (buf ^ 1) * BN * LDT, kp, a.k.sn, lut[it + 1] * BN, L);
+      stage_async<T, BN, D>(sV + (buf ^ 1) * BN * LDT, vp, a.v.sn, lut[it + 1] * BN, L);
+    }
+    ptx::cp_async_commit();
+    ptx::cp_async_wait<1>();  // everything but the newest group: Q and tile it have landed
+    __syncthreads();
+    if (it == 0) {
+#pragma unroll
+      for (int kk = 0; kk < KD; ++kk)
+        ptx::ldmatrix<4>(qf[kk], sQ + (16 * warp + (lane & 7) + 8 * ((lane >> 3) & 1)) * LDT + 16 * kk + 8 * (lane >> 4));
+    }
+    const T* k_t = sK + buf * BN * LDT;
+    const T* v_t = sV + buf * BN * LDT;
+
+    // S = Q K^T: B fragments are rows of K (K^T column-major), two 8-key chunks per ldmatrix x4.
+    float s[NJ][4];
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk) {
+#pragma unroll
+      for (int j = 0; j < NJ; j += 2) {
+        uint32_t kb[4];
+        ptx::ldmatrix<4>(kb, k_t + (8 * (j + (lane >> 4)) + (lane & 7)) * LDT + 16 * kk + 8 * ((lane >> 3) & 1));
+        const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
+        ptx::mma_m16n8k16<T>(s[j], qf[kk], b0, s[j]);
+        ptx::mma_m16n8k16<T>(s[j + 1], qf[kk], b1, s[j + 1]);
+      }
+    }
+    const bool is_full = full[it] != 0;
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float v = s[j][e] * a.qk_scale;
+        if (!is_full) {
+          const int i = row0 + 8 * (e >> 1), jj = n0 + 8 * j + 2 * t4 + (e & 1);
+          if (i >= L.n || jj >= L.n || !allowed(i, jj, L)) v = -INFINITY;
+        }
+        s[j][e] = v;
+      }
+    }
+    // Online softmax per row (r = 0: row0, r = 1: row0 + 8); the max over the quad, the sum per thread.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < NJ; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
+      const float m_new = fmaxf(m_i[r], group_max<4>(mx));
+      const float shift = m_new == -INFINITY ? 0.0f : m_new;
+      const float alpha = exp2f(m_i[r] - shift);
+      float sum = 0.0f;
+#pragma unroll
+      for (int j = 0; j < NJ; ++j) {
+        s[j][2 * r] = exp2f(s[j][2 * r] - shift);
+        s[j][2 * r + 1] = exp2f(s[j][2 * r + 1] - shift);
+        sum += s[j][2 * r] + s[j][2 * r + 1];
+      }
+      l_i[r] = l_i[r] * alpha + sum;
+      m_i[r] = m_new;
+#pragma unroll
+      for (int d = 0; d < ND; ++d) {
+        o[d][2 * r] *= alpha;
+        o[d][2 * r + 1] *= alpha;
+      }
+    }
+    // O += P V: P's accumulator fragments become A fragments (16 keys = two 8-key chunks); V row-major is B
+    // (keys x head_dim) read transposed by ldmatrix .trans, two 8-column chunks per x4.
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      const uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                              pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int d = 0; d < ND; d += 2) {
+        uint32_t vb[4];
+        ptx::ldmatrix<4, true>(vb, v_t + (16 * kk + (lane & 7) + 8 * ((lane >> 3) & 1)) * LDT + 8 * (d + (lane >> 4)));
+        const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
+        ptx::mma_m16n8k16<T>(o[d], pa, b0, o[d]);
+        ptx::mma_m16n8k16<T>(o[d + 1], pa, b1, o[d + 1]);
+      }
+    }
+    __syncthreads();  // this buffer is refilled by the next iteration's prefetch
+  }
+  ptx::cp_async_wait<0>();  // only empty groups can remain; nothing in flight at exit
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float l = group_sum<4>(l_i[r]);
+    const int pos = row0 + 8 * r;
+    if (pos >= L.n) continue;
+    const float l_safe = l == 0.0f ? 1.0f : l, m_safe = m_i[r] == -INFINITY ? 0.0f : m_i[r];
+    const float inv = 1.0f / l_safe;
+    const int64_t row = raster_row(pos, L);
+    T* op = static_cast<T*>(a.out0) + b * a.out_sb + h * a.out_sh + row * a.out_sn + 2 * t4;
+#pragma unroll
+    for (int d = 0; d < ND; ++d) {
+      op[8 * d] = from_f<T>(o[d][2 * r] * inv);
+      op[8 * d + 1] = from_f<T>(o[d][2 * r + 1] * inv);
+    }
+    if (t4 == 0) a.lse[bh * L.n + row] = (m_safe + log2f(l_safe)) * kLn2;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // delta = rowsum(dO * O) in fp32, one thread per raster row; grid (B * heads, ceil(n / kThreads)).
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) attn_bwd_delta_kernel(Args a) {
@@ -428,6 +607,10 @@ void launch_tile(Kernel which, dim3 grid, const Args& a, cudaStream_t stream) {
 // <= 64 and 32 for 128 (the GPU's: dK/dV needs 2 x BN x D + 2 x BM x D + 2 x BM x BN fp32 values of shared memory).
 bool tile_ok(int D, int block) { return block == 16 || (D <= 64 ? block == 64 : block == 32); }
 
+// The tensor-core forward's tiles: kMmaBM x 64 (head_dim <= 64) or kMmaBM x 32 (128: O, S and Q fragments in
+// registers without spilling).
+int mma_bn(int D) { return D <= 64 ? 64 : 32; }
+
 template <typename T, int D>
 void launch_d(Kernel which, int block, dim3 grid, const Args& a, cudaStream_t stream) {
   if (block == 16) return launch_tile<T, D, 16>(which, grid, a, stream);
@@ -473,8 +656,34 @@ std::string str(int64_t v) { return std::to_string(v); }
 // Everything the kernels assume, checked before any CUDA call. Strides are in elements.
 struct Shape {
   int64_t batch, heads, n, head_dim;
-  int T, H, W, kernel, mask, block, dtype, lut_rows, lut_w;
+  int T, H, W, kernel, mask, block_m, block_n, dtype, lut_rows, lut_w;
 };
+
+bool use_mma(const Shape& s) {
+  return (s.dtype == kFloat16 || s.dtype == kBFloat16) && s.block_m == kMmaBM &&
+         s.block_n == mma_bn(static_cast<int>(s.head_dim));
+}
+
+template <typename T, int D>
+void launch_mma_d(dim3 grid, const Args& a, cudaStream_t stream) {
+  constexpr int BN = D <= 64 ? 64 : 32;
+  launch_kernel(attn_fwd_mma_kernel<T, D, BN>, grid, mma_fwd_smem<D, BN>(sizeof(T)), a, stream);
+}
+
+template <typename T>
+void launch_mma_t(int D, dim3 grid, const Args& a, cudaStream_t stream) {
+  switch (D) {
+    case 16: return launch_mma_d<T, 16>(grid, a, stream);
+    case 32: return launch_mma_d<T, 32>(grid, a, stream);
+    case 64: return launch_mma_d<T, 64>(grid, a, stream);
+    default: return launch_mma_d<T, 128>(grid, a, stream);
+  }
+}
+
+void launch_mma(int dtype, int D, dim3 grid, const Args& a, cudaStream_t stream) {
+  if (dtype == kFloat16) launch_mma_t<__half>(D, grid, a, stream);
+  else launch_mma_t<__nv_bfloat16>(D, grid, a, stream);
+}
 
 void check_shape(const char* op, const Shape& s) {
   const std::string p = std::string(op) + ": ";
@@ -491,15 +700,17 @@ void check_shape(const char* op, const Shape& s) {
   check_arg(s.n == int64_t(s.T) + int64_t(s.H) * s.W,
             p + "n must equal text_len + H * W = " + str(int64_t(s.T) + int64_t(s.H) * s.W) + ", got " + str(s.n));
   check_arg(s.n < (int64_t(1) << 30), p + "n must be < 2**30, got " + str(s.n));
-  check_arg(tile_ok(static_cast<int>(s.head_dim), s.block),
-            p + "block must be 16, or 64 for head_dim <= 64 and 32 for head_dim 128; got " + str(s.block) +
-                " for head_dim " + str(s.head_dim));
-  const int64_t blocks = (s.n + s.block - 1) / s.block;
-  check_arg(blocks <= 65535, p + "n / block must be <= 65535 blocks (grid y), got " + str(blocks));
-  check_arg(s.lut_rows == blocks, p + "the lookup tables must have one row per block (" + str(blocks) + "), got " +
-                                      str(s.lut_rows));
-  check_arg(s.lut_w >= 1 && s.lut_w <= blocks,
-            p + "the lookup table width must be in [1, " + str(blocks) + "], got " + str(s.lut_w));
+  const int D = static_cast<int>(s.head_dim);
+  check_arg((s.block_m == s.block_n && tile_ok(D, s.block_m)) || use_mma(s),
+            p + "tiles must be square with block 16, or 64 for head_dim <= 64 and 32 for head_dim 128 (or, forward "
+                "of float16/bfloat16 on tensor cores, 64 x " + str(mma_bn(D)) + "); got " + str(s.block_m) + " x " +
+                str(s.block_n) + " for head_dim " + str(s.head_dim));
+  const int64_t rows = (s.n + s.block_m - 1) / s.block_m, cols = (s.n + s.block_n - 1) / s.block_n;
+  check_arg(rows <= 65535, p + "n / block_m must be <= 65535 blocks (grid y), got " + str(rows));
+  check_arg(s.lut_rows == rows, p + "the lookup tables must have one row per block (" + str(rows) + "), got " +
+                                    str(s.lut_rows));
+  check_arg(s.lut_w >= 1 && s.lut_w <= cols,
+            p + "the lookup table width must be in [1, " + str(cols) + "], got " + str(s.lut_w));
 }
 
 struct Pointer {
@@ -536,9 +747,9 @@ void forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse, 
              uintptr_t count, int64_t batch, int64_t heads, int64_t n, int64_t head_dim, int64_t sqb, int64_t sqh,
              int64_t sqn, int64_t skb, int64_t skh, int64_t skn, int64_t svb, int64_t svh, int64_t svn, int64_t sob,
              int64_t soh, int64_t son, int lut_rows, int lut_w, int mask, int text_len, int H, int W, int kernel,
-             double scale, int block, int dtype, uintptr_t stream) {
+             double scale, int block_m, int block_n, int dtype, uintptr_t stream) {
   const char* op = "attention_forward";
-  const Shape s{batch, heads, n, head_dim, text_len, H, W, kernel, mask, block, dtype, lut_rows, lut_w};
+  const Shape s{batch, heads, n, head_dim, text_len, H, W, kernel, mask, block_m, block_n, dtype, lut_rows, lut_w};
   check_shape(op, s);
   check_arg(scale > 0.0 && std::isfinite(scale), std::string(op) + ": scale must be positive and finite");
   const Pointer pointers[] = {{q, "q"}, {k, "k"}, {v, "v"}, {o, "o"}, {lse, "lse"}, {lut, "lut"}, {full, "full"},
@@ -556,7 +767,17 @@ void forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse, 
   a.out_sb = sob, a.out_sh = soh, a.out_sn = son;
   a.lse = reinterpret_cast<float*>(lse);
   const dim3 grid(static_cast<unsigned>(batch * heads), static_cast<unsigned>(lut_rows));
-  launch(kFwd, dtype, static_cast<int>(head_dim), block, grid, a, reinterpret_cast<cudaStream_t>(stream));
+  auto st = reinterpret_cast<cudaStream_t>(stream);
+  if (use_mma(s)) {
+    // cp.async copies 16-byte chunks of rows: rows must start on 16-byte boundaries.
+    const bool aligned = q % 16 == 0 && k % 16 == 0 && v % 16 == 0 && sqb % 8 == 0 && sqh % 8 == 0 && sqn % 8 == 0 &&
+                         skb % 8 == 0 && skh % 8 == 0 && skn % 8 == 0 && svb % 8 == 0 && svh % 8 == 0 && svn % 8 == 0;
+    check_arg(aligned, std::string(op) + ": the tensor-core forward needs q, k, v 16-byte aligned with strides "
+                                         "divisible by 8 elements (the launcher copies other inputs)");
+    launch_mma(dtype, static_cast<int>(head_dim), grid, a, st);
+  } else {
+    launch(kFwd, dtype, static_cast<int>(head_dim), block_m, grid, a, st);
+  }
 }
 
 // Backward: delta, then dQ over the query-block tables, then dK and dV over the key-block tables. The tables are
@@ -572,7 +793,8 @@ void backward(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o
               int block, int dtype, uintptr_t stream) {
   const char* op = "attention_backward";
   const int64_t blocks = block > 0 ? (n + block - 1) / block : 0;
-  const Shape s{batch, heads, n, head_dim, text_len, H, W, kernel, mask, block, dtype, static_cast<int>(blocks), q_lut_w};
+  const Shape s{batch, heads, n, head_dim, text_len, H, W, kernel, mask, block, block, dtype, static_cast<int>(blocks),
+                q_lut_w};
   check_shape(op, s);
   check_arg(k_lut_w >= 1 && k_lut_w <= blocks,
             std::string(op) + ": the key-block table width must be in [1, " + str(blocks) + "], got " + str(k_lut_w));
@@ -628,11 +850,13 @@ void register_attention(pybind11::module_& m) {
         arg("count"), arg("batch"), arg("heads"), arg("n"), arg("head_dim"), arg("stride_qb"), arg("stride_qh"),
         arg("stride_qn"), arg("stride_kb"), arg("stride_kh"), arg("stride_kn"), arg("stride_vb"), arg("stride_vh"),
         arg("stride_vn"), arg("stride_ob"), arg("stride_oh"), arg("stride_on"), arg("lut_rows"), arg("lut_w"),
-        arg("mask"), arg("text_len"), arg("H"), arg("W"), arg("kernel"), arg("scale"), arg("block"), arg("dtype"),
-        arg("stream"),
+        arg("mask"), arg("text_len"), arg("H"), arg("W"), arg("kernel"), arg("scale"), arg("block_m"), arg("block_n"),
+        arg("dtype"), arg("stream"),
         "Block-sparse attention forward. Pointers to q, k, v, o (batch, heads, n, head_dim; strides in elements, "
         "head_dim contiguous), lse (batch * heads, n) fp32, and the int32 query-block tables lut/full (lut_rows, "
-        "lut_w) and count (lut_rows) of masks.block_tables(mask, text_len, (H, W), kernel, block, block).");
+        "lut_w) and count (lut_rows) of masks.block_tables(mask, text_len, (H, W), kernel, block_m, block_n). "
+        "float16/bfloat16 with 64 x 64 tiles (64 x 32 for head_dim 128) run on tensor cores (16-byte aligned rows "
+        "needed); square tiles run the fp32 CUDA-core kernel.");
   m.def("attention_backward", &backward, arg("dout"), arg("q"), arg("k"), arg("v"), arg("o"), arg("lse"),
         arg("delta"), arg("dq"), arg("dk"), arg("dv"), arg("q_lut"), arg("q_full"), arg("q_count"), arg("k_lut"),
         arg("k_full"), arg("k_count"), arg("batch"), arg("heads"), arg("n"), arg("head_dim"), arg("stride_qb"),

@@ -2,9 +2,11 @@
 
 CPU lane: ``backend="cuda_emu"``, the kernels run in the CUDA emulator (dalle_kernels._C_emu) with its racecheck
 and memcheck on every launch (a race, an access outside the tensors or a write to an input fails the test), at
-small odd shapes with 16 x 16 tiles, every mask, fp32, fp16 and bf16 (no Triton interpreter is involved), and the
-GPU tiles (64, or 32 for head_dim 128) at one shape each. GPU lane (``--device=cuda``): ``backend="cuda"``, the same
-checks at the GPU tiles.
+small odd shapes, every mask, fp32, fp16 and bf16 (no Triton interpreter is involved): the fp16/bf16 forward on
+the tensor-core kernel (mma.sync, ldmatrix, cp.async; 64 x 64 tiles, 64 x 32 for head_dim 128), the fp32 forward
+and every backward on the fp32 CUDA-core kernels with 16 x 16 tiles, and those kernels' GPU tiles (64, or 32 for
+head_dim 128) at one shape each. GPU lane (``--device=cuda``): ``backend="cuda"``, the same checks at the GPU's
+tiles.
 """
 import os
 
@@ -75,10 +77,50 @@ def test_head_dim_128(backend, device, mask, dtype):
 @pytest.mark.parametrize("d", [16, 32, 64, 128])
 @pytest.mark.parametrize("mask", ["conv", "column"])
 def test_gpu_tiles(backend, device, mask, d):
-    """The tiles the GPU runs by default (64 x 64; 32 x 32 for head_dim 128), over several blocks."""
+    """The CUDA-core kernels at the square tiles the GPU runs (64 x 64; 32 x 32 for head_dim 128), over several
+    blocks, the forward too (fp32 runs it there)."""
     T, H, W = (9, 11, 13) if d < 128 else (5, 7, 9)
     q, k, v, do = make_inputs(1, 1, T + H * W, d, torch.float16, device, seed=d)
     check(q, k, v, do, mask, T, (H, W), 5, block=A.CUDA_TILES[d])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("d", [16, 32, 64, 128])
+@pytest.mark.parametrize("mask", ["causal", "conv", "column", "row"])
+def test_tensor_core_forward_over_several_blocks(backend, device, mask, d, dtype):
+    """The tensor-core forward over several 64-row query blocks and key tiles (the cp.async double buffer turns
+    over), with tiles the tables mark full (causal, at 64 x 64: no predicate there) and partial."""
+    T, H, W = 10, 11, 13
+    q, k, v, do = make_inputs(1, 2, T + H * W, d, dtype, device, seed=d + 1)
+    (bm, bn), _ = A.cuda_tiles(d, dtype, q.device)
+    assert (bm, bn) == A.CUDA_MMA_TILES[d]
+    tables = masks.block_tables(mask, T, (H, W), 5, bm, bn)
+    assert tables.q_count.max() > 2 or mask != "causal"
+    if mask == "causal":
+        assert tables.full > 0
+    ref_o, _ = reference(q, k, v, do, mask, T, (H, W), 5)
+    o = sparse_attention(q, k, v, mask=mask, text_len=T, grid=(H, W), kernel=5, backend=backend)
+    assert_close(f"tensor-core {mask} d={d} {dtype}", o, ref_o, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("mask", masks.MASKS)
+def test_cuda_core_forward_of_16_bit_inputs(backend, device, mask, dtype):
+    """fp16/bf16 through the CUDA-core forward (what a square ``block`` selects) at 16 x 16 tiles."""
+    T, H, W, kernel, d = 7, 5, 3, 3, 32
+    q, k, v, do = make_inputs(1, 2, T + H * W, d, dtype, device, seed=9)
+    check(q, k, v, do, mask, T, (H, W), kernel, block=16)
+
+
+def test_misaligned_rows_are_copied_for_the_tensor_cores(backend, device):
+    """Rows that do not start on 16-byte boundaries (odd storage offset, odd row stride): the launcher copies them
+    for the tensor-core forward's cp.async; the result is unchanged."""
+    T, H, W, n, d = 5, 4, 6, 29, 32
+    base = torch.randn(2 * n * (d + 1) + 1, device=device).half()
+    q = base[1:1 + 2 * n * (d + 1)].view(1, 2, n, d + 1)[..., :d]
+    assert q.data_ptr() % 16 != 0 and q.stride(2) % 8 != 0
+    _, k, v, do = make_inputs(1, 2, n, d, torch.float16, device, seed=4)
+    check(q, k, v, do, "conv", T, (H, W), 3)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
@@ -126,12 +168,18 @@ def test_entry_points_check_before_launch(backend):
     good = dict(q=1, k=1, v=1, o=1, lse=1, lut=1, full=1, count=1, batch=1, heads=2, n=15, head_dim=16,
                 stride_qb=1, stride_qh=1, stride_qn=1, stride_kb=1, stride_kh=1, stride_kn=1, stride_vb=1,
                 stride_vh=1, stride_vn=1, stride_ob=1, stride_oh=1, stride_on=1, lut_rows=1, lut_w=1, mask=1,
-                text_len=6, H=3, W=3, kernel=3, scale=0.25, block=16, dtype=0, stream=0)
+                text_len=6, H=3, W=3, kernel=3, scale=0.25, block_m=16, block_n=16, dtype=0, stream=0)
     cases = [(dict(head_dim=48), "head_dim must be 16, 32, 64 or 128"), (dict(n=16), "n must equal"),
-             (dict(mask=7), "mask code"), (dict(block=32), "block must be 16"), (dict(lut_rows=2), "one row per block"),
+             (dict(mask=7), "mask code"), (dict(block_m=32, block_n=32), "tiles must be square with block 16"),
+             (dict(block_m=64, block_n=32), "tiles must be square"), (dict(lut_rows=2), "one row per block"),
              (dict(lut_w=0), "table width"), (dict(dtype=3), "dtype must be"), (dict(q=0), "q: null data pointer"),
              (dict(stride_kn=-1), "k strides"), (dict(kernel=4), "kernel must be"), (dict(scale=0.0), "scale"),
              (dict(batch=0), "batch and heads")]
+    # the tensor-core forward (fp16/bf16, 64 x 64 tiles): rows must start on 16-byte boundaries
+    mma = good | dict(n=6 + 63, H=7, W=9, dtype=1, block_m=64, block_n=64, lut_rows=2, q=16, k=16, v=16)
+    mma |= {f"stride_{t}{a}": 16 for t in "qkvo" for a in "bhn"}
+    cases += [(mma | dict(q=8), "16-byte aligned"), (mma | dict(dtype=2, stride_vn=12), "16-byte aligned"),
+              (mma | dict(lut_rows=1), "one row per block")]
     for change, message in cases:
         with pytest.raises(ValueError, match=message):
             mod.attention_forward(**(good | change))

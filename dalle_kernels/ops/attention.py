@@ -421,24 +421,38 @@ def _triton_backward(do, q, k, v, o, lse, mask, T, H, W, kernel, scale, block_m=
 
 # ----------------------------------------------------------------------------------------------------------------
 # CUDA kernels (csrc/attention.cu) through the extension's raw-pointer entry points; on CPU tensors the same
-# launchers run the kernels in the emulator (backend="cuda_emu", checked by its racecheck and memcheck). Square
-# tiles: 64 for head_dim <= 64 and 32 for 128 on the GPU; 16 in the emulator, so that the small test sequences
-# span several blocks, full and partial (as the Triton interpreter's 16 x 16 tiles do).
+# launchers run the kernels in the emulator (backend="cuda_emu", checked by its racecheck and memcheck).
+# Forward of float16/bfloat16: the tensor-core kernel, 64 x 64 tiles (64 x 32 for head_dim 128), on the GPU and in
+# the emulator alike. Every other kernel (fp32 forward, the backward of every dtype): the fp32 CUDA-core kernels with
+# square tiles, 64 for head_dim <= 64 and 32 for 128 on the GPU, 16 in the emulator so that the small test
+# sequences span several blocks, full and partial (as the Triton interpreter's 16 x 16 tiles do).
 CUDA_TILES = {16: 64, 32: 64, 64: 64, 128: 32}
 CUDA_EMU_TILE = 16
+CUDA_MMA_TILES = {16: (64, 64), 32: (64, 64), 64: (64, 64), 128: (64, 32)}
 
 
-def cuda_tile(head_dim: int, device: torch.device, block: int = 0) -> int:
-    """The CUDA kernels' tile (BM = BN) for a call; ``block`` > 0 overrides it (16, or the GPU tile)."""
-    if block:
-        return block
-    return CUDA_TILES[head_dim] if device.type == "cuda" else CUDA_EMU_TILE
+def cuda_tiles(head_dim: int, dtype: torch.dtype, device: torch.device, block: int = 0):
+    """``((block_m, block_n) of the forward, block of the backward)`` for a call of the CUDA kernels; ``block`` > 0
+    runs every kernel, the forward too, on the CUDA-core kernels with that square tile (16, or the GPU's)."""
+    square = block or (CUDA_TILES[head_dim] if device.type == "cuda" else CUDA_EMU_TILE)
+    if block or dtype == torch.float32:
+        return (square, square), square
+    return CUDA_MMA_TILES[head_dim], square
 
 
-def _launch_cuda_forward(q, k, v, lut, full, count, mask, T, H, W, kernel, scale, block):
+def _aligned_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` if its rows start on 16-byte boundaries (the tensor-core forward's cp.async copies), else a copy."""
+    if t.data_ptr() % 16 == 0 and all(st % 8 == 0 for st in t.stride()[:3]):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _launch_cuda_forward(q, k, v, lut, full, count, mask, T, H, W, kernel, scale, block_m, block_n):
     from .._cuda import dtype_code, ext, stream_of
 
     q, k, v = (_rows_stride_ok(t) for t in (q, k, v))
+    if (block_m, block_n) == CUDA_MMA_TILES[q.shape[-1]] and q.dtype != torch.float32:
+        q, k, v = (_aligned_rows(t) for t in (q, k, v))
     B, heads, N, D = q.shape
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, heads, N), dtype=torch.float32, device=q.device)
@@ -447,8 +461,8 @@ def _launch_cuda_forward(q, k, v, lut, full, count, mask, T, H, W, kernel, scale
     ext("attention_forward").attention_forward(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(), lut.data_ptr(), full.data_ptr(),
         count.data_ptr(), B, heads, N, D, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-        lut.shape[0], lut.shape[1], _masks.MASK_CODES[mask], T, H, W, kernel, scale, block, dtype_code(q),
-        stream_of(q))
+        lut.shape[0], lut.shape[1], _masks.MASK_CODES[mask], T, H, W, kernel, scale, block_m, block_n,
+        dtype_code(q), stream_of(q))
     return o, lse
 
 
@@ -481,15 +495,15 @@ _launch_cuda_backward_emu = emulated(_launch_cuda_backward)
 
 def _cuda_forward(q, k, v, mask, T, H, W, kernel, scale, block=0):
     """``(o, lse)`` from csrc/attention.cu: on the GPU for CUDA tensors, in the emulator for CPU tensors."""
-    block = cuda_tile(q.shape[-1], q.device, block)
-    t = _masks.block_tables(mask, T, (H, W), kernel, block, block, device=q.device)
+    (bm, bn), _ = cuda_tiles(q.shape[-1], q.dtype, q.device, block)
+    t = _masks.block_tables(mask, T, (H, W), kernel, bm, bn, device=q.device)
     launch = _launch_cuda_forward if q.device.type == "cuda" else _launch_cuda_forward_emu
-    return launch(q, k, v, t.q_lut, t.q_full, t.q_count, mask, T, H, W, kernel, scale, block)
+    return launch(q, k, v, t.q_lut, t.q_full, t.q_count, mask, T, H, W, kernel, scale, bm, bn)
 
 
 def _cuda_backward(do, q, k, v, o, lse, mask, T, H, W, kernel, scale, block=0):
     """``(dq, dk, dv)`` from csrc/attention.cu (delta, dQ, dK/dV kernels); devices as ``_cuda_forward``."""
-    block = cuda_tile(q.shape[-1], q.device, block)
+    _, block = cuda_tiles(q.shape[-1], q.dtype, q.device, block)
     t = _masks.block_tables(mask, T, (H, W), kernel, block, block, device=q.device)
     launch = _launch_cuda_backward if q.device.type == "cuda" else _launch_cuda_backward_emu
     return launch(do, q, k, v, o, lse, t.q_lut, t.q_full, t.q_count, t.k_lut, t.k_full, t.k_count, mask, T, H, W,
@@ -550,7 +564,7 @@ def triton_attention(q, k, v, mask, text_len, grid, kernel, scale, block_m=0, bl
 
 def cuda_attention(q, k, v, mask, text_len, grid, kernel, scale, block=0):
     """The CUDA path after validation (csrc/attention.cu; the emulator for CPU tensors): ``(o, lse)``;
-    differentiable in q, k, v. ``block`` > 0 overrides the tile (see ``cuda_tile``)."""
+    differentiable in q, k, v. ``block`` > 0 overrides the tiles (see ``cuda_tiles``)."""
     H, W = grid
     return _sparse_attention_cuda_fwd(q, k, v, mask, text_len, H, W, kernel, scale, block)
 
