@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <string>
 
 #include "common.h"
@@ -112,6 +113,16 @@ struct Args {
   float scale;
 };
 
+// (batch * head, batch, head) of this block (grid x): divided in 32 bits (a 64-bit division is a subroutine call
+// with a stack frame), used in 64-bit address arithmetic.
+struct BatchHead {
+  int64_t bh, b, h;
+};
+__device__ __forceinline__ BatchHead batch_head(int heads) {
+  const int bh = static_cast<int>(blockIdx.x);
+  return BatchHead{bh, bh / heads, bh % heads};
+}
+
 // rows x D tile of a (b, h) slice into shared memory as fp32, row stride LD; positions past n read as 0.
 template <typename T, int ROWS, int D, int LD>
 __device__ __forceinline__ void stage(float* dst, const T* base, int64_t sn, int pos0, const Layout& L) {
@@ -173,7 +184,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(Args a) {
   float* sS = sV + BN * D;
 
   const Layout L = a.L;
-  const int64_t bh = blockIdx.x, b = bh / a.heads, h = bh % a.heads;
+  const auto [bh, b, h] = batch_head(a.heads);
   const int mb = gridDim.y - 1 - blockIdx.y, m0 = mb * BM;
   const T* kp = slice<T>(a.k, b, h);
   const T* vp = slice<T>(a.v, b, h);
@@ -280,6 +291,61 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   return r;
 }
 
+// lse (natural log) -> log2 domain, and delta, of BM rows from position pos0 into shared memory (0 past n).
+__device__ __forceinline__ void stage_rows(float* s_lse2, float* s_delta, const Args& a, int64_t bh, int pos0, int rows) {
+  for (int r = threadIdx.x; r < rows; r += kThreads) {
+    const int pos = pos0 + r;
+    const bool ok = pos < a.L.n;
+    const int64_t i = bh * a.L.n + (ok ? raster_row(pos, a.L) : 0);
+    s_lse2[r] = ok ? a.lse[i] * kLog2e : 0.0f;
+    s_delta[r] = ok ? a.delta[i] : 0.0f;
+  }
+}
+
+// One warp: acc (16 x 8 NJ, fp32) = A B^T, A = 16 rows of a tile from a_rows, B = 8 NJ rows from b_rows (both row
+// stride LDT, D columns): A fragments by ldmatrix x4, B fragments two 8-row chunks per ldmatrix x4 (rows of B are
+// the columns of B^T, the col-major operand of mma .row.col).
+template <typename T, int D, int NJ>
+__device__ __forceinline__ void warp_abt(float (&acc)[NJ][4], const T* a_rows, const T* b_rows, int lane) {
+  constexpr int LDT = MmaTile<D>::LDT;
+#pragma unroll
+  for (int j = 0; j < NJ; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t af[4];
+    ptx::ldmatrix<4>(af, a_rows + ((lane & 7) + 8 * ((lane >> 3) & 1)) * LDT + 16 * kk + 8 * (lane >> 4));
+#pragma unroll
+    for (int j = 0; j < NJ; j += 2) {
+      uint32_t bf[4];
+      ptx::ldmatrix<4>(bf, b_rows + (8 * (j + (lane >> 4)) + (lane & 7)) * LDT + 16 * kk + 8 * ((lane >> 3) & 1));
+      const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+      ptx::mma_m16n8k16<T>(acc[j], af, b0, acc[j]);
+      ptx::mma_m16n8k16<T>(acc[j + 1], af, b1, acc[j + 1]);
+    }
+  }
+}
+
+// One warp: out (16 x D, fp32) += P B, P = 16 x 8 NJ in the accumulator layout (rounded to T: the A fragments of
+// 16-key steps are two accumulator chunks), B = 8 NJ rows x D of a row-major tile (read transposed by ldmatrix
+// .trans, two 8-column chunks per x4).
+template <typename T, int D, int NJ>
+__device__ __forceinline__ void warp_pb(float (&out)[D / 8][4], const float (&p)[NJ][4], const T* b_rows, int lane) {
+  constexpr int LDT = MmaTile<D>::LDT;
+#pragma unroll
+  for (int kk = 0; kk < NJ / 2; ++kk) {
+    const uint32_t pa[4] = {pack2<T>(p[2 * kk][0], p[2 * kk][1]), pack2<T>(p[2 * kk][2], p[2 * kk][3]),
+                            pack2<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]), pack2<T>(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+#pragma unroll
+    for (int d = 0; d < D / 8; d += 2) {
+      uint32_t bf[4];
+      ptx::ldmatrix<4, true>(bf, b_rows + (16 * kk + (lane & 7) + 8 * ((lane >> 3) & 1)) * LDT + 8 * (d + (lane >> 4)));
+      const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+      ptx::mma_m16n8k16<T>(out[d], pa, b0, out[d]);
+      ptx::mma_m16n8k16<T>(out[d + 1], pa, b1, out[d + 1]);
+    }
+  }
+}
+
 template <typename T, int D, int BN>
 __global__ void __launch_bounds__(kThreads) attn_fwd_mma_kernel(Args a) {
   constexpr int LDT = MmaTile<D>::LDT, KD = D / 16, NJ = BN / 8, ND = D / 8;
@@ -289,7 +355,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_mma_kernel(Args a) {
   T* sV = sK + 2 * BN * LDT;   // two buffers of BN rows
 
   const Layout L = a.L;
-  const int64_t bh = blockIdx.x, b = bh / a.heads, h = bh % a.heads;
+  const auto [bh, b, h] = batch_head(a.heads);
   const int mb = gridDim.y - 1 - blockIdx.y, m0 = mb * kMmaBM;
   const T* kp = slice<T>(a.k, b, h);
   const T* vp = slice<T>(a.v, b, h);
@@ -381,21 +447,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_mma_kernel(Args a) {
         o[d][2 * r + 1] *= alpha;
       }
     }
-    // O += P V: P's accumulator fragments become A fragments (16 keys = two 8-key chunks); V row-major is B
-    // (keys x head_dim) read transposed by ldmatrix .trans, two 8-column chunks per x4.
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      const uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                              pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-      for (int d = 0; d < ND; d += 2) {
-        uint32_t vb[4];
-        ptx::ldmatrix<4, true>(vb, v_t + (16 * kk + (lane & 7) + 8 * ((lane >> 3) & 1)) * LDT + 8 * (d + (lane >> 4)));
-        const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
-        ptx::mma_m16n8k16<T>(o[d], pa, b0, o[d]);
-        ptx::mma_m16n8k16<T>(o[d + 1], pa, b1, o[d + 1]);
-      }
-    }
+    warp_pb<T, D, NJ>(o, s, v_t, lane);  // O += P V
     __syncthreads();  // this buffer is refilled by the next iteration's prefetch
   }
   ptx::cp_async_wait<0>();  // only empty groups can remain; nothing in flight at exit
@@ -419,10 +471,197 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_mma_kernel(Args a) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Backward on tensor cores, fp16/bf16, 64 x 64 tiles (4 warps x 16 rows), the same products as the CUDA-core
+// kernels below with P and dS rounded to the input dtype for the second product (as the Triton kernels do).
+// Operand tiles double-buffered with cp.async; lse and delta of the tile's rows are plain loads.
+constexpr int kMmaBwd = 64;
+
+template <int D>
+constexpr size_t mma_bwd_smem(size_t elem) {
+  return elem * MmaTile<D>::LDT * 6 * size_t(kMmaBwd) + sizeof(float) * 2 * kMmaBwd;
+}
+
+// dQ = scale * dS K over q_lut. Warp w: query rows m0 + 16 w + {g, g + 8}.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) attn_bwd_dq_mma_kernel(Args a) {
+  constexpr int LDT = MmaTile<D>::LDT, NJ = kMmaBwd / 8, ND = D / 8, TILE = kMmaBwd * LDT;
+  extern __shared__ float smem[];
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sdO = sQ + TILE;
+  T* sK = sdO + TILE;     // two buffers
+  T* sV = sK + 2 * TILE;  // two buffers
+
+  const Layout L = a.L;
+  const auto [bh, b, h] = batch_head(a.heads);
+  const int mb = gridDim.y - 1 - blockIdx.y, m0 = mb * kMmaBwd;
+  const T* kp = slice<T>(a.k, b, h);
+  const T* vp = slice<T>(a.v, b, h);
+  const int* lut = a.lut + int64_t(mb) * a.lut_w;
+  const int* full = a.full + int64_t(mb) * a.lut_w;
+  const int count = a.count[mb];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
+  const int row0 = m0 + 16 * warp + g;
+
+  stage_async<T, kMmaBwd, D>(sQ, slice<T>(a.q, b, h), a.q.sn, m0, L);
+  stage_async<T, kMmaBwd, D>(sdO, slice<T>(a.dout, b, h), a.dout.sn, m0, L);
+  if (count > 0) {
+    stage_async<T, kMmaBwd, D>(sK, kp, a.k.sn, lut[0] * kMmaBwd, L);
+    stage_async<T, kMmaBwd, D>(sV, vp, a.v.sn, lut[0] * kMmaBwd, L);
+  }
+  ptx::cp_async_commit();
+  float lse2[2], delta[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int pos = row0 + 8 * r;
+    const int64_t i = bh * L.n + (pos < L.n ? raster_row(pos, L) : 0);
+    lse2[r] = pos < L.n ? a.lse[i] * kLog2e : 0.0f;
+    delta[r] = pos < L.n ? a.delta[i] : 0.0f;
+  }
+  float dq[ND][4];
+#pragma unroll
+  for (int d = 0; d < ND; ++d) dq[d][0] = dq[d][1] = dq[d][2] = dq[d][3] = 0.0f;
+
+  for (int it = 0; it < count; ++it) {
+    const int buf = it & 1, n0 = lut[it] * kMmaBwd;
+    if (it + 1 < count) {
+      stage_async<T, kMmaBwd, D>(sK + (buf ^ 1) * TILE, kp, a.k.sn, lut[it + 1] * kMmaBwd, L);
+      stage_async<T, kMmaBwd, D>(sV + (buf ^ 1) * TILE, vp, a.v.sn, lut[it + 1] * kMmaBwd, L);
+    }
+    ptx::cp_async_commit();
+    ptx::cp_async_wait<1>();
+    __syncthreads();
+    const T* k_t = sK + buf * TILE;
+    float s[NJ][4], dp[NJ][4];
+    warp_abt<T, D, NJ>(s, sQ + 16 * warp * LDT, k_t, lane);
+    warp_abt<T, D, NJ>(dp, sdO + 16 * warp * LDT, sV + buf * TILE, lane);
+    const bool is_full = full[it] != 0;
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1;
+        float v = s[j][e] * a.qk_scale;
+        if (!is_full) {
+          const int i = row0 + 8 * r, jj = n0 + 8 * j + 2 * t4 + (e & 1);
+          if (i >= L.n || jj >= L.n || !allowed(i, jj, L)) v = -INFINITY;
+        }
+        const float p = exp2f(v - lse2[r]);
+        s[j][e] = p * (dp[j][e] - delta[r]);  // dS
+      }
+    }
+    warp_pb<T, D, NJ>(dq, s, k_t, lane);  // dQ += dS K
+    __syncthreads();
+  }
+  ptx::cp_async_wait<0>();
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int pos = row0 + 8 * r;
+    if (pos >= L.n) continue;
+    T* out = static_cast<T*>(a.out0) + b * a.out_sb + h * a.out_sh + raster_row(pos, L) * a.out_sn + 2 * t4;
+#pragma unroll
+    for (int d = 0; d < ND; ++d) {
+      out[8 * d] = from_f<T>(dq[d][2 * r] * a.scale);
+      out[8 * d + 1] = from_f<T>(dq[d][2 * r + 1] * a.scale);
+    }
+  }
+}
+
+// dK = scale * dS^T Q and dV = P^T dO over k_lut, computed transposed: S^T = K Q^T and dP^T = V dO^T per warp of 16
+// keys (n0 + 16 w + {g, g + 8}), so that P^T and dS^T are A operands in the accumulator layout.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_mma_kernel(Args a) {
+  constexpr int LDT = MmaTile<D>::LDT, NJ = kMmaBwd / 8, ND = D / 8, TILE = kMmaBwd * LDT;
+  extern __shared__ float smem[];
+  T* sK = reinterpret_cast<T*>(smem);
+  T* sV = sK + TILE;
+  T* sQ = sV + TILE;       // two buffers
+  T* sdO = sQ + 2 * TILE;  // two buffers
+  float* sLse = reinterpret_cast<float*>(sdO + 2 * TILE);
+  float* sDelta = sLse + kMmaBwd;
+
+  const Layout L = a.L;
+  const auto [bh, b, h] = batch_head(a.heads);
+  const int nb = blockIdx.y, n0 = nb * kMmaBwd;
+  const T* qp = slice<T>(a.q, b, h);
+  const T* dop = slice<T>(a.dout, b, h);
+  const int* lut = a.lut + int64_t(nb) * a.lut_w;
+  const int* full = a.full + int64_t(nb) * a.lut_w;
+  const int count = a.count[nb];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
+  const int key0 = n0 + 16 * warp + g;
+
+  stage_async<T, kMmaBwd, D>(sK, slice<T>(a.k, b, h), a.k.sn, n0, L);
+  stage_async<T, kMmaBwd, D>(sV, slice<T>(a.v, b, h), a.v.sn, n0, L);
+  if (count > 0) {
+    stage_async<T, kMmaBwd, D>(sQ, qp, a.q.sn, lut[0] * kMmaBwd, L);
+    stage_async<T, kMmaBwd, D>(sdO, dop, a.dout.sn, lut[0] * kMmaBwd, L);
+  }
+  ptx::cp_async_commit();
+  float dk[ND][4], dv[ND][4];
+#pragma unroll
+  for (int d = 0; d < ND; ++d) {
+    dk[d][0] = dk[d][1] = dk[d][2] = dk[d][3] = 0.0f;
+    dv[d][0] = dv[d][1] = dv[d][2] = dv[d][3] = 0.0f;
+  }
+
+  for (int it = 0; it < count; ++it) {
+    const int buf = it & 1, m0 = lut[it] * kMmaBwd;
+    if (it + 1 < count) {
+      stage_async<T, kMmaBwd, D>(sQ + (buf ^ 1) * TILE, qp, a.q.sn, lut[it + 1] * kMmaBwd, L);
+      stage_async<T, kMmaBwd, D>(sdO + (buf ^ 1) * TILE, dop, a.dout.sn, lut[it + 1] * kMmaBwd, L);
+    }
+    ptx::cp_async_commit();
+    stage_rows(sLse, sDelta, a, bh, m0, kMmaBwd);  // released by the barrier that ended the previous iteration
+    ptx::cp_async_wait<1>();
+    __syncthreads();
+    const T* q_t = sQ + buf * TILE;
+    const T* do_t = sdO + buf * TILE;
+    float st[NJ][4], dpt[NJ][4];
+    warp_abt<T, D, NJ>(st, sK + 16 * warp * LDT, q_t, lane);
+    warp_abt<T, D, NJ>(dpt, sV + 16 * warp * LDT, do_t, lane);
+    const bool is_full = full[it] != 0;
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int qc = 8 * j + 2 * t4 + (e & 1);  // query column within the tile
+        float v = st[j][e] * a.qk_scale;
+        if (!is_full) {
+          const int i = m0 + qc, jj = key0 + 8 * (e >> 1);
+          if (i >= L.n || jj >= L.n || !allowed(i, jj, L)) v = -INFINITY;
+        }
+        const float p = exp2f(v - sLse[qc]);
+        st[j][e] = p;                              // P^T
+        dpt[j][e] = p * (dpt[j][e] - sDelta[qc]);  // dS^T
+      }
+    }
+    warp_pb<T, D, NJ>(dv, st, do_t, lane);   // dV += P^T dO
+    warp_pb<T, D, NJ>(dk, dpt, q_t, lane);   // dK += dS^T Q
+    __syncthreads();
+  }
+  ptx::cp_async_wait<0>();
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int pos = key0 + 8 * r;
+    if (pos >= L.n) continue;
+    const int64_t off = b * a.out_sb + h * a.out_sh + raster_row(pos, L) * a.out_sn + 2 * t4;
+    T* dkp = static_cast<T*>(a.out0) + off;
+    T* dvp = static_cast<T*>(a.out1) + off;
+#pragma unroll
+    for (int d = 0; d < ND; ++d) {
+      dkp[8 * d] = from_f<T>(dk[d][2 * r] * a.scale);
+      dkp[8 * d + 1] = from_f<T>(dk[d][2 * r + 1] * a.scale);
+      dvp[8 * d] = from_f<T>(dv[d][2 * r]);
+      dvp[8 * d + 1] = from_f<T>(dv[d][2 * r + 1]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // delta = rowsum(dO * O) in fp32, one thread per raster row; grid (B * heads, ceil(n / kThreads)).
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) attn_bwd_delta_kernel(Args a) {
-  const int64_t bh = blockIdx.x, b = bh / a.heads, h = bh % a.heads;
+  const auto [bh, b, h] = batch_head(a.heads);
   const int row = blockIdx.y * kThreads + threadIdx.x;
   if (row >= a.L.n) return;
   const T* o = slice<T>(a.o, b, h) + int64_t(row) * a.o.sn;
@@ -430,17 +669,6 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_delta_kernel(Args a) {
   float s = 0.0f;
   for (int c = 0; c < D; ++c) s = fmaf(to_f(o[c]), to_f(d[c]), s);
   a.delta[bh * a.L.n + row] = s;
-}
-
-// lse (natural log) -> log2 domain, and delta, of BM rows from position pos0 into shared memory (0 past n).
-__device__ __forceinline__ void stage_rows(float* s_lse2, float* s_delta, const Args& a, int64_t bh, int pos0, int rows) {
-  for (int r = threadIdx.x; r < rows; r += kThreads) {
-    const int pos = pos0 + r;
-    const bool ok = pos < a.L.n;
-    const int64_t i = bh * a.L.n + (ok ? raster_row(pos, a.L) : 0);
-    s_lse2[r] = ok ? a.lse[i] * kLog2e : 0.0f;
-    s_delta[r] = ok ? a.delta[i] : 0.0f;
-  }
 }
 
 // P and dS of one BM x BN tile: p = exp2(scale * q.k * log2e - lse2), dS = p * (dO.v - delta). Past n or where
@@ -471,7 +699,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(Args a) {
   float* sDelta = sLse + BM;
 
   const Layout L = a.L;
-  const int64_t bh = blockIdx.x, b = bh / a.heads, h = bh % a.heads;
+  const auto [bh, b, h] = batch_head(a.heads);
   const int mb = gridDim.y - 1 - blockIdx.y, m0 = mb * BM;
   const T* kp = slice<T>(a.k, b, h);
   const T* vp = slice<T>(a.v, b, h);
@@ -530,7 +758,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(Args a) {
   float* sDelta = sLse + BM;
 
   const Layout L = a.L;
-  const int64_t bh = blockIdx.x, b = bh / a.heads, h = bh % a.heads;
+  const auto [bh, b, h] = batch_head(a.heads);
   const int nb = blockIdx.y, n0 = nb * BN;
   const T* qp = slice<T>(a.q, b, h);
   const T* dop = slice<T>(a.dout, b, h);
@@ -659,9 +887,38 @@ struct Shape {
   int T, H, W, kernel, mask, block_m, block_n, dtype, lut_rows, lut_w;
 };
 
-bool use_mma(const Shape& s) {
+// Tensor cores: fp16/bf16 with the tensor-core kernels' tiles (forward kMmaBM x mma_bn, backward 64 x 64).
+bool use_mma_fwd(const Shape& s) {
   return (s.dtype == kFloat16 || s.dtype == kBFloat16) && s.block_m == kMmaBM &&
          s.block_n == mma_bn(static_cast<int>(s.head_dim));
+}
+bool use_mma_bwd(const Shape& s) {
+  return (s.dtype == kFloat16 || s.dtype == kBFloat16) && s.block_m == kMmaBwd && s.block_n == kMmaBwd;
+}
+
+// cp.async copies 16-byte chunks of rows: each operand's rows must start on 16-byte boundaries.
+void check_rows_aligned(const char* op, std::initializer_list<Tensor4> ts) {
+  bool ok = true;
+  for (const Tensor4& t : ts)
+    ok = ok && reinterpret_cast<uintptr_t>(t.p) % 16 == 0 && t.sb % 8 == 0 && t.sh % 8 == 0 && t.sn % 8 == 0;
+  check_arg(ok, std::string(op) + ": the tensor-core kernels need 16-byte aligned operands with strides divisible "
+                                  "by 8 elements (the launcher copies other inputs)");
+}
+
+template <typename T, int D>
+void launch_mma_bwd_d(dim3 grid, const Args& dq_args, const Args& dkdv_args, cudaStream_t stream) {
+  launch_kernel(attn_bwd_dq_mma_kernel<T, D>, grid, mma_bwd_smem<D>(sizeof(T)), dq_args, stream);
+  launch_kernel(attn_bwd_dkdv_mma_kernel<T, D>, grid, mma_bwd_smem<D>(sizeof(T)), dkdv_args, stream);
+}
+
+template <typename T>
+void launch_mma_bwd_t(int D, dim3 grid, const Args& dq_args, const Args& dkdv_args, cudaStream_t stream) {
+  switch (D) {
+    case 16: return launch_mma_bwd_d<T, 16>(grid, dq_args, dkdv_args, stream);
+    case 32: return launch_mma_bwd_d<T, 32>(grid, dq_args, dkdv_args, stream);
+    case 64: return launch_mma_bwd_d<T, 64>(grid, dq_args, dkdv_args, stream);
+    default: return launch_mma_bwd_d<T, 128>(grid, dq_args, dkdv_args, stream);
+  }
 }
 
 template <typename T, int D>
@@ -685,7 +942,7 @@ void launch_mma(int dtype, int D, dim3 grid, const Args& a, cudaStream_t stream)
   else launch_mma_t<__nv_bfloat16>(D, grid, a, stream);
 }
 
-void check_shape(const char* op, const Shape& s) {
+void check_shape(const char* op, const Shape& s, bool mma) {
   const std::string p = std::string(op) + ": ";
   check_arg(s.dtype == kFloat32 || s.dtype == kFloat16 || s.dtype == kBFloat16,
             p + "dtype must be float32 (0), float16 (1) or bfloat16 (2), got " + str(s.dtype));
@@ -701,10 +958,10 @@ void check_shape(const char* op, const Shape& s) {
             p + "n must equal text_len + H * W = " + str(int64_t(s.T) + int64_t(s.H) * s.W) + ", got " + str(s.n));
   check_arg(s.n < (int64_t(1) << 30), p + "n must be < 2**30, got " + str(s.n));
   const int D = static_cast<int>(s.head_dim);
-  check_arg((s.block_m == s.block_n && tile_ok(D, s.block_m)) || use_mma(s),
-            p + "tiles must be square with block 16, or 64 for head_dim <= 64 and 32 for head_dim 128 (or, forward "
-                "of float16/bfloat16 on tensor cores, 64 x " + str(mma_bn(D)) + "); got " + str(s.block_m) + " x " +
-                str(s.block_n) + " for head_dim " + str(s.head_dim));
+  check_arg((s.block_m == s.block_n && tile_ok(D, s.block_m)) || mma,
+            p + "tiles must be square with block 16, or 64 for head_dim <= 64 and 32 for head_dim 128 (or, for "
+                "float16/bfloat16 on tensor cores, forward 64 x " + str(mma_bn(D)) + " and backward 64 x 64); got " +
+                str(s.block_m) + " x " + str(s.block_n) + " for head_dim " + str(s.head_dim));
   const int64_t rows = (s.n + s.block_m - 1) / s.block_m, cols = (s.n + s.block_n - 1) / s.block_n;
   check_arg(rows <= 65535, p + "n / block_m must be <= 65535 blocks (grid y), got " + str(rows));
   check_arg(s.lut_rows == rows, p + "the lookup tables must have one row per block (" + str(rows) + "), got " +
@@ -750,7 +1007,7 @@ void forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse, 
              double scale, int block_m, int block_n, int dtype, uintptr_t stream) {
   const char* op = "attention_forward";
   const Shape s{batch, heads, n, head_dim, text_len, H, W, kernel, mask, block_m, block_n, dtype, lut_rows, lut_w};
-  check_shape(op, s);
+  check_shape(op, s, use_mma_fwd(s));
   check_arg(scale > 0.0 && std::isfinite(scale), std::string(op) + ": scale must be positive and finite");
   const Pointer pointers[] = {{q, "q"}, {k, "k"}, {v, "v"}, {o, "o"}, {lse, "lse"}, {lut, "lut"}, {full, "full"},
                               {count, "count"}};
@@ -768,12 +1025,8 @@ void forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse, 
   a.lse = reinterpret_cast<float*>(lse);
   const dim3 grid(static_cast<unsigned>(batch * heads), static_cast<unsigned>(lut_rows));
   auto st = reinterpret_cast<cudaStream_t>(stream);
-  if (use_mma(s)) {
-    // cp.async copies 16-byte chunks of rows: rows must start on 16-byte boundaries.
-    const bool aligned = q % 16 == 0 && k % 16 == 0 && v % 16 == 0 && sqb % 8 == 0 && sqh % 8 == 0 && sqn % 8 == 0 &&
-                         skb % 8 == 0 && skh % 8 == 0 && skn % 8 == 0 && svb % 8 == 0 && svh % 8 == 0 && svn % 8 == 0;
-    check_arg(aligned, std::string(op) + ": the tensor-core forward needs q, k, v 16-byte aligned with strides "
-                                         "divisible by 8 elements (the launcher copies other inputs)");
+  if (use_mma_fwd(s)) {
+    check_rows_aligned(op, {a.q, a.k, a.v});
     launch_mma(dtype, static_cast<int>(head_dim), grid, a, st);
   } else {
     launch(kFwd, dtype, static_cast<int>(head_dim), block_m, grid, a, st);
@@ -795,7 +1048,7 @@ void backward(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o
   const int64_t blocks = block > 0 ? (n + block - 1) / block : 0;
   const Shape s{batch, heads, n, head_dim, text_len, H, W, kernel, mask, block, block, dtype, static_cast<int>(blocks),
                 q_lut_w};
-  check_shape(op, s);
+  check_shape(op, s, use_mma_bwd(s));
   check_arg(k_lut_w >= 1 && k_lut_w <= blocks,
             std::string(op) + ": the key-block table width must be in [1, " + str(blocks) + "], got " + str(k_lut_w));
   check_arg(scale > 0.0 && std::isfinite(scale), std::string(op) + ": scale must be positive and finite");
@@ -820,6 +1073,8 @@ void backward(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o
   a.dout = tensor4(dout, sdob, sdoh, sdon);
   a.lse = reinterpret_cast<float*>(lse);
   a.delta = reinterpret_cast<float*>(delta);
+  const bool mma = use_mma_bwd(s);
+  if (mma) check_rows_aligned(op, {a.q, a.k, a.v, a.dout});
   const unsigned bh = static_cast<unsigned>(batch * heads);
   const dim3 grid_delta(bh, static_cast<unsigned>((n + kThreads - 1) / kThreads));
   switch (dtype) {
@@ -829,17 +1084,26 @@ void backward(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o
   }
   DALLE_CUDA_CHECK(cudaGetLastError());
   const dim3 grid(bh, static_cast<unsigned>(blocks));
-  a.out0 = reinterpret_cast<void*>(dq);
-  a.out_sb = sdqb, a.out_sh = sdqh, a.out_sn = sdqn;
-  launch(kDq, dtype, static_cast<int>(head_dim), block, grid, a, st);
-  a.lut = reinterpret_cast<const int*>(k_lut);
-  a.full = reinterpret_cast<const int*>(k_full);
-  a.count = reinterpret_cast<const int*>(k_count);
-  a.lut_w = k_lut_w;
-  a.out0 = reinterpret_cast<void*>(dk);
-  a.out1 = reinterpret_cast<void*>(dv);
-  a.out_sb = sdb, a.out_sh = sdh, a.out_sn = sdn;
-  launch(kDkdv, dtype, static_cast<int>(head_dim), block, grid, a, st);
+  Args dq_args = a;
+  dq_args.out0 = reinterpret_cast<void*>(dq);
+  dq_args.out_sb = sdqb, dq_args.out_sh = sdqh, dq_args.out_sn = sdqn;
+  Args dkdv_args = a;
+  dkdv_args.lut = reinterpret_cast<const int*>(k_lut);
+  dkdv_args.full = reinterpret_cast<const int*>(k_full);
+  dkdv_args.count = reinterpret_cast<const int*>(k_count);
+  dkdv_args.lut_w = k_lut_w;
+  dkdv_args.out0 = reinterpret_cast<void*>(dk);
+  dkdv_args.out1 = reinterpret_cast<void*>(dv);
+  dkdv_args.out_sb = sdb, dkdv_args.out_sh = sdh, dkdv_args.out_sn = sdn;
+  const int D = static_cast<int>(head_dim);
+  if (mma && dtype == kFloat16) {
+    launch_mma_bwd_t<__half>(D, grid, dq_args, dkdv_args, st);
+  } else if (mma) {
+    launch_mma_bwd_t<__nv_bfloat16>(D, grid, dq_args, dkdv_args, st);
+  } else {
+    launch(kDq, dtype, D, block, grid, dq_args, st);
+    launch(kDkdv, dtype, D, block, grid, dkdv_args, st);
+  }
 }
 
 }  // namespace

@@ -422,26 +422,30 @@ def _triton_backward(do, q, k, v, o, lse, mask, T, H, W, kernel, scale, block_m=
 # ----------------------------------------------------------------------------------------------------------------
 # CUDA kernels (csrc/attention.cu) through the extension's raw-pointer entry points; on CPU tensors the same
 # launchers run the kernels in the emulator (backend="cuda_emu", checked by its racecheck and memcheck).
-# Forward of float16/bfloat16: the tensor-core kernel, 64 x 64 tiles (64 x 32 for head_dim 128), on the GPU and in
-# the emulator alike. Every other kernel (fp32 forward, the backward of every dtype): the fp32 CUDA-core kernels with
-# square tiles, 64 for head_dim <= 64 and 32 for 128 on the GPU, 16 in the emulator so that the small test
-# sequences span several blocks, full and partial (as the Triton interpreter's 16 x 16 tiles do).
+# float16/bfloat16: the tensor-core kernels, forward 64 x 64 tiles (64 x 32 for head_dim 128), backward 64 x 64, on
+# the GPU and in the emulator alike. float32: the fp32 CUDA-core kernels (exact fp32 products) with square tiles,
+# 64 for head_dim <= 64 and 32 for 128 on the GPU, 16 in the emulator so that the small test sequences span several
+# blocks, full and partial (as the Triton interpreter's 16 x 16 tiles do).
 CUDA_TILES = {16: 64, 32: 64, 64: 64, 128: 32}
 CUDA_EMU_TILE = 16
 CUDA_MMA_TILES = {16: (64, 64), 32: (64, 64), 64: (64, 64), 128: (64, 32)}
+CUDA_MMA_BWD_TILE = 64
 
 
 def cuda_tiles(head_dim: int, dtype: torch.dtype, device: torch.device, block: int = 0):
-    """``((block_m, block_n) of the forward, block of the backward)`` for a call of the CUDA kernels; ``block`` > 0
-    runs every kernel, the forward too, on the CUDA-core kernels with that square tile (16, or the GPU's)."""
-    square = block or (CUDA_TILES[head_dim] if device.type == "cuda" else CUDA_EMU_TILE)
-    if block or dtype == torch.float32:
+    """``((block_m, block_n) of the forward, block of the backward)`` for a call of the CUDA kernels. ``block`` > 0
+    gives every kernel that square tile: 16 (or 32 at head_dim 128) selects the CUDA-core kernels for float16/
+    bfloat16 too; 64 selects the tensor-core kernels there (at head_dim <= 64 for the forward)."""
+    if block:
+        return (block, block), block
+    if dtype == torch.float32:
+        square = CUDA_TILES[head_dim] if device.type == "cuda" else CUDA_EMU_TILE
         return (square, square), square
-    return CUDA_MMA_TILES[head_dim], square
+    return CUDA_MMA_TILES[head_dim], CUDA_MMA_BWD_TILE
 
 
 def _aligned_rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` if its rows start on 16-byte boundaries (the tensor-core forward's cp.async copies), else a copy."""
+    """``t`` if its rows start on 16-byte boundaries (the tensor-core kernels' cp.async copies), else a copy."""
     if t.data_ptr() % 16 == 0 and all(st % 8 == 0 for st in t.stride()[:3]):
         return t
     return t.clone(memory_format=torch.contiguous_format)
@@ -472,6 +476,8 @@ def _launch_cuda_backward(do, q, k, v, o, lse, q_lut, q_full, q_count, k_lut, k_
 
     q, k, v, o = (_rows_stride_ok(t) for t in (q, k, v, o))
     do = _rows_stride_ok(do.to(q.dtype))
+    if block == CUDA_MMA_BWD_TILE and q.dtype != torch.float32:
+        q, k, v, do = (_aligned_rows(t) for t in (q, k, v, do))
     B, heads, N, D = q.shape
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
