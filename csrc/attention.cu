@@ -11,14 +11,17 @@
 // block over k_lut, with dS = P * (dO V^T - delta). `column` runs the transposed layout (block-diagonal causal,
 // SPEC.md) by address arithmetic: kernel position T + c*H + r reads and writes raster row T + r*W + c.
 //
-// Arithmetic: every product and sum in fp32 (CUDA cores, fmaf), for fp32, fp16 and bf16 inputs alike: tiles are
-// converted to fp32 as they are staged in shared memory, so fp32 inputs are computed exactly as fp32 (no TF32 or
-// 16-bit rounding of any operand), and products of fp16/bf16 values are exact in fp32. P and dS stay fp32 (they
-// are not rounded to the input dtype before the second matmul). Outputs are rounded to the input dtype once.
-//
-// One thread block of 128 threads per (batch * head, query block) or (batch * head, key block). Tiles BM x BN
-// (BM = BN: 16, 32 or 64; head_dim 16, 32, 64, 128). The row owned by a thread group of kThreads / BM consecutive
-// lanes: its softmax statistics are combined with warp shuffles, never across warps.
+// Two kernel families, chosen by the entry points from dtype and tile (dalle_kernels/ops/attention.py cuda_tiles):
+// - tensor cores, fp16/bf16 (attn_*_mma_kernel): mma.sync m16n8k16 with fp32 accumulators, fragments from shared
+//   memory by ldmatrix, streamed tiles double-buffered with cp.async (csrc/ptx.h); 4 warps of 16 rows. P and dS
+//   are rounded to the input dtype for the second product, as in the Triton kernels.
+// - CUDA cores, fp32 (attn_fwd_kernel, attn_bwd_dq_kernel, attn_bwd_dkdv_kernel): tiles staged in shared memory
+//   as fp32 and every product an fp32 FMA, so fp32 inputs are computed exactly in fp32 (no TF32, no 16-bit split
+//   of any operand). They take fp16/bf16 too (a square tile asked for explicitly), with P and dS kept in fp32.
+//   Tiles BM = BN (16, 32 or 64); a query row belongs to kThreads / BM consecutive lanes, whose softmax statistics
+//   combine by warp shuffles, never across warps.
+// Outputs are rounded to the input dtype once. One block of 128 threads per (batch * head, query block) or
+// (batch * head, key block); head_dim 16, 32, 64, 128.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -36,6 +39,9 @@ namespace dalle {
 namespace {
 
 constexpr int kThreads = 128;
+// Without a minimum of resident blocks, ptxas (CUDA 13) held these kernels to 72 registers and spilled; with 1 it
+// may use up to 255, and none spills (tests/test_aot_cuda.py).
+constexpr int kMinBlocks = 1;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -137,6 +143,16 @@ __device__ __forceinline__ const T* slice(const Tensor4& t, int64_t b, int64_t h
   return static_cast<const T*>(t.p) + b * t.sb + h * t.sh;
 }
 
+// Row `block` of a lookup table: the blocks it visits and which of those tiles are full.
+struct TableRow {
+  const int* lut;
+  const int* full;
+  int count;
+};
+__device__ __forceinline__ TableRow table_row(const Args& a, int block) {
+  return TableRow{a.lut + int64_t(block) * a.lut_w, a.full + int64_t(block) * a.lut_w, a.count[block]};
+}
+
 // Reduce over the G consecutive lanes that share a row (G a power of two <= 32).
 template <int G>
 __device__ __forceinline__ float group_max(float v) {
@@ -155,11 +171,18 @@ template <int D, int BM, int BN>
 struct Smem {
   static constexpr int LD = D + 1;    // padded rows: the row-by-row dot products hit distinct banks
   static constexpr int LS = BN + 1;
-  static constexpr size_t fwd = sizeof(float) * (size_t(BM) * LD + size_t(BN) * LD + size_t(BN) * D + size_t(BM) * LS);
-  static constexpr size_t dq = sizeof(float) * (2 * size_t(BM) * LD + 2 * size_t(BN) * LD + size_t(BM) * LS + 2 * BM);
-  static constexpr size_t dkdv =
-      sizeof(float) * (2 * size_t(BM) * LD + 2 * size_t(BN) * LD + 2 * size_t(BM) * LS + 2 * BM);
 };
+
+// Dynamic shared memory (bytes) of each kernel, for the launches and for attention_shared_bytes.
+constexpr size_t smem_fwd(size_t D, size_t BM, size_t BN) {
+  return sizeof(float) * (BM * (D + 1) + BN * (D + 1) + BN * D + BM * (BN + 1));
+}
+constexpr size_t smem_dq(size_t D, size_t BM, size_t BN) {
+  return sizeof(float) * (2 * BM * (D + 1) + 2 * BN * (D + 1) + BM * (BN + 1) + 2 * BM);
+}
+constexpr size_t smem_dkdv(size_t D, size_t BM, size_t BN) {
+  return sizeof(float) * (2 * BM * (D + 1) + 2 * BN * (D + 1) + 2 * BM * (BN + 1) + 2 * BM);
+}
 
 // sum_k a[k] * b[k] over a head_dim row of two fp32 tiles in shared memory.
 template <int D>
@@ -174,7 +197,7 @@ __device__ __forceinline__ float dot_row(const float* a, const float* b) {
 // Forward: one query block; grid (B * heads, query blocks), the last query block first (most key blocks under the
 // causal-like masks: starting it first shortens the tail).
 template <typename T, int D, int BM, int BN>
-__global__ void __launch_bounds__(kThreads) attn_fwd_kernel(Args a) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) attn_fwd_kernel(Args a) {
   using SM = Smem<D, BM, BN>;
   constexpr int LD = SM::LD, LS = SM::LS, G = kThreads / BM, C = D / G;
   extern __shared__ float smem[];
@@ -195,10 +218,10 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(Args a) {
 #pragma unroll
   for (int j = 0; j < C; ++j) acc[j] = 0.0f;
   float m_i = -INFINITY, l_i = 0.0f;
-  const int count = a.count[mb];
+  const auto [lut, full_tiles, count] = table_row(a, mb);
   for (int it = 0; it < count; ++it) {
-    const int kb = a.lut[int64_t(mb) * a.lut_w + it], n0 = kb * BN;
-    const bool full = a.full[int64_t(mb) * a.lut_w + it] != 0;
+    const int n0 = lut[it] * BN;
+    const bool full = full_tiles[it] != 0;
     __syncthreads();  // the previous tile's K, V and P are no longer read
     stage<T, BN, D, LD>(sK, kp, a.k.sn, n0, L);
     stage<T, BN, D, D>(sV, vp, a.v.sn, n0, L);
@@ -266,10 +289,7 @@ struct MmaTile {
   static constexpr int LDT = D + 8;  // row stride (elements): 16-byte aligned rows, ldmatrix rows 4 banks apart
 };
 
-template <int D, int BN>
-constexpr size_t mma_fwd_smem(size_t elem) {
-  return elem * MmaTile<D>::LDT * (size_t(kMmaBM) + 4 * size_t(BN));
-}
+constexpr size_t mma_fwd_smem(size_t elem, size_t D, size_t BN) { return elem * (D + 8) * (kMmaBM + 4 * BN); }
 
 // ROWS x D tile of T, rows by kernel position, into shared memory with cp.async (16 bytes per copy); positions
 // past n are zero-filled (no bytes read).
@@ -281,6 +301,14 @@ __device__ __forceinline__ void stage_async(T* dst, const T* base, int64_t sn, i
     const bool ok = pos < L.n;
     ptx::cp_async_16(dst + r * LDT + c, ok ? base + raster_row(pos, L) * sn + c : base, ok ? 16 : 0);
   }
+}
+
+// Two operands' tiles of the same rows (K and V, or Q and dO), as stage_async.
+template <typename T, int ROWS, int D>
+__device__ __forceinline__ void stage_pair_async(T* dst0, T* dst1, const Tensor4& t0, const Tensor4& t1, int64_t b,
+                                                 int64_t h, int pos0, const Layout& L) {
+  stage_async<T, ROWS, D>(dst0, slice<T>(t0, b, h), t0.sn, pos0, L);
+  stage_async<T, ROWS, D>(dst1, slice<T>(t1, b, h), t1.sn, pos0, L);
 }
 
 template <typename T>
@@ -347,7 +375,7 @@ __device__ __forceinline__ void warp_pb(float (&out)[D / 8][4], const float (&p)
 }
 
 template <typename T, int D, int BN>
-__global__ void __launch_bounds__(kThreads) attn_fwd_mma_kernel(Args a) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) attn_fwd_mma_kernel(Args a) {
   constexpr int LDT = MmaTile<D>::LDT, KD = D / 16, NJ = BN / 8, ND = D / 8;
   extern __shared__ float smem[];
   T* sQ = reinterpret_cast<T*>(smem);
@@ -357,18 +385,11 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_mma_kernel(Args a) {
   const Layout L = a.L;
   const auto [bh, b, h] = batch_head(a.heads);
   const int mb = gridDim.y - 1 - blockIdx.y, m0 = mb * kMmaBM;
-  const T* kp = slice<T>(a.k, b, h);
-  const T* vp = slice<T>(a.v, b, h);
-  const int* lut = a.lut + int64_t(mb) * a.lut_w;
-  const int* full = a.full + int64_t(mb) * a.lut_w;
-  const int count = a.count[mb];
+  const auto [lut, full, count] = table_row(a, mb);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
 
   stage_async<T, kMmaBM, D>(sQ, slice<T>(a.q, b, h), a.q.sn, m0, L);
-  if (count > 0) {
-    stage_async<T, BN, D>(sK, kp, a.k.sn, lut[0] * BN, L);
-    stage_async<T, BN, D>(sV, vp, a.v.sn, lut[0] * BN, L);
-  }
+  if (count > 0) stage_pair_async<T, BN, D>(sK, sV, a.k, a.v, b, h, lut[0] * BN, L);
   ptx::cp_async_commit();
 
   uint32_t qf[KD][4];
@@ -380,10 +401,9 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_mma_kernel(Args a) {
 
   for (int it = 0; it < count; ++it) {
     const int buf = it & 1, n0 = lut[it] * BN;
-    if (it + 1 < count) {  // the other buffer was released by the barrier that ended iteration it - 1
-      stage_async<T, BN, D>(sK + (buf ^ 1) * BN * LDT, kp, a.k.sn, lut[it + 1] * BN, L);
-      stage_async<T, BN, D>(sV + (buf ^ 1) * BN * LDT, vp, a.v.sn, lut[it + 1] * BN, L);
-    }
+    if (it + 1 < count)  // the other buffer was released by the barrier that ended iteration it - 1
+      stage_pair_async<T, BN, D>(sK + (buf ^ 1) * BN * LDT, sV + (buf ^ 1) * BN * LDT, a.k, a.v, b, h,
+                                 lut[it + 1] * BN, L);
     ptx::cp_async_commit();
     ptx::cp_async_wait<1>();  // everything but the newest group: Q and tile it have landed
     __syncthreads();
@@ -476,14 +496,11 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_mma_kernel(Args a) {
 // Operand tiles double-buffered with cp.async; lse and delta of the tile's rows are plain loads.
 constexpr int kMmaBwd = 64;
 
-template <int D>
-constexpr size_t mma_bwd_smem(size_t elem) {
-  return elem * MmaTile<D>::LDT * 6 * size_t(kMmaBwd) + sizeof(float) * 2 * kMmaBwd;
-}
+constexpr size_t mma_bwd_smem(size_t elem, size_t D) { return elem * (D + 8) * 6 * kMmaBwd + sizeof(float) * 2 * kMmaBwd; }
 
 // dQ = scale * dS K over q_lut. Warp w: query rows m0 + 16 w + {g, g + 8}.
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) attn_bwd_dq_mma_kernel(Args a) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) attn_bwd_dq_mma_kernel(Args a) {
   constexpr int LDT = MmaTile<D>::LDT, NJ = kMmaBwd / 8, ND = D / 8, TILE = kMmaBwd * LDT;
   extern __shared__ float smem[];
   T* sQ = reinterpret_cast<T*>(smem);
@@ -494,20 +511,12 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_mma_kernel(Args a) {
   const Layout L = a.L;
   const auto [bh, b, h] = batch_head(a.heads);
   const int mb = gridDim.y - 1 - blockIdx.y, m0 = mb * kMmaBwd;
-  const T* kp = slice<T>(a.k, b, h);
-  const T* vp = slice<T>(a.v, b, h);
-  const int* lut = a.lut + int64_t(mb) * a.lut_w;
-  const int* full = a.full + int64_t(mb) * a.lut_w;
-  const int count = a.count[mb];
+  const auto [lut, full, count] = table_row(a, mb);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
   const int row0 = m0 + 16 * warp + g;
 
-  stage_async<T, kMmaBwd, D>(sQ, slice<T>(a.q, b, h), a.q.sn, m0, L);
-  stage_async<T, kMmaBwd, D>(sdO, slice<T>(a.dout, b, h), a.dout.sn, m0, L);
-  if (count > 0) {
-    stage_async<T, kMmaBwd, D>(sK, kp, a.k.sn, lut[0] * kMmaBwd, L);
-    stage_async<T, kMmaBwd, D>(sV, vp, a.v.sn, lut[0] * kMmaBwd, L);
-  }
+  stage_pair_async<T, kMmaBwd, D>(sQ, sdO, a.q, a.dout, b, h, m0, L);
+  if (count > 0) stage_pair_async<T, kMmaBwd, D>(sK, sV, a.k, a.v, b, h, lut[0] * kMmaBwd, L);
   ptx::cp_async_commit();
   float lse2[2], delta[2];
 #pragma unroll
@@ -523,10 +532,9 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_mma_kernel(Args a) {
 
   for (int it = 0; it < count; ++it) {
     const int buf = it & 1, n0 = lut[it] * kMmaBwd;
-    if (it + 1 < count) {
-      stage_async<T, kMmaBwd, D>(sK + (buf ^ 1) * TILE, kp, a.k.sn, lut[it + 1] * kMmaBwd, L);
-      stage_async<T, kMmaBwd, D>(sV + (buf ^ 1) * TILE, vp, a.v.sn, lut[it + 1] * kMmaBwd, L);
-    }
+    if (it + 1 < count)
+      stage_pair_async<T, kMmaBwd, D>(sK + (buf ^ 1) * TILE, sV + (buf ^ 1) * TILE, a.k, a.v, b, h,
+                                      lut[it + 1] * kMmaBwd, L);
     ptx::cp_async_commit();
     ptx::cp_async_wait<1>();
     __syncthreads();
@@ -567,10 +575,11 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_mma_kernel(Args a) {
 }
 
 // dK = scale * dS^T Q and dV = P^T dO over k_lut, computed transposed: S^T = K Q^T and dP^T = V dO^T per warp of 16
-// keys (n0 + 16 w + {g, g + 8}), so that P^T and dS^T are A operands in the accumulator layout.
+// keys (n0 + 16 w + {g, g + 8}), so that P^T and dS^T are A operands in the accumulator layout. A query tile is
+// taken in parts of QP queries (32 at head_dim 128: dK and dV already hold 128 fp32 registers per thread there).
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_mma_kernel(Args a) {
-  constexpr int LDT = MmaTile<D>::LDT, NJ = kMmaBwd / 8, ND = D / 8, TILE = kMmaBwd * LDT;
+__global__ void __launch_bounds__(kThreads, kMinBlocks) attn_bwd_dkdv_mma_kernel(Args a) {
+  constexpr int LDT = MmaTile<D>::LDT, QP = D <= 64 ? kMmaBwd : 32, NJ = QP / 8, ND = D / 8, TILE = kMmaBwd * LDT;
   extern __shared__ float smem[];
   T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + TILE;
@@ -582,20 +591,12 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_mma_kernel(Args a) {
   const Layout L = a.L;
   const auto [bh, b, h] = batch_head(a.heads);
   const int nb = blockIdx.y, n0 = nb * kMmaBwd;
-  const T* qp = slice<T>(a.q, b, h);
-  const T* dop = slice<T>(a.dout, b, h);
-  const int* lut = a.lut + int64_t(nb) * a.lut_w;
-  const int* full = a.full + int64_t(nb) * a.lut_w;
-  const int count = a.count[nb];
+  const auto [lut, full, count] = table_row(a, nb);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
   const int key0 = n0 + 16 * warp + g;
 
-  stage_async<T, kMmaBwd, D>(sK, slice<T>(a.k, b, h), a.k.sn, n0, L);
-  stage_async<T, kMmaBwd, D>(sV, slice<T>(a.v, b, h), a.v.sn, n0, L);
-  if (count > 0) {
-    stage_async<T, kMmaBwd, D>(sQ, qp, a.q.sn, lut[0] * kMmaBwd, L);
-    stage_async<T, kMmaBwd, D>(sdO, dop, a.dout.sn, lut[0] * kMmaBwd, L);
-  }
+  stage_pair_async<T, kMmaBwd, D>(sK, sV, a.k, a.v, b, h, n0, L);
+  if (count > 0) stage_pair_async<T, kMmaBwd, D>(sQ, sdO, a.q, a.dout, b, h, lut[0] * kMmaBwd, L);
   ptx::cp_async_commit();
   float dk[ND][4], dv[ND][4];
 #pragma unroll
@@ -606,37 +607,39 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_mma_kernel(Args a) {
 
   for (int it = 0; it < count; ++it) {
     const int buf = it & 1, m0 = lut[it] * kMmaBwd;
-    if (it + 1 < count) {
-      stage_async<T, kMmaBwd, D>(sQ + (buf ^ 1) * TILE, qp, a.q.sn, lut[it + 1] * kMmaBwd, L);
-      stage_async<T, kMmaBwd, D>(sdO + (buf ^ 1) * TILE, dop, a.dout.sn, lut[it + 1] * kMmaBwd, L);
-    }
+    if (it + 1 < count)
+      stage_pair_async<T, kMmaBwd, D>(sQ + (buf ^ 1) * TILE, sdO + (buf ^ 1) * TILE, a.q, a.dout, b, h,
+                                      lut[it + 1] * kMmaBwd, L);
     ptx::cp_async_commit();
     stage_rows(sLse, sDelta, a, bh, m0, kMmaBwd);  // released by the barrier that ended the previous iteration
     ptx::cp_async_wait<1>();
     __syncthreads();
-    const T* q_t = sQ + buf * TILE;
-    const T* do_t = sdO + buf * TILE;
-    float st[NJ][4], dpt[NJ][4];
-    warp_abt<T, D, NJ>(st, sK + 16 * warp * LDT, q_t, lane);
-    warp_abt<T, D, NJ>(dpt, sV + 16 * warp * LDT, do_t, lane);
     const bool is_full = full[it] != 0;
+#pragma unroll 1
+    for (int q0 = 0; q0 < kMmaBwd; q0 += QP) {
+      const T* q_t = sQ + buf * TILE + q0 * LDT;
+      const T* do_t = sdO + buf * TILE + q0 * LDT;
+      float st[NJ][4], dpt[NJ][4];
+      warp_abt<T, D, NJ>(st, sK + 16 * warp * LDT, q_t, lane);
+      warp_abt<T, D, NJ>(dpt, sV + 16 * warp * LDT, do_t, lane);
 #pragma unroll
-    for (int j = 0; j < NJ; ++j) {
+      for (int j = 0; j < NJ; ++j) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int qc = 8 * j + 2 * t4 + (e & 1);  // query column within the tile
-        float v = st[j][e] * a.qk_scale;
-        if (!is_full) {
-          const int i = m0 + qc, jj = key0 + 8 * (e >> 1);
-          if (i >= L.n || jj >= L.n || !allowed(i, jj, L)) v = -INFINITY;
+        for (int e = 0; e < 4; ++e) {
+          const int qc = q0 + 8 * j + 2 * t4 + (e & 1);  // query column within the tile
+          float v = st[j][e] * a.qk_scale;
+          if (!is_full) {
+            const int i = m0 + qc, jj = key0 + 8 * (e >> 1);
+            if (i >= L.n || jj >= L.n || !allowed(i, jj, L)) v = -INFINITY;
+          }
+          const float p = exp2f(v - sLse[qc]);
+          st[j][e] = p;                              // P^T
+          dpt[j][e] = p * (dpt[j][e] - sDelta[qc]);  // dS^T
         }
-        const float p = exp2f(v - sLse[qc]);
-        st[j][e] = p;                              // P^T
-        dpt[j][e] = p * (dpt[j][e] - sDelta[qc]);  // dS^T
       }
+      warp_pb<T, D, NJ>(dv, st, do_t, lane);  // dV += P^T dO
+      warp_pb<T, D, NJ>(dk, dpt, q_t, lane);  // dK += dS^T Q
     }
-    warp_pb<T, D, NJ>(dv, st, do_t, lane);   // dV += P^T dO
-    warp_pb<T, D, NJ>(dk, dpt, q_t, lane);   // dK += dS^T Q
     __syncthreads();
   }
   ptx::cp_async_wait<0>();
@@ -660,7 +663,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_mma_kernel(Args a) {
 // ---------------------------------------------------------------------------------------------------------------
 // delta = rowsum(dO * O) in fp32, one thread per raster row; grid (B * heads, ceil(n / kThreads)).
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) attn_bwd_delta_kernel(Args a) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) attn_bwd_delta_kernel(Args a) {
   const auto [bh, b, h] = batch_head(a.heads);
   const int row = blockIdx.y * kThreads + threadIdx.x;
   if (row >= a.L.n) return;
@@ -686,7 +689,7 @@ __device__ __forceinline__ void probs_and_dscores(const float* q, const float* k
 
 // dQ: one query block over q_lut; grid (B * heads, query blocks), last first.
 template <typename T, int D, int BM, int BN>
-__global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(Args a) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) attn_bwd_dq_kernel(Args a) {
   using SM = Smem<D, BM, BN>;
   constexpr int LD = SM::LD, LS = SM::LS, G = kThreads / BM, C = D / G;
   extern __shared__ float smem[];
@@ -711,10 +714,10 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(Args a) {
   float acc[C];
 #pragma unroll
   for (int j = 0; j < C; ++j) acc[j] = 0.0f;
-  const int count = a.count[mb];
+  const auto [lut, full_tiles, count] = table_row(a, mb);
   for (int it = 0; it < count; ++it) {
-    const int n0 = a.lut[int64_t(mb) * a.lut_w + it] * BN;
-    const bool full = a.full[int64_t(mb) * a.lut_w + it] != 0;
+    const int n0 = lut[it] * BN;
+    const bool full = full_tiles[it] != 0;
     __syncthreads();
     stage<T, BN, D, LD>(sK, kp, a.k.sn, n0, L);
     stage<T, BN, D, LD>(sV, vp, a.v.sn, n0, L);
@@ -744,7 +747,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(Args a) {
 
 // dK, dV: one key block over k_lut (the query blocks that see it); grid (B * heads, key blocks).
 template <typename T, int D, int BM, int BN>
-__global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(Args a) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) attn_bwd_dkdv_kernel(Args a) {
   using SM = Smem<D, BM, BN>;
   constexpr int LD = SM::LD, LS = SM::LS, G = kThreads / BN, C = D / G;
   extern __shared__ float smem[];
@@ -769,10 +772,10 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(Args a) {
   float dk[C], dv[C];
 #pragma unroll
   for (int j = 0; j < C; ++j) dk[j] = dv[j] = 0.0f;
-  const int count = a.count[nb];
+  const auto [lut, full_tiles, count] = table_row(a, nb);
   for (int it = 0; it < count; ++it) {
-    const int m0 = a.lut[int64_t(nb) * a.lut_w + it] * BM;
-    const bool full = a.full[int64_t(nb) * a.lut_w + it] != 0;
+    const int m0 = lut[it] * BM;
+    const bool full = full_tiles[it] != 0;
     __syncthreads();
     stage<T, BM, D, LD>(sQ, qp, a.q.sn, m0, L);
     stage<T, BM, D, LD>(sdO, dop, a.dout.sn, m0, L);
@@ -823,11 +826,10 @@ void launch_kernel(K kernel, dim3 grid, size_t smem, const Args& a, cudaStream_t
 
 template <typename T, int D, int B>
 void launch_tile(Kernel which, dim3 grid, const Args& a, cudaStream_t stream) {
-  using SM = Smem<D, B, B>;
   switch (which) {
-    case kFwd: return launch_kernel(attn_fwd_kernel<T, D, B, B>, grid, SM::fwd, a, stream);
-    case kDq: return launch_kernel(attn_bwd_dq_kernel<T, D, B, B>, grid, SM::dq, a, stream);
-    default: return launch_kernel(attn_bwd_dkdv_kernel<T, D, B, B>, grid, SM::dkdv, a, stream);
+    case kFwd: return launch_kernel(attn_fwd_kernel<T, D, B, B>, grid, smem_fwd(D, B, B), a, stream);
+    case kDq: return launch_kernel(attn_bwd_dq_kernel<T, D, B, B>, grid, smem_dq(D, B, B), a, stream);
+    default: return launch_kernel(attn_bwd_dkdv_kernel<T, D, B, B>, grid, smem_dkdv(D, B, B), a, stream);
   }
 }
 
@@ -907,8 +909,8 @@ void check_rows_aligned(const char* op, std::initializer_list<Tensor4> ts) {
 
 template <typename T, int D>
 void launch_mma_bwd_d(dim3 grid, const Args& dq_args, const Args& dkdv_args, cudaStream_t stream) {
-  launch_kernel(attn_bwd_dq_mma_kernel<T, D>, grid, mma_bwd_smem<D>(sizeof(T)), dq_args, stream);
-  launch_kernel(attn_bwd_dkdv_mma_kernel<T, D>, grid, mma_bwd_smem<D>(sizeof(T)), dkdv_args, stream);
+  launch_kernel(attn_bwd_dq_mma_kernel<T, D>, grid, mma_bwd_smem(sizeof(T), D), dq_args, stream);
+  launch_kernel(attn_bwd_dkdv_mma_kernel<T, D>, grid, mma_bwd_smem(sizeof(T), D), dkdv_args, stream);
 }
 
 template <typename T>
@@ -924,7 +926,7 @@ void launch_mma_bwd_t(int D, dim3 grid, const Args& dq_args, const Args& dkdv_ar
 template <typename T, int D>
 void launch_mma_d(dim3 grid, const Args& a, cudaStream_t stream) {
   constexpr int BN = D <= 64 ? 64 : 32;
-  launch_kernel(attn_fwd_mma_kernel<T, D, BN>, grid, mma_fwd_smem<D, BN>(sizeof(T)), a, stream);
+  launch_kernel(attn_fwd_mma_kernel<T, D, BN>, grid, mma_fwd_smem(sizeof(T), D, BN), a, stream);
 }
 
 template <typename T>
@@ -1106,10 +1108,24 @@ void backward(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o
   }
 }
 
+// Dynamic shared memory (bytes) one block of `kernel` (its name in csrc/attention.cu) takes at these sizes.
+int64_t shared_bytes(const std::string& kernel, int dtype, int head_dim, int block_m, int block_n) {
+  const size_t e = dtype == kFloat32 ? 4 : 2, D = head_dim;
+  if (kernel == "attn_fwd_kernel") return smem_fwd(D, block_m, block_n);
+  if (kernel == "attn_bwd_dq_kernel") return smem_dq(D, block_m, block_n);
+  if (kernel == "attn_bwd_dkdv_kernel") return smem_dkdv(D, block_m, block_n);
+  if (kernel == "attn_fwd_mma_kernel") return mma_fwd_smem(e, D, block_n);
+  if (kernel == "attn_bwd_dq_mma_kernel" || kernel == "attn_bwd_dkdv_mma_kernel") return mma_bwd_smem(e, D);
+  check_arg(kernel == "attn_bwd_delta_kernel", "attention_shared_bytes: unknown kernel " + kernel);
+  return 0;
+}
+
 }  // namespace
 
 void register_attention(pybind11::module_& m) {
   using pybind11::arg;
+  m.def("attention_shared_bytes", &shared_bytes, arg("kernel"), arg("dtype"), arg("head_dim"), arg("block_m"),
+        arg("block_n"), "Dynamic shared memory (bytes) per block of an attention kernel at these sizes.");
   m.def("attention_forward", &forward, arg("q"), arg("k"), arg("v"), arg("o"), arg("lse"), arg("lut"), arg("full"),
         arg("count"), arg("batch"), arg("heads"), arg("n"), arg("head_dim"), arg("stride_qb"), arg("stride_qh"),
         arg("stride_qn"), arg("stride_kb"), arg("stride_kh"), arg("stride_kn"), arg("stride_vb"), arg("stride_vh"),

@@ -16,7 +16,7 @@ import torch
 from dalle_kernels import _dispatch, masks, sparse_attention
 from dalle_kernels._cuda_emu import CudaEmuError
 from dalle_kernels.ops import attention as A
-from test_attention import SHAPES, assert_close, make_inputs, reference
+from test_attention import SHAPES, assert_close, check_torch_compile, make_inputs, reference
 
 
 @pytest.fixture
@@ -192,20 +192,4 @@ def test_custom_op_opcheck(backend, device):
 
 
 def test_torch_compile_fullgraph(backend, device):
-    torch._dynamo.reset()
-    T, H, W = 3, 4, 5
-
-    def block(x, wq):
-        q = k = v = (x @ wq).unflatten(-1, (2, 16)).transpose(1, 2)
-        o = sparse_attention(q, k, v, mask="conv", text_len=T, grid=(H, W), kernel=3, backend=backend)
-        return o.transpose(1, 2).flatten(2).sum()
-
-    x = torch.randn(2, T + H * W, 32, device=device)
-    wq = torch.randn(32, 32, device=device, requires_grad=True)
-    loss = torch.compile(block, fullgraph=True, backend="aot_eager")(x, wq)
-    (g,) = torch.autograd.grad(loss, wq)
-    wq2 = wq.detach().clone().requires_grad_()
-    loss_eager = block(x, wq2)
-    (g_eager,) = torch.autograd.grad(loss_eager, wq2)
-    torch.testing.assert_close(loss, loss_eager, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(g, g_eager, rtol=1e-5, atol=1e-4)
+    check_torch_compile(device, backend)
