@@ -33,6 +33,7 @@
 #include <string>
 
 #include "common.h"
+#include "dtypes.h"
 #include "ptx.h"
 
 namespace dalle {
@@ -44,14 +45,6 @@ constexpr int kThreads = 128;
 constexpr int kMinBlocks = 1;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // Mask codes: masks.MASK_CODES.
 enum Mask : int { kCausal = 0, kRow = 1, kColumn = 2, kConv = 3, kConvClipped = 4, kConvTorus = 5, kAxialRow = 6 };
