@@ -136,6 +136,14 @@ __device__ __forceinline__ const T* slice(const Tensor4& t, int64_t b, int64_t h
   return static_cast<const T*>(t.p) + b * t.sb + h * t.sh;
 }
 
+// Two operands' tiles of the same rows (K and V, or Q and dO) of the (b, h) slice, as stage.
+template <typename T, int ROWS, int D, int LD>
+__device__ __forceinline__ void stage_pair(float* dst0, float* dst1, const Tensor4& t0, const Tensor4& t1, int64_t b,
+                                           int64_t h, int pos0, const Layout& L) {
+  stage<T, ROWS, D, LD>(dst0, slice<T>(t0, b, h), t0.sn, pos0, L);
+  stage<T, ROWS, D, LD>(dst1, slice<T>(t1, b, h), t1.sn, pos0, L);
+}
+
 // Row `block` of a lookup table: the blocks it visits and which of those tiles are full.
 struct TableRow {
   const int* lut;
@@ -697,10 +705,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) attn_bwd_dq_kernel(Args 
   const Layout L = a.L;
   const auto [bh, b, h] = batch_head(a.heads);
   const int mb = gridDim.y - 1 - blockIdx.y, m0 = mb * BM;
-  const T* kp = slice<T>(a.k, b, h);
-  const T* vp = slice<T>(a.v, b, h);
-  stage<T, BM, D, LD>(sQ, slice<T>(a.q, b, h), a.q.sn, m0, L);
-  stage<T, BM, D, LD>(sdO, slice<T>(a.dout, b, h), a.dout.sn, m0, L);
+  stage_pair<T, BM, D, LD>(sQ, sdO, a.q, a.dout, b, h, m0, L);
   stage_rows(sLse, sDelta, a, bh, m0, BM);
 
   const int tid = threadIdx.x, r = tid / G, part = tid % G;
@@ -712,8 +717,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) attn_bwd_dq_kernel(Args 
     const int n0 = lut[it] * BN;
     const bool full = full_tiles[it] != 0;
     __syncthreads();
-    stage<T, BN, D, LD>(sK, kp, a.k.sn, n0, L);
-    stage<T, BN, D, LD>(sV, vp, a.v.sn, n0, L);
+    stage_pair<T, BN, D, LD>(sK, sV, a.k, a.v, b, h, n0, L);
     __syncthreads();
     for (int idx = tid; idx < BM * BN; idx += kThreads) {
       const int rr = idx / BN, cc = idx % BN;
@@ -756,10 +760,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) attn_bwd_dkdv_kernel(Arg
   const Layout L = a.L;
   const auto [bh, b, h] = batch_head(a.heads);
   const int nb = blockIdx.y, n0 = nb * BN;
-  const T* qp = slice<T>(a.q, b, h);
-  const T* dop = slice<T>(a.dout, b, h);
-  stage<T, BN, D, LD>(sK, slice<T>(a.k, b, h), a.k.sn, n0, L);
-  stage<T, BN, D, LD>(sV, slice<T>(a.v, b, h), a.v.sn, n0, L);
+  stage_pair<T, BN, D, LD>(sK, sV, a.k, a.v, b, h, n0, L);
 
   const int tid = threadIdx.x, c = tid / G, part = tid % G;  // thread group of key row c
   float dk[C], dv[C];
@@ -770,8 +771,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) attn_bwd_dkdv_kernel(Arg
     const int m0 = lut[it] * BM;
     const bool full = full_tiles[it] != 0;
     __syncthreads();
-    stage<T, BM, D, LD>(sQ, qp, a.q.sn, m0, L);
-    stage<T, BM, D, LD>(sdO, dop, a.dout.sn, m0, L);
+    stage_pair<T, BM, D, LD>(sQ, sdO, a.q, a.dout, b, h, m0, L);
     stage_rows(sLse, sDelta, a, bh, m0, BM);
     __syncthreads();
     for (int idx = tid; idx < BM * BN; idx += kThreads) {
