@@ -1,11 +1,12 @@
-"""sparse_attention (Triton) against dense causal SDPA, SDPA with the same boolean mask, and FlexAttention.
+"""sparse_attention (Triton and CUDA) against dense causal SDPA, SDPA with the same boolean mask, and FlexAttention.
 
 GPU (``pytest benchmarks/bench_attention.py --device=cuda``): the paper shape, batch 8, 16 heads, T = 256,
 32 x 32 grid, head_dim 64, bf16; forward and forward+backward. CPU (default): T = 256, 32 x 32 grid, batch 1,
 4 heads, head_dim 64, fp32 (T = 16, 8 x 8, 2 heads of 32 under ``--benchmark-disable``); the Triton interpreter
 is not a speed figure and is skipped.
 
-Providers: ``triton`` (this package, GPU), ``cpu`` (this package's block-sparse CPU path, CPU), ``torch`` (the
+Providers: ``triton`` (this package, GPU), ``cuda`` (this package's CUDA kernels, csrc/attention.cu, GPU; needs
+the built extension: tensor-core forward for 16-bit inputs, fp32 CUDA-core backward), ``cpu`` (this package's block-sparse CPU path, CPU), ``torch`` (the
 dense-masked reference), ``dense`` (``scaled_dot_product_attention(is_causal=True)``, the mask-free baseline the
 targets are stated against), ``sdpa_mask`` (SDPA with the boolean ``dense_mask``), ``flex`` (``flex_attention``
 with a block mask from the same predicate; compiled on GPU, eager on CPU).
@@ -13,7 +14,7 @@ extra_info: ``tflops`` = useful FLOPs (allowed pairs only: 4 * pairs * head_dim 
 median time (absent under ``--benchmark-disable``); ``peak_mem_mb`` = peak memory above the inputs (GPU);
 ``max_err`` / ``grad_max_err`` = max abs error of the output / of dq, dk, dv against ``attention_ref`` in float64
 on the same inputs (providers that compute the masked attention, i.e. not ``dense``); ``tiles`` /
-``causal_tiles`` for the Triton kernel's forward tiling; ``sdpa_causal_ratio`` (``cpu`` and ``torch``, timed runs
+``causal_tiles`` for the Triton or CUDA kernel's forward tiling; ``sdpa_causal_ratio`` (``cpu`` and ``torch``, timed runs
 only) = median time of the provider / median time of ``dense``, from ``RATIO_REPS`` runs of each alternated in
 one process, so that the ratio holds under load that changes over the run.
 
@@ -26,7 +27,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dalle_kernels import attention_ref, masks, sparse_attention
+from dalle_kernels import _dispatch, attention_ref, masks, sparse_attention
 from dalle_kernels._bench import max_abs_error, median_seconds, peak_memory_mb, sync
 from dalle_kernels.ops import attention as A
 
@@ -34,7 +35,7 @@ SHAPES = {"cuda": dict(B=8, heads=16, T=256, grid=(32, 32), d=64, dtype=torch.bf
           "cpu": dict(B=1, heads=4, T=256, grid=(32, 32), d=64, dtype=torch.float32),
           # under --benchmark-disable (CI: each case runs once, for its errors) a small shape keeps the run short
           "cpu_untimed": dict(B=1, heads=2, T=16, grid=(8, 8), d=32, dtype=torch.float32)}
-PROVIDERS = ("triton", "cpu", "torch", "dense", "sdpa_mask", "flex")
+PROVIDERS = ("triton", "cuda", "cpu", "torch", "dense", "sdpa_mask", "flex")
 RATIO_REPS = 10
 MASKS = ("row", "column", "conv")
 KERNEL = 11
@@ -63,9 +64,9 @@ def flex_fn(mask, T, grid, device):
 
 
 def make_fn(provider, mask, T, grid, device):
-    if provider == "triton":
+    if provider in ("triton", "cuda"):
         return lambda q, k, v: sparse_attention(q, k, v, mask=mask, text_len=T, grid=grid, kernel=KERNEL,
-                                                backend="triton")
+                                                backend=provider)
     if provider in ("cpu", "torch"):
         return lambda q, k, v: sparse_attention(q, k, v, mask=mask, text_len=T, grid=grid, kernel=KERNEL,
                                                 backend=provider)
@@ -128,6 +129,10 @@ def test_attention(benchmark, record_env, bench_device, mask, provider, mode):
     dev = bench_device
     if dev == "cpu" and provider == "triton":
         pytest.skip("CPU: the Triton interpreter is not a speed figure")
+    if dev == "cpu" and provider == "cuda":
+        pytest.skip("the cuda backend takes CUDA tensors (its emulator is not a speed figure)")
+    if provider == "cuda" and not _dispatch.cuda_extension_has("attention_forward"):
+        pytest.skip("dalle_kernels._C is not built with the attention kernels (DALLE_KERNELS_CUDA=1)")
     if dev == "cuda" and provider == "cpu":
         pytest.skip("the cpu backend takes CPU tensors")
     if provider == "flex":
@@ -157,9 +162,13 @@ def test_attention(benchmark, record_env, bench_device, mask, provider, mode):
     flops = useful_flops(mask, T, grid, B, heads, d, mode)
     record_env.update(shape=(B, heads, n, d), text_len=T, grid=grid, dtype=str(dtype), mask=mask,
                       provider=provider, mode=mode, useful_flops=flops)
-    if provider == "triton":
-        cfg, _ = A.pick_configs(d, q.device)
-        st = masks.tile_stats(mask, T, grid, KERNEL, cfg.block_m, cfg.block_n)
+    if provider in ("triton", "cuda"):
+        if provider == "triton":
+            cfg, _ = A.pick_configs(d, q.device)
+            bm, bn = cfg.block_m, cfg.block_n
+        else:
+            (bm, bn), _ = A.cuda_tiles(d, dtype, q.device)
+        st = masks.tile_stats(mask, T, grid, KERNEL, bm, bn)
         record_env.update(tiles=st["tiles"], causal_tiles=st["causal_tiles"], tile_ratio=st["ratio"])
     median = median_seconds(benchmark)
     if median:

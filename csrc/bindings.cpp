@@ -13,6 +13,7 @@ PYBIND11_MODULE(DALLE_EXTENSION_NAME, m) {
   dalle::register_runtime(m);
   dalle::register_logit_laplace(m);
   dalle::register_orthogonalize(m);
+  dalle::register_attention(m);
 #ifdef DALLE_CUDA_EMU
   dalle::register_emu(m);
   dalle::register_emu_selftest(m);

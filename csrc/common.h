@@ -21,6 +21,7 @@ inline void check_arg(bool ok, const std::string& msg) {
 void register_runtime(pybind11::module_& m);
 void register_logit_laplace(pybind11::module_& m);
 void register_orthogonalize(pybind11::module_& m);
+void register_attention(pybind11::module_& m);
 // Emulation build only (csrc/emu/): the emulator's controls and its test kernels.
 void register_emu(pybind11::module_& m);
 void register_emu_selftest(pybind11::module_& m);

@@ -18,6 +18,7 @@
 #include <type_traits>
 
 #include "common.h"
+#include "dtypes.h"
 
 namespace dalle {
 namespace {
@@ -28,15 +29,8 @@ constexpr int64_t kTile = int64_t(kThreads) * kItems;
 
 enum Reduction : int { kNone = 0, kSum = 1, kMean = 2 };
 
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+using dalle::to_f;  // the float/half/bfloat16 overloads (dtypes.h) beside this file's uint8 one
 __device__ __forceinline__ float to_f(uint8_t v) { return static_cast<float>(v) * (1.0f / 255.0f); }
-
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // kItems values moved as one aligned struct: the compiler emits 128-bit (or 64-bit for uint8) accesses.
 template <typename T>

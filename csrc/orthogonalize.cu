@@ -17,6 +17,7 @@
 #include <cstdint>
 
 #include "common.h"
+#include "dtypes.h"
 
 namespace dalle {
 namespace {
@@ -24,16 +25,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxRank = 64;
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
 
 // out[j] = sum (or max) over the block of acc[j], for j < R; every thread sees out after the call.
 template <int R, bool kMax>
@@ -90,7 +81,7 @@ __global__ void __launch_bounds__(kThreads) orthogonalize_kernel(
   for (int64_t i = threadIdx.x; i < n; i += kThreads) {
 #pragma unroll
     for (int j = 0; j < R; ++j)
-      if (j < r) acc[j] = fmaxf(acc[j], fabsf(to_float(P[i * spn + j * spr])));
+      if (j < r) acc[j] = fmaxf(acc[j], fabsf(to_f(P[i * spn + j * spr])));
   }
   block_reduce<R, true>(acc, red, w);
 
@@ -101,7 +92,7 @@ __global__ void __launch_bounds__(kThreads) orthogonalize_kernel(
 #pragma unroll
     for (int j = 0; j < R; ++j) {
       const float m = w[j];
-      row[j] = (j < r) ? to_float(P[i * spn + j * spr]) / (m > 0.f ? m : 1.f) : 0.f;
+      row[j] = (j < r) ? to_f(P[i * spn + j * spr]) / (m > 0.f ? m : 1.f) : 0.f;
       if (j < r) W[i * swn + j * swr] = row[j];
     }
 #pragma unroll
@@ -170,7 +161,7 @@ __global__ void __launch_bounds__(kThreads) orthogonalize_kernel(
         if (k > 0) {
           W[i * swn + j * swr] = row[j];
         } else {
-          P[i * spn + j * spr] = from_float<T>(row[j] * sign_s[j]);
+          P[i * spn + j * spr] = from_f<T>(row[j] * sign_s[j]);
         }
       }
     }

@@ -263,6 +263,11 @@ def test_triton_on_cpu_without_interpreter(monkeypatch):
 def test_torch_compile_fullgraph(device, backend):
     if backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs the Triton interpreter on CPU")
+    check_torch_compile(device, backend)
+
+
+def check_torch_compile(device, backend):
+    """A conv-masked attention block compiled with ``fullgraph=True``: loss and gradient equal eager ones."""
     torch._dynamo.reset()
     T, H, W = 3, 4, 5
 

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("DALLE_KERNELS_CUDA") != "1",
                                 reason="the CUDA build was not requested (DALLE_KERNELS_CUDA=1)")
 
 ENTRY_POINTS = ("cuda_runtime_version", "device_count", "logit_laplace_forward", "logit_laplace_backward",
-                "logit_laplace_partial_count")
+                "logit_laplace_partial_count", "orthogonalize", "attention_forward", "attention_backward")
 FAKE_PTR = 1 << 20  # never dereferenced: each call is rejected before launch
 F32, F16, BF16, F64, U8 = 0, 1, 2, 3, 4
 
@@ -87,6 +87,32 @@ def test_forward_rejects_bad_arguments(ext, change, message):
 def test_backward_rejects_bad_arguments(ext, change, message):
     with pytest.raises(ValueError, match=message):
         ext.logit_laplace_backward(**backward_args(**change))
+
+
+def attention_args(**changes):
+    args = dict(q=FAKE_PTR, k=FAKE_PTR, v=FAKE_PTR, o=FAKE_PTR, lse=FAKE_PTR, lut=FAKE_PTR, full=FAKE_PTR,
+                count=FAKE_PTR, batch=2, heads=4, n=6 + 63, head_dim=64, lut_rows=2, lut_w=2, mask=3, text_len=6, H=7,
+                W=9, kernel=5, scale=0.125, block_m=64, block_n=64, dtype=F16, stream=0)
+    args |= {f"stride_{t}{a}": 64 for t in "qkvo" for a in "bhn"}
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(q=0), "q: null data pointer"),
+    (dict(head_dim=48), "head_dim must be 16, 32, 64 or 128"),
+    (dict(n=70), "n must equal text_len"),
+    (dict(block_m=32), "tiles must be square"),
+    (dict(dtype=F32, block_n=32), "tiles must be square"),
+    (dict(lut_rows=3), "one row per block"),
+    (dict(mask=9), "mask code"),
+    (dict(dtype=F64), "dtype must be"),
+    (dict(stride_kn=60), "16-byte aligned"),
+    (dict(v=FAKE_PTR + 8), "16-byte aligned"),
+])
+def test_attention_forward_rejects_bad_arguments(ext, change, message):
+    with pytest.raises(ValueError, match=message):
+        ext.attention_forward(**attention_args(**change))
 
 
 def test_ptx_wrappers_compile_for_sm80(tmp_path):

@@ -18,12 +18,13 @@ import math
 import torch
 
 from .. import masks as _masks
+from .._cuda_emu import emulated
 from .._dispatch import resolve_backend
 from . import _attention_op
 from .attention_cpu import cpu_attention
 
 HEAD_DIMS = (16, 32, 64, 128)
-ATTENTION_BACKENDS = ("auto", "triton", "cpu", "torch")  # what sparse_attention's backend= takes
+ATTENTION_BACKENDS = ("auto", "triton", "cuda", "cpu", "torch", "cuda_emu")  # what sparse_attention's backend= takes
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -419,6 +420,103 @@ def _triton_backward(do, q, k, v, o, lse, mask, T, H, W, kernel, scale, block_m=
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# CUDA kernels (csrc/attention.cu) through the extension's raw-pointer entry points; on CPU tensors the same
+# launchers run the kernels in the emulator (backend="cuda_emu", checked by its racecheck and memcheck).
+# float16/bfloat16: the tensor-core kernels, forward 64 x 64 tiles (64 x 32 for head_dim 128), backward 64 x 64, on
+# the GPU and in the emulator alike. float32: the fp32 CUDA-core kernels (exact fp32 products) with square tiles,
+# 64 for head_dim <= 64 and 32 for 128 on the GPU, 16 in the emulator so that the small test sequences span several
+# blocks, full and partial (as the Triton interpreter's 16 x 16 tiles do).
+CUDA_TILES = {16: 64, 32: 64, 64: 64, 128: 32}
+CUDA_EMU_TILE = 16
+CUDA_MMA_TILES = {16: (64, 64), 32: (64, 64), 64: (64, 64), 128: (64, 32)}
+CUDA_MMA_BWD_TILE = 64
+
+
+def cuda_tiles(head_dim: int, dtype: torch.dtype, device: torch.device, block: int = 0):
+    """``((block_m, block_n) of the forward, block of the backward)`` for a call of the CUDA kernels. ``block`` > 0
+    gives every kernel that square tile: 16 (or 32 at head_dim 128) selects the CUDA-core kernels for float16/
+    bfloat16 too; 64 selects the tensor-core kernels there (at head_dim <= 64 for the forward)."""
+    if block:
+        return (block, block), block
+    if dtype == torch.float32:
+        square = CUDA_TILES[head_dim] if device.type == "cuda" else CUDA_EMU_TILE
+        return (square, square), square
+    return CUDA_MMA_TILES[head_dim], CUDA_MMA_BWD_TILE
+
+
+def _aligned_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` if its rows start on 16-byte boundaries (the tensor-core kernels' cp.async copies), else a copy."""
+    if t.data_ptr() % 16 == 0 and all(st % 8 == 0 for st in t.stride()[:3]):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _launch_cuda_forward(q, k, v, lut, full, count, mask, T, H, W, kernel, scale, block_m, block_n):
+    from .._cuda import dtype_code, ext, stream_of
+
+    q, k, v = (_rows_stride_ok(t) for t in (q, k, v))
+    if (block_m, block_n) == CUDA_MMA_TILES[q.shape[-1]] and q.dtype != torch.float32:
+        q, k, v = (_aligned_rows(t) for t in (q, k, v))
+    B, heads, N, D = q.shape
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, heads, N), dtype=torch.float32, device=q.device)
+    if o.numel() == 0:
+        return o, lse
+    ext("attention_forward").attention_forward(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(), lut.data_ptr(), full.data_ptr(),
+        count.data_ptr(), B, heads, N, D, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+        lut.shape[0], lut.shape[1], _masks.MASK_CODES[mask], T, H, W, kernel, scale, block_m, block_n,
+        dtype_code(q), stream_of(q))
+    return o, lse
+
+
+def _launch_cuda_backward(do, q, k, v, o, lse, q_lut, q_full, q_count, k_lut, k_full, k_count, mask, T, H, W,
+                          kernel, scale, block):
+    from .._cuda import dtype_code, ext, stream_of
+
+    q, k, v, o = (_rows_stride_ok(t) for t in (q, k, v, o))
+    do = _rows_stride_ok(do.to(q.dtype))
+    if block == CUDA_MMA_BWD_TILE and q.dtype != torch.float32:
+        q, k, v, do = (_aligned_rows(t) for t in (q, k, v, do))
+    B, heads, N, D = q.shape
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if q.numel() == 0:
+        return dq, dk, dv
+    delta = torch.empty((B, heads, N), dtype=torch.float32, device=q.device)
+    ext("attention_backward").attention_backward(
+        do.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(), delta.data_ptr(),
+        dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), q_lut.data_ptr(), q_full.data_ptr(), q_count.data_ptr(),
+        k_lut.data_ptr(), k_full.data_ptr(), k_count.data_ptr(), B, heads, N, D, *q.stride()[:3], *k.stride()[:3],
+        *v.stride()[:3], *o.stride()[:3], *do.stride()[:3], *dq.stride()[:3], *dk.stride()[:3], q_lut.shape[1],
+        k_lut.shape[1], _masks.MASK_CODES[mask], T, H, W, kernel, scale, block, dtype_code(q), stream_of(q))
+    return dq, dk, dv
+
+
+# The same launchers on CPU tensors, in the emulator: the kernels may write only what the launcher allocates.
+_launch_cuda_forward_emu = emulated(_launch_cuda_forward)
+_launch_cuda_backward_emu = emulated(_launch_cuda_backward)
+
+
+def _cuda_forward(q, k, v, mask, T, H, W, kernel, scale, block=0):
+    """``(o, lse)`` from csrc/attention.cu: on the GPU for CUDA tensors, in the emulator for CPU tensors."""
+    (bm, bn), _ = cuda_tiles(q.shape[-1], q.dtype, q.device, block)
+    t = _masks.block_tables(mask, T, (H, W), kernel, bm, bn, device=q.device)
+    launch = _launch_cuda_forward if q.device.type == "cuda" else _launch_cuda_forward_emu
+    return launch(q, k, v, t.q_lut, t.q_full, t.q_count, mask, T, H, W, kernel, scale, bm, bn)
+
+
+def _cuda_backward(do, q, k, v, o, lse, mask, T, H, W, kernel, scale, block=0):
+    """``(dq, dk, dv)`` from csrc/attention.cu (delta, dQ, dK/dV kernels); devices as ``_cuda_forward``."""
+    _, block = cuda_tiles(q.shape[-1], q.dtype, q.device, block)
+    t = _masks.block_tables(mask, T, (H, W), kernel, block, block, device=q.device)
+    launch = _launch_cuda_backward if q.device.type == "cuda" else _launch_cuda_backward_emu
+    return launch(do, q, k, v, o, lse, t.q_lut, t.q_full, t.q_count, t.k_lut, t.k_full, t.k_count, mask, T, H, W,
+                  kernel, scale, block)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Autograd: two custom ops (forward, backward) so torch.compile traces calls without a graph break; the
 # forward op's autograd is registered with register_autograd. Only o and the row log-sum-exp are saved.
 
@@ -439,18 +537,42 @@ def _sparse_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
 _attention_op.register(_sparse_attention_fwd, _sparse_attention_bwd)
 
 
+@torch.library.custom_op("dalle_kernels::sparse_attention_cuda_fwd", mutates_args=())
+def _sparse_attention_cuda_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: str, text_len: int, H: int,
+                               W: int, kernel: int, scale: float, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _cuda_forward(q, k, v, mask, text_len, H, W, kernel, scale, block)
+
+
+@torch.library.custom_op("dalle_kernels::sparse_attention_cuda_bwd", mutates_args=())
+def _sparse_attention_cuda_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                               lse: torch.Tensor, mask: str, text_len: int, H: int, W: int, kernel: int, scale: float,
+                               block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _cuda_backward(do, q, k, v, o, lse, mask, text_len, H, W, kernel, scale, block)
+
+
+_attention_op.register(_sparse_attention_cuda_fwd, _sparse_attention_cuda_bwd)
+
+
 @torch.compiler.assume_constant_result
 def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """``resolve_backend`` run eagerly even under torch.compile (it imports and reads the environment, which
     Dynamo does not trace); its answer is a constant for a given device, dtype and environment. Every Triton
     kernel here multiplies operands of the inputs' dtype with ``tl.dot``."""
-    return resolve_backend(backend, torch.empty(0, device=device, dtype=dtype), cpu_path=True, triton_dot=True)
+    return resolve_backend(backend, torch.empty(0, device=device, dtype=dtype), cuda_op="attention_forward",
+                           prefer_cuda=False, cpu_path=True, triton_dot=True)
 
 
 def triton_attention(q, k, v, mask, text_len, grid, kernel, scale, block_m=0, block_n=0):
     """The Triton path after validation: ``(o, lse)``; differentiable in q, k, v."""
     H, W = grid
     return _sparse_attention_fwd(q, k, v, mask, text_len, H, W, kernel, scale, block_m, block_n)
+
+
+def cuda_attention(q, k, v, mask, text_len, grid, kernel, scale, block=0):
+    """The CUDA path after validation (csrc/attention.cu; the emulator for CPU tensors): ``(o, lse)``;
+    differentiable in q, k, v. ``block`` > 0 overrides the tiles (see ``cuda_tiles``)."""
+    H, W = grid
+    return _sparse_attention_cuda_fwd(q, k, v, mask, text_len, H, W, kernel, scale, block)
 
 
 def sparse_attention(q, k, v, mask="row", text_len=0, grid=(32, 32), kernel=11, scale=None, backend="auto"):
@@ -464,16 +586,20 @@ def sparse_attention(q, k, v, mask="row", text_len=0, grid=(32, 32), kernel=11, 
     ``"axial_row"`` (DALLE-pytorch's: the query's own image row) or ``"causal"``; definitions and sources in
     ``dalle_kernels.masks``. ``scale`` defaults to ``1 / sqrt(head_dim)``.
     ``backend``: ``"triton"`` (block-sparse kernels; CUDA tensors, or CPU under ``TRITON_INTERPRET=1``),
-    ``"cpu"`` (block-sparse over the same lookup tables from PyTorch's fused CPU attention kernel per group of
-    query blocks, CPU tensors; ``ops/attention_cpu.py``), ``"torch"`` (the dense-masked reference,
+    ``"cuda"`` (the CUDA kernels of ``csrc/attention.cu`` over the same lookup tables, CUDA tensors; needs the
+    built extension), ``"cuda_emu"`` (those kernels on CPU tensors in the CUDA emulator, for testing; never picked
+    by ``"auto"``), ``"cpu"`` (block-sparse over the same lookup tables from PyTorch's fused CPU attention kernel
+    per group of query blocks, CPU tensors; ``ops/attention_cpu.py``), ``"torch"`` (the dense-masked reference,
     differentiable by autograd) or ``"auto"`` (Triton for CUDA tensors and in the interpreter, else cpu;
-    bfloat16 CPU tensors never go to the interpreter, whose ``tl.dot`` is wrong on bfloat16). The Triton and cpu
-    paths are ``torch.library`` custom ops (``torch.ops.dalle_kernels.sparse_attention_fwd``, ``..._cpu_fwd``):
-    ``torch.compile(fullgraph=True)`` traces them.
+    bfloat16 CPU tensors never go to the interpreter, whose ``tl.dot`` is wrong on bfloat16; ``auto`` keeps Triton
+    on GPUs until a GPU benchmark shows the CUDA kernels faster). The Triton, CUDA and cpu paths are
+    ``torch.library`` custom ops (``torch.ops.dalle_kernels.sparse_attention_fwd``, ``..._cuda_fwd``,
+    ``..._cpu_fwd``): ``torch.compile(fullgraph=True)`` traces them.
 
     Raises TypeError/ValueError for inputs outside the above, and ValueError for ``backend="triton"`` where it
-    cannot run or be right (CPU tensors without the interpreter; bfloat16 CPU tensors in the interpreter) and
-    for ``backend="cpu"`` on CUDA tensors.
+    cannot run or be right (CPU tensors without the interpreter; bfloat16 CPU tensors in the interpreter), for
+    ``backend="cpu"`` or ``"cuda_emu"`` on CUDA tensors and ``backend="cuda"`` on CPU tensors; RuntimeError when
+    ``"cuda"``/``"cuda_emu"`` needs an extension that is not built.
     """
     T, H, W, scale = check_inputs(q, k, v, mask, text_len, grid, kernel, scale)
     backend = _resolve_backend(backend, q.device, q.dtype)
@@ -481,4 +607,6 @@ def sparse_attention(q, k, v, mask="row", text_len=0, grid=(32, 32), kernel=11, 
         return attention_ref(q, k, v, mask, T, (H, W), kernel, scale)
     if backend == "cpu":
         return cpu_attention(q, k, v, mask, T, (H, W), kernel, scale)[0]
+    if backend in ("cuda", "cuda_emu"):
+        return cuda_attention(q, k, v, mask, T, (H, W), kernel, scale)[0]
     return triton_attention(q, k, v, mask, T, (H, W), kernel, scale)[0]
