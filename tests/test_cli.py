@@ -72,7 +72,10 @@ PIPELINE_BAD = [
     (["--preset", "huge"], "--preset"),
     (["--image-embedding", "conv"], "--image-embedding"),
     (["--attn-backend", "cuda"], "--attn-backend"),
+    (["--attn-backend", "cuda", "--device", "cpu"], "--attn-backend"),
     (["--device", "tpu"], "--device"),
+    (["--data", "no_such_folder"], "--data"),
+    (["--dvae", "somewhere"], "--dvae"),
     (["--resume"], "--resume"),
 ]
 

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from dalle_kernels._cli import Parser, int_at_least, positive_int  # noqa: F401 - shared with dalle_kernels
-from dalle_kernels.ops.attention import ATTENTION_BACKENDS as ATTN_BACKENDS  # sparse_attention's (no CUDA kernel)
+from dalle_kernels.ops.attention import ATTENTION_BACKENDS as ATTN_BACKENDS  # sparse_attention's backends
 
 # The files a trained transformer run folder must hold, by role; any one name of a role will do.
 # The loaders (dalle.train.load_run_model, dalle.tokenizer.CaptionTokenizer.load, dalle.generate.run_dvae_path)
@@ -178,9 +178,25 @@ def run_load_failed(parser, run, exc: Exception, flag: str = "--run"):
 
 # ------------------------------------------------------------------------------------------------ attention
 def check_attn_backend(parser, backend: str, device_text: str, flag: str = "--attn-backend") -> None:
-    """``triton`` runs on CUDA tensors, or on CPU ones only in Triton's interpreter (``TRITON_INTERPRET=1``)."""
-    from dalle_kernels._dispatch import triton_available, triton_interpreter_enabled
+    """``triton`` runs on CUDA tensors, or on CPU ones only in Triton's interpreter (``TRITON_INTERPRET=1``);
+    ``cuda`` on CUDA tensors with the built extension; ``cuda_emu`` on CPU tensors with the built emulator."""
+    from dalle_kernels._dispatch import (cuda_extension_has, emu_extension_has, triton_available,
+                                         triton_interpreter_enabled)
 
+    if backend == "cuda":
+        if not device_is_cuda(device_text):
+            parser.error(f"argument {flag}: cuda runs on a CUDA device (--device cuda); use auto, cpu or torch")
+        if not cuda_extension_has("attention_forward"):
+            parser.error(f"argument {flag}: cuda needs the CUDA extension built (README: Building the CUDA "
+                         "extension); use auto or triton")
+        return
+    if backend == "cuda_emu":
+        if device_is_cuda(device_text):
+            parser.error(f"argument {flag}: cuda_emu runs the CUDA kernels on CPU tensors, for testing; "
+                         "on a GPU use cuda or auto")
+        if not emu_extension_has("attention_forward"):
+            parser.error(f"argument {flag}: cuda_emu needs the emulator built (README: The CUDA emulation lane)")
+        return
     if backend != "triton":
         return
     if not triton_available():
