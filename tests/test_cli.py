@@ -407,6 +407,7 @@ PARSERS = {"dalle.pipeline": dalle.pipeline.build_parser, "dalle.train": dalle.t
            "dalle.encode": dalle.encode.build_parser, "dalle_kernels masks": masks._parser,
            **{path: (lambda path=path: script(path).build_parser())
               for path in ("benchmarks/summarize.py", "benchmarks/bench_attention.py", "tests/test_aot_compile.py",
+                           "tests/test_aot_cuda.py",
                            "docs/dvae/probe.py")}}
 
 
