@@ -284,7 +284,9 @@ def test_state_arguments_and_state_dict_checks():
     with pytest.raises(ValueError, match="start_iter"):
         PowerSGDState(model, start_iter=-1)
     with pytest.raises(TypeError, match="model must be"):
-        PowerSGDState(None)
+        PowerSGDState(model="model")
+    with pytest.raises(TypeError, match="model must be"):
+        PowerSGDState(model=None, rank=2)
     with pytest.raises(ValueError, match="not a parameter of model"):
         PowerSGDState(model, exclude=[torch.zeros(2)])
     state = PowerSGDState(model, rank=2, exclude=[model[2].weight, "5.weight"])
