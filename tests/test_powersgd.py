@@ -145,11 +145,16 @@ def scenario_non_finite(rank):
     return out
 
 
-def _worker(rank, world, port, outdir):
+def init_gloo(rank, world, port):
+    """Join the ``world``-process gloo group of this machine (in an ``mp.spawn`` worker)."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _worker(rank, world, port, outdir):
+    init_gloo(rank, world, port)
     try:
         # the reference orthogonalization for the long runs; the fused kernel ("auto": Triton, in the
         # interpreter on the CPU lane) for two compressed steps, compared with it by the test

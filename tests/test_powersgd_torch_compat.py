@@ -12,7 +12,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as torch_p
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dalle_kernels import powersgd as ours
-from test_powersgd import WORLD, data, free_port, local_batch, loss_of, make_model, params_of
+from test_powersgd import WORLD, data, free_port, init_gloo, local_batch, loss_of, make_model, params_of
 
 START = 3
 BUCKET_MB = 25  # one bucket: PyTorch's hook chains collectives in callbacks, which can hang gloo with several
@@ -85,10 +85,7 @@ def resume_by_pickle(x, y):
 
 
 def _worker(rank, world, port, outdir):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_gloo(rank, world, port)
     try:
         x, y = local_batch(rank)
         res = {}
