@@ -4,14 +4,21 @@
     state = PowerSGDState(model, rank=4, start_iter=100)        # model: the module DDP wraps
     ddp_model.register_comm_hook(state, powersgd_hook)
 
-Per bucket and iteration (after ``start_iter``; before it, a plain mean all-reduce):
+or as a drop-in for PyTorch's ``powerSGD_hook`` (same constructor arguments, ``compression_stats()``, pickling
+without the process group; see ``PowerSGDState``)::
 
-* every gradient that is a matrix (``>= 2`` dims, viewed as ``(shape[0], -1)``), not excluded and big
-  enough to gain from compression, is compressed: ``M = G + E`` (``E``: this rank's error-feedback buffer),
+    state = PowerSGDState(process_group=None, matrix_approximation_rank=1, start_powerSGD_iter=10)
+    ddp_model.register_comm_hook(state, powersgd_hook)
+
+Per bucket and iteration (after ``start_iter``; before it, a plain mean all-reduce, as PyTorch's):
+
+* every gradient, viewed as a matrix ``(shape[0], -1)``, not excluded and big enough to gain from
+  compression (``min_compression_rate``), is compressed: ``M = G + E`` (``E``: this rank's error-feedback buffer),
   ``P = M Q`` (``Q``: last step's all-reduced ``Q``, the warm start, orthogonalized), all-reduce of all
   ``P`` of the bucket in one call, ``orthogonalize(P)`` (fused Householder kernel, one launch per shape),
-  ``Q = M^T P``, one all-reduce of all ``Q``, ``G <- P Q^T / world``, ``E <- M - P Q^T / world``;
-* 1-D tensors (gains, biases), embeddings and the names in ``exclude`` are all-reduced uncompressed in
+  ``Q = M^T P``, one all-reduce of all ``Q``, ``G <- P Q^T / world``, ``E <- M - P Q^T / world`` (no ``E``
+  with ``use_error_feedback=False``);
+* 1-D tensors (gains, biases; with a model), embeddings and the names in ``exclude`` are all-reduced uncompressed in
   fp32, in the same all-reduce call as the ``P`` matrices;
 * ``P``, ``Q`` and ``E`` are fp32 whatever the gradient dtype.
 
@@ -36,6 +43,8 @@ bucket, one per uncompressed bucket), so every rank issues them in the same orde
 cost is that a bucket's compression does not overlap the rest of the backward pass.
 """
 
+import inspect
+import logging
 import zlib
 from typing import Iterable
 
@@ -46,6 +55,8 @@ from torch import nn
 from .ops.orthogonalize import orthogonalize
 
 __all__ = ["PowerSGDState", "powersgd_hook", "uncompressed_parameter_names"]
+
+logger = logging.getLogger(__name__)
 
 
 def uncompressed_parameter_names(model: nn.Module) -> set[str]:
@@ -60,47 +71,176 @@ def uncompressed_parameter_names(model: nn.Module) -> set[str]:
     return names
 
 
+_OURS = inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d) for n, d in (
+    ("model", inspect.Parameter.empty), ("rank", 4), ("start_iter", 10), ("exclude", None), ("process_group", None),
+    ("min_compression_rate", 2.0), ("warm_start", True), ("seed", 0), ("orthogonalize_backend", "auto"))] + [
+    inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d) for n, d in (
+        ("use_error_feedback", True), ("orthogonalization_epsilon", 0), ("batch_tensors_with_same_shape", False),
+        ("compression_stats_logging_frequency", 10_000))])
+# PyTorch's PowerSGDState(process_group, matrix_approximation_rank=1, start_powerSGD_iter=1_000, ...), in its order
+# and with its defaults; model, exclude and orthogonalize_backend are ours, keyword-only.
+_TORCH = inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d) for n, d in (
+    ("process_group", inspect.Parameter.empty), ("matrix_approximation_rank", 1), ("start_powerSGD_iter", 1_000),
+    ("min_compression_rate", 2), ("use_error_feedback", True), ("warm_start", True), ("orthogonalization_epsilon", 0),
+    ("random_seed", 0), ("compression_stats_logging_frequency", 10_000),
+    ("batch_tensors_with_same_shape", False))] + [
+    inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d) for n, d in (
+        ("model", None), ("exclude", None), ("orthogonalize_backend", "auto"))])
+_TORCH_ONLY = {"matrix_approximation_rank", "start_powerSGD_iter", "random_seed"}
+_OURS_ONLY = {"rank", "start_iter", "seed"}
+# what is kept when the state is pickled (PyTorch's __getstate__: everything but the process group)
+_PICKLED = ("rank", "start_iter", "min_compression_rate", "warm_start", "seed", "orthogonalize_backend",
+            "use_error_feedback", "compression_stats_logging_frequency", "batch_tensors_with_same_shape", "exclude",
+            "iter", "error", "q", "skipped_iters", "numel_before", "numel_after", "next_stats_report", "_by_bucket")
+
+
 class PowerSGDState:
     """State of ``powersgd_hook``: settings, step count, per-parameter error feedback and warm-start ``Q``.
+
+    Two call forms. Ours, keyed by parameter name::
+
+        PowerSGDState(model, rank=4, start_iter=10, exclude=None, process_group=None, min_compression_rate=2.0,
+                      warm_start=True, seed=0, orthogonalize_backend="auto", *, use_error_feedback=True, ...)
+
+    and PyTorch's (``torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook.PowerSGDState``), same argument
+    order, names, defaults and meaning, so code written for ``powerSGD_hook`` switches by changing the import::
+
+        PowerSGDState(process_group, matrix_approximation_rank=1, start_powerSGD_iter=1_000, min_compression_rate=2,
+                      use_error_feedback=True, warm_start=True, orthogonalization_epsilon=0, random_seed=0,
+                      compression_stats_logging_frequency=10_000, batch_tensors_with_same_shape=False,
+                      *, model=None, exclude=None, orthogonalize_backend="auto")
+
+    The form is PyTorch's when the first positional argument is not an ``nn.Module`` (``None`` or a process
+    group) or, with keywords only, when a PyTorch name (``matrix_approximation_rank``, ``start_powerSGD_iter``,
+    ``random_seed``) or ``process_group`` without ``model`` is given. Without a model, the error-feedback and
+    warm-start buffers are keyed by bucket index and position in the bucket (``"bucket<i>.<j>"``), as PyTorch
+    keys its own by bucket index: the buckets must not change once compression starts, which is why PyTorch's
+    form requires ``start_powerSGD_iter > 1`` with error feedback or warm start (DDP rebuilds its buckets after
+    the first iteration), and a resumed run must build DDP the same way (same model, same ``bucket_cap_mb``).
+    With a model (either form), buffers are keyed by parameter name and embeddings are sent uncompressed.
 
     Args:
         model: the module whose parameters DDP reduces (the one passed to DDP, or ``ddp.module``);
             parameters are keyed by their names in it, which is what ``state_dict`` stores.
-        rank: rank of the approximation ``G ~ P Q^T`` (``min(rank, n, m)`` per matrix).
-        start_iter: iterations (counted once per backward) of plain all-reduce before compression starts.
+        rank (``matrix_approximation_rank``): rank of ``G ~ P Q^T`` (``min(rank, n, m)`` per matrix).
+        start_iter (``start_powerSGD_iter``): iterations (counted once per backward) of plain mean all-reduce
+            before compression starts.
         exclude: parameter names or parameter tensors sent uncompressed; default
-            ``uncompressed_parameter_names(model)`` (embeddings, 1-D tensors).
-        process_group: group to reduce over (default: the world).
-        min_compression_rate: compress an ``n x m`` matrix only if ``n*m >= rate * (n+m) * rank``.
+            ``uncompressed_parameter_names(model)`` (embeddings, 1-D tensors), none without a model (then, as
+            in PyTorch, 1-D tensors are ``n x 1`` matrices, compressed only if ``min_compression_rate < 1``).
+        process_group: group to reduce over (default ``None``: the world).
+        min_compression_rate: compress an ``n x m`` matrix only if ``(n + m) * r * rate < n * m``
+            (PyTorch's rule), ``r = min(rank, n, m)``; any number > 0.
+        use_error_feedback: keep ``E = M - P Q^T`` per rank and add it to the next gradient (True), or not.
         warm_start: reuse last step's ``Q`` (True) or draw a fresh random ``Q`` every step.
-        seed: seed of the random initial ``Q`` (drawn from the parameter name, so equal on every rank).
+        seed (``random_seed``): seed of the random initial ``Q`` (drawn from the parameter name or bucket key, so
+            equal on every rank; not the same random numbers as PyTorch's hook).
+        orthogonalization_epsilon: only 0. PyTorch's Gram-Schmidt adds it to column norms to avoid dividing by
+            zero; the Householder QR here never divides by a column norm (a zero column gives an orthonormal
+            column, not NaN), so there is nothing to add it to: a nonzero value raises ``ValueError``.
+        compression_stats_logging_frequency: log ``compression_stats()`` (logger ``dalle_kernels.powersgd``,
+            level INFO) every this many iterations once compression runs, as PyTorch does.
+        batch_tensors_with_same_shape: accepted for PyTorch compatibility (a bool); results are the same either
+            way, and this hook always orthogonalizes equal-shaped matrices of a bucket in one batched launch.
         orthogonalize_backend: ``backend`` passed to ``dalle_kernels.orthogonalize``.
+
+    Raises:
+        TypeError: unknown or mixed-form arguments, a model that is not an ``nn.Module``, a flag not a bool.
+        ValueError: a value out of range (the message names the argument).
+
+    Pickling drops the process group (PyTorch's ``__getstate__``); unpickling sets it to ``None``, the world
+    (PyTorch sets the default group, the same group). A state built with a model also drops the link to it: call
+    ``bind_model(model)`` after unpickling it. ``state_dict()`` / ``load_state_dict()`` are the checkpoint format.
     """
 
-    def __init__(self, model: nn.Module, rank: int = 4, start_iter: int = 10, exclude: Iterable | None = None,
-                 process_group=None, min_compression_rate: float = 2.0, warm_start: bool = True, seed: int = 0,
-                 orthogonalize_backend: str = "auto"):
-        if not isinstance(model, nn.Module):
+    def __init__(self, *args, **kwargs):
+        keys = set(kwargs)
+        if keys & _TORCH_ONLY and keys & _OURS_ONLY:
+            raise TypeError(f"PowerSGDState: mixes PyTorch's argument names {sorted(keys & _TORCH_ONLY)} with "
+                            f"ours {sorted(keys & _OURS_ONLY)}; use one form")
+        if args:
+            torch_form = not isinstance(args[0], nn.Module)
+        else:
+            torch_form = bool(keys & _TORCH_ONLY) or ("process_group" in keys and "model" not in keys)
+        sig = _TORCH if torch_form else _OURS
+        try:
+            bound = sig.bind(*args, **kwargs)
+        except TypeError as e:
+            form = "PyTorch's form PowerSGDState(process_group, matrix_approximation_rank, ...)" if torch_form \
+                else "PowerSGDState(model, rank, start_iter, ...)"
+            raise TypeError(f"PowerSGDState: {e} (called as {form})") from None
+        bound.apply_defaults()
+        a = bound.arguments
+        if torch_form:
+            a["rank"], a["start_iter"], a["seed"] = (a.pop("matrix_approximation_rank"), a.pop("start_powerSGD_iter"),
+                                                     a.pop("random_seed"))
+        model, rank, start_iter = a["model"], a["rank"], a["start_iter"]
+        if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not torch_form and model is None:
+            raise TypeError("model must be a torch.nn.Module, got None (or call PowerSGDState(process_group, "
+                            "matrix_approximation_rank=..., ...) as PyTorch's)")
+        pg = a["process_group"]
+        if pg is not None and not isinstance(pg, dist.ProcessGroup):
+            raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got {type(pg).__name__}")
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be a positive int, got {rank!r}")
+            raise ValueError(f"rank must be a positive int (matrix_approximation_rank), got {rank!r}")
         if isinstance(start_iter, bool) or not isinstance(start_iter, int) or start_iter < 0:
-            raise ValueError(f"start_iter must be a non-negative int, got {start_iter!r}")
-        if isinstance(min_compression_rate, bool) or not isinstance(min_compression_rate, (int, float)) \
-                or not 1 <= min_compression_rate < float("inf"):
-            raise ValueError(f"min_compression_rate must be a finite number >= 1, got {min_compression_rate!r}")
+            raise ValueError(f"start_iter (start_powerSGD_iter) must be a non-negative int, got {start_iter!r}")
+        rate = a["min_compression_rate"]
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate < float("inf"):
+            raise ValueError(f"min_compression_rate must be a finite number > 0, got {rate!r}")
+        for flag in ("use_error_feedback", "warm_start", "batch_tensors_with_same_shape"):
+            if not isinstance(a[flag], bool):
+                raise TypeError(f"{flag} must be a bool, got {a[flag]!r}")
+        eps = a["orthogonalization_epsilon"]
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps != 0:
+            raise ValueError(f"orthogonalization_epsilon must be 0, got {eps!r}: the Householder QR used here never "
+                             "divides by a column norm (zero columns give orthonormal columns, not NaN), so there "
+                             "is no epsilon to add")
+        seed, freq = a["seed"], a["compression_stats_logging_frequency"]
+        for name, v in (("seed (random_seed)", seed), ("compression_stats_logging_frequency", freq)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name} must be an int, got {v!r}")
+        if model is None and (a["use_error_feedback"] or a["warm_start"]) and start_iter <= 1:
+            raise ValueError("Expect `start_powerSGD_iter` > 1 if `use_error_feedback` or `warm_start` is enabled, "
+                             "because PowerSGD can only be applied after the first two iterations in DDP "
+                             "(without a model, buffers are keyed by bucket, and DDP rebuilds buckets after "
+                             "iteration 1); pass model= to key them by parameter name instead")
         self.rank = rank
         self.start_iter = start_iter
-        self.process_group = process_group
-        self.min_compression_rate = float(min_compression_rate)
-        self.warm_start = bool(warm_start)
-        self.seed = int(seed)
-        self.orthogonalize_backend = orthogonalize_backend
-        self._names = {id(p): name for name, p in model.named_parameters()}
-        if exclude is None:
-            exclude = uncompressed_parameter_names(model)
-        self.exclude = set()
-        for item in exclude:
+        self.process_group = pg
+        self.min_compression_rate = float(rate)
+        self.use_error_feedback = a["use_error_feedback"]
+        self.warm_start = a["warm_start"]
+        self.seed = seed
+        self.orthogonalize_backend = a["orthogonalize_backend"]
+        self.compression_stats_logging_frequency = max(1, freq)
+        self.batch_tensors_with_same_shape = a["batch_tensors_with_same_shape"]
+        self.next_stats_report = 0
+        self.iter = 0
+        self.error: dict[str, torch.Tensor] = {}
+        self.q: dict[str, torch.Tensor] = {}
+        self.skipped_iters = 0  # iterations whose compression was skipped for non-finite gradients
+        self.numel_before = 0
+        self.numel_after = 0
+        self._by_bucket = model is None
+        self._exclude_arg = a["exclude"]
+        self.exclude: set[str] = set()
+        self._reset_links()
+        if model is not None:
+            self.bind_model(model)
+        elif self._exclude_arg is not None:
+            self._add_exclude(self._exclude_arg)
+
+    def _reset_links(self) -> None:
+        self._names: dict[int, str] = {}
+        self._layouts: dict[tuple, _Layout] = {}
+        self._last_skip = -1
+        self._bound = False
+
+    def _add_exclude(self, items) -> None:
+        for item in items:
             if isinstance(item, torch.Tensor):
                 if id(item) not in self._names:
                     raise ValueError("exclude holds a tensor that is not a parameter of model")
@@ -109,17 +249,59 @@ class PowerSGDState:
                 self.exclude.add(item)
             else:
                 raise TypeError(f"exclude must hold parameter names or parameters, got {type(item).__name__}")
-        self.iter = 0
-        self.error: dict[str, torch.Tensor] = {}
-        self.q: dict[str, torch.Tensor] = {}
-        self.skipped_iters = 0  # iterations whose compression was skipped for non-finite gradients
-        self._last_skip = -1
-        self.numel_before = 0
-        self.numel_after = 0
-        self._layouts: dict[tuple, _Layout] = {}
+
+    def bind_model(self, model: nn.Module) -> None:
+        """Key buffers by ``model``'s parameter names: done by the constructor when given a model; call it after
+        unpickling a state that was built with one (pickles do not hold the model)."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if self._by_bucket and (self.error or self.q):
+            raise ValueError("this state keys its buffers by bucket (built without a model); it cannot be bound "
+                             "to a model's parameter names")
+        self._reset_links()
+        self._by_bucket = False
+        self._names = {id(p): name for name, p in model.named_parameters()}
+        if self._exclude_arg is None:
+            self._exclude_arg = uncompressed_parameter_names(model)
+        if not self.exclude:
+            self._add_exclude(self._exclude_arg)
+        self._exclude_arg = sorted(self.exclude)  # names only: tensors do not outlive a pickle
+        self._bound = True
+
+    # -- PyTorch's names ---------------------------------------------------------------------------
+    matrix_approximation_rank = property(lambda self: self.rank)
+    start_powerSGD_iter = property(lambda self: self.start_iter)
+    random_seed = property(lambda self: self.seed)
+    orthogonalization_epsilon = property(lambda self: 0)
+    total_numel_before_compression = property(lambda self: self.numel_before)
+    total_numel_after_compression = property(lambda self: self.numel_after)
+
+    def compression_stats(self) -> tuple[float, int, int]:
+        """``(compress_rate, numel_before_compression, numel_after_compression)`` over the compressed iterations
+        so far, as PyTorch's ``PowerSGDState.compression_stats``: element counts of the gradients and of what was
+        sent in their place (``(n + m) * r`` per compressed ``n x m`` matrix, ``numel`` per uncompressed tensor);
+        ``compress_rate = before / after`` (0 before any compressed iteration)."""
+        rate = self.numel_before / self.numel_after if self.numel_after > 0 else 0
+        return rate, self.numel_before, self.numel_after
+
+    def __getstate__(self) -> dict:
+        logger.warning("NOTE: Process group is not serializable and excluded from a saved state.")
+        return {k: getattr(self, k) for k in _PICKLED}
+
+    def __setstate__(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+        self.process_group = None
+        logger.warning("NOTE: Process group will be set to None, the world. If a different group is desired, set "
+                       "`process_group` after the state is loaded.")
+        self._exclude_arg = sorted(self.exclude) if not self._by_bucket else None
+        self._reset_links()
 
     # -- bookkeeping ------------------------------------------------------------------------------
     def name_of(self, param: torch.Tensor) -> str:
+        if not self._bound:
+            raise RuntimeError("this PowerSGDState was built with a model and then unpickled: call "
+                               "state.bind_model(model) before training with it")
         try:
             return self._names[id(param)]
         except KeyError:
@@ -147,8 +329,9 @@ class PowerSGDState:
             raise ValueError("not a PowerSGDState state_dict (missing or unknown 'version')")
         if sd["rank"] != self.rank:
             raise ValueError(f"state_dict was saved with rank={sd['rank']}, this state has rank={self.rank}")
+        # without a model the keys are bucket positions, known only once the hook has seen the buckets
         known = set(self._names.values())
-        unknown = (set(sd["error"]) | set(sd["q"])) - known
+        unknown = set() if self._by_bucket else (set(sd["error"]) | set(sd["q"])) - known
         if unknown:
             raise ValueError(f"state_dict holds buffers of parameters this model lacks: {sorted(unknown)[:5]}")
         self.iter = int(sd["iter"])
@@ -161,6 +344,14 @@ class PowerSGDState:
         if bucket.is_last():
             self.iter += 1
 
+    def _report_compression_stats(self, bucket) -> None:
+        """Log ``compression_stats()`` every ``compression_stats_logging_frequency`` iterations (PyTorch's)."""
+        if bucket.is_last() and self.iter >= self.next_stats_report:
+            rate, before, after = self.compression_stats()
+            logger.info("Compression stats: iter %s, total before compression %s, total after compression %s, "
+                        "rate %s", self.iter, before, after, rate)
+            self.next_stats_report = self.iter + self.compression_stats_logging_frequency
+
     def _initial_q(self, name: str, m: int, r: int, device) -> torch.Tensor:
         salt = 0 if self.warm_start else self.iter
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + zlib.crc32(name.encode()) + salt) % 2**63)
@@ -168,10 +359,12 @@ class PowerSGDState:
 
     def _layout(self, bucket) -> "_Layout":
         params = bucket.parameters()
-        key = tuple(id(p) for p in params)
+        key = (bucket.index(),) + tuple(id(p) for p in params)
         lay = self._layouts.get(key)
         if lay is None:
-            lay = _Layout(self, params)
+            names = ([f"bucket{bucket.index()}.{j}" for j in range(len(params))] if self._by_bucket
+                     else [self.name_of(p) for p in params])
+            lay = _Layout(self, params, names)
             self._layouts[key] = lay
         return lay
 
@@ -180,15 +373,17 @@ class _Layout:
     """Where each gradient of a bucket goes: compressed (offsets in the flat P and Q buffers, sorted by
     shape so equal shapes form one contiguous batch for ``orthogonalize``) or uncompressed."""
 
-    def __init__(self, state: PowerSGDState, params):
-        self.names = [state.name_of(p) for p in params]
+    def __init__(self, state: PowerSGDState, params, names):
+        self.names = names
         self.compressed = []  # (position in bucket, name, n, m, r)
         self.uncompressed = []  # (position in bucket, numel)
         for i, (p, name) in enumerate(zip(params, self.names)):
-            n = p.shape[0] if p.dim() >= 2 else 0
+            # viewed as (shape[0], -1), 1-D tensors as n x 1 matrices, and PyTorch's rule: with the default
+            # min_compression_rate (> 1) a matrix with a dimension of 1 is never compressed
+            n = p.shape[0] if p.dim() >= 1 else 0
             m = p.numel() // n if n else 0
             r = min(state.rank, n, m)
-            worth = p.dim() >= 2 and n * m >= state.min_compression_rate * (n + m) * r
+            worth = n > 0 and m > 0 and (n + m) * r * state.min_compression_rate < n * m
             if name not in state.exclude and worth:
                 self.compressed.append((i, name, n, m, r))
             else:
@@ -254,7 +449,11 @@ def powersgd_hook(state: PowerSGDState, bucket: dist.GradBucket) -> torch.future
         warm = state.q.get(name) if state.warm_start else None
         q.copy_(warm if warm is not None and warm.shape == (m, r) else state._initial_q(name, m, r, device))
         qs.append(q)
-        err = state.error.get(name)
+        err = state.error.get(name) if state.use_error_feedback else None
+        if err is not None and err.shape != (n, m):
+            raise RuntimeError(f"error-feedback buffer {name!r} has shape {tuple(err.shape)}, the gradient "
+                               f"{(n, m)}: the DDP buckets changed since it was saved (build DDP as before, or "
+                               "give PowerSGDState the model to key buffers by parameter name)")
         M = grads[i].reshape(n, m).float()
         mats.append(M + err.to(device) if err is not None else M.clone())
     if finite and mats:
@@ -291,11 +490,13 @@ def powersgd_hook(state: PowerSGDState, bucket: dist.GradBucket) -> torch.future
         q_flat.div_(world)
         for j, (i, name, n, m, r) in enumerate(lay.compressed):
             approx = ps[j] @ qs[j].t()
-            state.error[name] = mats[j].sub_(approx)  # M is this step's temporary: reuse it as E
+            if state.use_error_feedback:
+                state.error[name] = mats[j].sub_(approx)  # M is this step's temporary: reuse it as E
             state.q[name] = qs[j].clone()
             grads[i].copy_(approx.view_as(grads[i]))
     state.numel_before += lay.numel
     state.numel_after += lay.sent
+    state._report_compression_stats(bucket)
     fut = torch.futures.Future(devices=[device] if device.type == "cuda" else None)
     fut.set_result(buf)
     return fut

@@ -145,11 +145,16 @@ def scenario_non_finite(rank):
     return out
 
 
-def _worker(rank, world, port, outdir):
+def init_gloo(rank, world, port):
+    """Join the ``world``-process gloo group of this machine (in an ``mp.spawn`` worker)."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _worker(rank, world, port, outdir):
+    init_gloo(rank, world, port)
     try:
         # the reference orthogonalization for the long runs; the fused kernel ("auto": Triton, in the
         # interpreter on the CPU lane) for two compressed steps, compared with it by the test
@@ -284,7 +289,9 @@ def test_state_arguments_and_state_dict_checks():
     with pytest.raises(ValueError, match="start_iter"):
         PowerSGDState(model, start_iter=-1)
     with pytest.raises(TypeError, match="model must be"):
-        PowerSGDState(None)
+        PowerSGDState(model="model")
+    with pytest.raises(TypeError, match="model must be"):
+        PowerSGDState(model=None, rank=2)
     with pytest.raises(ValueError, match="not a parameter of model"):
         PowerSGDState(model, exclude=[torch.zeros(2)])
     state = PowerSGDState(model, rank=2, exclude=[model[2].weight, "5.weight"])

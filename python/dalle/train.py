@@ -696,6 +696,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "own images and captions (--data, from python -m dalle.encode) or on the built-in captioned "
                    "shapes, with a frozen dVAE's codes as image tokens.")
     p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt (it must exist)")
+    p.add_argument("--plan", action="store_true", help="print the per-GPU memory and traffic of sharded training "
+                   "and exit (with --preset, --nodes, --gpus-per-node, --batch, --powersgd-rank; see dalle.plan)")
     specs = _flag_specs()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -716,6 +718,8 @@ def parse_args(argv=None):
 
     p = build_parser()
     a = p.parse_args(argv)
+    if a.plan:
+        p.error("argument --plan: handled by dalle.train.main (or dalle.plan.main), not parse_args")
     cfg = TrainConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)})
     if cfg.data:  # first: the default dVAE is the one the data was encoded with
         from .data.shards import TokenShards
@@ -764,6 +768,10 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    if "--plan" in (sys.argv[1:] if argv is None else argv):  # the budget only: no dVAE, data or run folder
+        from .plan import main as plan_main
+
+        return plan_main(argv)
     cfg, resume = parse_args(argv)
     train(cfg, resume=resume)
 
