@@ -303,3 +303,31 @@ def test_no_usable_pairs_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no image files found"):
         (tmp_path / "empty").mkdir()
         ImageCaptionDataset(tmp_path / "empty")
+
+
+def test_sixteen_bit_and_float_images_are_scaled_not_clipped_and_utf16_captions_read(tmp_path):
+    """PIL's convert("RGB") clips 16-bit greyscale at 255 (a photo comes out white); every reader scales it."""
+    import io as _io
+
+    from dalle.data.sources import open_source
+    from dalle.data.transforms import to_rgb, to_tensor
+
+    ramp = np.linspace(0, 65535, 48 * 48).reshape(48, 48).astype(np.uint16)
+    buf = _io.BytesIO()
+    Image.fromarray(ramp).save(buf, "PNG")
+    (tmp_path / "moon16.png").write_bytes(buf.getvalue())
+    (tmp_path / "moon16.txt").write_bytes("the moon in sixteen bits".encode("utf-16"))  # with its BOM
+    with Image.open(tmp_path / "moon16.png") as im:
+        im.load()
+        assert im.mode.startswith("I")
+        t = to_tensor(im)
+    expect = torch.from_numpy(np.rint(ramp / 257.0).astype(np.uint8))
+    assert torch.equal(t[0], expect) and torch.equal(t[1], expect) and torch.equal(t[2], expect)
+    f = Image.fromarray(ramp.astype(np.float32) / 65535.0, mode="F")
+    assert abs(np.asarray(to_rgb(f)).astype(float).mean() - 127.5) < 1.0
+    from collections import Counter
+
+    skipped = Counter()
+    samples = list(open_source(tmp_path).samples(skipped=skipped))
+    assert not skipped and len(samples) == 1 and samples[0].caption == "the moon in sixteen bits"
+    assert abs(np.asarray(samples[0].image).astype(float).mean() - 127.5) < 1.0

@@ -160,9 +160,13 @@ def _check_folder(out: Path, settings: dict, units: list[str]) -> dict[int, dict
 def _report(out, manifest: dict) -> str:
     skipped = manifest["skipped"]
     parts = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items()))
-    return (f"{out}: {manifest['samples']} usable samples ({manifest['heldout']} held out, {manifest['crops']} "
+    line = (f"{out}: {manifest['samples']} usable samples ({manifest['heldout']} held out, {manifest['crops']} "
             f"crop(s) each) in {len(manifest['shards'])} shards; {sum(skipped.values())} skipped"
             + (f" ({parts})" if parts else ""))
+    if manifest["heldout"] == 0 and manifest.get("heldout_fraction", 0) > 0:
+        line += (f"\nwarning: no pair fell in the held-out share (--heldout {manifest['heldout_fraction']:g} of "
+                 f"{manifest['samples']}): nothing to evaluate on; a larger --heldout holds some out")
+    return line
 
 
 def encode(cfg: EncodeConfig, log=print) -> dict:
@@ -318,6 +322,18 @@ def parse_args(argv=None) -> EncodeConfig:
     if missing:
         p.error(f"argument --dvae: {cfg.dvae!r} holds no {' / '.join(missing)} (a dVAE folder written by "
                 f"python -m dalle.train_dvae or DVAE.save)")
+    import json
+
+    from .dvae import MODEL_TYPE
+
+    try:
+        kind = json.loads(files[1].read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    if kind != MODEL_TYPE:
+        p.error(f"argument --dvae: {cfg.dvae} does not hold a dVAE (its config.json says model_type {kind!r}, "
+                f"expected {MODEL_TYPE!r}; a dVAE folder is written by python -m dalle.train_dvae, DVAE.save or "
+                "python -m dalle.convert --openai-dvae)")
     return cfg
 
 

@@ -217,7 +217,9 @@ def load_prompt_tokens(path, dvae, rows: int, grid) -> torch.Tensor:
     if isinstance(rows, bool) or not isinstance(rows, int) or not 0 < rows < grid[0]:
         raise ValueError(f"--prompt-rows must be in [1, {grid[0] - 1}], got {rows!r}")
     S = dvae.cfg.image_size
-    img = Image.open(path).convert("RGB").resize((S, S), Image.BOX)
+    from .data.transforms import to_rgb
+
+    img = to_rgb(Image.open(path)).resize((S, S), Image.BOX)
     x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None]
     dev = next(dvae.parameters()).device
     codes = dvae.encode(x.to(dev)).flatten(1)

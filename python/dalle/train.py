@@ -764,6 +764,9 @@ def parse_args(argv=None):
         p.error("argument --powersgd-rank: needs several data-parallel workers (run under torchrun)")
     if a.resume:
         cli.check_resume(p, cfg.run)
+    if cfg.warmup >= cfg.steps:  # after every error: a warning only for a run that starts
+            cli.warn(f"--warmup {cfg.warmup} >= --steps {cfg.steps}: the step size never reaches --lr {cfg.lr:g} "
+                     f"(it ends at {cfg.lr * min(1.0, cfg.steps / cfg.warmup):.3g}); a short run wants a shorter warm-up")
     return cfg, a.resume
 
 

@@ -32,8 +32,13 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 
 
 def _read_caption(path: Path) -> str | None:
+    """The caption in ``path``: UTF-8 (a byte-order mark allowed), or UTF-16 with its byte-order mark; None when
+    unreadable (counted as ``unreadable_caption``)."""
     try:
-        return path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
+        if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+            return raw.decode("utf-16")
+        return raw.decode("utf-8-sig")
     except (OSError, UnicodeDecodeError):
         return None
 

@@ -116,8 +116,12 @@ class TokenShards:
         self.folder, self.split = Path(folder), split
         path = self.folder / MANIFEST
         if not path.is_file():
-            raise ValueError(f"{self.folder}: no {MANIFEST}; these are not token shards, or the encode did not "
-                             f"finish (run or finish `{ENCODE_HINT} {self.folder}`)")
+            if self.folder.is_dir() and any(self.folder.glob("shard-*.json")):
+                raise ValueError(f"{self.folder}: no {MANIFEST}: the encode did not finish (run the same "
+                                 f"`{ENCODE_HINT} {self.folder}` again: it resumes)")
+            raise ValueError(f"{self.folder}: no {MANIFEST}; these are not token shards (python -m dalle.encode "
+                             f"writes them: `python -m dalle.encode --data {self.folder} --dvae DVAE --out "
+                             "TOKENS_DIR` if these are your images, then --data TOKENS_DIR)")
         try:
             m = json.loads(path.read_text())
         except ValueError as e:

@@ -32,7 +32,7 @@ from typing import Iterator, NamedTuple
 from PIL import Image
 
 from .folder import IMAGE_EXTENSIONS, _pairs_from_folder, _pairs_from_table
-from .transforms import aspect_ok, caption_problem
+from .transforms import aspect_ok, caption_problem, to_rgb
 
 KINDS = ("folder", "table", "webdataset")
 TAR_IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")  # what img2dataset writes, in the order one is picked
@@ -63,7 +63,7 @@ def _decode_image(read) -> Image.Image | None:
     try:
         with read() as im:
             im.load()  # a truncated file opens (the header is there) and fails here
-            return im.convert("RGB")
+            return to_rgb(im)
     except Exception:  # noqa: BLE001 - any decoder failure means "unusable image"
         return None
 

@@ -34,9 +34,26 @@ def _resize(img: Image.Image, side: int) -> Image.Image:
     return img.resize((side, side), method)
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB. 16-bit and 32-bit integer greyscale (modes ``I;16*``, ``I``) and float (``F``) are
+    scaled from their type's range (16-bit: divided by 257) instead of clipped at 255, which PIL's own
+    ``convert("RGB")`` does (a 16-bit photo would come out almost white); palette, CMYK, LA and RGBA go through
+    ``convert`` (alpha dropped)."""
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        a = np.asarray(img).astype(np.float64)
+        if img.mode.startswith("I;16"):
+            a = a / 257.0
+        elif img.mode == "I":  # 32-bit integers: PNG stores 16-bit greyscale so in some PIL versions
+            a = a / 257.0 if a.max(initial=0) > 255 else a
+        else:  # float: [0, 1] images are scaled, anything else clipped
+            a = a * 255.0 if a.size and a.max() <= 1.0 else a
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    return img.convert("RGB")
+
+
 def to_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image to a uint8 tensor (3, H, W)."""
-    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+    """RGB PIL image to a uint8 tensor (3, H, W) (``to_rgb`` first)."""
+    return torch.from_numpy(np.asarray(to_rgb(img), dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
 def preprocess(img: Image.Image, target: int, mode: str = "dvae", generator: torch.Generator | None = None
@@ -49,7 +66,7 @@ def preprocess(img: Image.Image, target: int, mode: str = "dvae", generator: tor
     if isinstance(target, bool) or not isinstance(target, int) or target < 1:
         raise ValueError(f"target must be a positive int, got {target!r}")
     g = generator if generator is not None else torch.Generator().manual_seed(0)
-    img = img.convert("RGB")
+    img = to_rgb(img)
     w, h = img.size
     side = min(w, h)
     if mode == "dvae":
