@@ -456,17 +456,10 @@ def _shuffle_channels(cfg: TrainDVAEConfig, step: int, x: torch.Tensor) -> torch
 
 
 def _is_shards(data: str) -> bool:
-    """``--data`` names WebDataset tars (``dalle.data.sources.open_source``'s rule): a brace pattern, a .tar
-    file, or a folder holding .tar files and no images."""
-    from .data.folder import IMAGE_EXTENSIONS
+    """``--data`` names WebDataset tars (``dalle.data.sources.is_webdataset``, ``open_source``'s rule)."""
+    from .data.sources import is_webdataset
 
-    p = Path(data)
-    if p.is_file():
-        return p.suffix.lower() == ".tar"
-    if p.is_dir():
-        return (not any(q.suffix.lower() in IMAGE_EXTENSIONS and q.is_file() for q in p.rglob("*"))
-                and any(q.is_file() for q in p.glob("*.tar")))
-    return "{" in data and ".." in data
+    return is_webdataset(data)
 
 
 def _data(cfg: TrainDVAEConfig, image_size: int):

@@ -20,7 +20,6 @@ the cut cannot be known; the samples before it are read), bad_row (a table row w
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import tarfile
@@ -31,7 +30,7 @@ from typing import Iterator, NamedTuple
 
 from PIL import Image
 
-from .folder import IMAGE_EXTENSIONS, _pairs_from_folder, _pairs_from_table
+from .folder import IMAGE_EXTENSIONS, _key_hash, _keys, _pairs_from_folder, _pairs_from_table
 from .transforms import aspect_ok, caption_problem, to_rgb
 
 KINDS = ("folder", "table", "webdataset")
@@ -55,7 +54,7 @@ def is_heldout(key: str, fraction: float) -> bool:
         raise TypeError(f"key must be a str, got {type(key).__name__}")
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction must be a number in [0, 1], got {fraction!r}")
-    return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 2**32 < fraction
+    return _key_hash(key) < fraction
 
 
 def _decode_image(read) -> Image.Image | None:
@@ -229,6 +228,18 @@ def _is_image(p: Path) -> bool:
     return p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
 
 
+def is_webdataset(path) -> bool:
+    """Whether ``path`` names WebDataset tars by ``open_source``'s rule: a brace pattern (that is not itself an
+    existing path), a ``.tar`` file, or a folder holding ``.tar`` files and no images. Lists nothing else."""
+    text = str(path)
+    p = Path(text)
+    if "{" in text and ".." in text and not p.exists():
+        return True
+    if p.is_file():
+        return p.suffix.lower() == ".tar"
+    return p.is_dir() and not any(_is_image(q) for q in p.rglob("*")) and any(q.is_file() for q in p.glob("*.tar"))
+
+
 def open_source(path, *, min_words: int = 2, max_aspect: float = 2.0, chunk_size: int = 1000) -> Source:
     """The source at ``path`` (see the module docstring for the kinds). ``min_words``/``max_aspect``: the
     caption-length and aspect-ratio filters. ``chunk_size``: candidate pairs per unit of a folder/table.
@@ -279,14 +290,8 @@ def open_source(path, *, min_words: int = 2, max_aspect: float = 2.0, chunk_size
 def _keyed(pairs, root: Path) -> list[tuple[str, Path, str | None]]:
     """``(key, path, caption)`` sorted by key; the key is the path relative to ``root`` (absolute when outside
     it); a path listed again (a table may) gets ``#2``, ``#3``, ... so keys stay unique."""
-    out, seen = [], Counter()
-    for path, caption in pairs:
-        try:
-            key = Path(path).relative_to(root).as_posix()
-        except ValueError:
-            key = Path(path).as_posix()
-        seen[key] += 1
-        out.append((key if seen[key] == 1 else f"{key}#{seen[key]}", Path(path), caption))
+    keys = _keys([path for path, _ in pairs], root)  # the keys ImageCaptionDataset gives the same pairs
+    out = [(key, Path(path), caption) for key, (path, caption) in zip(keys, pairs)]
     out.sort(key=lambda t: t[0])
     return out
 
