@@ -265,7 +265,7 @@ class BuildExt(build_ext):
             f"nvcc = {shlex.quote(nvcc)}",
             f"cxx = {cxx}",
             f"cflags = -O3 -std=c++17 -fPIC -fvisibility=hidden {inc}",
-            f"nvflags = -O3 -std=c++17 {gencode} -Xcompiler -fPIC -Xcompiler -fvisibility=hidden "
+            f"nvflags = -O3 -std=c++17 {gencode} --threads 0 -Xcompiler -fPIC -Xcompiler -fvisibility=hidden "
             f"--expt-relaxed-constexpr -lineinfo {inc}",
             f"ldflags = -shared -L{shlex.quote(str(home / 'lib64'))} -lcudart_static -ldl -lrt -lpthread",
             "rule cxx\n  command = $cxx -MMD -MF $out.d $cflags -c $in -o $out\n  depfile = $out.d\n  deps = gcc",
