@@ -611,3 +611,20 @@ def test_generate_caption_warnings_are_one_line_each(capsys, trained_run, tmp_pa
     dalle.generate.main(["--run", str(trained_run), "", "a red circle", "-n", "1", "--out", str(tmp_path / "g.png")])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith("warning: caption 0") and "empty caption" in err[0], err
+
+
+def test_pipeline_warns_about_code_embedding_with_openai_dvae(tmp_path, capsys):
+    """--image-embedding dvae with OpenAI's dVAE is allowed, with a one-line warning (and parses to the end)."""
+    (tmp_path / "IMAGES").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "IMAGES" / "a.png")
+    (tmp_path / "IMAGES" / "a.txt").write_text("a black square")
+    for f in ("encoder.pkl", "decoder.pkl"):
+        (tmp_path / f).write_bytes(b"")
+    a = dalle.pipeline.parse_args(["--run", str(tmp_path / "run"), "--data", str(tmp_path / "IMAGES"),
+                                   "--openai-dvae", str(tmp_path / "encoder.pkl"), str(tmp_path / "decoder.pkl"),
+                                   "--image-embedding", "dvae"])
+    assert a.image_embedding == "dvae"
+    err = capsys.readouterr().err
+    assert "--image-embedding dvae with OpenAI's dVAE" in err and "Traceback" not in err

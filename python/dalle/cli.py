@@ -177,6 +177,32 @@ def run_load_failed(parser, run, exc: Exception, flag: str = "--run"):
 
 
 # ------------------------------------------------------------------------------------------------ attention
+def check_dvae(parser, path, flag: str = "--dvae") -> Path:
+    """The weights file of the dVAE folder ``path`` (or a file in it), after checking that it exists and that its
+    ``config.json`` says ``model_type`` ``dalle_dvae``; otherwise a usage error naming ``flag``. Reads no weights."""
+    import json
+
+    from .common import pretrained_files
+    from .dvae import MODEL_TYPE
+
+    try:
+        weights, config = pretrained_files(path)
+    except (FileNotFoundError, ValueError) as e:  # UnsafeFileError (an old torch file) is a ValueError
+        parser.error(f"argument {flag}: {e}")
+    if not weights.is_file():
+        parser.error(f"argument {flag}: no dVAE: {str(path)!r} holds no {weights.name} (looked for {weights}; "
+                     f"train one: python -m dalle.train_dvae, or convert OpenAI's: python -m dalle.convert "
+                     f"--openai-dvae)")
+    try:
+        kind = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    if kind != MODEL_TYPE:
+        parser.error(f"argument {flag}: {path} does not hold a dVAE (its config.json says model_type {kind!r}, "
+                     f"expected {MODEL_TYPE!r}; train one: python -m dalle.train_dvae)")
+    return weights
+
+
 def check_attn_backend(parser, backend: str, device_text: str, flag: str = "--attn-backend") -> None:
     """``triton`` runs on CUDA tensors, or on CPU ones only in Triton's interpreter (``TRITON_INTERPRET=1``);
     ``cuda`` on CUDA tensors with the built extension; ``cuda_emu`` on CPU tensors with the built emulator."""

@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> EncodeConfig:
     """The checked config; a bad flag, a source that cannot be read or a folder that is no dVAE is a usage
     error (one line, exit status 2) before anything is written."""
-    from .common import pretrained_files
+    from . import cli
 
     p = build_parser()
     cfg = EncodeConfig(**vars(p.parse_args(argv)))
@@ -314,26 +314,7 @@ def parse_args(argv=None) -> EncodeConfig:
         open_source(cfg.data, chunk_size=cfg.chunk_size)
     except ValueError as e:
         p.error(f"argument --data: {e}")
-    try:
-        files = pretrained_files(cfg.dvae)
-    except (ValueError, FileNotFoundError) as e:
-        p.error(f"argument --dvae: {e}")
-    missing = [f.name for f in files if not f.is_file()]
-    if missing:
-        p.error(f"argument --dvae: {cfg.dvae!r} holds no {' / '.join(missing)} (a dVAE folder written by "
-                f"python -m dalle.train_dvae or DVAE.save)")
-    import json
-
-    from .dvae import MODEL_TYPE
-
-    try:
-        kind = json.loads(files[1].read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        kind = None
-    if kind != MODEL_TYPE:
-        p.error(f"argument --dvae: {cfg.dvae} does not hold a dVAE (its config.json says model_type {kind!r}, "
-                f"expected {MODEL_TYPE!r}; a dVAE folder is written by python -m dalle.train_dvae, DVAE.save or "
-                "python -m dalle.convert --openai-dvae)")
+    cli.check_dvae(p, cfg.dvae)
     return cfg
 
 

@@ -168,6 +168,7 @@ def parse_args(argv=None):
 
 def _check_data_args(p, a) -> None:
     """Usage errors of the --data flags, before anything is written."""
+    from . import cli
     from .data.sources import open_source
 
     if a.dvae is not None and a.openai_dvae is not None:
@@ -177,9 +178,7 @@ def _check_data_args(p, a) -> None:
     except (FileNotFoundError, ValueError) as e:
         p.error(f"argument --data: {e}")
     if a.dvae is not None:
-        w, c = pretrained_files(a.dvae) if Path(a.dvae).exists() else (Path(a.dvae), None)
-        if not w.is_file():
-            p.error(f"argument --dvae: no dVAE at {a.dvae} (looked for {w})")
+        cli.check_dvae(p, a.dvae)
     for f in a.openai_dvae or ():
         if not Path(f).is_file():
             p.error(f"argument --openai-dvae: no such file {f}")

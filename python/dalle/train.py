@@ -45,7 +45,6 @@ import torch.nn as nn
 from .common import (MetricsLogger, UnsafeFileError, atomic_save, autocast_context, convert_hint, load_checkpoint,
                      load_pretrained, pick_device, pretrained_files, rng_state, save_pretrained, seed_everything,
                      set_rng_state)
-from .dvae import MODEL_TYPE as DVAE_MODEL_TYPE
 from .grad_scale import BlockGradScaler
 from .model import DALLE, DALLEConfig, HEAD_DIMS
 from .tokenizer import padding_ids
@@ -728,19 +727,7 @@ def parse_args(argv=None):
             shards = TokenShards(cfg.data, split="train")
         except (FileNotFoundError, ValueError) as e:
             p.error(f"argument --data: {e}")
-    try:
-        dvae_file, dvae_config = pretrained_files(cfg.dvae_path)
-    except (FileNotFoundError, ValueError) as e:  # UnsafeFileError (an old torch file) is a ValueError
-        p.error(f"argument --dvae: {e}")
-    if not dvae_file.is_file():
-        p.error(f"argument --dvae: no dVAE: looked for {dvae_file} (train one: python -m dalle.train_dvae)")
-    try:
-        kind = json.loads(dvae_config.read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        kind = None
-    if kind != DVAE_MODEL_TYPE:
-        p.error(f"argument --dvae: {cfg.dvae_path} does not hold a dVAE (its config.json says model_type "
-                f"{kind!r}, expected {DVAE_MODEL_TYPE!r}; train one: python -m dalle.train_dvae)")
+    dvae_file = cli.check_dvae(p, cfg.dvae_path)
     if cfg.data:
         digest = _file_digest(dvae_file)
         if digest != shards.dvae_digest:
