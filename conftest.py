@@ -2,6 +2,7 @@
 
 CPU lane (default, CI):  pytest tests            -> Triton in its interpreter, small shapes, fp32/fp16
 GPU lane:                pytest tests --device=cuda -> compiled Triton and CUDA kernels, bigger shapes, bf16
+Slow tests (marked ``slow``, multi-process training runs too long for CI): add --run-slow.
 
 Nothing here touches the GPU at import time: the lane comes from the command line.
 """
@@ -14,6 +15,8 @@ import pytest
 def pytest_addoption(parser):
     parser.addoption("--device", action="store", default="cpu", choices=("cpu", "cuda"),
                      help="cpu: Triton interpreter lane, small shapes (default); cuda: GPU lane")
+    parser.addoption("--run-slow", action="store_true", default=False,
+                     help="also run the tests marked slow (multi-process runs too long for CI)")
 
 
 def pytest_configure(config):
@@ -28,6 +31,11 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--run-slow"):
+        slow = pytest.mark.skip(reason="slow: run with --run-slow")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(slow)
     if config.getoption("--device") == "cuda":
         return
     skip = pytest.mark.skip(reason="GPU lane only (run with --device=cuda on a machine with a GPU)")

@@ -45,6 +45,7 @@ cost is that a bucket's compression does not overlap the rest of the backward pa
 
 import inspect
 import logging
+import math
 import zlib
 from typing import Iterable
 
@@ -54,7 +55,7 @@ from torch import nn
 
 from .ops.orthogonalize import orthogonalize
 
-__all__ = ["PowerSGDState", "powersgd_hook", "uncompressed_parameter_names"]
+__all__ = ["PowerSGDState", "powersgd_hook", "fsdp_all_reduce_hook", "uncompressed_parameter_names"]
 
 logger = logging.getLogger(__name__)
 
@@ -340,13 +341,13 @@ class PowerSGDState:
         self.error = {k: v.clone().float() for k, v in sd["error"].items()}
         self.q = {k: v.clone().float() for k, v in sd["q"].items()}
 
-    def _maybe_increase_iter(self, bucket) -> None:
-        if bucket.is_last():
+    def _maybe_increase_iter(self, is_last: bool) -> None:
+        if is_last:
             self.iter += 1
 
-    def _report_compression_stats(self, bucket) -> None:
+    def _report_compression_stats(self, is_last: bool) -> None:
         """Log ``compression_stats()`` every ``compression_stats_logging_frequency`` iterations (PyTorch's)."""
-        if bucket.is_last() and self.iter >= self.next_stats_report:
+        if is_last and self.iter >= self.next_stats_report:
             rate, before, after = self.compression_stats()
             logger.info("Compression stats: iter %s, total before compression %s, total after compression %s, "
                         "rate %s", self.iter, before, after, rate)
@@ -364,7 +365,7 @@ class PowerSGDState:
         if lay is None:
             names = ([f"bucket{bucket.index()}.{j}" for j in range(len(params))] if self._by_bucket
                      else [self.name_of(p) for p in params])
-            lay = _Layout(self, params, names)
+            lay = _Layout(self, [tuple(p.shape) for p in params], names)
             self._layouts[key] = lay
         return lay
 
@@ -373,25 +374,26 @@ class _Layout:
     """Where each gradient of a bucket goes: compressed (offsets in the flat P and Q buffers, sorted by
     shape so equal shapes form one contiguous batch for ``orthogonalize``) or uncompressed."""
 
-    def __init__(self, state: PowerSGDState, params, names):
+    def __init__(self, state: PowerSGDState, shapes, names):
         self.names = names
         self.compressed = []  # (position in bucket, name, n, m, r)
         self.uncompressed = []  # (position in bucket, numel)
-        for i, (p, name) in enumerate(zip(params, self.names)):
+        for i, (shape, name) in enumerate(zip(shapes, self.names)):
             # viewed as (shape[0], -1), 1-D tensors as n x 1 matrices, and PyTorch's rule: with the default
             # min_compression_rate (> 1) a matrix with a dimension of 1 is never compressed
-            n = p.shape[0] if p.dim() >= 1 else 0
-            m = p.numel() // n if n else 0
+            numel = math.prod(shape)
+            n = shape[0] if len(shape) >= 1 else 0
+            m = numel // n if n else 0
             r = min(state.rank, n, m)
             worth = n > 0 and m > 0 and (n + m) * r * state.min_compression_rate < n * m
             if name not in state.exclude and worth:
                 self.compressed.append((i, name, n, m, r))
             else:
-                self.uncompressed.append((i, p.numel()))
+                self.uncompressed.append((i, numel))
         self.p_off, self.p_batches, self.p_size = self._pack([(c[2], c[4]) for c in self.compressed])
         self.q_off, self.q_batches, self.q_size = self._pack([(c[3], c[4]) for c in self.compressed])
         self.u_size = sum(numel for _, numel in self.uncompressed)
-        self.numel = sum(p.numel() for p in params)
+        self.numel = sum(math.prod(shape) for shape in shapes)
         self.sent = self.p_size + self.q_size + self.u_size
 
     @staticmethod
@@ -429,12 +431,22 @@ def powersgd_hook(state: PowerSGDState, bucket: dist.GradBucket) -> torch.future
     world = dist.get_world_size(group)
     buf = bucket.buffer()
     if state.iter < state.start_iter:
-        state._maybe_increase_iter(bucket)
+        state._maybe_increase_iter(bucket.is_last())
         return _allreduce(buf.div_(world), group).then(lambda fut: fut.value()[0])
+    if not _compressed_allreduce(state, state._layout(bucket), buf, bucket.gradients(), group, bucket.is_last()):
+        return _allreduce(buf.div_(world), group).then(lambda fut: fut.value()[0])
+    fut = torch.futures.Future(devices=[buf.device] if buf.device.type == "cuda" else None)
+    fut.set_result(buf)
+    return fut
 
+
+def _compressed_allreduce(state: PowerSGDState, lay: "_Layout", buf: torch.Tensor, grads: list, group,
+                          is_last: bool) -> bool:
+    """Replace ``grads`` (views of ``buf``, laid out as ``lay``) by their PowerSGD mean over ``group``, in place;
+    ``False`` (nothing changed, error feedback and warm start untouched) when some rank saw a non-finite value:
+    the caller then all-reduces ``buf`` plainly, so every trainer sees it and skips its step."""
+    world = dist.get_world_size(group)
     it = state.iter
-    lay = state._layout(bucket)
-    grads = bucket.gradients()
     device = buf.device
     finite = bool(torch.isfinite(buf).all())
 
@@ -452,8 +464,8 @@ def powersgd_hook(state: PowerSGDState, bucket: dist.GradBucket) -> torch.future
         err = state.error.get(name) if state.use_error_feedback else None
         if err is not None and err.shape != (n, m):
             raise RuntimeError(f"error-feedback buffer {name!r} has shape {tuple(err.shape)}, the gradient "
-                               f"{(n, m)}: the DDP buckets changed since it was saved (build DDP as before, or "
-                               "give PowerSGDState the model to key buffers by parameter name)")
+                               f"{(n, m)}: the DDP buckets or the shards changed since it was saved (build DDP "
+                               "as before, or give PowerSGDState the model to key buffers by parameter name)")
         M = grads[i].reshape(n, m).float()
         mats.append(M + err.to(device) if err is not None else M.clone())
     if finite and mats:
@@ -465,19 +477,17 @@ def powersgd_hook(state: PowerSGDState, bucket: dist.GradBucket) -> torch.future
         first[off:off + numel].copy_(grads[i].reshape(-1))
         off += numel
     first[-1] = 0.0 if finite else 1.0
-    state._maybe_increase_iter(bucket)
+    state._maybe_increase_iter(is_last)
 
     # Collectives run here, in bucket order, on the thread that calls the hook: callbacks that launch the
     # Q all-reduce when a P all-reduce completes would order collectives by timing, which can differ
     # between ranks (a collective mismatch on gloo). Computation is small next to the backward pass.
     dist.all_reduce(first, group=group)
     if first[-1].item() > 0:
-        # Some rank saw inf/nan: reduce the raw bucket so every trainer sees it and skips its step;
-        # error feedback and warm-start Q stay as they were.
         if state._last_skip != it:
             state._last_skip = it
             state.skipped_iters += 1
-        return _allreduce(buf.div_(world), group).then(lambda fut: fut.value()[0])
+        return False
     off = lay.p_size
     for i, numel in lay.uncompressed:
         grads[i].copy_(first[off:off + numel].view_as(grads[i]).div_(world))
@@ -496,7 +506,49 @@ def powersgd_hook(state: PowerSGDState, bucket: dist.GradBucket) -> torch.future
             grads[i].copy_(approx.view_as(grads[i]))
     state.numel_before += lay.numel
     state.numel_after += lay.sent
-    state._report_compression_stats(bucket)
-    fut = torch.futures.Future(devices=[device] if device.type == "cuda" else None)
-    fut.set_result(buf)
-    return fut
+    state._report_compression_stats(is_last)
+    return True
+
+
+def fsdp_all_reduce_hook(state: PowerSGDState, names: list, shard_shapes: list, process_group, is_last: bool):
+    """PowerSGD between replicas for one FSDP2 unit: a hook for ``FSDPModule.set_all_reduce_hook``.
+
+    With ``fully_shard`` on the shard dimension of a 2-D (replicas x shards) mesh, FSDP2 reduce-scatters each
+    unit's gradients inside a replica and hands the flat reduce-scatter output to this hook, which averages it
+    over ``process_group`` (the ranks holding the same shard in the other replicas) as ``powersgd_hook`` does a
+    DDP bucket: each parameter's gradient shard ``(rows, *rest)`` is compressed as a ``rows x prod(rest)``
+    matrix (error feedback and warm start per shard, keyed by ``names``), the rest is sent whole.
+
+    Args:
+        state: a ``PowerSGDState`` built with the model (buffers keyed by parameter name); its ``exclude``
+            applies by name.
+        names: the unit's parameter names, in FSDP's order (the unit's ``parameters()`` order).
+        shard_shapes: each parameter's padded shard shape in the flat output (dim 0 is
+            ``ceil(shape[0] / shards)``), same order.
+        process_group: the replicas' group of this rank.
+        is_last: whether this unit's reduction ends the backward (the root unit): the step count advances.
+
+    Raises:
+        RuntimeError (from the hook): the flat output's size is not the sum of ``shard_shapes``.
+    """
+    lay = _Layout(state, [tuple(s) for s in shard_shapes], list(names))
+    sizes = [math.prod(s) for s in shard_shapes]
+    total = sum(sizes)
+
+    def hook(reduce_output: torch.Tensor) -> None:
+        if reduce_output.numel() != total:
+            raise RuntimeError(f"FSDP handed a flat gradient of {reduce_output.numel()} elements; the unit's shards "
+                               f"({', '.join(names[:3])}...) hold {total}")
+        world = dist.get_world_size(process_group)
+        if state.iter < state.start_iter:
+            state._maybe_increase_iter(is_last)
+            dist.all_reduce(reduce_output.div_(world), group=process_group)
+            return
+        grads, off = [], 0
+        for shape, size in zip(shard_shapes, sizes):
+            grads.append(reduce_output[off:off + size].view(shape))
+            off += size
+        if not _compressed_allreduce(state, lay, reduce_output, grads, process_group, is_last):
+            dist.all_reduce(reduce_output.div_(world), group=process_group)
+
+    return hook

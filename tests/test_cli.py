@@ -12,6 +12,7 @@ import torch
 
 import dalle.convert
 import dalle.encode
+import dalle.export
 import dalle.generate
 import dalle.pipeline
 import dalle.plan
@@ -406,6 +407,7 @@ PARSERS = {"dalle.pipeline": dalle.pipeline.build_parser, "dalle.train": dalle.t
            "dalle.train_dvae": dalle.train_dvae.build_parser, "dalle.generate": dalle.generate.build_parser,
            "dalle.rerank": dalle.rerank.build_parser, "dalle.convert": dalle.convert.build_parser,
            "dalle.encode": dalle.encode.build_parser, "dalle_kernels masks": masks._parser,
+           "dalle.export": dalle.export.build_parser,
            "dalle.train --plan": dalle.plan.build_parser,
            **{path: (lambda path=path: script(path).build_parser())
               for path in ("benchmarks/summarize.py", "benchmarks/bench_attention.py", "tests/test_aot_compile.py",
@@ -423,7 +425,7 @@ def test_every_command_line_is_covered():
     parsing = {f for f in files if re.search(r"ArgumentParser\(|cli\.Parser\(|= Parser\(", (REPO / f).read_text())}
     covered = {"python/dalle/pipeline.py", "python/dalle/train.py", "python/dalle/train_dvae.py", "python/dalle/plan.py",
                "python/dalle/generate.py", "python/dalle/rerank.py", "python/dalle/convert.py", "python/dalle/encode.py",
-               "dalle_kernels/masks.py",
+               "python/dalle/export.py", "dalle_kernels/masks.py",
                "dalle_kernels/_cli.py", "tests/test_cli.py", *(k for k in PARSERS if k.endswith(".py"))}
     assert parsing <= covered, sorted(parsing - covered)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -220,9 +221,10 @@ class Block(nn.Module):
 
 
 class DALLE(nn.Module):
-    """Decoder-only transformer over text + image tokens."""
+    """Decoder-only transformer over text + image tokens; ``init_seed`` seeds the initial parameters
+    (``reset_parameters``; None: drawn from torch's global generator)."""
 
-    def __init__(self, cfg: DALLEConfig):
+    def __init__(self, cfg: DALLEConfig, init_seed: int | None = None):
         super().__init__()
         self.cfg = cfg
         d, (H, W) = cfg.d_model, cfg.grid
@@ -240,22 +242,57 @@ class DALLE(nn.Module):
         if not cfg.code_features:
             self.image_head = nn.Linear(d, cfg.image_vocab, bias=False)
         self.grad_scaler = None  # set by dalle.grad_scale.BlockGradScaler.attach
-        self.reset_parameters()
+        self.reset_parameters(init_seed)
 
-    def reset_parameters(self):
-        std = 0.02
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=std)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, std=std)
-        for p in (self.text_pos, self.row_emb, self.col_emb):
-            nn.init.normal_(p, std=std)
-        for b in self.blocks:  # residual branches scaled down with depth (GPT-2 style)
-            nn.init.normal_(b.attn.proj.weight, std=std / math.sqrt(2 * self.cfg.n_layers))
-            nn.init.normal_(b.out.weight, std=std / math.sqrt(2 * self.cfg.n_layers))
+    def init_rules(self) -> dict:
+        """``name -> (kind, std)`` for every parameter: ``("normal", std)``, ``("zeros", 0.0)`` or ``("ones", 0.0)``.
+
+        Linear weights and embeddings N(0, 0.02), the attention output and MLP output weights of each block
+        N(0, 0.02 / sqrt(2 L)) (residual branches scaled down with depth, GPT-2 style), biases 0, LayerNorm gains 1.
+        """
+        std, rules = 0.02, {}
+        for mname, m in self.named_modules():
+            pre = mname + "." if mname else ""
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                rules[pre + "weight"] = ("normal", std)
+            elif isinstance(m, nn.LayerNorm):
+                rules[pre + "weight"] = ("ones", 0.0)
+            if isinstance(m, (nn.Linear, nn.LayerNorm)) and m.bias is not None:
+                rules[pre + "bias"] = ("zeros", 0.0)
+        for name in ("text_pos", "row_emb", "col_emb"):
+            rules[name] = ("normal", std)
+        for l in range(len(self.blocks)):
+            for name in (f"blocks.{l}.attn.proj.weight", f"blocks.{l}.out.weight"):
+                rules[name] = ("normal", std / math.sqrt(2 * self.cfg.n_layers))
+        missing = [n for n, _ in self.named_parameters() if n not in rules]
+        if missing:
+            raise RuntimeError(f"no initialization rule for parameters {missing}")
+        return rules
+
+    def initial_value(self, name: str, seed: int, rules: dict | None = None) -> torch.Tensor:
+        """The initial value of parameter ``name`` (float32, on the CPU, its full shape) for ``seed``: drawn from
+        a generator seeded by ``(seed, name)`` alone, so any process can make any parameter (or, sharded, only
+        its own part of it) without the rest of the model."""
+        kind, std = (rules or self.init_rules())[name]
+        shape = self.get_parameter(name).shape
+        if kind == "zeros":
+            return torch.zeros(shape)
+        if kind == "ones":
+            return torch.ones(shape)
+        g = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % 2 ** 63)
+        return torch.randn(shape, generator=g).mul_(std)
+
+    def reset_parameters(self, seed: int | None = None):
+        """Initialize every parameter from ``initial_value(name, seed)``; ``seed`` None: one number drawn from
+        torch's global generator (so ``torch.manual_seed`` decides). Nothing is drawn on the meta device."""
+        if seed is None:
+            seed = int(torch.randint(0, 2 ** 62, (), device="cpu"))
+        if any(p.is_meta for p in self.parameters()):
+            return
+        rules = self.init_rules()
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                p.copy_(self.initial_value(name, seed, rules))
 
     def set_code_features(self, features: torch.Tensor) -> None:
         """Fill the fixed per-code features (``code_features > 0``), ``(image_vocab, code_features)``."""

@@ -14,6 +14,7 @@ import math
 import torch
 
 from .model import DALLE, DALLEConfig
+from .train import powersgd_uncompressed
 
 __all__ = ["plan", "format_plan", "meta_model", "main"]
 
@@ -25,14 +26,6 @@ def meta_model(cfg: DALLEConfig) -> DALLE:
     """``DALLE(cfg)`` on the meta device: shapes and names, no storage."""
     with torch.device("meta"):
         return DALLE(cfg)
-
-
-def _uncompressed(model: DALLE) -> set[str]:
-    """What the trainer sends uncompressed (``dalle.train._powersgd``): gains, biases, embeddings, the heads."""
-    from dalle_kernels.powersgd import uncompressed_parameter_names
-
-    heads = {id(p) for p in model.head_parameters()}
-    return uncompressed_parameter_names(model) | {n for n, p in model.named_parameters() if id(p) in heads}
 
 
 def plan(cfg: DALLEConfig, nodes: int, gpus_per_node: int, batch: int, powersgd_rank: int = 0) -> dict:
@@ -108,7 +101,7 @@ def plan(cfg: DALLEConfig, nodes: int, gpus_per_node: int, batch: int, powersgd_
     out["intra_allgather_bytes"] = round(2 * (G - 1) / G * COMPUTE_BYTES * P)
     out["intra_reducescatter_bytes"] = round((G - 1) / G * MASTER_BYTES * P)
     ring = 2 * (N - 1) / N
-    whole = _uncompressed(model)
+    whole = powersgd_uncompressed(model)
     plain = compressed = 0
     for name, p in params.items():
         rows = math.ceil(p.shape[0] / G)  # the largest shard of dim 0

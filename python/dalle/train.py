@@ -3,6 +3,11 @@
     python -m dalle.train --run runs/mine --dvae runs/dvae --steps 2000
     python -m dalle.train --run runs/photos --data tokens/photos --steps 20000     # your own data
     torchrun --nproc_per_node 2 -m dalle.train --run-dir runs/ddp --dvae runs/dvae [--powersgd-rank 4]
+    torchrun --nproc_per_node 8 -m dalle.train --run-dir runs/big --data TOKENS --fsdp --shard-size 8   # sharded
+
+Sharded (``--fsdp``, ``dalle.fsdp``): FSDP2 over the ``--shard-size`` processes of a machine, replicas between
+machines (PowerSGD with ``--powersgd-rank``), Torch Distributed Checkpoints in ``RUN/dcp`` instead of
+``checkpoint.pt``, the final weights exported as below.
 
 Data, built-in captioned shapes (the default): the captions train a BPE tokenizer (``RUN/tokenizer.json``);
 every image is encoded once by the frozen dVAE (argmax codes) and cached with the tokenized captions in
@@ -94,6 +99,8 @@ class TrainConfig:
     attn_backend: str = "auto"
     powersgd_rank: int = 0
     powersgd_start: int = 10  # plain all-reduce for this many updates before compressing
+    fsdp: bool = False  # shard parameters, gradients and AdamW state with FSDP2 (dalle.fsdp); DCP checkpoints
+    shard_size: int = 0  # processes per shard group (the GPUs of one machine); 0: torchrun's LOCAL_WORLD_SIZE
     ckpt_every: int = 200
     log_every: int = 10
     sample_every: int = 0  # 0: only at the end
@@ -121,6 +128,8 @@ class TrainConfig:
             raise ValueError(f"image_embedding must be table or dvae, got {self.image_embedding!r}")
         if self.powersgd_rank < 0:
             raise ValueError(f"powersgd_rank must be >= 0, got {self.powersgd_rank}")
+        if isinstance(self.shard_size, bool) or not isinstance(self.shard_size, int) or self.shard_size < 0:
+            raise ValueError(f"shard_size must be an int >= 0, got {self.shard_size!r}")
 
     @property
     def dvae_path(self) -> Path:
@@ -456,9 +465,11 @@ def load_run_model(run, device="cpu") -> tuple[DALLE, dict]:
     return model.to(device).eval(), meta
 
 
-def _setup_distributed(device_str: str):
+def _setup_distributed(device_str: str, always: bool = False):
+    """``(rank, world, device)``; the process group is started under torchrun with several processes, or with
+    ``always`` (sharded training needs one even for a single process)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 and not (always and "RANK" in os.environ):
         return 0, 1, pick_device(device_str)
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_str)
@@ -469,25 +480,47 @@ def _setup_distributed(device_str: str):
     return rank, world, device
 
 
-def _powersgd(ddp, objective: nn.Module, rank: int, start_iter: int):
+def powersgd_uncompressed(model: DALLE, prefix: str = "") -> set[str]:
+    """Names (with ``prefix``) of the parameters PowerSGD sends whole (SPEC.md section 4: only matrices are
+    compressed): gains and biases, the lookup-table embeddings, the position embeddings (plain parameters) and
+    the output layers (text head; image head, or the CodeEmbedding that is both)."""
+    from dalle_kernels.powersgd import uncompressed_parameter_names
+
+    whole = {id(p) for p in model.head_parameters()} | {id(model.text_pos), id(model.row_emb), id(model.col_emb)}
+    names = uncompressed_parameter_names(model) | {n for n, p in model.named_parameters() if id(p) in whole}
+    return {prefix + n for n in names}
+
+
+def _powersgd(ddp, objective: nn.Module, rank: int, start_iter: int, process_group=None):
     """Register the PowerSGD hook: matrices compressed; gains, biases, embeddings and heads sent whole."""
     try:
-        from dalle_kernels.powersgd import PowerSGDState, powersgd_hook, uncompressed_parameter_names
+        from dalle_kernels.powersgd import PowerSGDState, powersgd_hook
     except ImportError as exc:
         raise RuntimeError("--powersgd-rank needs dalle_kernels.powersgd (PowerSGDState, powersgd_hook), "
                            f"which this installation does not have ({exc})") from None
-    heads = ("model.text_head.", "model.image_head.", "model.image_emb.")  # output layers (CodeEmbedding is one)
-    exclude = uncompressed_parameter_names(objective) | {n for n, _ in objective.named_parameters()
-                                                          if n.startswith(heads)}
-    state = PowerSGDState(objective, rank=rank, start_iter=start_iter, exclude=exclude)
-    ddp.register_comm_hook(state, powersgd_hook)
+    exclude = powersgd_uncompressed(objective.model, prefix="model.")
+    state = PowerSGDState(objective, rank=rank, start_iter=start_iter, exclude=exclude, process_group=process_group)
+    if ddp is not None:
+        ddp.register_comm_hook(state, powersgd_hook)
     return state
+
+
+def _all_finite(params) -> bool:
+    """Whether every gradient of ``params`` is finite on every rank (sharded gradients: each rank checks its
+    shards, and the answer is agreed across ranks)."""
+    bad = torch.zeros((), dtype=torch.float32, device=params[0].device if params else "cpu")
+    for p in params:
+        g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+        bad += (~torch.isfinite(g)).sum()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(bad)
+    return bool(bad == 0)
 
 
 # ------------------------------------------------------------------------------------------------ train
 def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     """Train per ``cfg``; returns the folder of the final model (``RUN``: ``model.safetensors`` + ``config.json``)."""
-    rank, world, device = _setup_distributed(cfg.device)
+    rank, world, device = _setup_distributed(cfg.device, always=cfg.fsdp)
     run = Path(cfg.run)
     is_main = rank == 0
     log = log if is_main else (lambda *a, **k: None)
@@ -504,10 +537,26 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         data["code_features"] = dvae.code_features().cpu()
         data["code_feature_groups"] = dvae.code_feature_groups
     mcfg = model_config(cfg, data)
-    model = DALLE(mcfg).to(device)
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    mesh = units = None
+    if cfg.fsdp:  # built on the meta device; each rank materializes its shards only
+        from . import fsdp
+
+        shard_size = cfg.shard_size or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        mesh = fsdp.build_mesh(world, shard_size, device.type)
+        with torch.device("meta"):
+            model = DALLE(mcfg)
+        objective = Objective(model)
+        compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        use_hooks = bool(cfg.powersgd_rank) and mesh["replicate"].size() > 1
+        units = fsdp.shard_model(objective, mesh, compute, device, cfg.seed, hooks=use_hooks)
+        log(f"sharded: {mesh['replicate'].size()} replicas x {mesh['shard'].size()} shards, "
+            f"{sum(p.numel() for p in model.parameters()):,} parameters")
+    else:
+        model = DALLE(mcfg, init_seed=cfg.seed).to(device)
+        objective = Objective(model)
     if mcfg.code_features:
         model.set_code_features(data["code_features"].to(device))
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     use_scaler = cfg.grad_scale == "on" or (cfg.grad_scale == "auto" and precision == "fp16")
     scaler = BlockGradScaler(mcfg.n_layers, world_size=world).attach(model) if use_scaler else None
     opt = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.96), eps=1e-8)
@@ -515,7 +564,29 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     step = 0
     ckpt_path = run / "checkpoint.pt"
     powersgd_state = None
-    if resume and ckpt_path.is_file():
+    if cfg.fsdp:
+        if cfg.powersgd_rank and mesh["replicate"].size() > 1:
+            powersgd_state = _powersgd(None, objective, cfg.powersgd_rank, cfg.powersgd_start,
+                                       process_group=mesh["replicate"].get_group())
+            fsdp.register_powersgd(powersgd_state, objective, units, mesh)
+        found = fsdp.checkpoints(run) if resume else []
+        if found:
+            ts, rank_state = fsdp.load_checkpoint(found[-1], objective, opt, tuple(mesh.shape))
+            sched.load_state_dict(ts["schedule"])
+            if scaler is not None and ts.get("grad_scaler"):
+                scaler.load_state_dict(ts["grad_scaler"])
+            step = ts["step"]
+            if rank_state is not None:
+                set_rng_state(rank_state["rng"])
+                if powersgd_state is not None and rank_state.get("powersgd"):
+                    powersgd_state.load_state_dict(rank_state["powersgd"])
+            else:
+                log(f"resuming on a {tuple(mesh.shape)} mesh from a {tuple(ts['mesh'])} one: model, optimizer and "
+                    "schedule restored; RNG and PowerSGD error feedback start afresh")
+            log(f"resumed from {found[-1]} at step {step}")
+        elif resume:
+            log(f"--resume: no checkpoint in {run / fsdp.CHECKPOINT_DIR}, starting from scratch")
+    elif resume and ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path, map_location=device)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
@@ -527,8 +598,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         log(f"resumed from {ckpt_path} at step {step}")
     elif resume:
         log(f"--resume: no checkpoint in {run}, starting from scratch")
-    objective = Objective(model)
-    if world > 1:
+    if world > 1 and not cfg.fsdp:
         objective = nn.parallel.DistributedDataParallel(
             objective, device_ids=[device.index] if device.type == "cuda" else None)
         if cfg.powersgd_rank:
@@ -539,7 +609,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
                 if ps["step"] != step:
                     raise RuntimeError(f"{psgd_path} is from step {ps['step']} but the checkpoint from step {step}")
                 powersgd_state.load_state_dict(ps["state"])
-    elif cfg.powersgd_rank:
+    elif cfg.powersgd_rank and world <= 1:
         raise ValueError("--powersgd-rank needs several data-parallel workers (run under torchrun)")
     logger = MetricsLogger(run, resume_step=step) if is_main else None
     sample_text = data["sample_text"].to(device)
@@ -550,6 +620,14 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     dvae_digest = data["key"]["dvae"]  # prepare_data's digest of the dVAE's weights (the data cache's key)
 
     def save(final=False):
+        if cfg.fsdp:
+            if not final or step % cfg.ckpt_every:  # else the final step's checkpoint is written already
+                ts = {"train_config": dataclasses.asdict(cfg), "step": step, "dvae": dvae_ref,
+                      "dvae_digest": dvae_digest, "model_config": mcfg.to_dict(), "schedule": sched.state_dict(),
+                      "mesh": list(mesh.shape), "grad_scaler": scaler.state_dict() if scaler else None}
+                rs = {"rng": rng_state(), "powersgd": powersgd_state.state_dict() if powersgd_state else None}
+                fsdp.save_checkpoint(run, step, objective, opt, ts, rs)
+            return
         if powersgd_state is not None and not final:  # error feedback is per worker: one file each
             atomic_save({"step": step, "state": powersgd_state.state_dict()}, run / f"powersgd_rank{rank}.pt")
             dist.barrier()
@@ -583,8 +661,10 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         loss.backward()
         skipped = scaler.unscale_() if scaler is not None else [False] * mcfg.n_layers
         params = [p for p in model.parameters() if p.grad is not None]
-        other_ok = all(torch.isfinite(p.grad).all() for p in params)
+        other_ok = _all_finite(params)
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip) if params else torch.zeros(())
+        if hasattr(gnorm, "full_tensor"):  # sharded gradients: the norm of the whole gradient
+            gnorm = gnorm.full_tensor()
         if other_ok:
             opt.step()
         if scaler is not None:
@@ -607,17 +687,28 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_v:.3f}", lr=f"{lr:.2e}")
-        if cfg.sample_every and step % cfg.sample_every == 0 and is_main:
+        if cfg.sample_every and step % cfg.sample_every == 0 and is_main and not cfg.fsdp:
             write_samples(model, dvae, sample_text, run / "samples" / f"step_{step:06d}.png", data, cfg)
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             save()
     if bar is not None:
         bar.close()
+    if powersgd_state is not None and powersgd_state.numel_before:
+        _, before, after = powersgd_state.compression_stats()
+        log(f"PowerSGD: sent {after:,} elements for {before:,} gradient elements between "
+            f"{'replicas' if cfg.fsdp else 'workers'} ({1 - after / before:.1%} less"
+            f"{', rank 0' + chr(39) + 's shards' if cfg.fsdp else ''}; compressed updates only)")
     save(final=True)
+    if cfg.fsdp:  # the other ranks are done: rank 0 exports and samples alone, no collective left waiting
+        dist.barrier()
+        dist.destroy_process_group()
+        if is_main:
+            fsdp.export(run, log=log)  # the single-file model dalle.generate reads
+            model = load_run_model(run, device)[0]
     if is_main:
         write_samples(model, dvae, sample_text, run / "samples" / f"step_{step:06d}.png", data, cfg)
         logger.close()
-    if world > 1:
+    if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
     return run
@@ -680,6 +771,11 @@ def _flag_specs() -> dict:
         "attn_backend": (cli.ATTN_BACKENDS, "dalle_kernels.sparse_attention backend"),
         "powersgd_rank": (cli.nonneg_int, "PowerSGD rank of the gradient all-reduce (0: off; needs torchrun)"),
         "powersgd_start": (cli.nonneg_int, "plain all-reduce updates before PowerSGD starts"),
+        "fsdp": (None, "shard parameters, gradients and optimizer state over --shard-size processes (FSDP2, "
+                       "needs torchrun); checkpoints are sharded (RUN/dcp); see dalle.fsdp"),
+        "shard_size": (cli.nonneg_int, "with --fsdp: processes per shard group, the GPUs of one machine (0: "
+                                       "torchrun's --nproc_per_node); the rest are replicas, which reduce "
+                                       "with PowerSGD when --powersgd-rank is set"),
         "ckpt_every": (cli.positive_int, "updates between checkpoints"),
         "log_every": (cli.positive_int, "updates between metrics rows"),
         "sample_every": (cli.nonneg_int, "updates between sample grids (0: only at the end)"),
@@ -747,10 +843,29 @@ def parse_args(argv=None):
         p.error(f"argument --head-dim: expected one of {HEAD_DIMS} (0: the preset's), got {cfg.head_dim}")
     cli.check_precision(p, cfg.precision, cfg.device)
     cli.check_attn_backend(p, cfg.attn_backend, cfg.device)
-    if cfg.powersgd_rank and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.powersgd_rank and world <= 1:
         p.error("argument --powersgd-rank: needs several data-parallel workers (run under torchrun)")
+    if cfg.shard_size and not cfg.fsdp:
+        p.error("argument --shard-size: only with --fsdp")
+    if cfg.fsdp:
+        if "RANK" not in os.environ:
+            p.error("argument --fsdp: run under torchrun (torchrun --nproc_per_node N -m dalle.train --fsdp ...)")
+        shard = cfg.shard_size or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if world % shard:
+            p.error(f"argument --shard-size: {shard} does not divide the {world} processes")
+        if cfg.powersgd_rank and world == shard:
+            p.error("argument --powersgd-rank: with --fsdp PowerSGD reduces between replicas, and there is one "
+                    f"(--shard-size {shard} = all {world} processes)")
     if a.resume:
-        cli.check_resume(p, cfg.run)
+        if cfg.fsdp:
+            from .fsdp import CHECKPOINT_DIR, checkpoints
+
+            if not checkpoints(cfg.run):
+                p.error(f"argument --resume: nothing to resume: no complete sharded checkpoint in "
+                        f"{Path(cfg.run) / CHECKPOINT_DIR}")
+        else:
+            cli.check_resume(p, cfg.run)
     if cfg.warmup >= cfg.steps:  # after every error: a warning only for a run that starts
             cli.warn(f"--warmup {cfg.warmup} >= --steps {cfg.steps}: the step size never reaches --lr {cfg.lr:g} "
                      f"(it ends at {cfg.lr * min(1.0, cfg.steps / cfg.warmup):.3g}); a short run wants a shorter warm-up")

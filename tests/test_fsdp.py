@@ -1,0 +1,308 @@
+"""Sharded training (dalle.fsdp): 4 gloo processes as 2 replicas x 2 shards against one process, PowerSGD on
+the shards' reduce-scatter output, DCP checkpoints (exact resume after SIGKILL, 4 -> 2 ranks), export."""
+import csv
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_train import REPO, dvae_file, env, losses, train_cmd  # noqa: F401  (dvae_file: a fixture)
+
+STEPS = 6
+
+
+def torchrun(n, run, dvae, steps, *extra):
+    cmd = train_cmd(run, dvae, steps, *extra)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+            "-m", "dalle.train", *["--run-dir" if c == "--run" else c for c in cmd[3:]]]
+
+
+def run_ok(cmd, cwd):
+    r = subprocess.run(cmd, env=env(), cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return r
+
+
+def close(a, b, i):
+    for x, y in zip(a, b):
+        assert float(x) == pytest.approx(float(y), rel=1e-4, abs=1e-6), i
+
+
+def test_fsdp_2x2_matches_one_process_then_powersgd(tmp_path, dvae_file):
+    """Before PowerSGD starts (update 3), the 2 x 2 sharded run's losses and parameters equal one process's on
+    the same global batch; then compressed updates that still train; checkpoints are DCP folders with each
+    rank's PowerSGD error feedback of its shards; the final weights exported for dalle.generate."""
+    flags = ["--ckpt-every", "3"]
+    run_ok(train_cmd(tmp_path / "one3", dvae_file, 3), tmp_path)  # the parameters after 3 updates
+    run_ok(train_cmd(tmp_path / "one", dvae_file, STEPS, *flags), tmp_path)
+    r = run_ok(torchrun(4, tmp_path / "four", dvae_file, STEPS, *flags, "--fsdp", "--shard-size", "2",
+                        "--powersgd-rank", "2", "--powersgd-start", "3", "--grad-scale", "on"), tmp_path)
+    assert "2 replicas x 2 shards" in r.stdout and "PowerSGD: sent" in r.stdout
+    lo, lf = losses(tmp_path / "one"), losses(tmp_path / "four")
+    assert [x[0] for x in lf] == list(range(1, STEPS + 1))
+    for i in range(4):  # steps 1..4 are the losses after uncompressed updates 0..2
+        close(lo[i][1:6 if i < 3 else 5], lf[i][1:6 if i < 3 else 5], i)
+    assert lo[5][1] != lf[5][1] and float(lf[5][1]) < float(lf[0][1])
+
+    from dalle.fsdp import checkpoints, read_model
+
+    found = checkpoints(tmp_path / "four")
+    assert [p.name for p in found] == ["step_00000003", "step_00000006"]
+    model3, ts = read_model(found[0])
+    assert ts["step"] == 3 and ts["mesh"] == [2, 2]
+    w3 = load_file(tmp_path / "one3" / "model.safetensors")
+    got = model3.state_dict()
+    assert got.keys() == w3.keys()
+    for k in w3:
+        torch.testing.assert_close(got[k], w3[k], rtol=1e-5, atol=1e-6, msg=k)
+    # PowerSGD state per rank: error feedback of this rank's shard of each compressed matrix (rows / 2)
+    for rank in range(4):
+        rs = torch.load(found[1] / f"rank{rank}.pt", weights_only=True)
+        err = rs["powersgd"]["error"]
+        assert rs["powersgd"]["iter"] == STEPS and err
+        assert tuple(err["model.blocks.0.fc.weight"].shape) == (got["blocks.0.fc.weight"].shape[0] // 2, 32)
+        assert not any(k.endswith(("text_pos", "row_emb", "col_emb")) or "head" in k for k in err)
+    exported = load_file(tmp_path / "four" / "model.safetensors")
+    final = read_model(found[1])[0].state_dict()
+    assert all(torch.equal(exported[k], final[k]) for k in final)
+    assert any((tmp_path / "four" / "samples").glob("*.png"))
+
+
+def _hook_worker(rank, port, out):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from dalle_kernels.powersgd import PowerSGDState, fsdp_all_reduce_hook
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=4)
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    group = mesh["replicate"].get_group()
+    replica, shard = divmod(rank, 2)
+    model = torch.nn.Linear(3, 3)  # only names the buffers; the shards below are what FSDP would hand over
+    shapes = [(12, 8), (5,)]  # a 24 x 8 weight and a 10-vector bias, each split in two shards
+    g = torch.Generator().manual_seed(100 * replica + shard)
+    grad = torch.cat([torch.randn(12, 8, generator=g).flatten(), torch.randn(5, generator=g)])
+    mean = grad.clone()
+    dist.all_reduce(mean, group=group)
+    mean /= 2
+    res = {}
+    for feedback in (True, False):
+        state = PowerSGDState(model, rank=1, start_iter=0, exclude=["bias"], use_error_feedback=feedback)
+        hook = fsdp_all_reduce_hook(state, ["weight", "bias"], shapes, group, is_last=True)
+        sent, errors = torch.zeros_like(grad), []
+        for t in range(1, 61):
+            buf = grad.clone()
+            hook(buf)
+            sent += buf
+            errors.append(float((sent[:96] - t * mean[:96]).norm() / (t * mean[:96]).norm()))
+            assert torch.allclose(buf[96:], mean[96:])  # the bias is sent whole: the exact mean
+        res[feedback] = {"errors": errors, "stats": state.compression_stats()}
+    torch.save(res, Path(out) / f"{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_powersgd_fsdp_hook_error_feedback(tmp_path):
+    """On 2 replicas x 2 shards, a constant gradient per rank: one rank-1 PowerSGD step approximates the mean of
+    a random shard poorly, and without error feedback it stays as poor however many steps are summed; with it
+    the accumulated updates approach the accumulated true means. The bias goes whole and exact; the traffic
+    saving is counted as PyTorch's compression_stats counts it."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_hook_worker, args=(port, str(tmp_path)), nprocs=4)
+    for rank in range(4):
+        res = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
+        ef, plain = res[True]["errors"], res[False]["errors"]
+        assert ef[0] > 0.3 and plain[-1] > 0.3  # far from the mean, and no better when summed without feedback
+        assert ef[-1] < ef[0] / 4 and ef[-1] < plain[-1] / 4  # with error feedback it converges
+        rate, before, after = res[True]["stats"]
+        assert before == 60 * (96 + 5) and after == 60 * ((12 + 8) * 1 + 5) and rate == pytest.approx(101 / 25)
+
+
+def _kill_all(marker: str) -> None:
+    """SIGKILL every process whose command line holds ``marker``, all at once."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker.encode() in (proc / "cmdline").read_bytes().split(b"\0"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    assert pids
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _start(cmd, cwd):
+    return subprocess.Popen(cmd, env=env(), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+@pytest.mark.slow
+def test_fsdp_sigkill_resume_exact_and_4_to_2_ranks(tmp_path, dvae_file):
+    """SIGKILL of every rank during sharded training, resume from the newest complete DCP checkpoint: the same
+    losses as an uninterrupted run; a checkpoint of the 4-rank run resumed on 2 ranks continues it."""
+    steps, flags = 12, ["--ckpt-every", "4", "--fsdp", "--shard-size", "2"]
+    a = _start(torchrun(4, tmp_path / "a", dvae_file, steps, *flags), tmp_path)
+    out, _ = a.communicate(timeout=600)
+    assert a.returncode == 0, out.decode()[-4000:]
+    b = _start(torchrun(4, tmp_path / "b", dvae_file, steps, *flags), tmp_path)
+    deadline = time.time() + 300
+    while not (tmp_path / "b" / "dcp" / "step_00000004").exists() and b.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert b.poll() is None, "the run finished before it could be killed"
+    _kill_all(str(tmp_path / "b"))  # torchrun and every rank (workers are not in torchrun's process group)
+    b.wait()
+    from dalle.fsdp import checkpoints
+
+    killed_at = int(checkpoints(tmp_path / "b")[-1].name.split("_")[1])
+    assert 4 <= killed_at < steps and not (tmp_path / "b" / "model.safetensors").exists()
+    r = run_ok(torchrun(4, tmp_path / "b", dvae_file, steps, *flags, "--resume"), tmp_path)
+    assert f"at step {killed_at}" in r.stdout
+    la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert [x[0] for x in lb] == list(range(1, steps + 1)) and la == lb
+    wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # 4 ranks (2 x 2) -> 2 ranks (1 x 2): the step-8 checkpoint of run a, resumed on a smaller mesh
+    c = tmp_path / "c"
+    (c / "dcp").mkdir(parents=True)
+    import shutil
+
+    for name in ("tokenizer.json", "data_cache.pt", "metrics.csv"):
+        shutil.copy(tmp_path / "a" / name, c / name)
+    shutil.copytree(tmp_path / "a" / "dcp" / "step_00000008", c / "dcp" / "step_00000008")
+    r = run_ok(torchrun(2, c, dvae_file, steps, *flags, "--resume"), tmp_path)
+    assert "at step 8" in r.stdout and "start afresh" in r.stdout
+    lc = losses(c)
+    for i in range(8, steps):  # the same global batches, now on 2 ranks: equal to float tolerance
+        close(la[i][1:6], lc[i][1:6], i)
+
+
+def test_dcp_metadata_reader_refuses_code(tmp_path):
+    """The checkpoint's .metadata is a pickle: a crafted one is refused before anything in it runs."""
+    from dalle.common import UnsafeFileError
+    from dalle.fsdp import safe_reader
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.write_text, (marker, "x"))
+
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(UnsafeFileError, match="refused global pathlib.Path.write_text"):
+        safe_reader(tmp_path).read_metadata()
+    assert not marker.exists()
+
+
+def test_fsdp_flags_are_checked(tmp_path, dvae_file, monkeypatch):
+    from dalle.train import parse_args
+
+    base = ["--run", str(tmp_path / "r"), "--dvae", str(dvae_file)]
+    with pytest.raises(SystemExit):
+        parse_args(base + ["--shard-size", "2"])  # without --fsdp
+    with pytest.raises(SystemExit):
+        parse_args(base + ["--fsdp"])  # not under torchrun
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "6")
+    with pytest.raises(SystemExit):
+        parse_args(base + ["--fsdp", "--shard-size", "4"])  # 4 does not divide 6
+    with pytest.raises(SystemExit):
+        parse_args(base + ["--fsdp", "--shard-size", "6", "--powersgd-rank", "2"])  # one replica
+    with pytest.raises(SystemExit):
+        parse_args(base + ["--fsdp", "--shard-size", "2", "--resume"])  # nothing to resume
+    cfg, _ = parse_args(base + ["--fsdp", "--shard-size", "3", "--powersgd-rank", "2"])
+    assert cfg.fsdp and cfg.shard_size == 3
+
+
+def test_export_command(tmp_path, capsys):
+    from dalle.export import main
+
+    with pytest.raises(SystemExit):
+        main(["--run", str(tmp_path)])
+    assert "no complete sharded checkpoint" in capsys.readouterr().err
+
+
+@pytest.fixture
+def one_rank_group():
+    """A gloo process group of this process alone (world size 1), torn down afterwards."""
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_shard_model_init_precision_and_unit_order(one_rank_group):
+    """Materialized shards hold what DALLE(cfg, init_seed) holds; under a 16-bit policy the blocks' matrices and
+    biases are gathered in 16 bits while LayerNorm gains, embeddings and heads stay float32; the parameter order
+    the PowerSGD hooks assume is FSDP2's."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from dalle.fsdp import local, shard_model, unit_parameter_names
+    from dalle.model import DALLE, DALLEConfig
+    from dalle.train import Objective
+
+    cfg = DALLEConfig.micro(attn_backend="torch")
+    ref = DALLE(cfg, init_seed=5)
+    with torch.device("meta"):
+        model = DALLE(cfg)
+    objective = Objective(model)
+    mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("replicate", "shard"))
+    units = shard_model(objective, mesh, torch.bfloat16, torch.device("cpu"), seed=5, hooks=True)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(local(p), q), name
+    seen = {}
+
+    def record(name):
+        def hook(m, args):
+            seen.setdefault(name, (m.weight.dtype, getattr(m, "bias", None) is not None and m.bias.dtype))
+        return hook
+
+    for name in ("blocks.0.ln1", "blocks.0.attn.qkv", "blocks.1.fc", "text_head", "text_emb"):
+        model.get_submodule(name).register_forward_pre_hook(record(name))
+    text = torch.randint(0, cfg.text_vocab, (2, cfg.text_len))
+    image = torch.randint(0, cfg.image_vocab, (2, cfg.image_len))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        objective(text, image)[0].backward()
+    assert seen["blocks.0.attn.qkv"] == (torch.bfloat16, torch.bfloat16) and seen["blocks.1.fc"][0] == torch.bfloat16
+    assert seen["blocks.0.ln1"] == (torch.float32, torch.float32)
+    assert seen["text_head"][0] == torch.float32 and seen["text_emb"][0] == torch.float32
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
+    for unit, _ in units:  # the order FSDP2 lays the unit's gradients out in its reduce-scatter output
+        fsdp_params = unit._get_fsdp_state()._fsdp_param_groups[0].fsdp_params
+        got = [(fp._module_info.module, fp._module_info.param_name) for fp in fsdp_params]
+        want = [(objective.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2])
+                for n in unit_parameter_names(objective, unit, units)]
+        assert got == want
+
+
+def test_only_complete_checkpoints_count(tmp_path):
+    """A checkpoint being written (.step_X.tmp, or any folder without train_state.json) is never resumed from."""
+    from dalle.fsdp import checkpoints
+
+    root = tmp_path / "dcp"
+    for name, complete in (("step_00000004", True), ("step_00000008", True), (".step_00000012.tmp", True),
+                           ("step_00000016", False), ("notes", True)):
+        (root / name).mkdir(parents=True)
+        if complete:
+            (root / name / "train_state.json").write_text("{}")
+    assert [p.name for p in checkpoints(tmp_path)] == ["step_00000004", "step_00000008"]
+    assert checkpoints(tmp_path / "nothing") == []
