@@ -503,7 +503,8 @@ RUN_OUTPUTS = {"model.safetensors", "config.json", "reranker/", "dvae/", "checkp
                "samples_train.png", "samples_heldout.png", "results.json", "eval.json", "data_cache.pt",
                "generated.png", "summary.md", "samples/", "recon_XXXXXX.png", "powersgd_rank<i>.pt", "benchmarks.json",
                # dalle.encode's token shards, and what a run on them writes
-               "manifest.json", "text_tokens.npy", "reconstructions_heldout.png"}
+               "manifest.json", "text_tokens.npy", "reconstructions_heldout.png",
+               "train_state.json"}  # in each sharded checkpoint (dalle.fsdp)
 
 
 def test_readme_and_help_name_only_files_that_exist_or_are_written():

@@ -345,3 +345,29 @@ def test_residual_dropout_only_in_training():
     for bad in (-0.1, 1.0):
         with pytest.raises(ValueError, match="dropout"):
             micro(dropout=bad)
+
+
+def test_initial_values_are_seeded_per_parameter_and_rows(monkeypatch):
+    """Every parameter's initial value depends on (seed, name) only, and any rows of it can be drawn alone
+    (sharded init, dalle.fsdp): the slices equal the whole; the distributions are the documented ones."""
+    import dalle.model as model_mod
+
+    monkeypatch.setattr(model_mod, "INIT_BLOCK", 40)  # many blocks even at this size
+    cfg = DALLEConfig.micro()
+    a, b, c = DALLE(cfg, init_seed=7), DALLE(cfg, init_seed=7), DALLE(cfg, init_seed=8)
+    rules = a.init_rules()
+    assert set(rules) == {n for n, _ in a.named_parameters()}
+    for (name, p), q, r in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(p, q), name
+        kind, std = rules[name]
+        if kind == "normal":
+            assert not torch.equal(p, r), name
+        n = p.shape[0]
+        for lo, hi in ((0, n), (1, n - 1), (n // 3, n // 3 + 1), (n - 1, n), (2, 2)):
+            assert torch.equal(a.initial_value(name, 7, rules, rows=(lo, hi)), p.detach()[lo:hi]), (name, lo, hi)
+    assert float(a.blocks[0].ln1.weight.min()) == 1.0 and float(a.blocks[0].fc.bias.abs().max()) == 0.0
+    big = DALLE(DALLEConfig.micro(n_layers=4), init_seed=0)
+    w = torch.cat([big.get_parameter(f"blocks.{l}.fc.weight").flatten() for l in range(4)])
+    assert float(w.std()) == pytest.approx(0.02, rel=0.05) and abs(float(w.mean())) < 1e-3
+    with pytest.raises(ValueError, match="rows"):
+        a.initial_value("text_pos", 7, rows=(0, 10 ** 6))

@@ -72,7 +72,6 @@ def shard_model(objective: nn.Module, mesh, compute_dtype: torch.dtype | None, d
     ``(module, is_root)`` in the order their gradients are reduced in backward (blocks top-down, root last).
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from torch.distributed.tensor import distribute_tensor
 
     model = objective.model
     shard_mesh = mesh["shard"] if hooks else mesh
@@ -91,12 +90,30 @@ def shard_model(objective: nn.Module, mesh, compute_dtype: torch.dtype | None, d
     rules = model.init_rules()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            full = model.initial_value(name, seed, rules)
-            local = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
-            p.to_local().copy_(local)
+            mine = p.to_local()
+            lo, hi = _local_rows(p)
+            mine.copy_(model.initial_value(name, seed, rules, rows=(lo, hi)))
         for b in model.buffers():  # CodeEmbedding.features: set by the trainer (set_code_features)
             b.zero_()
     return list(reversed(units))
+
+
+def _local_rows(p) -> tuple[int, int]:
+    """``(start, stop)``: the rows (dim 0) of the full parameter that this rank's shard of DTensor ``p`` holds
+    (FSDP2's ``Shard(0)``: ``torch.chunk`` pieces of ``ceil(rows / shards)`` rows, the last ones shorter or empty)."""
+    from torch.distributed.tensor import Shard
+
+    rows, start, stop = p.shape[0], 0, p.shape[0]
+    coord = p.device_mesh.get_coordinate()
+    for dim, placement in enumerate(p.placements):
+        if isinstance(placement, Shard):
+            if placement.dim != 0:
+                raise RuntimeError(f"expected parameters sharded on dim 0, got {placement}")
+            size = -(-rows // p.device_mesh.size(dim))
+            start, stop = min(rows, coord[dim] * size), min(rows, (coord[dim] + 1) * size)
+    if stop - start != p.to_local().shape[0]:
+        raise RuntimeError(f"shard rows [{start}, {stop}) do not match the local shard {tuple(p.to_local().shape)}")
+    return start, stop
 
 
 def unit_parameter_names(objective: nn.Module, unit: nn.Module, units: list) -> list[str]:

@@ -29,6 +29,9 @@ from dalle_kernels.masks import MASKS, check_layout
 from dalle_kernels.ops.attention import ATTENTION_BACKENDS, HEAD_DIMS
 
 
+INIT_BLOCK = 1 << 20  # elements per independently seeded block of a parameter's initial values
+
+
 def layer_masks(n_layers: int, last: str = "conv") -> list[str]:
     """SPEC.md section 1 schedule: ``last`` for the final layer, ``column`` when ``l % 4 == 1``, else ``row``."""
     return [last if l == n_layers - 1 else ("column" if l % 4 == 1 else "row") for l in range(n_layers)]
@@ -269,18 +272,32 @@ class DALLE(nn.Module):
             raise RuntimeError(f"no initialization rule for parameters {missing}")
         return rules
 
-    def initial_value(self, name: str, seed: int, rules: dict | None = None) -> torch.Tensor:
-        """The initial value of parameter ``name`` (float32, on the CPU, its full shape) for ``seed``: drawn from
-        a generator seeded by ``(seed, name)`` alone, so any process can make any parameter (or, sharded, only
-        its own part of it) without the rest of the model."""
+    def initial_value(self, name: str, seed: int, rules: dict | None = None, rows: tuple | None = None) -> torch.Tensor:
+        """The initial value of parameter ``name`` for ``seed`` (float32, on the CPU), whole or only its rows
+        ``rows = (start, stop)`` along dim 0.
+
+        Normal values are drawn in blocks of about ``INIT_BLOCK`` elements (whole rows), each from a generator
+        seeded by ``(seed, name, block)`` alone: any process makes any rows of any parameter without the rest of
+        the model, and a sharded model (``dalle.fsdp``) draws only its shards, equal to what one process draws.
+        """
         kind, std = (rules or self.init_rules())[name]
-        shape = self.get_parameter(name).shape
+        shape = tuple(self.get_parameter(name).shape)
+        lo, hi = rows if rows is not None else (0, shape[0])
+        if not 0 <= lo <= hi <= shape[0]:
+            raise ValueError(f"rows must lie in [0, {shape[0]}] for {name}, got {rows}")
         if kind == "zeros":
-            return torch.zeros(shape)
+            return torch.zeros((hi - lo,) + shape[1:])
         if kind == "ones":
-            return torch.ones(shape)
-        g = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % 2 ** 63)
-        return torch.randn(shape, generator=g).mul_(std)
+            return torch.ones((hi - lo,) + shape[1:])
+        per_row = math.prod(shape[1:])
+        step = max(1, INIT_BLOCK // max(per_row, 1))  # rows per block
+        out = torch.empty((hi - lo,) + shape[1:])
+        for b in range(lo // step, -(-hi // step)):
+            a, z = b * step, min(shape[0], (b + 1) * step)
+            key = (int(seed) * 1_000_003 + zlib.crc32(name.encode()) * 7_919 + b) % 2 ** 63
+            block = torch.randn((z - a,) + shape[1:], generator=torch.Generator().manual_seed(key))
+            out[max(a, lo) - lo: min(z, hi) - lo] = block[max(a, lo) - a: min(z, hi) - a]
+        return out.mul_(std)
 
     def reset_parameters(self, seed: int | None = None):
         """Initialize every parameter from ``initial_value(name, seed)``; ``seed`` None: one number drawn from
