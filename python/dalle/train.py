@@ -550,8 +550,10 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         use_hooks = bool(cfg.powersgd_rank) and mesh["replicate"].size() > 1
         units = fsdp.shard_model(objective, mesh, compute, device, cfg.seed, hooks=use_hooks)
-        log(f"sharded: {mesh['replicate'].size()} replicas x {mesh['shard'].size()} shards, "
-            f"{sum(p.numel() for p in model.parameters()):,} parameters")
+        n_rep, n_shard = mesh["replicate"].size(), mesh["shard"].size()
+        log(f"sharded: {n_rep} replica{'s' * (n_rep != 1)} x {n_shard} shard{'s' * (n_shard != 1)}, "
+            f"{sum(p.numel() for p in model.parameters()):,} parameters, "
+            f"{sum(fsdp.local(p).numel() for p in model.parameters()):,} in rank 0's shards")
     else:
         model = DALLE(mcfg, init_seed=cfg.seed).to(device)
         objective = Objective(model)
