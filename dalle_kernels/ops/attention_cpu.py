@@ -1,20 +1,30 @@
-"""Block-sparse DALL-E attention on the CPU from PyTorch's own kernels (``sparse_attention(backend="cpu")``).
+"""DALL-E attention on the CPU from PyTorch's own fused kernel, over only the keys a mask allows
+(``sparse_attention(backend="cpu")``).
 
-``O = softmax(scale * Q K^T + M) V`` with ``M`` = 0 where ``masks.dense_mask`` allows a pair and -inf elsewhere,
-computed only on the tiles the kernels visit: the same lookup tables (``masks.block_tables``) list, per query
-block, the key blocks it sees and which of those tiles are full. Query blocks with similar numbers of listed key
-blocks form a group (``_merge``); per group the listed key blocks are gathered (``index_select``, full tiles
-first, padding slots at the end) and PyTorch's fused CPU flash kernel (the one behind
-``scaled_dot_product_attention``) runs the group as one batch, with an fp32 online softmax, a cached 0 / -inf
-bias built once per layout from the mask predicate ``masks.allowed`` (partial and padding tiles), and the row
-log-sum-exp as a second output. The forward saves ``O`` and that log-sum-exp only; the backward (the kernel's
-own, recomputing ``P`` from the log-sum-exp as FlashAttention does, Dao et al. 2022, alg. 2) returns dQ per query
-block and dK, dV per gathered key block, scatter-added per key block (``index_add_``).
+``O = softmax(scale * Q K^T + M) V`` with ``M`` = 0 where ``masks.dense_mask`` allows a pair and -inf elsewhere.
+The work is done by PyTorch's fused CPU flash kernel (the one behind ``scaled_dot_product_attention``:
+``aten::_scaled_dot_product_flash_attention_for_cpu``, fp32 online softmax, row log-sum-exp as a second output, and
+its backward, which recomputes ``P`` from that log-sum-exp as FlashAttention does, Dao et al. 2022, alg. 2). The
+forward saves ``O`` and the log-sum-exp only. Two paths call it:
 
-Extra memory is O(N x key blocks per query block): fp32 block copies of the inputs and gathered keys and values
-per group, a group split into chunks of query blocks whose scores exceed ``SCORE_BUDGET``; never N x N.
-``column`` runs the kernels' transposed layout (SPEC.md): rows are gathered in that order.
-Inputs may be float32, float16 or bfloat16 with any strides; the arithmetic is fp32 throughout.
+- structured (``structure``; what ``auto`` runs past ``SINGLE_TILE`` positions for every mask but ``conv_torus``):
+  the masks' own shape. Text keys are one causal call over all queries (text -> text causal, every image query sees
+  every text slot); the image part is one call batched over image rows, each against a band of earlier rows
+  (``row``, ``conv``, ``conv_clipped``, ``axial_row``; the keys are an overlapping strided view, a 0 / -inf bias per
+  window from the predicate) or per column (``column``, causal over the rows); ``causal`` is one causal call. The
+  two calls merge by their log-sum-exps; the backward runs the kernel's backward per call with the merged ``o``
+  and log-sum-exp, which gives each call's exact share of the gradients.
+- tiles (``plan``; ``conv_torus``, short sequences, or forced): the lookup tables of the Triton kernels
+  (``masks.block_tables``). Query blocks with similar numbers of listed key blocks form a group (``_merge``); per
+  group the listed key blocks are gathered (``index_select``, full tiles first, padding slots at the end) and the
+  kernel runs the group as one batch with a cached 0 / -inf bias for partial and padding tiles; dK, dV are
+  scatter-added per key block (``index_add_``).
+
+Extra memory is O(N x keys per query): never N x N (the structured path: the outputs, gradients and the band
+windows' gradients; the tiles: fp32 block copies and the gathered keys and values per group, a group split into
+chunks whose scores exceed ``SCORE_BUDGET``). ``column`` runs the kernels' transposed layout on the tiles.
+Inputs may be float32, float16 or bfloat16 with any strides; the arithmetic is fp32 throughout (fp32 inputs whose
+head_dim is contiguous are read in place).
 """
 from __future__ import annotations
 
