@@ -18,7 +18,7 @@ from test_attention import SHAPES, assert_close, make_inputs, reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
-STRUCTURED = [m for m in masks.MASKS if m != "conv_torus"]  # the masks with a structured path
+STRUCTURED = list(C.STRUCTURED_MASKS)  # the masks with a structured path
 # (mask, path): every mask on the tiles, and on the structured path where it has one
 MASK_PATHS = [(m, "tiles") for m in masks.MASKS] + [(m, "structured") for m in STRUCTURED]
 MASK_PATH_IDS = [f"{m}-{p}" for m, p in MASK_PATHS]

@@ -336,6 +336,7 @@ class _Structure:
 
 
 _STRUCTURES: dict = {}
+STRUCTURED_MASKS = ("row", "column", "conv", "conv_clipped", "axial_row", "causal")
 
 
 def structure(mask: str, text_len: int, H: int, W: int, kernel: int) -> _Structure | None:
@@ -348,6 +349,7 @@ def structure(mask: str, text_len: int, H: int, W: int, kernel: int) -> _Structu
         return _STRUCTURES[key]
     T, n, s = text_len, text_len + H * W, kernel // 2
     rows = {"row": 2, "axial_row": 1, "conv": s + 2, "conv_clipped": s + 1, "column": H}.get(mask)
+    assert (mask == "causal" or rows is not None) == (mask in STRUCTURED_MASKS)
     if mask == "causal":
         result = _Structure("causal")
     elif rows is None:
@@ -526,5 +528,10 @@ def cpu_attention(q, k, v, mask, text_len, grid, kernel, scale, block_m=0, block
     or ``"structured"`` (``pick_structure``); ``block_m``/``block_n`` > 0 force tiles of that shape (default:
     ``BLOCK_M`` x ``BLOCK_N``, one tile up to ``SINGLE_TILE`` positions)."""
     H, W = grid
-    pick_structure(mask, text_len, H, W, kernel, block_m, block_n, path)  # errors here, not inside the op
+    # errors here, not inside the op; by name only: computing the structure here would be data-dependent work
+    # under torch.compile
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    if path == "structured" and not (block_m or block_n) and mask not in STRUCTURED_MASKS:
+        raise ValueError(f"path='structured': mask {mask!r} has no structured path (path='tiles' or 'auto')")
     return _sparse_attention_cpu_fwd(q, k, v, mask, text_len, H, W, kernel, scale, block_m, block_n, path)
