@@ -6,7 +6,8 @@ GPU (``pytest benchmarks/bench_attention.py --device=cuda``): the paper shape, b
 is not a speed figure and is skipped.
 
 Providers: ``triton`` (this package, GPU), ``cuda`` (this package's CUDA kernels, csrc/attention.cu, GPU; needs
-the built extension: tensor-core forward for 16-bit inputs, fp32 CUDA-core backward), ``cpu`` (this package's block-sparse CPU path, CPU), ``torch`` (the
+the built extension: tensor-core forward for 16-bit inputs, fp32 CUDA-core backward), ``cpu`` (this package's CPU
+path, CPU: the masks' structured path at the timed shape, one tile at the untimed one), ``torch`` (the
 dense-masked reference), ``dense`` (``scaled_dot_product_attention(is_causal=True)``, the mask-free baseline the
 targets are stated against), ``sdpa_mask`` (SDPA with the boolean ``dense_mask``), ``flex`` (``flex_attention``
 with a block mask from the same predicate; compiled on GPU, eager on CPU).
@@ -14,7 +15,8 @@ extra_info: ``tflops`` = useful FLOPs (allowed pairs only: 4 * pairs * head_dim 
 median time (absent under ``--benchmark-disable``); ``peak_mem_mb`` = peak memory above the inputs (GPU);
 ``max_err`` / ``grad_max_err`` = max abs error of the output / of dq, dk, dv against ``attention_ref`` in float64
 on the same inputs (providers that compute the masked attention, i.e. not ``dense``); ``tiles`` /
-``causal_tiles`` for the Triton or CUDA kernel's forward tiling; ``sdpa_causal_ratio`` (``cpu`` and ``torch``, timed runs
+``causal_tiles`` for the Triton or CUDA kernel's forward tiling; ``cpu_path`` (``structured`` or ``tiles``) for
+``cpu``; ``sdpa_causal_ratio`` (``cpu`` and ``torch``, timed runs
 only) = median time of the provider / median time of ``dense``, from ``RATIO_REPS`` runs of each alternated in
 one process, so that the ratio holds under load that changes over the run.
 
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from dalle_kernels import _dispatch, attention_ref, masks, sparse_attention
 from dalle_kernels._bench import max_abs_error, median_seconds, peak_memory_mb, sync
 from dalle_kernels.ops import attention as A
+from dalle_kernels.ops import attention_cpu
 
 SHAPES = {"cuda": dict(B=8, heads=16, T=256, grid=(32, 32), d=64, dtype=torch.bfloat16),
           "cpu": dict(B=1, heads=4, T=256, grid=(32, 32), d=64, dtype=torch.float32),
@@ -162,6 +165,9 @@ def test_attention(benchmark, record_env, bench_device, mask, provider, mode):
     flops = useful_flops(mask, T, grid, B, heads, d, mode)
     record_env.update(shape=(B, heads, n, d), text_len=T, grid=grid, dtype=str(dtype), mask=mask,
                       provider=provider, mode=mode, useful_flops=flops)
+    if provider == "cpu":
+        structured = attention_cpu.pick_structure(mask, T, grid[0], grid[1], KERNEL) is not None
+        record_env["cpu_path"] = "structured" if structured else "tiles"
     if provider in ("triton", "cuda"):
         if provider == "triton":
             cfg, _ = A.pick_configs(d, q.device)

@@ -588,8 +588,9 @@ def sparse_attention(q, k, v, mask="row", text_len=0, grid=(32, 32), kernel=11, 
     ``backend``: ``"triton"`` (block-sparse kernels; CUDA tensors, or CPU under ``TRITON_INTERPRET=1``),
     ``"cuda"`` (the CUDA kernels of ``csrc/attention.cu`` over the same lookup tables, CUDA tensors; needs the
     built extension), ``"cuda_emu"`` (those kernels on CPU tensors in the CUDA emulator, for testing; never picked
-    by ``"auto"``), ``"cpu"`` (block-sparse over the same lookup tables from PyTorch's fused CPU attention kernel
-    per group of query blocks, CPU tensors; ``ops/attention_cpu.py``), ``"torch"`` (the dense-masked reference,
+    by ``"auto"``), ``"cpu"`` (PyTorch's fused CPU attention kernel over only the keys the mask allows: by the mask's
+    shape, text keys then a band of image rows or a column, or over the same lookup tables per group of query
+    blocks; CPU tensors; ``ops/attention_cpu.py``), ``"torch"`` (the dense-masked reference,
     differentiable by autograd) or ``"auto"`` (Triton for CUDA tensors and in the interpreter, else cpu;
     bfloat16 CPU tensors never go to the interpreter, whose ``tl.dot`` is wrong on bfloat16; ``auto`` keeps Triton
     on GPUs until a GPU benchmark shows the CUDA kernels faster). The Triton, CUDA and cpu paths are
