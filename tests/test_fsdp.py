@@ -208,6 +208,20 @@ def test_dcp_metadata_reader_refuses_code(tmp_path):
         safe_reader(tmp_path).read_metadata()
     assert not marker.exists()
 
+    def dotted(module, name, arg):  # protocol 4 resolves a dotted name as an attribute path of the module
+        def text(x):
+            b = x.encode()
+            return b"\x8c" + bytes([len(b)]) + b
+        return b"\x80\x04" + text(module) + text(name) + b"\x93" + text(arg) + b"\x85R."
+
+    for module in ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem", "torch",
+                   "pathlib"):
+        for name in ("os.system", "pickle.loads", "Path.write_text"):
+            (tmp_path / ".metadata").write_bytes(dotted(module, name, f"touch {marker}"))
+            with pytest.raises(UnsafeFileError, match="refused global"):
+                safe_reader(tmp_path).read_metadata()
+            assert not marker.exists(), (module, name)
+
 
 def test_fsdp_flags_are_checked(tmp_path, dvae_file, monkeypatch):
     from dalle.train import parse_args
@@ -306,3 +320,60 @@ def test_only_complete_checkpoints_count(tmp_path):
             (root / name / "train_state.json").write_text("{}")
     assert [p.name for p in checkpoints(tmp_path)] == ["step_00000004", "step_00000008"]
     assert checkpoints(tmp_path / "nothing") == []
+
+
+def _fake_checkpoint(run, step, train_config, mesh=(2, 2), files=True):
+    import json
+
+    ck = Path(run) / "dcp" / f"step_{step:08d}"
+    ck.mkdir(parents=True)
+    (ck / "train_state.json").write_text(json.dumps({"step": step, "mesh": list(mesh),
+                                                      "train_config": train_config}))
+    if files:
+        for name in [".metadata", "__0_0.distcp"] + [f"rank{r}.pt" for r in range(mesh[0] * mesh[1])]:
+            (ck / name).write_bytes(b"")
+    return ck
+
+
+def test_resume_checks_of_sharded_runs(tmp_path, dvae_file, monkeypatch, capsys):
+    """A folder with sharded checkpoints is resumed, never started over; resuming needs the run's own settings
+    and an undamaged newest checkpoint (the older one is named); without --fsdp the hint says to add it."""
+    import dataclasses
+
+    from dalle.train import TrainConfig, parse_args
+
+    run = tmp_path / "r"
+    base = ["--run", str(run), "--dvae", str(dvae_file)]
+    saved = dataclasses.asdict(TrainConfig(run=str(run), dvae=str(dvae_file), powersgd_rank=2))
+    _fake_checkpoint(run, 4, saved)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+
+    def error(args):
+        with pytest.raises(SystemExit):
+            parse_args(base + args)
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    assert "holds the sharded checkpoints of an earlier run" in error(["--fsdp", "--shard-size", "2"])
+    assert "holds the sharded checkpoints" in error([])  # not even an unsharded run starts over there
+    assert "--preset 'tiny' -> 'micro'" in error(["--fsdp", "--shard-size", "2", "--resume", "--preset", "micro"])
+    assert "--powersgd-rank 2 -> 3" in error(["--fsdp", "--shard-size", "2", "--resume", "--powersgd-rank", "3"])
+    assert "resume it under torchrun with --fsdp" in error(["--resume"])
+    cfg, resume = parse_args(base + ["--fsdp", "--shard-size", "2", "--resume", "--powersgd-rank", "2"])
+    assert resume and cfg.fsdp
+    newest = _fake_checkpoint(run, 8, saved)
+    (newest / "rank3.pt").unlink()
+    msg = error(["--fsdp", "--shard-size", "2", "--resume", "--powersgd-rank", "2"])
+    assert "step_00000008 is damaged (missing rank3.pt)" in msg and "resume from step_00000004" in msg
+
+
+def test_export_refuses_to_replace_a_later_model(tmp_path, capsys):
+    import json
+
+    from dalle.export import main
+
+    _fake_checkpoint(tmp_path, 6, {})
+    (tmp_path / "config.json").write_text(json.dumps({"step": 9}))
+    with pytest.raises(SystemExit):
+        main(["--run", str(tmp_path)])
+    assert "model of step 9, later than the checkpoint's step 6" in capsys.readouterr().err

@@ -11,6 +11,7 @@ training ends; use it for a run stopped early or for an earlier checkpoint. No c
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 
@@ -22,6 +23,8 @@ def build_parser():
     p.add_argument("--run", required=True, help="the run folder (its sharded checkpoints are in RUN/dcp)")
     p.add_argument("--checkpoint", default=None,
                    help="one checkpoint folder (RUN/dcp/step_XXXXXXXX; default: the newest)")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite RUN's model even when it is from a later step than the checkpoint")
     return p
 
 
@@ -36,7 +39,18 @@ def main(argv=None):
     elif not checkpoints(a.run):
         p.error(f"argument --run: no complete sharded checkpoint in {Path(a.run) / CHECKPOINT_DIR} (folders "
                 f"step_XXXXXXXX written by python -m dalle.train --fsdp)")
-    export(a.run, a.checkpoint)
+    ckpt = Path(a.checkpoint) if a.checkpoint is not None else checkpoints(a.run)[-1]
+    config = Path(a.run) / "config.json"
+    if config.is_file() and not a.force:
+        try:
+            have = json.loads(config.read_text()).get("step")
+            want = json.loads((ckpt / TRAIN_STATE).read_text())["step"]
+        except (OSError, ValueError, KeyError, TypeError):
+            have = want = None
+        if isinstance(have, int) and isinstance(want, int) and have > want:
+            p.error(f"argument --run: {config} is the model of step {have}, later than the checkpoint's step {want} "
+                    f"({ckpt}); --force to overwrite it")
+    export(a.run, ckpt)
 
 
 if __name__ == "__main__":

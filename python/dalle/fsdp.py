@@ -175,21 +175,25 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 class _MetadataUnpickler(pickle.Unpickler):
-    """Only what DCP's ``.metadata`` holds: its dataclasses, ``torch.Size``, dtypes, enums and containers."""
+    """Only what DCP's ``.metadata`` holds, by exact module and name (a dotted name, which pickle resolves as an
+    attribute path, is refused: it could reach ``os.system`` through any module that imports ``os``): DCP's
+    metadata dataclasses and enum, ``torch.Size``, dtypes, layouts and memory formats, paths and containers."""
 
-    _MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
-                "torch.distributed.checkpoint._extension", "torch.distributed.checkpoint.filesystem",
-                "torch.distributed.checkpoint.storage")
-    _GLOBALS = {("torch", "Size"), ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
-                ("builtins", "slice"), ("torch", "device"), ("torch.serialization", "_get_layout"),
-                ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath")}
+    _GLOBALS = {("torch.distributed.checkpoint.metadata", n) for n in ("Metadata", "TensorStorageMetadata", "TensorProperties",
+                                                 "ChunkStorageMetadata", "BytesStorageMetadata", "MetadataIndex",
+                                                 "StorageMeta", "_MEM_FORMAT_ENCODING")}
+    _GLOBALS |= {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"), ("torch", "device"),
+                 ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"), ("builtins", "set"),
+                 ("builtins", "frozenset"), ("builtins", "slice"), ("pathlib", "PosixPath"),
+                 ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath")}
 
     def find_class(self, module, name):
-        if module in self._MODULES or (module, name) in self._GLOBALS:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
-                                                                          torch.memory_format)):
-            return getattr(torch, name)
+        if "." not in name:
+            if (module, name) in self._GLOBALS:
+                return super().find_class(module, name)
+            if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
+                                                                              torch.memory_format)):
+                return getattr(torch, name)
         raise pickle.UnpicklingError(f"refused global {module}.{name} in a checkpoint's .metadata")
 
 
@@ -242,6 +246,38 @@ def checkpoints(run) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / TRAIN_STATE).is_file())
+
+
+# what a resumed run must repeat: the model's shape and the data it is trained on; PowerSGD's rank (its state)
+RESUME_FIELDS = ("preset", "n_layers", "n_heads", "head_dim", "text_len", "bpe_vocab", "image_embedding", "data")
+
+
+def resume_problem(checkpoint, train_config: dict) -> str | None:
+    """Why ``checkpoint`` cannot be resumed by a run of ``train_config`` (a ``TrainConfig`` as a dict), or None:
+    a file missing (every rank's ``rank<r>.pt``, ``.metadata``, the shards) or a setting that differs."""
+    checkpoint = Path(checkpoint)
+    try:
+        ts = json.loads((checkpoint / TRAIN_STATE).read_text())
+        world = math.prod(ts["mesh"])
+        saved = ts["train_config"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{checkpoint / TRAIN_STATE} is unreadable ({e})"
+    missing = [n for n in [".metadata"] + [f"rank{r}.pt" for r in range(world)] if not (checkpoint / n).is_file()]
+    if not any(checkpoint.glob("*.distcp")):
+        missing.append("*.distcp")
+    if missing:
+        older = checkpoints(checkpoint.parent.parent)
+        older = [c for c in older if c.name < checkpoint.name]
+        return (f"{checkpoint} is damaged (missing {', '.join(missing)}); "
+                + (f"remove it to resume from {older[-1].name}" if older else "no older checkpoint to resume from"))
+    differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {train_config.get(k)!r}" for k in RESUME_FIELDS
+              if saved.get(k) != train_config.get(k)]
+    old_r, new_r = saved.get("powersgd_rank", 0), train_config.get("powersgd_rank", 0)
+    if old_r and new_r and old_r != new_r:
+        differ.append(f"--powersgd-rank {old_r} -> {new_r}")
+    if differ:
+        return f"{checkpoint} was trained with other settings ({'; '.join(differ)}): repeat the run's flags"
+    return None
 
 
 def save_checkpoint(run, step: int, objective: nn.Module, opt, train_state: dict, rank_state: dict,

@@ -582,6 +582,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
                 set_rng_state(rank_state["rng"])
                 if powersgd_state is not None and rank_state.get("powersgd"):
                     powersgd_state.load_state_dict(rank_state["powersgd"])
+                elif rank_state.get("powersgd"):
+                    log("the checkpoint's PowerSGD error feedback is not used: this run has no --powersgd-rank")
             else:
                 log(f"resuming on a {tuple(mesh.shape)} mesh from a {tuple(ts['mesh'])} one: model, optimizer and "
                     "schedule restored; RNG and PowerSGD error feedback start afresh")
@@ -792,7 +794,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = cli.Parser(prog="python -m dalle.train", description="Train the DALL-E transformer on token shards of your "
                    "own images and captions (--data, from python -m dalle.encode) or on the built-in captioned "
                    "shapes, with a frozen dVAE's codes as image tokens.")
-    p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt (it must exist)")
+    p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt (with --fsdp: the newest "
+                   "complete RUN/dcp/step_XXXXXXXX); it must exist")
     p.add_argument("--plan", action="store_true", help="print the per-GPU memory and traffic of sharded training "
                    "and exit (with --preset, --nodes, --gpus-per-node, --batch, --powersgd-rank; see dalle.plan)")
     specs = _flag_specs()
@@ -859,13 +862,24 @@ def parse_args(argv=None):
         if cfg.powersgd_rank and world == shard:
             p.error("argument --powersgd-rank: with --fsdp PowerSGD reduces between replicas, and there is one "
                     f"(--shard-size {shard} = all {world} processes)")
+    from .fsdp import CHECKPOINT_DIR, checkpoints, resume_problem
+
+    sharded = checkpoints(cfg.run)
+    if sharded and not a.resume:  # a fresh run would export (or resume, later) the earlier run's checkpoints
+        p.error(f"argument --run: {Path(cfg.run) / CHECKPOINT_DIR} holds the sharded checkpoints of an earlier run "
+                f"(newest {sharded[-1].name}): continue it with --resume --fsdp under torchrun, or train into "
+                "another folder (or remove that one)")
     if a.resume:
         if cfg.fsdp:
-            from .fsdp import CHECKPOINT_DIR, checkpoints
-
-            if not checkpoints(cfg.run):
+            if not sharded:
                 p.error(f"argument --resume: nothing to resume: no complete sharded checkpoint in "
                         f"{Path(cfg.run) / CHECKPOINT_DIR}")
+            problem = resume_problem(sharded[-1], dataclasses.asdict(cfg))
+            if problem:
+                p.error(f"argument --resume: {problem}")
+        elif sharded and not (Path(cfg.run) / cli.CHECKPOINT_FILE).is_file():
+            p.error(f"argument --resume: {cfg.run} was trained sharded ({Path(cfg.run) / CHECKPOINT_DIR}): resume it "
+                    "under torchrun with --fsdp")
         else:
             cli.check_resume(p, cfg.run)
     if cfg.warmup >= cfg.steps:  # after every error: a warning only for a run that starts
