@@ -82,7 +82,8 @@ def test_cli_prints_the_paper_plan(capsys):
     (["--nodes", "2", "--gpus-per-node", "8", "--batch", "30"], "multiple of --nodes x --gpus-per-node = 16"),
     (["--nodes", "0", "--gpus-per-node", "8", "--batch", "16"], "--nodes"),
     (["--gpus-per-node", "8", "--batch", "16"], "--nodes"),
-    (["--nodes", "1", "--gpus-per-node", "8", "--batch", "16", "--powersgd-rank", "-1"], "--powersgd-rank")])
+    (["--nodes", "1", "--gpus-per-node", "8", "--batch", "16", "--powersgd-rank", "-1"], "--powersgd-rank"),
+    (["--nodes", "1", "--gpus-per-node", "8", "--batch", "16", "--powersgd-rank", "32"], "with one machine")])
 def test_cli_usage_errors(args, match):
     r = subprocess.run([sys.executable, "-m", "dalle.train", "--preset", "paper", "--plan", *args],
                        capture_output=True, text=True)

@@ -188,6 +188,9 @@ def main(argv=None) -> int:
     if a.batch % (a.nodes * a.gpus_per_node):
         p.error(f"argument --batch: must be a multiple of --nodes x --gpus-per-node = "
                 f"{a.nodes * a.gpus_per_node}, got {a.batch}")
+    if a.powersgd_rank and a.nodes == 1:
+        p.error("argument --powersgd-rank: with one machine nothing is sent between machines, where PowerSGD "
+                "works (--nodes 2 or more; dalle.train --fsdp refuses it likewise)")
     print(format_plan(cfg, plan(cfg, a.nodes, a.gpus_per_node, a.batch, a.powersgd_rank)))
     return 0
 
