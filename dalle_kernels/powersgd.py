@@ -522,7 +522,8 @@ def fsdp_all_reduce_hook(state: PowerSGDState, names: list, shard_shapes: list, 
     Args:
         state: a ``PowerSGDState`` built with the model (buffers keyed by parameter name); its ``exclude``
             applies by name.
-        names: the unit's parameter names, in FSDP's order (the unit's ``parameters()`` order).
+        names: the unit's parameter names, in the order FSDP2 lays them out in the flat output (its managed
+            modules in post-order, children first, each module's own parameters in registration order).
         shard_shapes: each parameter's padded shard shape in the flat output (dim 0 is
             ``ceil(shape[0] / shards)``), same order.
         process_group: the replicas' group of this rank.

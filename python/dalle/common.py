@@ -40,6 +40,15 @@ def convert_hint(path, trust: bool) -> str:
     return f"convert it once with `{CONVERT_COMMAND} {path}` (it reads the old file without unpickling code)"
 
 
+def fsync_dir(path) -> None:
+    """Flush folder ``path``'s entries (a rename into it) to disk."""
+    dir_fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def _atomic_write(path, write) -> Path:
     """``write(f)`` into a temporary file in the same folder, fsync, then rename over ``path``.
 
@@ -57,11 +66,7 @@ def _atomic_write(path, write) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_dir(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

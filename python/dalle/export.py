@@ -33,13 +33,14 @@ def main(argv=None):
 
     p = build_parser()
     a = p.parse_args(argv)
+    found = checkpoints(a.run)
     if a.checkpoint is not None:
         if not (Path(a.checkpoint) / TRAIN_STATE).is_file():
             p.error(f"argument --checkpoint: {a.checkpoint} is not a complete sharded checkpoint (no {TRAIN_STATE})")
-    elif not checkpoints(a.run):
+    elif not found:
         p.error(f"argument --run: no complete sharded checkpoint in {Path(a.run) / CHECKPOINT_DIR} (folders "
                 f"step_XXXXXXXX written by python -m dalle.train --fsdp)")
-    ckpt = Path(a.checkpoint) if a.checkpoint is not None else checkpoints(a.run)[-1]
+    ckpt = Path(a.checkpoint) if a.checkpoint is not None else found[-1]
     config = Path(a.run) / "config.json"
     if config.is_file() and not a.force:
         try:

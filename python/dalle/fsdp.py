@@ -90,12 +90,16 @@ def shard_model(objective: nn.Module, mesh, compute_dtype: torch.dtype | None, d
     rules = model.init_rules()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            mine = p.to_local()
-            lo, hi = _local_rows(p)
-            mine.copy_(model.initial_value(name, seed, rules, rows=(lo, hi)))
+            p.to_local().copy_(model.initial_value(name, seed, rules, rows=_local_rows(p)))
         for b in model.buffers():  # CodeEmbedding.features: set by the trainer (set_code_features)
             b.zero_()
     return list(reversed(units))
+
+
+def shard_rows(rows: int, shards: int) -> int:
+    """Rows of each shard of a parameter with ``rows`` rows (FSDP2's ``Shard(0)``, ``torch.chunk``): the flat
+    reduce-scatter output pads every rank's shard to this many."""
+    return -(-rows // shards)
 
 
 def _local_rows(p) -> tuple[int, int]:
@@ -109,7 +113,7 @@ def _local_rows(p) -> tuple[int, int]:
         if isinstance(placement, Shard):
             if placement.dim != 0:
                 raise RuntimeError(f"expected parameters sharded on dim 0, got {placement}")
-            size = -(-rows // p.device_mesh.size(dim))
+            size = shard_rows(rows, p.device_mesh.size(dim))
             start, stop = min(rows, coord[dim] * size), min(rows, (coord[dim] + 1) * size)
     if stop - start != p.to_local().shape[0]:
         raise RuntimeError(f"shard rows [{start}, {stop}) do not match the local shard {tuple(p.to_local().shape)}")
@@ -147,10 +151,8 @@ def register_powersgd(state, objective: nn.Module, units: list, mesh) -> None:
     for unit, is_root in units:
         names = unit_parameter_names(objective, unit, units)
         _check_layout(objective, unit, names)
-        shapes = []
-        for n in names:
-            shape = tuple(objective.get_parameter(n).shape)
-            shapes.append((math.ceil(shape[0] / shards),) + shape[1:])
+        shapes = [(shard_rows(s[0], shards),) + tuple(s[1:]) for s in
+                  (objective.get_parameter(n).shape for n in names)]
         unit.set_all_reduce_hook(fsdp_all_reduce_hook(state, names, shapes, group, is_last=is_root))
 
 
@@ -304,30 +306,17 @@ def save_checkpoint(run, step: int, objective: nn.Module, opt, train_state: dict
     atomic_save(rank_state, tmp / f"rank{rank}.pt")
     dist.barrier()
     if rank == 0:
-        from .common import _atomic_write
+        from .common import _atomic_write, fsync_dir
 
         _atomic_write(tmp / TRAIN_STATE, lambda f: f.write(json.dumps(train_state, indent=1).encode()))
         if final.exists():  # a checkpoint of the same step from an earlier run: replaced whole
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         for old in checkpoints(run)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def load_checkpoint(path, objective: nn.Module, opt, mesh_shape: tuple) -> tuple[dict, dict | None]:
@@ -370,10 +359,11 @@ def read_model(checkpoint):
     return model, ts
 
 
-def export(run, checkpoint=None, log=print) -> Path:
+def export(run, checkpoint=None, log=print):
     """Write the weights of ``run``'s newest DCP checkpoint (or ``checkpoint``) as ``RUN/model.safetensors`` +
-    ``RUN/config.json``, the single-file format ``dalle.generate`` reads. One process, no process group: the
-    model is assembled whole in this process's memory (about 4 bytes per parameter).
+    ``RUN/config.json``, the single-file format ``dalle.generate`` reads, and return that model (``DALLE``, on the
+    CPU, eval mode). One process, no process group: the model is assembled whole in this process's memory (about
+    4 bytes per parameter).
 
     Raises ``FileNotFoundError`` when the run has no complete DCP checkpoint."""
     from .train import RUN_META, save_run_model
@@ -388,4 +378,4 @@ def export(run, checkpoint=None, log=print) -> Path:
     model, ts = read_model(checkpoint)
     out = save_run_model(run, model, {k: ts[k] for k in RUN_META})
     log(f"exported {checkpoint} (step {ts['step']}) to {out}")
-    return out
+    return model.eval()

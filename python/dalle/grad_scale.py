@@ -32,6 +32,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from .fsdp import local
+
 
 class _ScaleIn(torch.autograd.Function):
     """Identity forward; backward multiplies the gradient entering the block by ``scale``."""
@@ -135,7 +137,7 @@ class BlockGradScaler:
         if self.found is not None:
             flags += self.found
         for l, block in enumerate(self.blocks):
-            grads = [_local(p.grad) for p in block.parameters() if p.grad is not None]
+            grads = [local(p.grad) for p in block.parameters() if p.grad is not None]
             if grads:  # sharded gradients (FSDP): each rank checks its shards, the all-reduce agrees
                 flags[l] += sum((~torch.isfinite(g)).sum() for g in grads).float()
         if dist.is_available() and dist.is_initialized():
@@ -158,7 +160,7 @@ class BlockGradScaler:
                 if skipped[l]:
                     p.grad = None
                 else:
-                    _local(p.grad).mul_(1.0 / self.scales[l])
+                    local(p.grad).mul_(1.0 / self.scales[l])
         if skipped[-1]:  # the head's gradients were unscaled in the backward; a bad top block drops them too
             for p in self.head_params:
                 p.grad = None
@@ -184,11 +186,6 @@ class BlockGradScaler:
         # Scales are proportional to the worker count: rescale when resuming with a different M.
         ratio = self.world_size / int(state.get("world_size", self.world_size))
         self.scales = [min(max(s * ratio, self.min_scale), self.max_scale) for s in scales]
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a sharded (DTensor) gradient; a plain tensor as is."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def log2_scales(scaler: BlockGradScaler) -> list[float]:

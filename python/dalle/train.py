@@ -505,14 +505,15 @@ def _powersgd(ddp, objective: nn.Module, rank: int, start_iter: int, process_gro
     return state
 
 
-def _all_finite(params) -> bool:
-    """Whether every gradient of ``params`` is finite on every rank (sharded gradients: each rank checks its
-    shards, and the answer is agreed across ranks)."""
+def _all_finite(params, sharded: bool) -> bool:
+    """Whether every gradient of ``params`` is finite; ``sharded``: each rank checks its shards and the answer
+    is agreed across ranks (replicated gradients, as DDP leaves them, are the same on every rank already)."""
+    from .fsdp import local
+
     bad = torch.zeros((), dtype=torch.float32, device=params[0].device if params else "cpu")
     for p in params:
-        g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-        bad += (~torch.isfinite(g)).sum()
-    if dist.is_available() and dist.is_initialized():
+        bad += (~torch.isfinite(local(p.grad))).sum()
+    if sharded:
         dist.all_reduce(bad)
     return bool(bad == 0)
 
@@ -625,7 +626,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
 
     def save(final=False):
         if cfg.fsdp:
-            if not final or step % cfg.ckpt_every:  # else the final step's checkpoint is written already
+            if not final:  # the last step's checkpoint is written by the loop; export follows below
                 ts = {"train_config": dataclasses.asdict(cfg), "step": step, "dvae": dvae_ref,
                       "dvae_digest": dvae_digest, "model_config": mcfg.to_dict(), "schedule": sched.state_dict(),
                       "mesh": list(mesh.shape), "grad_scaler": scaler.state_dict() if scaler else None}
@@ -665,7 +666,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         loss.backward()
         skipped = scaler.unscale_() if scaler is not None else [False] * mcfg.n_layers
         params = [p for p in model.parameters() if p.grad is not None]
-        other_ok = _all_finite(params)
+        other_ok = _all_finite(params, sharded=cfg.fsdp)
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip) if params else torch.zeros(())
         if hasattr(gnorm, "full_tensor"):  # sharded gradients: the norm of the whole gradient
             gnorm = gnorm.full_tensor()
@@ -707,8 +708,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         dist.barrier()
         dist.destroy_process_group()
         if is_main:
-            fsdp.export(run, log=log)  # the single-file model dalle.generate reads
-            model = load_run_model(run, device)[0]
+            model = fsdp.export(run, log=log).to(device)  # the single-file model dalle.generate reads
     if is_main:
         write_samples(model, dvae, sample_text, run / "samples" / f"step_{step:06d}.png", data, cfg)
         logger.close()
