@@ -12,7 +12,7 @@ from dalle.data.shards import ShardWriter, TokenShards
 from dalle.data.sources import is_heldout, open_source
 from dalle.dvae import DVAE, DVAEConfig
 from dalle.encode import EncodeConfig, EncodeError, encode, main, preprocess_crops
-from dalle.train import _file_digest
+from dalle.runs import file_digest as _file_digest
 
 from test_sources import bad_items, good, png_bytes, write_tar
 

@@ -178,7 +178,9 @@ def encode(cfg: EncodeConfig, log=print) -> dict:
     import torch.distributed as dist
 
     from .common import pretrained_files
-    from .train import _file_digest, _setup_distributed, load_dvae
+    from .engine import setup_distributed as _setup_distributed
+    from .runs import file_digest as _file_digest
+    from .runs import load_dvae
 
     try:
         source = open_source(cfg.data, chunk_size=cfg.chunk_size)

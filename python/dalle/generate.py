@@ -30,7 +30,7 @@ from .sampling import check_sampling_args, generate_images
 def load_run(run, device="cpu"):
     """``(model, tokenizer, dvae)`` of a trained run directory."""
     from .tokenizer import CaptionTokenizer
-    from .train import load_dvae, load_run_model
+    from .runs import load_dvae, load_run_model
 
     run = Path(run)
     if not run.is_dir():
@@ -45,7 +45,7 @@ def run_dvae_path(run, ckpt) -> Path:
     (the pipeline's) when the run folder was moved. When the run records its dVAE's digest (runs written since
     the digest was added), the folder's weights must match it: a ValueError names the folders looked at
     otherwise, so a run never decodes its codes with another dVAE."""
-    from .train import _file_digest
+    from .runs import file_digest as _file_digest
 
     run = Path(run)
     recorded = Path(ckpt["dvae"]) if ckpt.get("dvae") else None
@@ -317,7 +317,7 @@ def main(argv=None):
         p.error(f"argument --prompt-rows: this run's grid has {model.cfg.grid[0]} rows; expected 1 to "
                 f"{model.cfg.grid[0] - 1}, got {rows}")
     if a.guidance != 1.0:
-        from .train import load_run_meta
+        from .runs import load_run_meta
 
         if not (load_run_meta(a.run).get("train_config") or {}).get("cond_dropout", 0.0):
             cli.warn(f"--guidance {a.guidance:g}: {a.run} was trained without caption dropout (--cond-dropout), "

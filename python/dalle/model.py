@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from dalle_kernels import sparse_attention
 from dalle_kernels.masks import MASKS, check_layout
 from dalle_kernels.ops.attention import ATTENTION_BACKENDS, HEAD_DIMS
-
+from dalle_kernels.powersgd import uncompressed_parameter_names
 
 INIT_BLOCK = 1 << 20  # elements per independently seeded block of a parameter's initial values
 
@@ -448,3 +448,21 @@ def check_id_range(ids: torch.Tensor, size: int, name: str, what: str = "") -> N
 
 def combine_losses(loss_text, loss_image):
     return (loss_text + 7.0 * loss_image) / 8.0
+
+
+# the transformer's sizes by name (``--preset``); the paper's is 64 blocks of 62 heads of 64 channels (section 2.4)
+PRESETS = {
+    "micro": dict(n_layers=2, n_heads=2, head_dim=16, conv_kernel=3),
+    "tiny": dict(n_layers=4, n_heads=4, head_dim=32, conv_kernel=5),
+    "small": dict(n_layers=8, n_heads=8, head_dim=32, conv_kernel=5),
+    "paper": dict(n_layers=64, n_heads=62, head_dim=64, conv_kernel=11),
+}
+
+
+def powersgd_uncompressed(model: DALLE, prefix: str = "") -> set[str]:
+    """Names (with ``prefix``) of the parameters PowerSGD sends whole (paper appendix E: only the weight
+    matrices are compressed): gains and biases, the lookup-table embeddings, the position embeddings (plain
+    parameters) and the output layers (text head; image head, or the CodeEmbedding that is both)."""
+    whole = {id(p) for p in model.head_parameters()} | {id(model.text_pos), id(model.row_emb), id(model.col_emb)}
+    names = uncompressed_parameter_names(model) | {n for n, p in model.named_parameters() if id(p) in whole}
+    return {prefix + n for n in names}

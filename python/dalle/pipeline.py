@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import has_checkpoints
 from .common import UnsafeFileError, convert_hint, pick_device, pretrained_files
 
 
@@ -82,7 +83,7 @@ def evaluate_split(model, tok, dvae, split, n_captions, rerank, top_k, temperatu
 
 def build_parser() -> argparse.ArgumentParser:
     from . import cli
-    from .train import PRESETS
+    from .model import PRESETS
 
     p = cli.Parser(prog="python -m dalle.pipeline", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", type=cli.output_dir, default="runs/demo", help="run folder to write (and reuse)")
@@ -119,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn-backend", default="auto", choices=cli.ATTN_BACKENDS,
                    help="dalle_kernels.sparse_attention backend")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run (dVAE or transformer)")
+    p.add_argument("--force", action="store_true", help="train the transformer again from step 0 in a run folder "
+                   "that holds one (its model and checkpoints are replaced; the dVAE and reranker are reused)")
     g = p.add_argument_group("your own data (see README: Train on your own data)")
     g.add_argument("--data", default=None,
                    help="your images and captions: a folder of images with same-named .txt captions, a .tsv or .csv "
@@ -154,15 +157,23 @@ def parse_args(argv=None):
                 p.error(f"argument --{flag.replace('_', '-')}: only with --data (the built-in demo trains its dVAE)")
     else:
         _check_data_args(p, a)
-    if a.resume:  # the transformer's checkpoint, or the dVAE's in RUN/dvae/
+    if a.resume and a.force:
+        p.error("argument --force: not with --resume (--force trains the transformer again from step 0)")
+    if a.resume:  # the transformer's checkpoints, or the dVAE's in RUN/dvae/
         cli.check_resume(p, a.run, Path(a.run) / "dvae")
+    elif not a.force:
+        from .runs import fresh_run_problem
+
+        problem = fresh_run_problem(a.run)
+        if problem:
+            p.error(f"argument --run: {problem}")
     if a.guidance != 1.0 and a.cond_dropout == 0.0:
         cli.warn(f"--guidance {a.guidance:g} on a transformer trained without caption dropout: its empty-caption "
                  "logits were never trained (give --cond-dropout P too)")
     cli.warn_greedy(a.temperature, a.rerank, a.top_k)
     if a.rerank == 1 and a.reranker_steps > 0:
-        cli.warn(f"--rerank 1: one candidate per caption, nothing for the reranker to choose among; "
-                 f"--reranker-steps 0 skips training it")
+        cli.warn("--rerank 1: one candidate per caption, nothing for the reranker to choose among; "
+                 "--reranker-steps 0 skips training it")
     return a
 
 
@@ -233,11 +244,10 @@ def run_on_data(a) -> dict:
         DVAE.from_openai(*a.openai_dvae).save(dvae_path)
     else:
         print(f"[1/5] dVAE: training {a.dvae_steps} steps on {a.data} ({a.image_size} px) -> {dvae_path}")
-        dvae_ckpt = dvae_path / "checkpoint.pt"
         train_dvae(TrainDVAEConfig(run=str(dvae_path), data=a.data, image_size=a.image_size, steps=a.dvae_steps,
                                    heldout=a.heldout,
                                    eval_images=a.dvae_eval_images, seed=a.seed, device=a.device,
-                                   progress=a.progress, resume=a.resume and dvae_ckpt.is_file()))
+                                   progress=a.progress, resume=a.resume and has_checkpoints(dvae_path)))
     times["dvae_s"] = time.time() - t0
 
     t0 = time.time()
@@ -255,7 +265,7 @@ def run_on_data(a) -> dict:
                       text_len=a.text_len, bpe_vocab=a.bpe_vocab, seed=a.seed, device=a.device,
                       cond_dropout=a.cond_dropout, image_embedding=a.image_embedding, attn_backend=a.attn_backend,
                       ckpt_every=max(50, a.steps // 10), log_every=10, progress=a.progress)
-    train(cfg, resume=a.resume)
+    train(cfg, resume=a.resume and has_checkpoints(run), force=a.force)
     times["transformer_s"] = time.time() - t0
 
     t0 = time.time()
@@ -355,10 +365,9 @@ def main(argv=None):
         print(f"[1/4] dVAE: reusing {dvae_path}")
     else:
         print(f"[1/4] dVAE: training {a.dvae_steps} steps -> {dvae_path}")
-        dvae_ckpt = run / "dvae" / "checkpoint.pt"
-        train_dvae(TrainDVAEConfig(run=str(run / "dvae"), steps=a.dvae_steps, num_images=a.dvae_images, eval_images=a.dvae_eval_images,
-                                   seed=a.seed, device=a.device, progress=a.progress,
-                                   resume=a.resume and dvae_ckpt.is_file()))
+        train_dvae(TrainDVAEConfig(run=str(run / "dvae"), steps=a.dvae_steps, num_images=a.dvae_images,
+                                   eval_images=a.dvae_eval_images, seed=a.seed, device=a.device,
+                                   progress=a.progress, resume=a.resume and has_checkpoints(dvae_path)))
     times["dvae_s"] = time.time() - t0
 
     t0 = time.time()
@@ -369,7 +378,7 @@ def main(argv=None):
                       cond_dropout=a.cond_dropout, image_embedding=a.image_embedding,
                       attn_backend=a.attn_backend, ckpt_every=max(50, a.steps // 10), log_every=10,
                       progress=a.progress)
-    train(cfg, resume=a.resume)
+    train(cfg, resume=a.resume and has_checkpoints(run), force=a.force)
     times["transformer_s"] = time.time() - t0
 
     t0 = time.time()

@@ -13,8 +13,8 @@ import math
 
 import torch
 
-from .model import DALLE, DALLEConfig
-from .train import powersgd_uncompressed
+from . import cli
+from .model import DALLE, PRESETS, DALLEConfig, powersgd_uncompressed
 
 __all__ = ["plan", "format_plan", "meta_model", "main"]
 
@@ -156,9 +156,6 @@ def format_plan(cfg: DALLEConfig, p: dict) -> str:
 
 
 def build_parser():
-    from . import cli
-    from .train import PRESETS
-
     p = cli.Parser(prog="python -m dalle.train --plan", description="Print the per-GPU memory and per-step "
                    "traffic of sharded training (parameters, gradients and Adam state sharded within a machine, "
                    "PowerSGD between machines) without allocating the model.")
@@ -176,8 +173,6 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    from .train import PRESETS
-
     p = build_parser()
     a = p.parse_args(argv)
     try:

@@ -282,7 +282,7 @@ def train_for_run(run, steps: int = 4000, seed: int = 0, device="cpu", progress=
     run's token shards); returns that folder."""
     from .generate import run_dvae_path
     from .tokenizer import CaptionTokenizer
-    from .train import load_dvae, load_run_model
+    from .runs import load_dvae, load_run_model
 
     run = Path(run)
     _, ckpt = load_run_model(run)
