@@ -5,7 +5,9 @@ Layout of a shards folder (written by ``python -m dalle.encode``)::
     manifest.json              written last, atomically, once every shard is done (``"complete": true``)
     shard-00000.codes.npy      uint16 (n, K, h*w): K crops per image, codes in raster order (np.save)
     shard-00000.jsonl          n lines {"key": ..., "caption": ..., "heldout": true|false}
-    shard-00000.json           the shard's manifest entry, written last: its presence means the shard is done
+    shard-00000.json           the shard's manifest entry, written last: its presence means the shard is done;
+                               it also records the settings and ``inputs``, [key, digest] of every sample its
+                               source unit held (usable or skipped), so a resume knows a changed unit
 
 ``manifest.json``: ``{"format": "dalle-token-shards", "version": 1, "source", "source_kind", "dvae": {"path",
 "digest", "image_size", "grid": [h, w], "vocab_size"}, "crops", "heldout_fraction", "seed", "shards": [{"name",
@@ -72,6 +74,10 @@ class ShardWriter:
         if len(records) != codes.shape[0]:
             raise ValueError(f"records ({len(records)}) and codes ({codes.shape[0]}) must have the same length")
         stem = self.folder / shard_name(index)
+        # a shard written again (its unit changed): the manifest no longer describes the folder, and the old entry
+        # must not mark the new files done before they are all there
+        (self.folder / MANIFEST).unlink(missing_ok=True)
+        self.entry_path(index).unlink(missing_ok=True)
         _atomic_write(f"{stem}.codes.npy", lambda f: np.save(f, np.ascontiguousarray(codes), allow_pickle=False))
         lines = "".join(json.dumps({"key": r["key"], "caption": r["caption"], "heldout": bool(r["heldout"])})
                         + "\n" for r in records)
