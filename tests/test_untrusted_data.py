@@ -138,6 +138,34 @@ def test_undecodable_captions_are_counted_in_every_reader(tmp_path):
     assert t.keys == ["imgs/good", "imgs/utf8_bom"] and t.skipped == skipped
 
 
+def test_images_past_the_budgets_are_counted_not_read(tmp_path, monkeypatch):
+    """An image file over MAX_IMAGE_BYTES is not read past it; one with more pixels than PIL's decompression-bomb
+    limit is not decoded: both image_too_large, in the folder and tar readers (and the dVAE trainer's)."""
+    import dalle.data.sources as sources
+    from PIL import Image
+
+    big, small = png_bytes(40, 36, 5), png_bytes(8, 8, 6)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    members = []
+    for key, data in (("big", big), ("small", small)):
+        (folder / f"{key}.png").write_bytes(data)
+        (folder / f"{key}.txt").write_text(f"a {key} picture")
+        members += [(f"{key}.png", data), (f"{key}.txt", f"a {key} picture".encode())]
+    tar = tar_of(tmp_path / "00000.tar", members)
+    monkeypatch.setattr(sources, "MAX_IMAGE_BYTES", len(small))
+    for src in (open_source(folder), open_source(tar)):
+        got, skipped = read(src)
+        assert got == [("small", "a small picture")] and skipped == Counter(image_too_large=1)
+    monkeypatch.undo()
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 8 * 8)  # PIL refuses over twice this: 40 x 36 is
+    for src in (open_source(folder), open_source(tar)):
+        got, skipped = read(src)
+        assert got == [("small", "a small picture")] and skipped == Counter(image_too_large=1)
+    ds = ImageCaptionDataset(folder, image_size=8)
+    assert ds.keys == ["small"] and ds.skipped == Counter(image_too_large=1)
+
+
 def test_one_heldout_rule_for_encode_and_the_dvae_trainer(tmp_path):
     """40 pairs at the default share: encode and train_dvae's reader hold out the same keys (here: none)."""
     folder = tmp_path / "imgs"

@@ -303,6 +303,9 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
                     size = im.size
                     if verify:
                         im.load()
+            except Image.DecompressionBombError:  # more pixels than PIL's limit: never decoded
+                self.skipped["image_too_large"] += 1
+                continue
             except Exception:  # noqa: BLE001 - any decoder failure means "unusable image"
                 self.skipped["corrupt_image" if path.exists() else "missing_image"] += 1
                 continue
