@@ -177,7 +177,7 @@ def test_one_heldout_rule_for_encode_and_the_dvae_trainer(tmp_path):
     for share in (0.02, 0.3):
         m = encode_to(tmp_path, folder, f"tok{share}", heldout=share, chunk_size=16)
         ds = ImageCaptionDataset(folder, image_size=8)
-        train, held = heldout_split(ds.keys, share)
+        _, held = heldout_split(ds.keys, share)
         held_keys = {ds.keys[i] for i in held}
         shards = TokenShards(tmp_path / f"tok{share}", "heldout")
         assert {shards.key(i) for i in range(len(shards))} == held_keys

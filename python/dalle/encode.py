@@ -124,7 +124,7 @@ def _changes(entry: dict, unit: str, inputs: list) -> str | None:
     if not isinstance(old, list):
         return "its shard records no sample list"
     before = {k: d for k, d in (tuple(x) for x in old if isinstance(x, list) and len(x) == 2)}
-    now = dict((k, d) for k, d in inputs)
+    now = {k: d for k, d in inputs}
     added = [k for k in now if k not in before]
     removed = [k for k in before if k not in now]
     edited = [k for k in now if k in before and now[k] != before[k]]
