@@ -572,10 +572,10 @@ def test_shards_stream_excludes_heldout_and_counts_skips_once(tmp_path):
                           (str(shards / "{00000..00002}.tar"), 2)):
         data = _StreamBatches(_cfg(tmp_path / "r", data=data_arg, **_STREAM).resolved(), 16)
         held, split = data.eval_set(8)
-        assert split == "heldout" and held.dtype == torch.uint8 and held.shape[1:] == (3, 16, 16)
         keys = [s.key for u in range(len(data.src.units)) for s in data.src.iter_unit(u, Counter())]
-        n_train = sum(not (is_heldout(k, 0.15) or k in data.extra_heldout) for k in keys)
-        assert 0 < n_train < len(keys)
+        n_train = sum(not is_heldout(k, 0.15) for k in keys)  # the one held-out rule of every command
+        assert split == ("heldout" if n_train < len(keys) else "train") and 0 < n_train
+        assert held.dtype == torch.uint8 and held.shape[1:] == (3, 16, 16)
         drawn, step = [], 0
         take = data._next
         data._next = lambda: (drawn.append(take()) or drawn[-1])

@@ -337,7 +337,8 @@ def run_on_data(a) -> dict:
     (run / "results.json").write_text(json.dumps(summary, indent=2))
     for k, v in results.items():
         print(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")
-    print(f"wrote {run / 'samples_heldout.png'}, {run / 'reconstructions_heldout.png'}, {run / 'results.json'}")
+    written = [run / n for n in ("samples_heldout.png", "reconstructions_heldout.png", "results.json")]
+    print(f"wrote {', '.join(str(p) for p in written if p.is_file())}")
     return summary
 
 

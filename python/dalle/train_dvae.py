@@ -284,8 +284,8 @@ class _StreamBatches:
     resumed stream is the one an uninterrupted run reads. Skipped samples are counted by reason the first time
     their unit is read (``unit_skips``, also in the checkpoint), so re-reading in later epochs or on resume
     counts nothing twice. Held-out pairs: the first ``eval_images`` held-out samples in the units' natural order
-    (one pass over the data when it holds fewer); when the fraction picks none and the source has two or more
-    usable samples, the one with the smallest key hash is held out (``heldout_split``'s rule).
+    (one pass over the data when it holds fewer), by the one held-out rule of every command (the key's hash
+    against ``--heldout``, ``dalle.data.sources.is_heldout``); when none falls in the share, nothing is.
     """
 
     real = True
@@ -296,7 +296,6 @@ class _StreamBatches:
         self.cfg, self.image_size = cfg, image_size
         self.src = open_source(cfg.data)
         self.unit_skips: dict[int, dict] = {}
-        self.extra_heldout: set[str] = set()  # the smallest-hash key when the fraction picks none
         self._eval = None
         self._restart()
 
@@ -313,7 +312,7 @@ class _StreamBatches:
     def _is_heldout(self, key: str) -> bool:
         from .data.sources import is_heldout
 
-        return is_heldout(key, self.cfg.heldout) or key in self.extra_heldout
+        return is_heldout(key, self.cfg.heldout)
 
     def order(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
@@ -390,12 +389,10 @@ class _StreamBatches:
     def state_dict(self) -> dict:
         return {"step": self.step, "epoch": self._epoch, "pos": self._pos, "ordinal": self._ordinal,
                 "refs": [list(r) for r in self._refs], "generator": self._gen.get_state(),
-                "unit_skips": {str(u): dict(c) for u, c in self.unit_skips.items()},
-                "extra_heldout": sorted(self.extra_heldout)}
+                "unit_skips": {str(u): dict(c) for u, c in self.unit_skips.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.unit_skips = {int(u): dict(c) for u, c in state["unit_skips"].items()}
-        self.extra_heldout = set(state["extra_heldout"])
         self.step, self._epoch, self._pos = state["step"], state["epoch"], state["pos"]
         self._ordinal = state["ordinal"]
         self._gen.set_state(state["generator"])
@@ -422,22 +419,16 @@ class _StreamBatches:
     # ------------------------------------------------------------------------------------ eval, report
     def eval_set(self, n: int) -> tuple[torch.Tensor, str]:
         """``(images, split)``: the first ``n`` held-out samples in the units' natural order (eval crop)."""
-        from .data.folder import _key_hash
         from .data.transforms import preprocess
 
-        held, usable, smallest = [], 0, None
+        held, usable = [], 0
         for u in range(len(self.src.units)):
             for sample in self._read_unit(u):
                 usable += 1
-                if smallest is None or (_key_hash(sample.key), sample.key) < smallest[0]:
-                    smallest = ((_key_hash(sample.key), sample.key), sample)
                 if self._is_heldout(sample.key):
                     held.append(preprocess(sample.image, self.image_size, "eval"))
                     if len(held) == n:
                         return torch.stack(held), "heldout"
-        if not held and usable >= 2 and self.cfg.heldout > 0:
-            self.extra_heldout = {smallest[1].key}
-            held = [preprocess(smallest[1].image, self.image_size, "eval")]
         if held:
             return torch.stack(held), "heldout"
         if usable == 0:
@@ -510,7 +501,7 @@ def _heldout(cfg: TrainDVAEConfig, image_size: int, data):
         return ds.images(), [ds.scene(i) for i in range(len(ds))], "heldout"
     images, split = data.eval_set(cfg.eval_images)
     if split == "train":
-        why = "--heldout 0" if cfg.heldout == 0 else "a single usable pair"
+        why = "--heldout 0" if cfg.heldout == 0 else f"no pair fell in the held-out share (--heldout {cfg.heldout:g})"
         print(f"warning: {why}: no held-out images; eval.json reports the error on training images",
               file=sys.stderr)
     return images, None, split
