@@ -32,6 +32,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import StorageMeta
 
 from .common import UnsafeFileError, _atomic_write, atomic_save, fsync_dir, load_checkpoint
 
@@ -201,30 +206,48 @@ def _listed_files(folder: Path) -> set[str]:
     return set(files) if isinstance(files, dict) else set()
 
 
+def read_metadata(folder) -> object:
+    """The DCP metadata of the checkpoint ``folder``, read by the restricted unpickler, after checking that every
+    file it names is a plain file of the folder listed in its manifest. ``UnsafeFileError`` otherwise."""
+    folder = Path(folder)
+    path = folder / ".metadata"
+    try:
+        metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
+    except (pickle.UnpicklingError, AttributeError, ImportError, EOFError, TypeError, ValueError) as e:
+        raise UnsafeFileError(f"{path}: {e}") from None
+    listed = _listed_files(folder)
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        rel = str(getattr(info, "relative_path", ""))
+        if not _PLAIN_NAME.match(rel) or rel in (".", "..") or rel not in listed:
+            raise UnsafeFileError(f"{path} points the reader at {rel!r}, not a file of the checkpoint listed in "
+                                  "its manifest")
+    return metadata
+
+
+def _dcp_load(folder: Path, state: dict, **kwargs) -> None:
+    """``dcp.load`` through the safe reader and planner; the metadata checked first, and a failure as one
+    ``ValueError`` naming the checkpoint (DCP's own exception lists every rank's traceback)."""
+    read_metadata(folder)
+    with warnings.catch_warnings():  # one process: DCP says it loads without a process group, which is the point
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        try:
+            dcp.load(state, storage_reader=safe_reader(folder), planner=safe_planner(), **kwargs)
+        except CheckpointException as e:
+            first = next((str(err) for err in getattr(e, "failures", {}).values()), str(e)).splitlines()
+            raise ValueError(f"checkpoint {folder} cannot be loaded ({first[0] if first else e}); resume from an "
+                             "older one (remove this folder) or start over with --force") from None
+
+
 def safe_reader(path):
     """A DCP ``FileSystemReader`` whose ``.metadata`` is read by ``_MetadataUnpickler`` (no code from the file
     runs) and whose storage entries must name plain files listed in the folder's manifest."""
-    from torch.distributed.checkpoint import FileSystemReader
-
     folder = Path(path)
 
     class SafeFileSystemReader(FileSystemReader):
         def read_metadata(self, *args, **kwargs):
-            from torch.distributed.checkpoint.metadata import StorageMeta
-
-            meta_path = self._get_metadata_path(kwargs.get("rank"))
-            with self.fs.create_stream(meta_path, "rb") as f:
-                data = f.read()
-            try:
-                metadata = _MetadataUnpickler(io.BytesIO(data)).load()
-            except (pickle.UnpicklingError, AttributeError, ImportError, EOFError, TypeError, ValueError) as e:
-                raise UnsafeFileError(f"{meta_path}: {e}") from None
-            listed = _listed_files(folder)
-            for info in (getattr(metadata, "storage_data", None) or {}).values():
-                rel = str(getattr(info, "relative_path", ""))
-                if not _PLAIN_NAME.match(rel) or rel in (".", "..") or rel not in listed:
-                    raise UnsafeFileError(f"{meta_path} points the reader at {rel!r}, not a file of the checkpoint "
-                                          "listed in its manifest")
+            if kwargs.get("rank") is not None:  # DCP's per-rank metadata: not written by our checkpoints
+                raise FileNotFoundError(f"{folder}: no per-rank metadata")
+            metadata = read_metadata(folder)
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
@@ -236,9 +259,6 @@ def safe_reader(path):
 def safe_planner():
     """DCP's ``DefaultLoadPlanner``, but non-tensor items (the optimizer's hyperparameters) are read with
     ``torch.load(weights_only=True)`` instead of full unpickling."""
-    from torch.distributed.checkpoint import DefaultLoadPlanner
-    from torch.distributed.checkpoint._traverse import set_element
-
     class SafeLoadPlanner(DefaultLoadPlanner):
         def load_bytes(self, read_item, value):
             obj = torch.load(value, weights_only=True)
@@ -256,8 +276,6 @@ def save(run, step: int, state: dict, train_state: dict, rank_state: dict, keep:
     tensors) as DCP files, ``rank_state`` (plain data) as ``rank<r>.pt``, ``train_state`` (rank 0's, JSON) as
     ``train_state.json``, then the manifest, all in ``.step_XXXXXXXX.tmp`` renamed into place once complete.
     Afterwards only the ``keep`` newest finished checkpoints stay (the new one among them)."""
-    import torch.distributed.checkpoint as dcp
-
     rank = _rank()
     root = Path(run) / CHECKPOINT_DIR
     final, tmp = root / f"step_{step:08d}", root / f".step_{step:08d}.tmp"
@@ -289,13 +307,9 @@ def load(folder, state: dict, layout) -> tuple[dict, dict | None]:
     """Load the verified checkpoint ``folder`` into ``state`` (a DCP state dict of this process's tensors, filled
     in place; DCP reshards). Returns ``(train_state, rank_state)``; ``rank_state`` is None when the checkpoint was
     written on another layout (its per-process state does not map onto this one)."""
-    import torch.distributed.checkpoint as dcp
-
     folder = Path(folder)
     train_state = read_json(folder / TRAIN_STATE, "train state")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, storage_reader=safe_reader(folder), planner=safe_planner())
+    _dcp_load(folder, state)
     same = train_state.get("layout") == list(layout)
     rank_file = folder / f"rank{_rank()}.pt"
     rank_state = load_checkpoint(rank_file) if same and rank_file.is_file() else None
@@ -305,11 +319,7 @@ def load(folder, state: dict, layout) -> tuple[dict, dict | None]:
 def load_model_state(folder, state: dict) -> dict:
     """Fill ``state`` (``{"model": {name: tensor}}``, whole tensors) from the checkpoint ``folder`` in this one
     process (no process group; DCP assembles the shards); returns its ``train_state.json``."""
-    import torch.distributed.checkpoint as dcp
-
     folder = Path(folder)
     train_state = read_json(folder / TRAIN_STATE, "train state")
-    with warnings.catch_warnings():  # DCP warns that it loads in one process, which is the point here
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, storage_reader=safe_reader(folder), planner=safe_planner(), no_dist=True)
+    _dcp_load(folder, state, no_dist=True)
     return train_state
