@@ -18,7 +18,7 @@ from dalle_kernels._cli import Parser, int_at_least, positive_int  # noqa: F401 
 from dalle_kernels.ops.attention import ATTENTION_BACKENDS as ATTN_BACKENDS  # noqa: F401 - sparse_attention's
 
 # The files a trained transformer run folder must hold, by role; any one name of a role will do.
-# The loaders (dalle.runs.load_run_model, dalle.tokenizer.CaptionTokenizer.load, dalle.generate.run_dvae_path)
+# The loaders (dalle.runs.load_run_model, dalle.tokenizer.CaptionTokenizer.load, dalle.runs.run_dvae_path)
 # read these; change this table with them.
 RUN_FILES = {
     "model": ("model.safetensors", "dcp"),  # the final weights, else the newest training checkpoint (RUN/dcp)

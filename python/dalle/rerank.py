@@ -280,12 +280,11 @@ def train_for_run(run, steps: int = 4000, seed: int = 0, device="cpu", progress=
     """Train the reranker ``RUN/reranker/`` (``model.safetensors`` + ``config.json``) on the training pairs of a
     transformer run (``run_training_pairs``: the built-in captioned shapes, or up to ``max_pairs`` pairs of the
     run's token shards); returns that folder."""
-    from .generate import run_dvae_path
+    from .runs import load_dvae, load_run_meta, run_dvae_path
     from .tokenizer import CaptionTokenizer
-    from .runs import load_dvae, load_run_model
 
     run = Path(run)
-    _, ckpt = load_run_model(run)
+    ckpt = load_run_meta(run)
     tok = CaptionTokenizer.load(run / "tokenizer.json")
     dvae = load_dvae(run_dvae_path(run, ckpt), device)
     images, captions = run_training_pairs(run, ckpt, dvae, max_pairs=max_pairs, seed=seed)

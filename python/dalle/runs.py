@@ -60,6 +60,27 @@ def load_dvae(path, device="cpu"):
                                 "or pass --dvae DIR") from None
 
 
+def run_dvae_path(run, ckpt) -> Path:
+    """The dVAE folder a run's checkpoint ``ckpt`` was trained with: the folder it records, else ``RUN/dvae``
+    (the pipeline's) when the run folder was moved. When the run records its dVAE's digest (runs written since
+    the digest was added), the folder's weights must match it: a ValueError names the folders looked at
+    otherwise, so a run never decodes its codes with another dVAE."""
+    run = Path(run)
+    recorded = Path(ckpt["dvae"]) if ckpt.get("dvae") else None
+    looked = [p for p in (recorded, run / "dvae") if p is not None]
+    found = [p for p in looked if pretrained_files(p)[0].is_file()]
+    digest = ckpt.get("dvae_digest")
+    if digest is None:  # an older run: the first dVAE found
+        return found[0] if found else looked[0]
+    for p in found:
+        if file_digest(pretrained_files(p)[0]) == digest:
+            return p
+    if not found:
+        return looked[0]  # the loader names what is missing
+    raise ValueError(f"the dVAE this run was trained with (weights digest {digest}) is not at "
+                     f"{' or '.join(map(str, looked))}: {', '.join(map(str, found))} holds another dVAE")
+
+
 def check_finite(state_dict: dict, where) -> None:
     """``ValueError`` naming the first tensor of ``state_dict`` that holds NaN or inf: a model file never holds
     one (a diverged run must not replace a good model)."""
