@@ -2,7 +2,7 @@
 
     python -m dalle.encode --data SRC --dvae DVAE_FOLDER --out DIR [--crops K] [--heldout 0.02] [--workers N]
 
-Every usable image is preprocessed for the transformer (SPEC.md section 5: near-centre square crop, resize to a
+Every usable image is preprocessed for the transformer (as the paper's released code does: near-centre square crop, resize to a
 random side in [S, 9/8 S], random S x S crop; ``--crops K`` stores K such crops) and encoded by the frozen dVAE
 (argmax codes). The crop randomness is drawn from (seed, sample key, crop index), so a rerun, on any number of
 processes or workers, writes the same codes. One output shard per source unit (a tar file, or ``--chunk-size``

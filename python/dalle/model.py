@@ -1,8 +1,8 @@
-"""The DALL-E transformer (SPEC.md sections 1, 2 and 4) on ``dalle_kernels.sparse_attention``.
+"""The DALL-E transformer (paper section 2.2, appendix B) on ``dalle_kernels.sparse_attention``.
 
 Sequence: ``T`` text slots then the ``H x W`` image grid in raster order, ``N = T + H*W`` positions.
 
-Start-of-image choice (SPEC.md section 2): there is no start-of-image token. The output at the last text
+Start-of-image choice (paper section 2.2): there is no start-of-image token. The output at the last text
 slot ``T - 1`` predicts image token 0, the output at image position ``k`` predicts image token ``k + 1`` and
 the output at the last image position predicts nothing. Text slot ``t`` predicts text slot ``t + 1`` (the
 per-slot padding tokens included, they are ordinary tokens), so the first text slot is never predicted.
@@ -33,7 +33,7 @@ INIT_BLOCK = 1 << 20  # elements per independently seeded block of a parameter's
 
 
 def layer_masks(n_layers: int, last: str = "conv") -> list[str]:
-    """SPEC.md section 1 schedule: ``last`` for the final layer, ``column`` when ``l % 4 == 1``, else ``row``."""
+    """The paper's layer schedule (appendix B.1): ``last`` for the final layer, ``column`` when ``l % 4 == 1``, else ``row``."""
     return [last if l == n_layers - 1 else ("column" if l % 4 == 1 else "row") for l in range(n_layers)]
 
 
@@ -413,7 +413,7 @@ class DALLE(nn.Module):
         return scaler.scale_logits(text_logits.float()), scaler.scale_logits(image_logits.float())
 
     def loss(self, text, image, return_parts=False):
-        """``(loss_text + 7 * loss_image) / 8`` (SPEC.md section 2), losses computed in float32."""
+        """``(loss_text + 7 * loss_image) / 8`` (paper section 2.2), losses computed in float32."""
         image = self.check_tokens(text, image)
         text_logits, image_logits = self._logits(text, image)  # checked once
         loss_text = F.cross_entropy(text_logits.float().flatten(0, 1), text[:, 1:].flatten())
@@ -424,7 +424,7 @@ class DALLE(nn.Module):
         return loss
 
     def param_groups(self, weight_decay: float):
-        """AdamW groups (SPEC.md section 4): decay on linear-layer matrices, none on gains, biases, embeddings."""
+        """AdamW groups (paper appendix B.2): decay on linear-layer matrices, none on gains, biases, embeddings."""
         decay, no_decay = [], []
         for m in self.modules():
             for name, p in m.named_parameters(recurse=False):

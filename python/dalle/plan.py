@@ -1,4 +1,4 @@
-"""Memory and traffic budget of paper-scale training, computed without allocating (SPEC.md sections 1 and 4).
+"""Memory and traffic budget of paper-scale training, computed without allocating (paper sections 2.4-2.5, appendices D-E).
 
     python -m dalle.train --preset paper --plan --nodes 8 --gpus-per-node 8 --batch 512 --powersgd-rank 32
 
@@ -18,7 +18,7 @@ from .model import DALLE, PRESETS, DALLEConfig, powersgd_uncompressed
 
 __all__ = ["plan", "format_plan", "meta_model", "main"]
 
-COMPUTE_BYTES = 2  # 16-bit parameters and activations for compute (SPEC.md section 4)
+COMPUTE_BYTES = 2  # 16-bit parameters and activations for compute (paper section 2.4)
 MASTER_BYTES = 4  # fp32 master parameters, gradient shards, Adam moments, reductions and PowerSGD's P, Q
 
 

@@ -1,4 +1,4 @@
-"""Caption tokenizer: lowercased BPE (the ``tokenizers`` library) encoded to exactly ``T`` slots (SPEC.md section 2).
+"""Caption tokenizer: lowercased BPE (the ``tokenizers`` library) encoded to exactly ``T`` slots (paper section 2.2).
 
 Unused slot ``i`` of a caption holds the per-slot padding id ``vocab_size + i``, so the transformer's text
 embedding has ``vocab_size + T`` rows. BPE dropout (probability 0.1 by default) is applied only when

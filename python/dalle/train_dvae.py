@@ -1,4 +1,4 @@
-"""Train the dVAE (SPEC.md section 3): ``python -m dalle.train_dvae --run DIR [--preset tiny] [--steps N] [--resume]``.
+"""Train the dVAE (paper section 2.1, appendix A): ``python -m dalle.train_dvae --run DIR [--preset tiny] [--steps N] [--resume]``.
 
 Writes into the run folder: ``checkpoint.pt`` (model, optimizer, step, RNG state, config; plain data, atomic,
 every ``--ckpt-every`` steps and at the end), the final model as ``model.safetensors`` + ``config.json``
@@ -180,7 +180,7 @@ class TrainDVAEConfig:
 
 
 def schedules(cfg: TrainDVAEConfig, step: int) -> dict:
-    """beta, tau and step size at ELBO update ``step`` (cosine, SPEC.md section 3); the ELBO updates are
+    """beta, tau and step size at ELBO update ``step`` (cosine, paper appendix A.2); the ELBO updates are
     counted from the end of the k-means warm start."""
     return {"beta": cosine(step, 0.0, cfg.beta, cfg.beta_steps),
             "tau": cosine(step, cfg.tau_start, cfg.tau_end, cfg.tau_steps),

@@ -241,7 +241,7 @@ def heldout_split(keys, fraction: float) -> tuple[list[int], list[int]]:
 
 
 class ImageCaptionDataset(torch.utils.data.Dataset):
-    """Images and captions from a folder or a (path, caption) table, preprocessed per SPEC.md section 5.
+    """Images and captions from a folder or a (path, caption) table, preprocessed as the paper's released code does.
 
     ``ds[i] -> (image uint8 (3, S, S), caption)``; ``ds.load(i, seed, train)`` draws the augmentation from
     ``seed`` (an int or a tuple of non-negative ints) and ``train=False`` uses the deterministic eval crop.
