@@ -41,6 +41,8 @@ def no_work(monkeypatch):
     monkeypatch.setattr(dalle.train_dvae, "train_dvae", _refuse)
     monkeypatch.setattr(dalle.rerank, "train_for_run", _refuse)
     monkeypatch.setattr(dalle.generate, "sample_captions", _refuse)
+    for name in ("train", "train_dvae", "train_for_run", "sample_captions"):  # as the pipeline imports them
+        monkeypatch.setattr(dalle.pipeline, name, _refuse)
 
 
 def usage_error(main, argv, capsys, flag):

@@ -17,6 +17,11 @@ from pathlib import Path
 from dalle_kernels._cli import Parser, int_at_least, positive_int  # noqa: F401 - shared with dalle_kernels
 from dalle_kernels.ops.attention import ATTENTION_BACKENDS as ATTN_BACKENDS  # noqa: F401 - sparse_attention's
 
+from .checkpoint import CHECKPOINT_DIR, has_checkpoints
+from .common import convert_hint, pretrained_files
+from .dvae import MODEL_TYPE
+from .runs import LEGACY_CHECKPOINT
+
 # The files a trained transformer run folder must hold, by role; any one name of a role will do.
 # The loaders (dalle.runs.load_run_model, dalle.tokenizer.CaptionTokenizer.load, dalle.runs.run_dvae_path)
 # read these; change this table with them.
@@ -191,10 +196,6 @@ def has_reranker(run) -> bool:
 def check_resume(parser, *runs) -> None:
     """``--resume`` needs a training checkpoint in one of the ``runs`` folders (``RUN/dcp``; which one verifies
     is the trainer's check), else a usage error; an earlier version's ``checkpoint.pt`` names the conversion."""
-    from .checkpoint import CHECKPOINT_DIR, has_checkpoints
-    from .common import convert_hint
-    from .runs import LEGACY_CHECKPOINT
-
     if any(has_checkpoints(r) for r in runs):
         return
     for r in runs:
@@ -214,8 +215,6 @@ def check_run(parser, run: str, flag: str = "--run") -> Path:
                      f"{_files_wanted(path)}; train one with python -m dalle.pipeline or dalle.train)")
     missing = [names for names in RUN_FILES.values() if not any((path / n).exists() for n in names)]
     if RUN_FILES["model"] in missing and (path / OLD_RUN_MODEL).is_file():
-        from .common import convert_hint
-
         parser.error(f"argument {flag}: {run!r} holds a model of an earlier version of dalle "
                      f"({path / OLD_RUN_MODEL}, a torch pickle, which is no longer read): "
                      f"{convert_hint(path, trust=False)}")
@@ -245,9 +244,6 @@ def check_dvae(parser, path, flag: str = "--dvae") -> Path:
     """The weights file of the dVAE folder ``path`` (or a file in it), after checking that it exists and that its
     ``config.json`` says ``model_type`` ``dalle_dvae``; otherwise a usage error naming ``flag``. Reads no weights."""
     import json
-
-    from .common import pretrained_files
-    from .dvae import MODEL_TYPE
 
     try:
         weights, config = pretrained_files(path)

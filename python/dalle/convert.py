@@ -32,8 +32,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from . import checkpoint, cli
 from .common import (MODEL_FILE, OLD_MODEL_FILES, UnsafeFileError, atomic_save, convert_hint, load_checkpoint,
                      load_pretrained, plain_rng_state, save_pretrained)
+from .dvae import DVAE, DVAEConfig
+from .model import DALLE, DALLEConfig
+from .runs import MODEL_TYPE, file_digest, run_identity
 
 TORCH_FILES = ("checkpoint.pt", "data_cache.pt")  # and powersgd_rank<i>.pt
 
@@ -161,16 +165,11 @@ def checkpoint_to_dcp(path: Path, obj: dict) -> str:
     precision: a resume of it compares those it can (the dVAE's, when recorded)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from . import checkpoint
-    from .runs import MODEL_TYPE, file_digest, run_identity
-
     run, step = path.parent, int(obj["step"])
     mcfg, tcfg = obj.get("model_config"), obj.get("train_config") or {}
     if not isinstance(mcfg, dict) or not isinstance(tcfg, dict):
         raise ValueError(f"{path}: a training checkpoint without its model and training configs")
     if "text_len" in mcfg:  # the transformer's
-        from .model import DALLE, DALLEConfig
-
         model = DALLE(DALLEConfig.from_dict(mcfg))
         model.load_state_dict(obj["model"])
         wrapped = _Objective(model)
@@ -187,8 +186,6 @@ def checkpoint_to_dcp(path: Path, obj: dict) -> str:
                        "grad_scaler": obj.get("grad_scaler")}
         extra = {}
     else:  # the dVAE's
-        from .dvae import DVAE, DVAEConfig
-
         model = wrapped = DVAE(DVAEConfig(**mcfg))
         model.load_state_dict(obj["model"])
         groups = [{"params": list(model.encoder.parameters()), "lr_mult": tcfg.get("encoder_lr") or 1.0},
@@ -256,8 +253,6 @@ def convert_openai_dvae(encoder, decoder, out, log=print) -> str:
 
     Raises what ``DVAE.from_openai`` raises (``UnsafeFileError`` for a file naming anything but tensors and the
     ``dall_e`` module tree, ``ValueError`` for other files); nothing is written then."""
-    from .dvae import DVAE
-
     model = DVAE.from_openai(encoder, decoder)
     model.save(out)
     again = DVAE.load(out)
@@ -271,8 +266,6 @@ def convert_openai_dvae(encoder, decoder, out, log=print) -> str:
 
 
 def build_parser():
-    from . import cli
-
     p = cli.Parser(prog="python -m dalle.convert", description=__doc__.split("\n\n")[0],
                    epilog="Models become model.safetensors + config.json folders; checkpoints stay "
                           "torch files with plain data. See the README, 'Model files'.")

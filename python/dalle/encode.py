@@ -35,9 +35,13 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from . import cli
+from .common import pretrained_files
 from .data.shards import FORMAT, MANIFEST, VERSION, ShardWriter, shard_name, write_json
 from .data.sources import Source, is_heldout, open_source
 from .data.transforms import preprocess
+from .engine import setup_distributed as _setup_distributed
+from .runs import file_digest as _file_digest, load_dvae
 
 PROG = "python -m dalle.encode"
 
@@ -256,11 +260,6 @@ def encode(cfg: EncodeConfig, log=print) -> dict:
     """
     import torch.distributed as dist
 
-    from .common import pretrained_files
-    from .engine import setup_distributed as _setup_distributed
-    from .runs import file_digest as _file_digest
-    from .runs import load_dvae
-
     try:
         source = open_source(cfg.data, chunk_size=cfg.chunk_size)
     except ValueError as e:
@@ -370,8 +369,6 @@ def _encode_units(cfg, source, dvae, device, writer, settings, done, rank, world
 
 # ------------------------------------------------------------------------------------------------ command line
 def _flag_specs() -> dict:
-    from . import cli
-
     return {
         "data": (str, "an image folder with same-named .txt captions, a .tsv or .csv table of (path, caption), "
                       "a .tar, a folder of .tar shards or a brace pattern such as <DIR>/{00000..00099}.tar"),
@@ -389,8 +386,6 @@ def _flag_specs() -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import cli
-
     p = cli.Parser(prog=PROG, description="Encode images and captions once into dVAE token shards.")
     defaults, specs = EncodeConfig(), _flag_specs()
     for f in dataclasses.fields(EncodeConfig):
@@ -408,8 +403,6 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> EncodeConfig:
     """The checked config; a bad flag, a source that cannot be read or a folder that is no dVAE is a usage
     error (one line, exit status 2) before anything is written."""
-    from . import cli
-
     p = build_parser()
     cfg = EncodeConfig(**vars(p.parse_args(argv)))
     try:

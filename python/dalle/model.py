@@ -29,6 +29,8 @@ from dalle_kernels.masks import MASKS, check_layout
 from dalle_kernels.ops.attention import ATTENTION_BACKENDS, HEAD_DIMS
 from dalle_kernels.powersgd import uncompressed_parameter_names
 
+from .tokenizer import padding_ids
+
 INIT_BLOCK = 1 << 20  # elements per independently seeded block of a parameter's initial values
 
 
@@ -339,8 +341,6 @@ class DALLE(nn.Module):
 
     def unconditional_text(self, batch: int, device=None) -> torch.Tensor:
         """``(batch, text_len)`` text of the empty caption (every slot its padding id), for guidance."""
-        from .tokenizer import padding_ids
-
         return padding_ids(self.cfg.text_len, self.cfg.text_vocab, device).expand(batch, -1)
 
     # -- inputs ----------------------------------------------------------------------------------------

@@ -38,8 +38,22 @@ from pathlib import Path
 
 import torch
 
+from . import cli
 from .checkpoint import has_checkpoints
 from .common import UnsafeFileError, convert_hint, pick_device, pretrained_files
+from .data.shapes import ShapesDataset, matches
+from .data.shards import TokenShards
+from .data.sources import open_source
+from .data.transforms import preprocess
+from .dvae import DVAE
+from .encode import main as encode_main
+from .generate import CaptionWarning, load_run, rerank_order, sample_captions
+from .images import save_grid
+from .model import PRESETS
+from .rerank import Reranker, train_for_run
+from .runs import fresh_run_problem
+from .train import TrainConfig, train
+from .train_dvae import TrainDVAEConfig, train_dvae
 
 
 def evaluate_split(model, tok, dvae, split, n_captions, rerank, top_k, temperature, seed, data_seed, guidance=1.0,
@@ -49,9 +63,6 @@ def evaluate_split(model, tok, dvae, split, n_captions, rerank, top_k, temperatu
 
     Returns ``(results, captions, first samples, picks)``; the picks are the reranker's (else the scorer's).
     """
-    from .data.shapes import ShapesDataset, matches
-    from .generate import rerank_order, sample_captions
-
     ds = ShapesDataset(split, size=n_captions, image_size=dvae.cfg.image_size, seed=data_seed)
     captions = ds.captions()
     scenes = [ds.scene(i) for i in range(len(ds))]
@@ -82,9 +93,6 @@ def evaluate_split(model, tok, dvae, split, n_captions, rerank, top_k, temperatu
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import cli
-    from .model import PRESETS
-
     p = cli.Parser(prog="python -m dalle.pipeline", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", type=cli.output_dir, default="runs/demo", help="run folder to write (and reuse)")
     p.add_argument("--dvae-steps", type=cli.positive_int, default=1200, help="dVAE updates")
@@ -142,8 +150,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None):
     """The checked arguments: every bad value or combination is a usage error before anything is written."""
-    from . import cli
-
     p = build_parser()
     a = p.parse_args(argv)
     cli.check_attn_backend(p, a.attn_backend, a.device)
@@ -162,8 +168,6 @@ def parse_args(argv=None):
     if a.resume:  # the transformer's checkpoints, or the dVAE's in RUN/dvae/
         cli.check_resume(p, a.run, Path(a.run) / "dvae")
     elif not a.force:
-        from .runs import fresh_run_problem
-
         problem = fresh_run_problem(a.run)
         if problem:
             p.error(f"argument --run: {problem}")
@@ -179,9 +183,6 @@ def parse_args(argv=None):
 
 def _check_data_args(p, a) -> None:
     """Usage errors of the --data flags, before anything is written."""
-    from . import cli
-    from .data.sources import open_source
-
     if a.dvae is not None and a.openai_dvae is not None:
         p.error("argument --openai-dvae: not allowed with --dvae (one dVAE)")
     try:
@@ -204,9 +205,6 @@ def _first_heldout_images(source: str, keys: set, size: int) -> dict:
     """The original images (uint8, eval crop at ``size``) of ``keys``, streamed from the source until all found."""
     from collections import Counter
 
-    from .data.sources import open_source
-    from .data.transforms import preprocess
-
     out, src = {}, open_source(source)
     for sample in src.samples(skipped=Counter()):
         if sample.key in keys:
@@ -219,13 +217,6 @@ def _first_heldout_images(source: str, keys: set, size: int) -> dict:
 def run_on_data(a) -> dict:
     """The main job on the user's own pairs: dVAE (trained, given or OpenAI's) -> token shards -> tokenizer +
     transformer -> reranker -> samples and reconstructions for held-out captions, ``RUN/results.json``."""
-    from .data.shards import TokenShards
-    from .encode import main as encode_main
-    from .generate import load_run, rerank_order, sample_captions
-    from .images import save_grid
-    from .train import TrainConfig, train
-    from .train_dvae import TrainDVAEConfig, train_dvae
-
     run = Path(a.run)
     run.mkdir(parents=True, exist_ok=True)
     device = pick_device(a.device)
@@ -238,8 +229,6 @@ def run_on_data(a) -> dict:
     elif pretrained_files(dvae_path)[0].is_file():
         print(f"[1/5] dVAE: reusing {dvae_path}")
     elif a.openai_dvae is not None:
-        from .dvae import DVAE
-
         print(f"[1/5] dVAE: OpenAI's released dVAE ({a.openai_dvae[0]}, {a.openai_dvae[1]}) -> {dvae_path}")
         DVAE.from_openai(*a.openai_dvae).save(dvae_path)
     else:
@@ -271,8 +260,6 @@ def run_on_data(a) -> dict:
     t0 = time.time()
     reranker = None
     if a.reranker_steps > 0:
-        from .rerank import Reranker, train_for_run
-
         print(f"[4/5] reranker: {a.reranker_steps} steps on the training pairs -> {run / 'reranker'}")
         train_for_run(run, steps=a.reranker_steps, seed=a.seed, device=device, progress=a.progress)
         reranker = Reranker.load(run / "reranker", map_location=device)
@@ -299,8 +286,6 @@ def run_on_data(a) -> dict:
         results.update(heldout_loss_text=float(lt), heldout_loss_image=float(li))
         g = torch.Generator(device=device).manual_seed(a.seed)
         import warnings
-
-        from .generate import CaptionWarning
 
         with warnings.catch_warnings(record=True) as caught:  # one summary line, not a warning per caption
             warnings.simplefilter("always", CaptionWarning)
@@ -346,10 +331,6 @@ def main(argv=None):
     a = parse_args(argv)
     if a.data is not None:
         return run_on_data(a)
-    from .generate import load_run
-    from .images import save_grid
-    from .train import TrainConfig, train
-    from .train_dvae import TrainDVAEConfig, train_dvae
 
     run = Path(a.run)
     run.mkdir(parents=True, exist_ok=True)
@@ -386,8 +367,6 @@ def main(argv=None):
     reranker = None
     rr_path = run / "reranker"
     if a.reranker_steps > 0:
-        from .rerank import Reranker, train_for_run
-
         rr_file = pretrained_files(rr_path)[0]
         if rr_file.is_file() and rr_file.stat().st_mtime > (run / "tokenizer.json").stat().st_mtime:
             try:

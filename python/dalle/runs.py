@@ -16,6 +16,7 @@ import torch
 
 from . import checkpoint
 from .common import UnsafeFileError, convert_hint, load_pretrained, pretrained_files, save_pretrained
+from .dvae import DVAE
 from .model import DALLE, DALLEConfig
 
 MODEL_TYPE = "dalle"  # config.json's model_type of the transformer
@@ -51,8 +52,6 @@ def file_digest(path) -> str:
 
 def load_dvae(path, device="cpu"):
     """The dVAE in folder ``path`` (``DVAE.load``), on ``device``, in eval mode."""
-    from .dvae import DVAE
-
     try:
         return DVAE.load(path, map_location=device)
     except FileNotFoundError as e:

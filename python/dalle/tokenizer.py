@@ -13,6 +13,8 @@ from typing import Iterable
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from .common import _atomic_write
+
 UNK = "[UNK]"
 
 
@@ -58,7 +60,6 @@ class CaptionTokenizer:
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
-        from .common import _atomic_write
 
         return _atomic_write(path, lambda f: f.write(self._tok.to_str().encode()))
 

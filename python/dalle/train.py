@@ -49,9 +49,12 @@ from .data.tokens import get_batch, prepare_data, with_views
 from .engine import (DIVERGED_EXIT, Diverged, Engine, all_finite, optimizer_tensors, setup_distributed,
                      teardown_distributed)
 from .grad_scale import BlockGradScaler
+from .images import save_grid
 from .model import DALLE, HEAD_DIMS, PRESETS, DALLEConfig, powersgd_uncompressed
+from .plan import main as plan_main
 from .runs import (LEGACY_CHECKPOINT, MODEL_TYPE, clear_run, export, file_digest, fresh_run_problem, load_dvae,
                    run_identity, save_run_model)
+from .sampling import generate_images
 from .schedules import PlateauSchedule
 from .tokenizer import CaptionTokenizer
 
@@ -392,9 +395,6 @@ def _train(cfg: TrainConfig, resume: bool, force: bool, log, rank: int, world: i
 
 
 def write_samples(model, dvae, text, path, data, cfg):
-    from .images import save_grid
-    from .sampling import generate_images
-
     g = torch.Generator(device=text.device).manual_seed(cfg.seed)
     state = torch.get_rng_state()
     tokens = generate_images(model, text, top_k=max(1, int(data["image_vocab"]) // 8), generator=g)
@@ -507,8 +507,6 @@ def check_resume(p, cfg: TrainConfig, dvae_file) -> None:
 
 def main(argv=None):
     if "--plan" in (sys.argv[1:] if argv is None else argv):  # the budget only: no dVAE, data or run folder
-        from .plan import main as plan_main
-
         return plan_main(argv)
     cfg, resume, force = parse_args(argv)
     try:

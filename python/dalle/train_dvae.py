@@ -40,7 +40,11 @@ from dalle_kernels import map_pixels
 
 from . import checkpoint, cli
 from .common import _atomic_write, autocast_context, pick_device, rng_state, seed_everything, set_rng_state
+from .data.folder import ImageCaptionDataset, heldout_split
 from .data.sampler import DVAE_STRIDE, EpochSampler
+from .data.shapes import ShapesDataset, accuracy
+from .data.sources import is_heldout, is_webdataset, open_source
+from .data.transforms import preprocess
 from .dvae import DVAE, LOGIT_LAPLACE_EPS, DVAEConfig, kmeans_cells
 from .engine import DIVERGED_EXIT, Diverged, Engine, all_finite, optimizer_tensors
 from .images import save_grid
@@ -202,15 +206,11 @@ class _Batches:
         self.real = cfg.data != "shapes"
         self.held = None
         if self.real:
-            from .data.folder import ImageCaptionDataset, heldout_split
-
             self.full = ImageCaptionDataset(cfg.data, image_size=image_size, mode="dvae", verify=True)
             train, held = heldout_split(self.full.keys, cfg.heldout)
             self.ds, self.held = self.full.subset(train), self.full.subset(held)
             self.n = len(self.ds)
         else:
-            from .data.shapes import ShapesDataset
-
             self.images = ShapesDataset("train", cfg.num_images, image_size, seed=cfg.seed).images()
             self.n = len(self.images)
         if self.n < 1:
@@ -291,8 +291,6 @@ class _StreamBatches:
     real = True
 
     def __init__(self, cfg: TrainDVAEConfig, image_size: int):
-        from .data.sources import open_source
-
         self.cfg, self.image_size = cfg, image_size
         self.src = open_source(cfg.data)
         self.unit_skips: dict[int, dict] = {}
@@ -310,8 +308,6 @@ class _StreamBatches:
             self.unit_skips[u] = dict(skipped)
 
     def _is_heldout(self, key: str) -> bool:
-        from .data.sources import is_heldout
-
         return is_heldout(key, self.cfg.heldout)
 
     def order(self, epoch: int) -> list[int]:
@@ -320,8 +316,6 @@ class _StreamBatches:
 
     def _unit_train(self, epoch: int, pos: int):
         """``(n, preprocessed image)`` for the training samples of the unit at ``pos`` in ``epoch``'s order."""
-        from .data.transforms import preprocess
-
         u = self.order(epoch)[pos]
         n = 0
         for sample in self._read_unit(u):
@@ -419,8 +413,6 @@ class _StreamBatches:
     # ------------------------------------------------------------------------------------ eval, report
     def eval_set(self, n: int) -> tuple[torch.Tensor, str]:
         """``(images, split)``: the first ``n`` held-out samples in the units' natural order (eval crop)."""
-        from .data.transforms import preprocess
-
         held, usable = [], 0
         for u in range(len(self.src.units)):
             for sample in self._read_unit(u):
@@ -475,8 +467,6 @@ def _shuffle_channels(cfg: TrainDVAEConfig, step: int, x: torch.Tensor) -> torch
 
 def _is_shards(data: str) -> bool:
     """``--data`` names WebDataset tars (``dalle.data.sources.is_webdataset``, ``open_source``'s rule)."""
-    from .data.sources import is_webdataset
-
     return is_webdataset(data)
 
 
@@ -495,8 +485,6 @@ def _heldout(cfg: TrainDVAEConfig, image_size: int, data):
     single usable pair) is evaluated on its first training images, with a warning, and ``split`` says
     ``"train"``."""
     if cfg.data == "shapes":
-        from .data.shapes import ShapesDataset
-
         ds = ShapesDataset("heldout", cfg.eval_images, image_size, seed=cfg.seed)
         return ds.images(), [ds.scene(i) for i in range(len(ds))], "heldout"
     images, split = data.eval_set(cfg.eval_images)
@@ -522,8 +510,6 @@ def evaluate(model: DVAE, images: torch.Tensor, scenes=None, batch_size: int = 1
     out = {"heldout_mae": err / images.numel(), "heldout_scorer_acc": "", "codes_used": None}
     recon = torch.cat(recons)
     if scenes is not None:
-        from .data.shapes import accuracy
-
         out["heldout_scorer_acc"] = accuracy(recon, scenes)
     with torch.no_grad():
         codes = torch.cat([model.encode(images[i:i + batch_size].to(device)).flatten().cpu()
