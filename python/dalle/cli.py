@@ -46,18 +46,26 @@ def option(default, kind, help: str, flags: tuple = (), parse_only: bool = False
                                                         "parse_only": parse_only})
 
 
-def add_options(parser, config_cls) -> None:
+def add_options(parser, config_cls, only=None, defaults=None, flags=None, helps=None) -> None:
     """A flag for every field of the dataclass ``config_cls`` declared with ``option``: ``--name-with-dashes``
-    (on/off fields: ``--name`` / ``--no-name``), its default, its check and its help."""
+    (on/off fields: ``--name`` / ``--no-name``), its default, its check and its help. A command that runs a
+    trainer (the pipeline) takes ``only`` some fields, with its own ``defaults``, flag names (``flags``: field ->
+    flag; the value goes to ``args.<flag without dashes>``) and help sentences (``helps``)."""
+    defaults, flags, helps = defaults or {}, flags or {}, helps or {}
     for f in dataclasses.fields(config_cls):
-        kind, help_ = f.metadata["kind"], f.metadata["help"]
-        flags = ["--" + f.name.replace("_", "-"), *f.metadata["flags"]]
+        if only is not None and f.name not in only:
+            continue
+        kind = f.metadata["kind"]
+        help_ = helps.get(f.name, f.metadata["help"])
+        names = [flags[f.name]] if f.name in flags else ["--" + f.name.replace("_", "-"), *f.metadata["flags"]]
+        dest = names[0][2:].replace("-", "_")
+        default = defaults.get(f.name, f.default)
         if kind is None:
-            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+            parser.add_argument(*names, dest=dest, action=argparse.BooleanOptionalAction, default=default,
                                 help=help_)
             continue
-        required = f.default is dataclasses.MISSING
-        parser.add_argument(*flags, dest=f.name, default=None if required else f.default, required=required,
+        required = default is dataclasses.MISSING
+        parser.add_argument(*names, dest=dest, default=None if required else default, required=required,
                             help=help_, **kind_kwargs(kind))
 
 

@@ -95,20 +95,16 @@ def evaluate_split(model, tok, dvae, split, n_captions, rerank, top_k, temperatu
 def build_parser() -> argparse.ArgumentParser:
     p = cli.Parser(prog="python -m dalle.pipeline", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", type=cli.output_dir, default="runs/demo", help="run folder to write (and reuse)")
-    p.add_argument("--dvae-steps", type=cli.positive_int, default=1200, help="dVAE updates")
-    p.add_argument("--dvae-images", type=cli.positive_int, default=20000, help="training images for the dVAE")
-    p.add_argument("--dvae-eval-images", type=cli.positive_int, default=256,
-                   help="held-out images for the dVAE's reconstruction error")
-    p.add_argument("--steps", type=cli.positive_int, default=4000, help="transformer updates")
-    p.add_argument("--preset", default="tiny", choices=tuple(PRESETS), help="transformer size")
-    p.add_argument("--batch-size", type=cli.positive_int, default=32, help="transformer batch size")
-    p.add_argument("--lr", type=cli.positive_float, default=1e-3, help="transformer peak step size")
-    p.add_argument("--warmup", type=cli.nonneg_int, default=100, help="transformer warm-up updates")
-    p.add_argument("--dataset-size", type=cli.positive_int, default=8000,
-                   help="training caption-image pairs for the transformer")
-    p.add_argument("--text-len", type=cli.positive_int, default=None,
-                   help="text slots (default 24 on the built-in shapes, whose clean captions use <= 15 BPE ids, "
-                        "BPE dropout making longer ones; 64 with --data; longer captions are truncated)")
+    # the trainers' own options (dalle.train.TrainConfig, dalle.train_dvae.TrainDVAEConfig), at the main job's
+    # defaults: one declaration of each flag's values and help
+    cli.add_options(p, TrainDVAEConfig, only=("steps", "num_images", "eval_images"),
+                    flags={"steps": "--dvae-steps", "num_images": "--dvae-images", "eval_images": "--dvae-eval-images"},
+                    helps={"steps": "dVAE updates", "num_images": "training images for the dVAE"})
+    cli.add_options(p, TrainConfig, only=("steps", "preset", "batch_size", "lr", "warmup", "dataset_size", "text_len"),
+                    defaults={"steps": 4000, "lr": 1e-3, "warmup": 100, "dataset_size": 8000, "text_len": None},
+                    helps={"steps": "transformer updates", "text_len": "text slots (default 24 on the built-in shapes, "
+                           "whose clean captions use <= 15 BPE ids, BPE dropout making longer ones; 64 with --data; "
+                           "longer captions are truncated)"})
     p.add_argument("--eval-captions", type=cli.positive_int, default=100, help="captions sampled per split")
     p.add_argument("--rerank", type=cli.positive_int, default=16, help="candidates per evaluation caption")
     p.add_argument("--reranker-steps", type=cli.nonneg_int, default=4000,
@@ -116,17 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=cli.positive_int, default=16, help="sample among the k likeliest image tokens")
     p.add_argument("--temperature", type=cli.nonneg_float, default=1.0,
                    help="sampling temperature (0: always the likeliest token)")
-    p.add_argument("--image-embedding", default=None, choices=("table", "dvae"),
-                   help="dvae: image-token vectors computed from the dVAE's codes (dalle.model.CodeEmbedding; the "
-                        "default on the built-in shapes); table: the paper's lookup tables (the default with --data)")
-    p.add_argument("--cond-dropout", type=cli.probability, default=0.0,
-                   help="share of training samples on the empty caption, in [0, 1) (for --guidance)")
+    cli.add_options(p, TrainConfig, only=("image_embedding", "cond_dropout"), defaults={"image_embedding": None},
+                    helps={"image_embedding": "dvae: image-token vectors computed from the dVAE's codes "
+                           "(dalle.model.CodeEmbedding; the default on the built-in shapes); table: the paper's "
+                           "lookup tables (the default with --data)"})
     p.add_argument("--guidance", type=cli.finite_float, default=1.0,
                    help="classifier-free guidance scale when sampling (1: off; needs --cond-dropout > 0)")
-    p.add_argument("--seed", type=cli.nonneg_int, default=0, help="seed of every random draw")
-    p.add_argument("--device", type=cli.device, default="auto", help=cli.DEVICE_HELP)
-    p.add_argument("--attn-backend", default="auto", choices=cli.ATTN_BACKENDS,
-                   help="dalle_kernels.sparse_attention backend")
+    cli.add_options(p, TrainConfig, only=("seed", "device", "attn_backend"), helps={"seed": "seed of every random draw"})
     p.add_argument("--resume", action="store_true", help="continue an interrupted run (dVAE or transformer)")
     p.add_argument("--force", action="store_true", help="train the transformer again from step 0 in a run folder "
                    "that holds one (its model and checkpoints are replaced; the dVAE and reranker are reused)")

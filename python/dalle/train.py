@@ -74,7 +74,7 @@ class TrainConfig:
     data: str = option("", str, "token shards of your own images and captions, as python -m dalle.encode writes "
                                 "them (default: the built-in captioned shapes)")
     tokenizer: str = option("", str, "a tokenizer.json to reuse (default: BPE trained on the training captions)")
-    preset: str = option("tiny", tuple(PRESETS), "transformer size (README: time per update of each)")
+    preset: str = option("tiny", tuple(PRESETS), "transformer size")
     n_layers: int = option(0, cli.nonneg_int, "transformer blocks (0: the preset's)")
     n_heads: int = option(0, cli.nonneg_int, "attention heads (0: the preset's)")
     head_dim: int = option(0, cli.nonneg_int, "channels per head (0: the preset's)")
