@@ -325,20 +325,27 @@ def test_only_finished_checkpoints_count(tmp_path):
 
 def test_laptop_to_cluster_and_back(tmp_path, dvae_file):
     """A run started in one process, resumed on a 2 x 2 FSDP mesh (PowerSGD between the replicas, which says that
-    its warm-up starts again), then in one process again: the losses of every step equal an uninterrupted
-    one-process run's to float32 tolerance (the same global batches; the checkpoint is resharded by DCP each
-    way), and the final weights too."""
+    its warm-up starts again), then in one process again from the older of two sharded checkpoints (the newest
+    damaged): the losses of every step equal an uninterrupted one-process run's to float32 tolerance (the same
+    global batches; the checkpoint is resharded by DCP each way), and the final weights too."""
     steps = 9
     run_ok(train_cmd(tmp_path / "one", dvae_file, steps, "--ckpt-every", "3"), tmp_path)
     moved = tmp_path / "moved"
     run_ok(train_cmd(moved, dvae_file, 3, "--ckpt-every", "3"), tmp_path)
-    r = run_ok(torchrun(4, moved, dvae_file, 6, "--ckpt-every", "3", "--fsdp", "--shard-size", "2", "--resume",
+    r = run_ok(torchrun(4, moved, dvae_file, 6, "--ckpt-every", "1", "--fsdp", "--shard-size", "2", "--resume",
                         "--powersgd-rank", "2", "--powersgd-start", "10"), tmp_path)  # uncompressed here: exact
     assert "resumed from" in r.stdout and "at step 3" in r.stdout and "RNG state starts afresh" in r.stdout
     assert "PowerSGD's error feedback starts empty and its 10 uncompressed updates (--powersgd-start) run again " \
            "from step 3" in r.stdout
+    # the newest sharded checkpoint damaged (bytes of one rank's shard changed): skipped by name, the older
+    # sharded one resumed in one process
+    shard = moved / "dcp" / "step_00000006" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    shard.write_bytes(bytes(data))
     r = run_ok(train_cmd(moved, dvae_file, steps, "--ckpt-every", "3", "--resume"), tmp_path)
-    assert "at step 6" in r.stdout
+    assert "skipped checkpoint" in r.stdout and "__1_0.distcp does not match its SHA-256" in r.stdout
+    assert "at step 5" in r.stdout
     lo, lm = losses(tmp_path / "one"), losses(moved)
     assert [x[0] for x in lm] == list(range(1, steps + 1))
     for i in range(steps):

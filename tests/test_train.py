@@ -72,7 +72,7 @@ def test_sigkill_of_one_rank_then_resume_matches_uninterrupted(tmp_path, dvae_fi
     """Two DDP workers with PowerSGD (from update 3); SIGKILL of rank 1 alone after a checkpoint (torchrun then
     stops rank 0), ``--resume``: the metrics and the final weights equal an uninterrupted run's exactly (each
     rank's RNG and PowerSGD error feedback come back from the checkpoint)."""
-    steps = 40
+    steps = 24
     flags = ["--powersgd-rank", "2", "--powersgd-start", "3"]
     a_run, b_run = tmp_path / "a", tmp_path / "b"
     b = subprocess.Popen(torchrun_cmd(2, train_cmd(b_run, dvae_file, steps, *flags)), env=env(), cwd=tmp_path,
