@@ -168,7 +168,9 @@ def resume_mismatches(train_state: dict, cfg: TrainConfig, digests: dict) -> lis
     if train_state.get("model_type") != MODEL_TYPE or not isinstance(saved, dict):
         return [("--resume", "not a checkpoint of a transformer run")]
     now = run_identity(dataclasses.asdict(cfg), digests)
-    return [(flag, f"{saved.get(flag)!r} -> {now.get(flag)!r}") for flag in sorted(saved.keys() | now.keys())
+    what = {"--dvae": "the dVAE's weights", "--tokenizer": "the tokenizer", "--data": "the token shards' manifest"}
+    return [(flag, f"{what[flag]} differ: digest {saved.get(flag)} -> {now.get(flag)}" if flag in what else
+             f"{saved.get(flag)!r} -> {now.get(flag)!r}") for flag in sorted(saved.keys() | now.keys())
             if saved.get(flag) != now.get(flag) and not (flag in digests and saved.get(flag) is None)]
 
 
