@@ -23,7 +23,7 @@ from .model import DALLE, check_id_range
 def check_sampling_args(temperature=1.0, top_k=None, top_p=None, guidance=1.0) -> None:
     """``ValueError`` naming the argument unless ``temperature`` is a finite float >= 0, ``top_k`` None or a
     positive int, ``top_p`` None or a float in (0, 1] and ``guidance`` a finite float. Every sampling entry
-    point calls it before drawing anything."""
+    point calls it before drawing anything. A positive temperature below ``GREEDY_BELOW`` samples greedily."""
     for name, v in (("temperature", temperature), ("guidance", guidance)):
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
             raise ValueError(f"{name} must be a finite float, got {v!r}")
@@ -53,12 +53,34 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
-def sample_from_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """One token per row of ``logits`` (B, V); ``temperature == 0`` is greedy (arguments: ``check_sampling_args``)."""
+# Below this a positive temperature is greedy: float32 cannot hold it (``torch.finfo(torch.float32).tiny``), and the
+# logits' differences divided by it are -inf for every token but the likeliest anyway.
+GREEDY_BELOW = torch.finfo(torch.float32).tiny
+
+
+def check_logits(logits: torch.Tensor, where: str = "the logits") -> None:
+    """``ValueError`` naming ``where`` (the step) when a row of ``logits`` (B, V) holds NaN or +inf, or allows no
+    token (every logit -inf): no token can be drawn from it, and argmax would silently pick the NaN's index."""
+    bad = torch.isnan(logits).any(-1) | (logits == float("inf")).any(-1) | (logits == float("-inf")).all(-1)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        kind = ("NaN" if bool(torch.isnan(logits[row]).any()) else "+inf"
+                if bool((logits[row] == float("inf")).any()) else "only -inf")
+        raise ValueError(f"{where}: row {row} of the logits holds {kind} ({int(bad.sum())} of {bad.numel()} rows "
+                         "cannot be sampled); the model's output is not finite")
+
+
+def sample_from_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None, where="the logits"):
+    """One token per row of ``logits`` (B, V); ``temperature == 0`` is greedy, and so is a positive temperature
+    below ``GREEDY_BELOW`` (arguments: ``check_sampling_args``). The logits are shifted by their row maximum before
+    the division, so no temperature overflows them. ``ValueError`` naming ``where`` (the step) for a row holding
+    NaN or +inf or allowing no token (``check_logits``)."""
     check_sampling_args(temperature, top_k, top_p)
-    if temperature == 0:
+    check_logits(logits, where)
+    if temperature < GREEDY_BELOW:
         return logits.argmax(-1)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    logits = logits.float()
+    logits = filter_logits((logits - logits.amax(-1, keepdim=True)) / temperature, top_k, top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
@@ -192,7 +214,8 @@ class Sampler:
                 logits = unc + guidance * (cond - unc)
             if return_logits:
                 all_logits.append(logits)
-            out[:, k] = sample_from_logits(logits, temperature, top_k, top_p, generator)
+            out[:, k] = sample_from_logits(logits, temperature, top_k, top_p, generator,
+                                           where=f"image token {k} of {c.image_len}")
             if k + 1 < c.image_len:
                 pos = c.text_len + k
                 tok = out[:, k: k + 1].repeat(2, 1) if guided else out[:, k: k + 1]
