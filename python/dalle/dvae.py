@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from dalle_kernels import logit_laplace_loss, map_pixels, unmap_pixels
 
-from .common import load_pretrained, save_pretrained
+from .common import load_pretrained, pretrained_files, save_pretrained
 from .images import as_unit_float as _as_unit_float  # one image check for the package (rerank reads it here)
 
 MODEL_TYPE = "dalle_dvae"  # config.json's model_type
@@ -417,9 +417,22 @@ class DVAE(nn.Module):
     def load(cls, path, map_location="cpu") -> "DVAE":
         """A dVAE saved by ``save``: its folder, or the ``model.safetensors`` or ``config.json`` in it. Read
         without unpickling; a torch file of an earlier version raises ``UnsafeFileError`` naming
-        ``python -m dalle.convert``, anything else not a dVAE a ``ValueError``."""
+        ``python -m dalle.convert``, anything else not a dVAE a ``ValueError``. The config is checked against the
+        weights before the model is built (``dalle.safe_io``: names, shapes and dtypes, on the meta device), so a
+        config that asks for more than the file holds is "the config and the weights disagree", never an
+        allocation."""
+        from .safe_io import check_state_dict, expected_state
+
         state_dict, config = load_pretrained(path, MODEL_TYPE)
+        where = pretrained_files(path)[0].parent
         names = {f.name for f in fields(DVAEConfig)}
-        model = cls(DVAEConfig(**{k: v for k, v in config.items() if k in names}))
+        cfg = DVAEConfig(**{k: v for k, v in config.items() if k in names})
+        blocks = cfg.group_count * cfg.n_blk_per_group
+        if 2 * blocks * 8 > len(state_dict):  # every residual block holds 8 tensors or more (4 convs)
+            raise ValueError(f"{where}: the config and the weights disagree: the config's {cfg.group_count} x "
+                             f"{cfg.n_blk_per_group} residual blocks per coder need at least {16 * blocks} tensors, "
+                             f"the weights hold {len(state_dict)}")
+        check_state_dict(where, expected_state(lambda: cls(cfg)), state_dict)
+        model = cls(cfg)
         model.load_state_dict(state_dict)
         return model.to(map_location).eval()

@@ -177,8 +177,17 @@ class Reranker(nn.Module):
             raise ValueError(f"{folder} holds a reranker of an earlier version of dalle.rerank (format "
                              f"{config.get('format', 1)}, this one reads {FORMAT}); train it again: "
                              f"python -m dalle.rerank --run {folder.parent}")
+        from .safe_io import check_state_dict, expected_state
+
         names = {f.name for f in fields(RerankerConfig)}
-        m = cls(RerankerConfig.from_dict({k: v for k, v in config.items() if k in names}))
+        channels = config.get("channels")
+        if isinstance(channels, list) and 2 * len(channels) > len(state_dict):  # before 2 ** len(channels)
+            raise ValueError(f"{pretrained_files(path)[0].parent}: the config and the weights disagree: "
+                             f"{len(channels)} convolutions, the weights hold {len(state_dict)} tensors")
+        cfg = RerankerConfig.from_dict({k: v for k, v in config.items() if k in names})
+        # names, shapes and dtypes on the meta device before anything is allocated for the config
+        check_state_dict(pretrained_files(path)[0].parent, expected_state(lambda: cls(cfg)), state_dict)
+        m = cls(cfg)
         m.load_state_dict(state_dict)
         return m.to(map_location).eval()
 
