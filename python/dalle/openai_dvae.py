@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from .common import UnsafeFileError, unpickling_refusal
+from .safe_io import check_count, check_view
 
 ENCODER_CLASS, DECODER_CLASS = "dall_e.encoder.Encoder", "dall_e.decoder.Decoder"
 # Every class a torch.save of the dall_e encoder or decoder names (checked with
@@ -66,11 +67,34 @@ STAND_INS = {name: type(name.rsplit(".", 1)[1], (PickledModule,), {"pickled_name
 
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.save's format before zip files (OpenAI's files are in it)
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride):
+    """``torch._utils._rebuild_tensor`` after ``check_view``: the view must lie inside its storage (torch's
+    ``set_`` would grow the storage with uninitialised memory, which then ends up in the weights)."""
+    if not isinstance(storage, torch.storage.TypedStorage):
+        raise pickle.UnpicklingError(f"a tensor rebuilt from a {type(storage).__name__}, expected a storage")
+    check_view(None, "a tensor", size, stride, storage_offset, storage._size())
+    return torch._utils._rebuild_tensor(storage, storage_offset, tuple(size), tuple(stride))
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
+                       metadata=None):
+    """``torch._utils._rebuild_tensor_v2`` through ``_rebuild_tensor``; hooks and tensor metadata are refused
+    (torch.save writes them empty)."""
+    if backward_hooks or metadata:
+        raise pickle.UnpicklingError("a tensor with backward hooks or Python attributes (torch.save writes none)")
+    tensor = _rebuild_tensor(storage, storage_offset, size, stride)
+    tensor.requires_grad = bool(requires_grad)
+    return tensor
+
+
 # What the legacy reader rebuilds besides the stand-ins: the callables torch.save's tensors and modules name
+# (the tensor rebuilders checked against their storage)
 LEGACY_GLOBALS = {
     "collections.OrderedDict": OrderedDict, "builtins.set": set, "torch.device": torch.device,
-    "torch._utils._rebuild_tensor": torch._utils._rebuild_tensor,
-    "torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
+    "torch._utils._rebuild_tensor": _rebuild_tensor,
+    "torch._utils._rebuild_tensor_v2": _rebuild_tensor_v2,
     "torch._utils._rebuild_parameter": torch._utils._rebuild_parameter,
 }
 
@@ -81,9 +105,12 @@ class LegacyUnpickler(pickle.Unpickler):
     file can only name those, so unpickling it runs nothing of the file's choosing. Storages are created empty
     here and filled by ``read_legacy`` from the bytes after the pickles."""
 
-    def __init__(self, file):
+    def __init__(self, file, available: int = 0):
         super().__init__(file)
         self.storages: dict[str, torch.Tensor] = {}  # key -> flat tensor owning the storage
+        self.file = file
+        self.available = available  # bytes of the file: every storage together must fit in what is left
+        self.claimed = 0
 
     def find_class(self, module, name):
         if (module, name) in _compat_pickle.NAME_MAPPING:  # protocol 2 writes Python 2 names (__builtin__.set)
@@ -108,13 +135,27 @@ class LegacyUnpickler(pickle.Unpickler):
             return pid[1]  # the module's class (a stand-in); the source text saved with it is ignored
         if pid[0] == "storage" and len(pid) == 6 and isinstance(pid[1], torch.serialization.StorageType):
             storage_type, key, _location, numel, view = pid[1:]
+            if not isinstance(key, str):
+                raise pickle.UnpicklingError(f"storage key {key!r:.40} is not a string")
             if key not in self.storages:
-                self.storages[key] = torch.empty(int(numel), dtype=storage_type.dtype)
+                # checked before allocating: the storages' bytes follow the pickles, so together they fit there
+                size = torch.empty((), dtype=storage_type.dtype).element_size()
+                left = self.available - self.file.tell()
+                numel = check_count(None, f"storage {key} size", numel, left // size, "elements")
+                self.claimed += numel * size
+                check_count(None, "the storages' total size", self.claimed, left)
+                self.storages[key] = torch.empty(numel, dtype=storage_type.dtype)
             root = self.storages[key]
             untyped = root.untyped_storage()
             if view is not None:  # (view key, offset, size) in elements: a part of the root storage
+                if not isinstance(view, tuple) or len(view) != 3:
+                    raise pickle.UnpicklingError(f"storage {key}: view {view!r:.60} is not (key, offset, size)")
                 _, offset, size = view
-                untyped = untyped[int(offset) * root.element_size(): (int(offset) + int(size)) * root.element_size()]
+                offset = check_count(None, f"storage {key} view offset", offset, root.numel(), "elements",
+                                     "its storage holds only")
+                size = check_count(None, f"storage {key} view size", size, root.numel() - offset, "elements",
+                                   "its storage holds only")
+                untyped = untyped[offset * root.element_size(): (offset + size) * root.element_size()]
             return torch.storage.TypedStorage(wrap_storage=untyped, dtype=root.dtype, _internal=True)
         raise pickle.UnpicklingError(f"persistent id {pid[0]!r} is not a tensor storage or a dall_e module")
 
@@ -123,20 +164,29 @@ def read_legacy(f):
     """The object in a legacy-format ``torch.save`` file ``f`` (binary, at its start), with ``LegacyUnpickler``:
     magic number, protocol, system info, the object, the storage keys, then each storage as an int64 element
     count and its bytes (little-endian), the layout of ``torch.serialization._legacy_load``."""
+    start = f.tell()
+    end = f.seek(0, io.SEEK_END)  # every size the file states is checked against the bytes it holds
+    f.seek(start)
     if LegacyUnpickler(f).load() != LEGACY_MAGIC:
         raise pickle.UnpicklingError("no torch.save magic number")
     LegacyUnpickler(f).load()  # protocol version
     info = LegacyUnpickler(f).load()
     if not isinstance(info, dict) or not info.get("little_endian", False):
         raise pickle.UnpicklingError("only little-endian torch files are read")
-    main = LegacyUnpickler(f)
+    main = LegacyUnpickler(f, end)
     obj = main.load()
-    for key in LegacyUnpickler(f).load():
+    keys = LegacyUnpickler(f).load()
+    if not isinstance(keys, list) or len(set(keys)) != len(keys) or set(keys) != set(main.storages):
+        raise pickle.UnpicklingError(f"the storage list does not name each of the {len(main.storages)} storages "
+                                     "once")
+    for key in keys:
         flat = main.storages[key]
         count = int.from_bytes(f.read(8), "little")
+        if count != flat.numel():
+            raise pickle.UnpicklingError(f"storage {key} holds {count} elements, its tensors say {flat.numel()}")
         data = f.read(count * flat.element_size())
-        if count != flat.numel() or len(data) != flat.numel() * flat.element_size():
-            raise pickle.UnpicklingError(f"storage {key} is truncated or of the wrong size")
+        if len(data) != flat.numel() * flat.element_size():
+            raise pickle.UnpicklingError(f"storage {key} is truncated")
         flat.view(torch.uint8).copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
     return obj
 
@@ -193,10 +243,16 @@ def _modules(module) -> "OrderedDict[str, object]":
     return children
 
 
-def flat_state(module, prefix: str = "") -> dict:
-    """``state_dict()`` of a stand-in tree (or a real module tree): ``{dotted name: tensor}``. ``ValueError`` for
-    a tree deeper than the ``dall_e`` modules' 5 levels (a crafted file can make one cyclic) or an entry that is
-    not a tensor."""
+def flat_state(module, prefix: str = "", _seen: dict | None = None) -> dict:
+    """``state_dict()`` of a stand-in tree (or a real module tree): ``{dotted name: tensor}``. Every module is
+    visited once: ``ValueError`` for a module that appears at two places of the tree (a crafted file can share
+    one object many times per level, which a walk would visit exponentially often; ``dall_e`` trees share
+    nothing), a tree deeper than the ``dall_e`` modules' 5 levels, or an entry that is not a tensor."""
+    seen = {} if _seen is None else _seen
+    if id(module) in seen:
+        raise ValueError(f"{prefix[:-1] or 'the root'} is the module already at {seen[id(module)] or 'the root'}: "
+                         "a module tree that shares submodules is not a dall_e module")
+    seen[id(module)] = prefix[:-1]
     if prefix.count(".") > 8:
         raise ValueError(f"{prefix[:80]}...: module tree deeper than a dall_e module's")
     out = {}
@@ -208,7 +264,7 @@ def flat_state(module, prefix: str = "") -> dict:
             out[prefix + k] = v
     for k, child in _modules(module).items():
         if child is not None:
-            out.update(flat_state(child, f"{prefix}{k}."))
+            out.update(flat_state(child, f"{prefix}{k}.", seen))
     bad = [k for k, v in out.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise ValueError(f"{bad[0]} is a {type(out[bad[0]]).__name__}, expected a tensor")
@@ -309,7 +365,8 @@ def _as_state(source, part: str, expected: str):
     """``(state dict, module tree or None)`` of a path / file object / module / state dict."""
     is_file = isinstance(source, (str, PathLike, io.IOBase))
     obj = read_pickled_module(source) if is_file else source
-    where = f"{part} ({getattr(source, 'name', source)})" if is_file else part
+    where = f"{part} ({source if isinstance(source, (str, PathLike)) else getattr(source, 'name', source)})" \
+        if is_file else part
     if isinstance(obj, dict):
         if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
             raise ValueError(f"{where}: holds a dict that is not a state dict (names to tensors)")
@@ -320,7 +377,10 @@ def _as_state(source, part: str, expected: str):
                    f"{type(obj).__name__}")
     if class_name(obj) != expected:
         raise ValueError(f"{where} holds a {class_name(obj)}, expected a {expected} (OpenAI's {part}.pkl)")
-    return flat_state(obj), obj
+    try:
+        return flat_state(obj), obj
+    except ValueError as e:  # named after the file it came from
+        raise ValueError(f"{where}: {e}") from None
 
 
 def load_openai(encoder, decoder, image_size: int = 256):

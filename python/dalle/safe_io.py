@@ -18,17 +18,21 @@ import numbers
 import torch
 
 
+def _at(where) -> str:
+    return "" if where is None else f"{where}: "
+
+
 def _is_count(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0
 
 
-def check_count(where, field: str, value, available: int, unit: str = "bytes") -> int:
+def check_count(where, field: str, value, available: int, unit: str = "bytes", room: str = "the file holds only") -> int:
     """``value`` as an int if it is a non-negative int no larger than ``available`` (what the file holds), else
-    ``ValueError`` naming ``where`` (the file) and ``field``."""
+    ``ValueError`` naming ``where`` (the file; None: the caller names it) and ``field``."""
     if not _is_count(value):
-        raise ValueError(f"{where}: {field} is {value!r:.60}, expected a non-negative int")
+        raise ValueError(f"{_at(where)}{field} is {value!r:.60}, expected a non-negative int")
     if value > available:
-        raise ValueError(f"{where}: {field} is {value} {unit} but the file holds only {available}")
+        raise ValueError(f"{_at(where)}{field} is {value} {unit} but {room} {available}")
     return int(value)
 
 
@@ -37,19 +41,19 @@ def check_view(where, field: str, shape, stride, offset, storage_numel: int) -> 
     ``offset`` lies inside a storage of ``storage_numel`` elements (ints >= 0 everywhere; the storage is never
     grown to fit a view, whose extra elements would be uninitialised memory)."""
     if not isinstance(shape, (tuple, list, torch.Size)) or not all(_is_count(s) for s in shape):
-        raise ValueError(f"{where}: {field} has shape {shape!r:.80}, expected non-negative ints")
+        raise ValueError(f"{_at(where)}{field} has shape {shape!r:.80}, expected non-negative ints")
     if not isinstance(stride, (tuple, list)) or len(stride) != len(shape) or not all(_is_count(s) for s in stride):
-        raise ValueError(f"{where}: {field} has stride {stride!r:.80} for shape {tuple(shape)}, expected "
+        raise ValueError(f"{_at(where)}{field} has stride {stride!r:.80} for shape {tuple(shape)}, expected "
                          f"{len(shape)} non-negative ints")
     if not _is_count(offset):
-        raise ValueError(f"{where}: {field} has storage offset {offset!r:.60}, expected a non-negative int")
+        raise ValueError(f"{_at(where)}{field} has storage offset {offset!r:.60}, expected a non-negative int")
     if math.prod(shape) == 0:
         if offset > storage_numel:
-            raise ValueError(f"{where}: {field} starts at element {offset} of a storage of {storage_numel}")
+            raise ValueError(f"{_at(where)}{field} starts at element {offset} of a storage of {storage_numel}")
         return
     end = offset + sum((n - 1) * s for n, s in zip(shape, stride)) + 1
     if end > storage_numel:
-        raise ValueError(f"{where}: {field} of shape {tuple(shape)}, stride {tuple(stride)} at offset {offset} "
+        raise ValueError(f"{_at(where)}{field} of shape {tuple(shape)}, stride {tuple(stride)} at offset {offset} "
                          f"needs {end} elements but its storage holds {storage_numel}")
 
 
