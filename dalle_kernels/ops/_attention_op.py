@@ -36,3 +36,55 @@ def register(fwd_op, bwd_op) -> None:
         return (dq, dk, dv) + (None,) * len(ctx.settings)
 
     fwd_op.register_autograd(backward, setup_context=setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Non-finite keys and values (``attention_ref``'s rule): a key or value row holding NaN or +-inf never reaches a
+# query the mask keeps from it; a query that may attend one is NaN in its output row and log-sum-exp, and NaN in
+# its dq and in the dk, dv of every key it attends. Paths whose kernels multiply masked-out keys by a zero
+# probability (0 * NaN = NaN: the fused CPU kernel, the CUDA kernels) run through these two guards: they call the
+# path on finite keys and values, then mark the rows and keys the rule makes NaN, found by the path itself on
+# 0/1 indicators. Free when every key and value is finite (one isfinite pass over k and v).
+
+def bad_rows(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``(B, heads, N)`` bool: the key or value rows holding a NaN or +-inf."""
+    return ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))
+
+
+def _attending(fwd, like: torch.Tensor, bad: torch.Tensor):
+    """``(rows that may attend a bad key, lse of uniform attention)``: ``fwd`` on q = k = 0 (every allowed key
+    weighs the same) with the bad rows' indicator as the values."""
+    zero = torch.zeros_like(like)
+    o, lse = fwd(zero, zero, bad[..., None].to(like.dtype).expand(like.shape).contiguous())
+    return o[..., 0] > 0, lse
+
+
+def guarded_forward(fwd, q, k, v):
+    """``fwd(q, k, v) -> (o, lse)`` under the rule above."""
+    bad = bad_rows(k, v)
+    if not bool(bad.any()):
+        return fwd(q, k, v)
+    o, lse = fwd(q, k.masked_fill(bad[..., None], 0), v.masked_fill(bad[..., None], 0))
+    sees, _ = _attending(fwd, q, bad)
+    return o.masked_fill(sees[..., None], float("nan")), lse.masked_fill(sees, float("nan"))
+
+
+def guarded_backward(fwd, bwd, do, q, k, v, o, lse):
+    """``bwd(do, q, k, v, o, lse) -> (dq, dk, dv)`` under the rule above. The rows the forward made NaN (a NaN
+    log-sum-exp) are left out of the call (their probabilities 0: lse +inf, dO = O = 0) and their own gradients
+    set after it: NaN in their dq and in the dk, dv of every key they attend."""
+    bad, poisoned = bad_rows(k, v), torch.isnan(lse)
+    if not bool(bad.any()) and not bool(poisoned.any()):
+        return bwd(do, q, k, v, o, lse)
+    row, col = bad[..., None], poisoned[..., None]
+    dq, dk, dv = bwd(do.masked_fill(col, 0), q.masked_fill(col, 0), k.masked_fill(row, 0), v.masked_fill(row, 0),
+                     o.masked_fill(col, 0), lse.masked_fill(poisoned, float("inf")))
+    if bool(poisoned.any()):
+        _, uniform_lse = _attending(fwd, q, torch.zeros_like(poisoned))
+        zero = torch.zeros_like(q)
+        indicator = poisoned[..., None].to(q.dtype).expand(q.shape).contiguous()
+        _, _, reached = bwd(indicator, zero, zero, zero, zero, uniform_lse)  # dV = P^T dO: > 0 where attended
+        keys = (reached[..., 0] > 0)[..., None]
+        dq = dq.masked_fill(col, float("nan"))
+        dk, dv = dk.masked_fill(keys, float("nan")), dv.masked_fill(keys, float("nan"))
+    return dq, dk, dv

@@ -28,16 +28,42 @@ ATTENTION_BACKENDS = ("auto", "triton", "cuda", "cpu", "torch", "cuda_emu")  # w
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+class _ZeroRows(torch.autograd.Function):
+    """``x`` with the rows ``bad`` set to 0 in the forward; the backward passes the gradient through unchanged,
+    so a bad key's gradient is the one its attending rows give it (NaN), not a silent 0."""
+
+    @staticmethod
+    def forward(ctx, x, bad):
+        return x.masked_fill(bad[..., None], 0.0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
 def attention_ref(q, k, v, mask="row", text_len=0, grid=(1, 1), kernel=11, scale=None, upcast=torch.float32):
-    """Dense-masked softmax attention (the definition). Computes in ``upcast`` and returns q's dtype."""
+    """Dense-masked softmax attention (the definition). Computes in ``upcast`` and returns q's dtype.
+
+    Non-finite keys and values: a key or value row holding NaN or +-inf never reaches a query the
+    mask keeps from it, in the output or in any gradient; a query that may attend one gets NaN in its whole output
+    row, and NaN in its dq and in the dk, dv of every key it attends. Every backend follows this; a plain dense
+    softmax does not (0 * NaN in ``P V`` and in the matmuls' backward leak a masked NaN into every row)."""
     T, H, W = _masks.check_layout(mask, text_len, grid, kernel)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     allow = _masks.dense_mask(mask, T, (H, W), kernel, device=q.device)
-    s = torch.matmul(q.to(upcast), k.to(upcast).transpose(-1, -2)) * scale
+    dtype = q.dtype
+    q, k, v = q.to(upcast), k.to(upcast), v.to(upcast)
+    bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))  # (B, heads, N) non-finite key or value rows
+    k, v = _ZeroRows.apply(k, bad), _ZeroRows.apply(v, bad)  # finite in every matmul
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    # a row that attends a bad position: NaN on its allowed pairs, added (not selected) so that its backward is
+    # NaN too, on its own pairs only
+    sees_bad = (allow & bad[..., None, :]).any(-1, keepdim=True)
+    s = s + torch.where(sees_bad & allow, float("nan"), 0.0).to(s.dtype)
     s = s.masked_fill(~allow, float("-inf"))
-    p = torch.softmax(s, dim=-1)
-    return torch.matmul(p, v.to(upcast)).to(q.dtype)
+    p = torch.softmax(s, dim=-1).masked_fill(~allow, 0.0)  # a NaN row's masked pairs stay 0, in its backward too
+    return torch.matmul(p, v).to(dtype)
 
 
 def check_inputs(q, k, v, mask, text_len, grid, kernel, scale):
@@ -145,6 +171,18 @@ if triton is not None:
         return tl.load(ptrs, mask=valid[:, None], other=0.0)
 
     @triton.jit
+    def _finite(x):
+        """``x`` with NaN and +-inf set to 0: a masked-out key or value must not reach a dot product, where its
+        zero probability would give 0 * NaN = NaN (rows that may attend it are flagged by ``_bad_keys``)."""
+        return tl.where(tl.abs(x) < float("inf"), x, 0.0)
+
+    @triton.jit
+    def _bad_keys(k, v):
+        """``(len(rows),)`` int32: 1 where the key or the value row holds a NaN or +-inf."""
+        return tl.maximum(tl.max(tl.where(tl.abs(k) < float("inf"), 0, 1), 1),
+                          tl.max(tl.where(tl.abs(v) < float("inf"), 0, 1), 1))
+
+    @triton.jit
     def _logits(q, k, offs_m, offs_n, full, N, T, H, W, S, qk_scale,
                 MASK: tl.constexpr, PRECISION: tl.constexpr):
         """``qk_scale * q k^T`` (log2 domain), ``-inf`` where the mask forbids a pair or a position is past ``N``.
@@ -177,11 +215,14 @@ if triton is not None:
     def _probs_and_dscores(q, k, v, do, lse2, delta, offs_m, offs_n, full, N, T, H, W, S, qk_scale,
                            MASK: tl.constexpr, PRECISION: tl.constexpr):
         """Backward core, shared by the dQ and dK/dV kernels: recompute ``P = exp(S - lse)`` from the saved
-        row log-sum-exp, and ``dS = P * (dO V^T - delta)`` with ``delta = rowsum(dO * O)``."""
+        row log-sum-exp, and ``dS = P * (dO V^T - delta)`` with ``delta = rowsum(dO * O)``; ``k``, ``v`` finite
+        (``_finite``)."""
         s = _logits(q, k, offs_m, offs_n, full, N, T, H, W, S, qk_scale, MASK, PRECISION)
-        p = tl.math.exp2(s - lse2[:, None])
+        # masked pairs exactly 0, also in rows whose log-sum-exp the forward made NaN (they attend a bad key)
+        masked = s == float("-inf")
+        p = tl.where(masked, 0.0, tl.math.exp2(s - lse2[:, None]))
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
+        ds = tl.where(masked, 0.0, p * (dp - delta[:, None]))
         return p, ds
 
     @triton.jit
@@ -214,6 +255,7 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        bad_i = tl.zeros([BLOCK_M], dtype=tl.int32)  # the row may attend a key or value holding NaN or +-inf
         count = tl.load(CNT_ptr + pid_m)
         for idx in range(0, count):
             kb = tl.load(LUT_ptr + pid_m * LUT_W + idx)
@@ -223,7 +265,10 @@ if triton is not None:
             valid_n = offs_n < N
             k = _load_rows(k_base, rows_n, valid_n, stride_kn, HEAD_DIM)
             v = _load_rows(v_base, rows_n, valid_n, stride_vn, HEAD_DIM)
+            bad_n = _bad_keys(k, v)
+            k, v = _finite(k), _finite(v)
             s = _logits(q, k, offs_m, offs_n, full, N, T, H, W, S, qk_scale, MASK, PRECISION)
+            bad_i = tl.maximum(bad_i, tl.max(tl.where((s != float("-inf")) & (bad_n[None, :] != 0), 1, 0), 1))
             m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, PRECISION)
 
         # Only padding rows past N can end with l = 0 (the diagonal is always allowed); keep them finite.
@@ -231,6 +276,9 @@ if triton is not None:
         m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
         out = acc * (1.0 / l_safe)[:, None]
         lse = (m_safe + tl.math.log2(l_safe)) * 0.6931471805599453
+        # a row that may attend a non-finite key or value: NaN output and log-sum-exp (attention_ref's rule)
+        out = tl.where(bad_i[:, None] != 0, float("nan"), out)
+        lse = tl.where(bad_i != 0, float("nan"), lse)
         offs_d = tl.arange(0, HEAD_DIM)
         o_ptrs = O_ptr + off_b * stride_ob + off_h * stride_oh + rows_m.to(tl.int64)[:, None] * stride_on
         tl.store(o_ptrs + offs_d[None, :], out.to(O_ptr.dtype.element_ty), mask=valid_m[:, None])
@@ -289,8 +337,8 @@ if triton is not None:
             offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
             rows_n = _phys_rows(offs_n, T, H, W, TRANSPOSED)
             valid_n = offs_n < N
-            k = _load_rows(k_base, rows_n, valid_n, stride_kn, HEAD_DIM)
-            v = _load_rows(v_base, rows_n, valid_n, stride_vn, HEAD_DIM)
+            k = _finite(_load_rows(k_base, rows_n, valid_n, stride_kn, HEAD_DIM))
+            v = _finite(_load_rows(v_base, rows_n, valid_n, stride_vn, HEAD_DIM))
             p, ds = _probs_and_dscores(q, k, v, do, lse2, delta, offs_m, offs_n, full, N, T, H, W, S, qk_scale,
                                        MASK, PRECISION)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -323,8 +371,8 @@ if triton is not None:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rows_n = _phys_rows(offs_n, T, H, W, TRANSPOSED)
         valid_n = offs_n < N
-        k = _load_rows(K_ptr + off_b * stride_kb + off_h * stride_kh, rows_n, valid_n, stride_kn, HEAD_DIM)
-        v = _load_rows(V_ptr + off_b * stride_vb + off_h * stride_vh, rows_n, valid_n, stride_vn, HEAD_DIM)
+        k = _finite(_load_rows(K_ptr + off_b * stride_kb + off_h * stride_kh, rows_n, valid_n, stride_kn, HEAD_DIM))
+        v = _finite(_load_rows(V_ptr + off_b * stride_vb + off_h * stride_vh, rows_n, valid_n, stride_vn, HEAD_DIM))
 
         dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
@@ -540,14 +588,17 @@ _attention_op.register(_sparse_attention_fwd, _sparse_attention_bwd)
 @torch.library.custom_op("dalle_kernels::sparse_attention_cuda_fwd", mutates_args=())
 def _sparse_attention_cuda_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: str, text_len: int, H: int,
                                W: int, kernel: int, scale: float, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _cuda_forward(q, k, v, mask, text_len, H, W, kernel, scale, block)
+    return _attention_op.guarded_forward(
+        lambda q, k, v: _cuda_forward(q, k, v, mask, text_len, H, W, kernel, scale, block), q, k, v)
 
 
 @torch.library.custom_op("dalle_kernels::sparse_attention_cuda_bwd", mutates_args=())
 def _sparse_attention_cuda_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                                lse: torch.Tensor, mask: str, text_len: int, H: int, W: int, kernel: int, scale: float,
                                block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _cuda_backward(do, q, k, v, o, lse, mask, text_len, H, W, kernel, scale, block)
+    args = (mask, text_len, H, W, kernel, scale, block)
+    return _attention_op.guarded_backward(lambda q, k, v: _cuda_forward(q, k, v, *args),
+                                          lambda *t: _cuda_backward(*t, *args), do, q, k, v, o, lse)
 
 
 _attention_op.register(_sparse_attention_cuda_fwd, _sparse_attention_cuda_bwd)
