@@ -215,8 +215,8 @@ if triton is not None:
     def _probs_and_dscores(q, k, v, do, lse2, delta, offs_m, offs_n, full, N, T, H, W, S, qk_scale,
                            MASK: tl.constexpr, PRECISION: tl.constexpr):
         """Backward core, shared by the dQ and dK/dV kernels: recompute ``P = exp(S - lse)`` from the saved
-        row log-sum-exp, and ``dS = P * (dO V^T - delta)`` with ``delta = rowsum(dO * O)``; ``k``, ``v`` finite
-        (``_finite``)."""
+        row log-sum-exp, and ``dS = P * (dO V^T - delta)`` with ``delta = rowsum(dO * O)``; both exactly 0 on
+        masked pairs, whatever the key, value or row log-sum-exp there."""
         s = _logits(q, k, offs_m, offs_n, full, N, T, H, W, S, qk_scale, MASK, PRECISION)
         # masked pairs exactly 0, also in rows whose log-sum-exp the forward made NaN (they attend a bad key)
         masked = s == float("-inf")
@@ -337,8 +337,9 @@ if triton is not None:
             offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
             rows_n = _phys_rows(offs_n, T, H, W, TRANSPOSED)
             valid_n = offs_n < N
+            # finite keys for dS K (a masked pair's dS is 0); the scores and dO V^T are per pair, masked there
             k = _finite(_load_rows(k_base, rows_n, valid_n, stride_kn, HEAD_DIM))
-            v = _finite(_load_rows(v_base, rows_n, valid_n, stride_vn, HEAD_DIM))
+            v = _load_rows(v_base, rows_n, valid_n, stride_vn, HEAD_DIM)
             p, ds = _probs_and_dscores(q, k, v, do, lse2, delta, offs_m, offs_n, full, N, T, H, W, S, qk_scale,
                                        MASK, PRECISION)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -371,8 +372,9 @@ if triton is not None:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rows_n = _phys_rows(offs_n, T, H, W, TRANSPOSED)
         valid_n = offs_n < N
-        k = _finite(_load_rows(K_ptr + off_b * stride_kb + off_h * stride_kh, rows_n, valid_n, stride_kn, HEAD_DIM))
-        v = _finite(_load_rows(V_ptr + off_b * stride_vb + off_h * stride_vh, rows_n, valid_n, stride_vn, HEAD_DIM))
+        # K and V enter per pair only (scores, dO V^T), where masked pairs are set to 0: no contraction over keys
+        k = _load_rows(K_ptr + off_b * stride_kb + off_h * stride_kh, rows_n, valid_n, stride_kn, HEAD_DIM)
+        v = _load_rows(V_ptr + off_b * stride_vb + off_h * stride_vh, rows_n, valid_n, stride_vn, HEAD_DIM)
 
         dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)

@@ -117,10 +117,21 @@ class Sampler:
         return idx
 
     def _attend(self, q, k, v, allow=None):
-        s = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        """Softmax attention of ``q`` over ``k``, ``v`` (every key, or those ``allow`` allows). A key or value
+        holding NaN or inf reaches only the rows that may attend it, which come out NaN (``attention_ref``'s rule:
+        a masked-out NaN would otherwise leak through its zero probability, 0 * NaN)."""
+        k, v = k.float(), v.float()
+        sees = None
+        if allow is not None:
+            bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))
+            if bool(bad.any()):
+                k, v = k.masked_fill(bad[..., None], 0.0), v.masked_fill(bad[..., None], 0.0)
+                sees = (allow & bad[..., None, :]).any(-1, keepdim=True)
+        s = torch.matmul(q.float(), k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
         if allow is not None:
             s = s.masked_fill(~allow, float("-inf"))
-        return torch.matmul(torch.softmax(s, dim=-1), v.float()).to(q.dtype)
+        o = torch.matmul(torch.softmax(s, dim=-1), v)
+        return (o if sees is None else o.masked_fill(sees, float("nan"))).to(q.dtype)
 
     def _run(self, x, cache: KVCache, start: int):
         """Positions ``start .. start + x.shape[1] - 1`` through every block; returns final-norm hidden states."""
