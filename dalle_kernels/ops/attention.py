@@ -171,18 +171,6 @@ if triton is not None:
         return tl.load(ptrs, mask=valid[:, None], other=0.0)
 
     @triton.jit
-    def _finite(x):
-        """``x`` with NaN and +-inf set to 0: a masked-out key or value must not reach a dot product, where its
-        zero probability would give 0 * NaN = NaN (rows that may attend it are flagged by ``_bad_keys``)."""
-        return tl.where(tl.abs(x) < float("inf"), x, 0.0)
-
-    @triton.jit
-    def _bad_keys(k, v):
-        """``(len(rows),)`` int32: 1 where the key or the value row holds a NaN or +-inf."""
-        return tl.maximum(tl.max(tl.where(tl.abs(k) < float("inf"), 0, 1), 1),
-                          tl.max(tl.where(tl.abs(v) < float("inf"), 0, 1), 1))
-
-    @triton.jit
     def _logits(q, k, offs_m, offs_n, full, N, T, H, W, S, qk_scale,
                 MASK: tl.constexpr, PRECISION: tl.constexpr):
         """``qk_scale * q k^T`` (log2 domain), ``-inf`` where the mask forbids a pair or a position is past ``N``.
@@ -219,10 +207,9 @@ if triton is not None:
         masked pairs, whatever the key, value or row log-sum-exp there."""
         s = _logits(q, k, offs_m, offs_n, full, N, T, H, W, S, qk_scale, MASK, PRECISION)
         # masked pairs exactly 0, also in rows whose log-sum-exp the forward made NaN (they attend a bad key)
-        masked = s == float("-inf")
-        p = tl.where(masked, 0.0, tl.math.exp2(s - lse2[:, None]))
+        p = tl.where(s == float("-inf"), 0.0, tl.math.exp2(s - lse2[:, None]))
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = tl.where(masked, 0.0, p * (dp - delta[:, None]))
+        ds = tl.where(p == 0.0, 0.0, p * (dp - delta[:, None]))  # p == 0: masked (or underflowed) pairs
         return p, ds
 
     @triton.jit
@@ -236,7 +223,9 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     ):
         """One query block of one (batch, head): ``O = softmax(scale * Q K^T + mask) V`` with an online softmax
-        over the key blocks listed in the lookup table only; also writes the row log-sum-exp (natural log)."""
+        over the key blocks listed in the lookup table only; also writes the row log-sum-exp (natural log).
+        ``V_ptr`` holds no NaN or inf, and a key whose key or value row held one is NaN (``_triton_forward``): its
+        masked pairs are -inf like any other, its allowed ones make their rows NaN (``attention_ref``'s rule)."""
         # Grid (batch * heads, query blocks), last query block first: under causal-like masks it has the most
         # key blocks, and starting it first shortens the tail. (batch * heads on axis 0: no 65535 limit.)
         pid_bh = tl.program_id(0)
@@ -255,7 +244,6 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        bad_i = tl.zeros([BLOCK_M], dtype=tl.int32)  # the row may attend a key or value holding NaN or +-inf
         count = tl.load(CNT_ptr + pid_m)
         for idx in range(0, count):
             kb = tl.load(LUT_ptr + pid_m * LUT_W + idx)
@@ -265,10 +253,7 @@ if triton is not None:
             valid_n = offs_n < N
             k = _load_rows(k_base, rows_n, valid_n, stride_kn, HEAD_DIM)
             v = _load_rows(v_base, rows_n, valid_n, stride_vn, HEAD_DIM)
-            bad_n = _bad_keys(k, v)
-            k, v = _finite(k), _finite(v)
             s = _logits(q, k, offs_m, offs_n, full, N, T, H, W, S, qk_scale, MASK, PRECISION)
-            bad_i = tl.maximum(bad_i, tl.max(tl.where((s != float("-inf")) & (bad_n[None, :] != 0), 1, 0), 1))
             m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, PRECISION)
 
         # Only padding rows past N can end with l = 0 (the diagonal is always allowed); keep them finite.
@@ -276,9 +261,6 @@ if triton is not None:
         m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
         out = acc * (1.0 / l_safe)[:, None]
         lse = (m_safe + tl.math.log2(l_safe)) * 0.6931471805599453
-        # a row that may attend a non-finite key or value: NaN output and log-sum-exp (attention_ref's rule)
-        out = tl.where(bad_i[:, None] != 0, float("nan"), out)
-        lse = tl.where(bad_i != 0, float("nan"), lse)
         offs_d = tl.arange(0, HEAD_DIM)
         o_ptrs = O_ptr + off_b * stride_ob + off_h * stride_oh + rows_m.to(tl.int64)[:, None] * stride_on
         tl.store(o_ptrs + offs_d[None, :], out.to(O_ptr.dtype.element_ty), mask=valid_m[:, None])
@@ -337,8 +319,8 @@ if triton is not None:
             offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
             rows_n = _phys_rows(offs_n, T, H, W, TRANSPOSED)
             valid_n = offs_n < N
-            # finite keys for dS K (a masked pair's dS is 0); the scores and dO V^T are per pair, masked there
-            k = _finite(_load_rows(k_base, rows_n, valid_n, stride_kn, HEAD_DIM))
+            # K is finite here (``_triton_backward``): a masked pair's dS is 0, and 0 * NaN in dS K would be NaN
+            k = _load_rows(k_base, rows_n, valid_n, stride_kn, HEAD_DIM)
             v = _load_rows(v_base, rows_n, valid_n, stride_vn, HEAD_DIM)
             p, ds = _probs_and_dscores(q, k, v, do, lse2, delta, offs_m, offs_n, full, N, T, H, W, S, qk_scale,
                                        MASK, PRECISION)
@@ -427,6 +409,13 @@ def _triton_forward(q, k, v, mask, T, H, W, kernel, scale, block_m=0, block_n=0)
     if o.numel() == 0:
         return o, lse
     grid = (B * heads, triton.cdiv(N, cfg.block_m))
+    # Non-finite keys and values (attention_ref's rule), with the kernel as it is: P V is the forward's one
+    # contraction over keys, where a masked-out NaN or inf value (P 0) would give 0 * NaN, so V is read with them
+    # set to 0; the key of every row that held one is set to NaN, whose scores are per pair: -inf where masked, NaN
+    # where allowed, which makes those rows' output and log-sum-exp NaN. (Doing this in the kernel cost registers.)
+    bad = _attention_op.bad_rows(k, v)
+    k = k.masked_fill(bad[..., None], float("nan"))
+    v = torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
     _attn_fwd_kernel[grid](
         q, k, v, o, lse, tables.q_lut, tables.q_full, tables.q_count,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -458,9 +447,14 @@ def _triton_backward(do, q, k, v, o, lse, mask, T, H, W, kernel, scale, block_m=
                   num_stages=cfg.num_stages)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
+    # dQ = dS K is the backward's one contraction over keys: there a masked-out NaN or inf key (dS 0) would give
+    # 0 * NaN, so that kernel reads K with them set to 0 (a row that may attend one has NaN dS already). Made
+    # here rather than in the kernel, where it spilled registers on sm_80.
+    k_finite = torch.nan_to_num(k, nan=0.0, posinf=0.0, neginf=0.0)  # its own strides (a copy may be dense)
+    dq_strides = strides[:3] + k_finite.stride()[:3] + strides[6:]
     _attn_bwd_dq_kernel[(B * heads, triton.cdiv(N, cfg.block_m))](
-        q, k, v, do, dq, lse, delta, tables.q_lut, tables.q_full, tables.q_count,
-        *strides, dq.stride(0), dq.stride(1), dq.stride(2),
+        q, k_finite, v, do, dq, lse, delta, tables.q_lut, tables.q_full, tables.q_count,
+        *dq_strides, dq.stride(0), dq.stride(1), dq.stride(2),
         heads, N, tables.q_lut.shape[1], scale * LOG2E, scale, **common)
     _attn_bwd_dkdv_kernel[(B * heads, triton.cdiv(N, cfg.block_n))](
         q, k, v, do, dk, dv, lse, delta, tables.k_lut, tables.k_full, tables.k_count,
