@@ -41,14 +41,30 @@ def register(fwd_op, bwd_op) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Non-finite keys and values (``attention_ref``'s rule): a key or value row holding NaN or +-inf never reaches a
 # query the mask keeps from it; a query that may attend one is NaN in its output row and log-sum-exp, and NaN in
-# its dq and in the dk, dv of every key it attends. Paths whose kernels multiply masked-out keys by a zero
-# probability (0 * NaN = NaN: the fused CPU kernel, the CUDA kernels) run through these two guards: they call the
-# path on finite keys and values, then mark the rows and keys the rule makes NaN, found by the path itself on
-# 0/1 indicators. Free when every key and value is finite (one isfinite pass over k and v).
+# its dq and in the dk, dv of every key it attends.
+#
+# The Triton and CUDA kernels follow it given ``forward_inputs`` / ``backward_keys`` (no host sync): their scores
+# are per pair (-inf where masked, whatever the key), their backward sets P and dS to 0 on masked pairs, and the
+# two contractions over keys (P V forward, dS K backward) read finite values. PyTorch's fused CPU kernel adds its
+# mask to the scores (NaN + -inf = NaN) and cannot be changed, so the CPU path runs through ``guarded_forward`` /
+# ``guarded_backward``: the path on finite keys and values, then the rows and keys the rule makes NaN marked,
+# found by the path itself on 0/1 indicators (one isfinite pass over k and v when all is finite).
 
 def bad_rows(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``(B, heads, N)`` bool: the key or value rows holding a NaN or +-inf."""
     return ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))
+
+
+def finite(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with NaN and +-inf set to 0 (a copy; its strides may differ from ``x``'s)."""
+    return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def forward_inputs(k: torch.Tensor, v: torch.Tensor):
+    """``(k, v)`` for a forward kernel: values finite (``P V`` sums over keys, and 0 * NaN is NaN), and the key row
+    of every bad key or value row NaN, so that its scores, per pair, are -inf where masked and NaN where allowed:
+    the rows that may attend it come out NaN."""
+    return k.masked_fill(bad_rows(k, v)[..., None], float("nan")), finite(v)
 
 
 def _attending(fwd, like: torch.Tensor, bad: torch.Tensor):

@@ -409,13 +409,9 @@ def _triton_forward(q, k, v, mask, T, H, W, kernel, scale, block_m=0, block_n=0)
     if o.numel() == 0:
         return o, lse
     grid = (B * heads, triton.cdiv(N, cfg.block_m))
-    # Non-finite keys and values (attention_ref's rule), with the kernel as it is: P V is the forward's one
-    # contraction over keys, where a masked-out NaN or inf value (P 0) would give 0 * NaN, so V is read with them
-    # set to 0; the key of every row that held one is set to NaN, whose scores are per pair: -inf where masked, NaN
-    # where allowed, which makes those rows' output and log-sum-exp NaN. (Doing this in the kernel cost registers.)
-    bad = _attention_op.bad_rows(k, v)
-    k = k.masked_fill(bad[..., None], float("nan"))
-    v = torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
+    # Non-finite keys and values (attention_ref's rule), the kernel as it is: finite values for P V, NaN keys for
+    # the bad rows (_attention_op.forward_inputs; in the kernel this cost registers)
+    k, v = _attention_op.forward_inputs(k, v)
     _attn_fwd_kernel[grid](
         q, k, v, o, lse, tables.q_lut, tables.q_full, tables.q_count,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -450,7 +446,7 @@ def _triton_backward(do, q, k, v, o, lse, mask, T, H, W, kernel, scale, block_m=
     # dQ = dS K is the backward's one contraction over keys: there a masked-out NaN or inf key (dS 0) would give
     # 0 * NaN, so that kernel reads K with them set to 0 (a row that may attend one has NaN dS already). Made
     # here rather than in the kernel, where it spilled registers on sm_80.
-    k_finite = torch.nan_to_num(k, nan=0.0, posinf=0.0, neginf=0.0)  # its own strides (a copy may be dense)
+    k_finite = _attention_op.finite(k)  # its own strides (a copy may be dense)
     dq_strides = strides[:3] + k_finite.stride()[:3] + strides[6:]
     _attn_bwd_dq_kernel[(B * heads, triton.cdiv(N, cfg.block_m))](
         q, k_finite, v, do, dq, lse, delta, tables.q_lut, tables.q_full, tables.q_count,
@@ -548,6 +544,7 @@ def _cuda_forward(q, k, v, mask, T, H, W, kernel, scale, block=0):
     (bm, bn), _ = cuda_tiles(q.shape[-1], q.dtype, q.device, block)
     t = _masks.block_tables(mask, T, (H, W), kernel, bm, bn, device=q.device)
     launch = _launch_cuda_forward if q.device.type == "cuda" else _launch_cuda_forward_emu
+    k, v = _attention_op.forward_inputs(k, v)  # non-finite keys and values: attention_ref's rule
     return launch(q, k, v, t.q_lut, t.q_full, t.q_count, mask, T, H, W, kernel, scale, bm, bn)
 
 
@@ -556,7 +553,8 @@ def _cuda_backward(do, q, k, v, o, lse, mask, T, H, W, kernel, scale, block=0):
     _, block = cuda_tiles(q.shape[-1], q.dtype, q.device, block)
     t = _masks.block_tables(mask, T, (H, W), kernel, block, block, device=q.device)
     launch = _launch_cuda_backward if q.device.type == "cuda" else _launch_cuda_backward_emu
-    return launch(do, q, k, v, o, lse, t.q_lut, t.q_full, t.q_count, t.k_lut, t.k_full, t.k_count, mask, T, H, W,
+    # finite keys for dS K (a masked pair's dS is 0 there); the kernels' scores are per pair, masked to -inf
+    return launch(do, q, _attention_op.finite(k), v, o, lse, t.q_lut, t.q_full, t.q_count, t.k_lut, t.k_full, t.k_count, mask, T, H, W,
                   kernel, scale, block)
 
 
@@ -584,17 +582,14 @@ _attention_op.register(_sparse_attention_fwd, _sparse_attention_bwd)
 @torch.library.custom_op("dalle_kernels::sparse_attention_cuda_fwd", mutates_args=())
 def _sparse_attention_cuda_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: str, text_len: int, H: int,
                                W: int, kernel: int, scale: float, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _attention_op.guarded_forward(
-        lambda q, k, v: _cuda_forward(q, k, v, mask, text_len, H, W, kernel, scale, block), q, k, v)
+    return _cuda_forward(q, k, v, mask, text_len, H, W, kernel, scale, block)
 
 
 @torch.library.custom_op("dalle_kernels::sparse_attention_cuda_bwd", mutates_args=())
 def _sparse_attention_cuda_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                                lse: torch.Tensor, mask: str, text_len: int, H: int, W: int, kernel: int, scale: float,
                                block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    args = (mask, text_len, H, W, kernel, scale, block)
-    return _attention_op.guarded_backward(lambda q, k, v: _cuda_forward(q, k, v, *args),
-                                          lambda *t: _cuda_backward(*t, *args), do, q, k, v, o, lse)
+    return _cuda_backward(do, q, k, v, o, lse, mask, text_len, H, W, kernel, scale, block)
 
 
 _attention_op.register(_sparse_attention_cuda_fwd, _sparse_attention_cuda_bwd)
