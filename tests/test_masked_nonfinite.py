@@ -70,7 +70,8 @@ BACKENDS = [("torch", torch.float32, dict(backend="torch")), ("cpu", torch.float
             ("cpu structured", torch.float32, dict(cpu=dict(path="structured"))),
             ("cpu", torch.float16, dict(backend="cpu")),
             ("triton", torch.float32, dict(backend="triton")), ("triton", torch.float16, dict(backend="triton")),
-            ("cuda_emu", torch.float32, dict(backend="cuda_emu")), ("cuda_emu", torch.float16, dict(backend="cuda_emu"))]
+            ("cuda_emu", torch.float32, dict(backend="cuda_emu")),
+            ("cuda_emu", torch.float16, dict(backend="cuda_emu"))]
 
 
 def skip_unless_runs(name):

@@ -184,7 +184,8 @@ def test_crafted_pickles_are_refused_in_linear_time_and_memory(tmp_path):
                          r"blocks(\.0)+: a module tree that shares submodules is not a dall_e module$",
         "tensor_past_storage": r"ValueError: .*tensor_past_storage.pkl is not a torch file of the dall_e modules "
                                r"\(the restricted reader stopped at: a tensor of shape \(1000,\), stride \(1,\) at "
-                               r"offset 0 needs 1000 elements but its storage holds 4\); nothing from the file was run$",
+                               r"offset 0 needs 1000 elements but its storage holds 4\); nothing from the file "
+                               r"was run$",
         "offset_past_storage": r"offset_past_storage.pkl is not a torch file .*offset 3 needs 5 elements but its "
                                r"storage holds 4\)",
         "huge_storage": r"huge_storage.pkl is not a torch file .*storage 0 size is 1000000000000 elements but the "
@@ -197,8 +198,9 @@ def test_crafted_pickles_are_refused_in_linear_time_and_memory(tmp_path):
         result, t = got[name]
         assert re.search(pattern, result), (name, result)
         assert "\n" not in result
-    assert re.search(r"^python -m dalle.convert: error: encoder \(.*shared_zip.pkl\): blocks(\.0)*\.1 is the module already at "
-                     r"blocks(\.0)+: a module tree that shares submodules is not a dall_e module$", err, re.M), err
+    assert re.search(r"^python -m dalle.convert: error: encoder \(.*shared_zip.pkl\): blocks(\.0)*\.1 is the module "
+                     r"already at blocks(\.0)+: a module tree that shares submodules is not a dall_e module$", err,
+                     re.M), err
     assert seconds < CHILD_SECONDS and rss_mb < CHILD_MAX_RSS_MB, (seconds, rss_mb)
 
 
@@ -232,10 +234,10 @@ def small_dvae_folder(tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"n_hid": 200_000, "vocab_size": 1 << 19}, r"encoder.net.0.weight has shape \(8, 3, 7, 7\), the config "
-                                               r"describes \(200000, 3, 7, 7\)$"),
-    ({"n_blk_per_group": 10**9}, r"the config's 3 x 1000000000 residual blocks per coder need at least "
-                                 r"48000000000 tensors, the weights hold 66$"),
+    ({"n_hid": 200_000, "vocab_size": 1 << 19}, (r"encoder.net.0.weight has shape \(8, 3, 7, 7\), the config "
+                                                r"describes \(200000, 3, 7, 7\)$")),
+    ({"n_blk_per_group": 10**9}, (r"the config's 3 x 1000000000 residual blocks per coder need at least "
+                                  r"48000000000 tensors, the weights hold 66$")),
     ({"vocab_size": 17}, r"encoder.net.7.weight has shape \(16, 32, 1, 1\), the config describes \(17, 32, 1, 1\)$"),
 ])
 def test_dvae_config_asking_for_more_than_the_weights(tmp_path, change, message):

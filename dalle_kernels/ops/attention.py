@@ -554,8 +554,8 @@ def _cuda_backward(do, q, k, v, o, lse, mask, T, H, W, kernel, scale, block=0):
     t = _masks.block_tables(mask, T, (H, W), kernel, block, block, device=q.device)
     launch = _launch_cuda_backward if q.device.type == "cuda" else _launch_cuda_backward_emu
     # finite keys for dS K (a masked pair's dS is 0 there); the kernels' scores are per pair, masked to -inf
-    return launch(do, q, _attention_op.finite(k), v, o, lse, t.q_lut, t.q_full, t.q_count, t.k_lut, t.k_full, t.k_count, mask, T, H, W,
-                  kernel, scale, block)
+    return launch(do, q, _attention_op.finite(k), v, o, lse, t.q_lut, t.q_full, t.q_count, t.k_lut, t.k_full,
+                  t.k_count, mask, T, H, W, kernel, scale, block)
 
 
 # ----------------------------------------------------------------------------------------------------------------

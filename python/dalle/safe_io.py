@@ -26,7 +26,8 @@ def _is_count(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0
 
 
-def check_count(where, field: str, value, available: int, unit: str = "bytes", room: str = "the file holds only") -> int:
+def check_count(where, field: str, value, available: int, unit: str = "bytes",
+                room: str = "the file holds only") -> int:
     """``value`` as an int if it is a non-negative int no larger than ``available`` (what the file holds), else
     ``ValueError`` naming ``where`` (the file; None: the caller names it) and ``field``."""
     if not _is_count(value):
