@@ -58,7 +58,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
 GREEDY_BELOW = torch.finfo(torch.float32).tiny
 
 
-def check_logits(logits: torch.Tensor, where: str = "the logits") -> None:
+def check_logits(logits: torch.Tensor, where: str = "sample_from_logits") -> None:
     """``ValueError`` naming ``where`` (the step) when a row of ``logits`` (B, V) holds NaN or +inf, or allows no
     token (every logit -inf): no token can be drawn from it, and argmax would silently pick the NaN's index."""
     bad = torch.isnan(logits).any(-1) | (logits == float("inf")).any(-1) | (logits == float("-inf")).all(-1)
@@ -70,7 +70,7 @@ def check_logits(logits: torch.Tensor, where: str = "the logits") -> None:
                          "cannot be sampled); the model's output is not finite")
 
 
-def sample_from_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None, where="the logits"):
+def sample_from_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None, where="sample_from_logits"):
     """One token per row of ``logits`` (B, V); ``temperature == 0`` is greedy, and so is a positive temperature
     below ``GREEDY_BELOW`` (arguments: ``check_sampling_args``). The logits are shifted by their row maximum before
     the division, so no temperature overflows them. ``ValueError`` naming ``where`` (the step) for a row holding
