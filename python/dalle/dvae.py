@@ -404,10 +404,12 @@ class DVAE(nn.Module):
         The files are pickles (torch's legacy format; zip files are read too), read with a restricted
         unpickler (an allowlist of stand-ins for the ``dall_e`` module tree's classes and torch's tensor
         rebuilders; ``dalle.openai_dvae``): it rebuilds tensors and that tree's attribute dicts only, runs no
-        code from the file and needs no ``dall_e`` installed. Raises ``UnsafeFileError`` naming any other
-        global a file names (nothing runs), ``ValueError`` for a file or module that is not the ``dall_e``
-        encoder / decoder, whose layout differs (pooling, upsampling, post-gain) or whose weights' names or
-        shapes do not fit one dVAE, ``FileNotFoundError`` for a missing path. Convert once with
+        code from the file and needs no ``dall_e`` installed; its work is linear in the file's size (each module
+        of the tree is visited once, every size is checked against the file before allocating). Raises
+        ``UnsafeFileError`` naming any other global a file names (nothing runs), ``ValueError`` for a file or
+        module that is not the ``dall_e`` encoder / decoder, whose sizes do not add up, whose layout differs
+        (pooling, upsampling, post-gain) or whose weights' names or shapes do not fit one dVAE,
+        ``FileNotFoundError`` for a missing path. Convert once with
         ``python -m dalle.convert --openai-dvae``."""
         from .openai_dvae import load_openai
 

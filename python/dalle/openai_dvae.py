@@ -163,7 +163,10 @@ class LegacyUnpickler(pickle.Unpickler):
 def read_legacy(f):
     """The object in a legacy-format ``torch.save`` file ``f`` (binary, at its start), with ``LegacyUnpickler``:
     magic number, protocol, system info, the object, the storage keys, then each storage as an int64 element
-    count and its bytes (little-endian), the layout of ``torch.serialization._legacy_load``."""
+    count and its bytes (little-endian), the layout of ``torch.serialization._legacy_load``. Every size is
+    checked against the file before anything is allocated for it (``dalle.safe_io``): the storages together must
+    fit in the bytes after the pickles, each tensor inside its storage, and the storage list must name each storage
+    once."""
     start = f.tell()
     end = f.seek(0, io.SEEK_END)  # every size the file states is checked against the bytes it holds
     f.seek(start)
@@ -199,7 +202,8 @@ def read_pickled_module(source):
     ``read_legacy``; both refuse every global but the same allowlist.
 
     Raises ``FileNotFoundError`` for a missing path, ``UnsafeFileError`` (a ``ValueError``) naming the global
-    the reader refused (nothing from the file runs), ``ValueError`` for a file that is not a torch file."""
+    the reader refused (nothing from the file runs), ``ValueError`` for a file that is not a torch file or whose
+    sizes do not add up (naming the field)."""
     name = source if isinstance(source, (str, PathLike)) else getattr(source, "name", "the file")
     if isinstance(source, (str, PathLike)) and not Path(source).is_file():
         raise FileNotFoundError(f"no file {source}")
