@@ -113,6 +113,11 @@ def crafted(folder):
                                      {"blocks.input.w": Tensor(Storage("0", 10**12, bytes(16)), 0, (4,), (1,))}),
         "negative_stride": write_legacy(folder / "negative_stride.pkl",
                                         {"blocks.input.w": Tensor(four, 3, (4,), (-1,))}),
+        "stride_zero": write_legacy(folder / "stride_zero.pkl",
+                                    {"blocks.input.w": Tensor(four, 0, (10**6, 10**6), (0, 0))}),
+        "shared_storage": write_legacy(folder / "shared_storage.pkl",
+                                       {f"blocks.group_1.block_{i}.w": Tensor(four, 0, (4,), (1,))
+                                        for i in range(1, 1001)}),
     }
     torch.save(shared_tree(7, 16), folder / "shared_zip.pkl")
     files["shared_zip"] = folder / "shared_zip.pkl"
@@ -173,9 +178,11 @@ def run_child(folder: Path):
 
 
 def test_crafted_pickles_are_refused_in_linear_time_and_memory(tmp_path):
-    """A 1.5 KB pickle sharing one module 16 times per level ran for many minutes (the walk revisited shared
+    """A 1.8 KB pickle sharing one module 16 times per level ran for many minutes (the walk revisited shared
     subtrees); a tensor larger than its storage was accepted with the storage grown by uninitialised memory; a
-    storage of 10**12 elements was allocated before its bytes were read. Each is now a one-line ValueError."""
+    storage of 10**12 elements was allocated before its bytes were read; weights rebuilt from one small storage
+    (shared, or of stride 0) were copied out to far more memory than the file holds. Each is now a one-line
+    ValueError."""
     lines, err, seconds, rss_mb = run_child(tmp_path)
     got = {name: (result, t) for name, result, t in lines}
     assert os.path.getsize(tmp_path / "shared_legacy.pkl") < 2048
@@ -192,6 +199,10 @@ def test_crafted_pickles_are_refused_in_linear_time_and_memory(tmp_path):
                         r"file holds only \d+\)",
         "negative_stride": r"negative_stride.pkl is not a torch file .*stride \(-1,\) for shape \(4,\), expected 1 "
                            r"non-negative ints\)",
+        "stride_zero": r"^ValueError: encoder \(.*stride_zero.pkl\): the weights' total size is 4000000000000 "
+                       r"bytes but their storages hold only 16$",
+        "shared_storage": r"^ValueError: encoder \(.*shared_storage.pkl\): the weights' total size is 16000 bytes "
+                          r"but their storages hold only 16$",
         "shared_zip": r"^exit 2$",
     }
     for name, pattern in expected.items():

@@ -365,6 +365,18 @@ def _check_layout(module, cfg, part: str) -> None:
                 raise ValueError(f"{part}: group_{g}.block_{b} has post_gain {gain!r}, expected 1/{n_layers}**2")
 
 
+def _check_storage(sd: dict, where: str) -> None:
+    """``ValueError`` naming ``where`` unless the weights' bytes fit in their distinct storages: a file can rebuild
+    many weights (or one of stride 0) from one small storage, and copying them out would then take memory far
+    beyond the file's size (the released files give every weight its own storage)."""
+    held = {}
+    for t in sd.values():
+        st = t.untyped_storage()
+        held[st.data_ptr()] = max(held.get(st.data_ptr(), 0), st.nbytes())
+    check_count(where, "the weights' total size", sum(t.numel() * t.element_size() for t in sd.values()),
+                sum(held.values()), "bytes", "their storages hold only")
+
+
 def _as_state(source, part: str, expected: str):
     """``(state dict, module tree or None)`` of a path / file object / module / state dict."""
     is_file = isinstance(source, (str, PathLike, io.IOBase))
@@ -374,6 +386,7 @@ def _as_state(source, part: str, expected: str):
     if isinstance(obj, dict):
         if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
             raise ValueError(f"{where}: holds a dict that is not a state dict (names to tensors)")
+        _check_storage(obj, where)
         return dict(obj), None
     if not isinstance(obj, (PickledModule, nn.Module)):
         kind = TypeError if not is_file else ValueError
@@ -382,9 +395,11 @@ def _as_state(source, part: str, expected: str):
     if class_name(obj) != expected:
         raise ValueError(f"{where} holds a {class_name(obj)}, expected a {expected} (OpenAI's {part}.pkl)")
     try:
-        return flat_state(obj), obj
+        sd = flat_state(obj)
     except ValueError as e:  # named after the file it came from
         raise ValueError(f"{where}: {e}") from None
+    _check_storage(sd, where)
+    return sd, obj
 
 
 def load_openai(encoder, decoder, image_size: int = 256):
