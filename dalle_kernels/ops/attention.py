@@ -639,6 +639,9 @@ def sparse_attention(q, k, v, mask="row", text_len=0, grid=(32, 32), kernel=11, 
     ``torch.library`` custom ops (``torch.ops.dalle_kernels.sparse_attention_fwd``, ``..._cuda_fwd``,
     ``..._cpu_fwd``): ``torch.compile(fullgraph=True)`` traces them.
 
+    A key or value holding NaN or +-inf never reaches a query the mask keeps from it, on every backend; the rows
+    that may attend one come out NaN (``attention_ref``'s rule; docs/attention.md).
+
     Raises TypeError/ValueError for inputs outside the above, and ValueError for ``backend="triton"`` where it
     cannot run or be right (CPU tensors without the interpreter; bfloat16 CPU tensors in the interpreter), for
     ``backend="cpu"`` or ``"cuda_emu"`` on CUDA tensors and ``backend="cuda"`` on CPU tensors; RuntimeError when
