@@ -1,4 +1,4 @@
-"""Discrete VAE (SPEC.md section 3): the encoder/decoder of the released DALL-E dVAE, with config presets.
+"""Discrete VAE (paper section 2.1, appendix A): the encoder/decoder of the released DALL-E dVAE, with config presets.
 
 Encoder: 7x7 conv to ``n_hid``; ``group_count`` groups of ``n_blk_per_group`` residual blocks of widths
 ``n_hid * 2**g``; a 2x2 max-pool after every group but the last; ReLU and a 1x1 conv to ``vocab_size`` logits.
@@ -28,6 +28,8 @@ from dalle_kernels import logit_laplace_loss, map_pixels, unmap_pixels
 
 from .common import load_pretrained, pretrained_files, save_pretrained
 from .images import as_unit_float as _as_unit_float  # one image check for the package (rerank reads it here)
+from .openai_dvae import load_openai
+from .safe_io import check_state_dict, expected_state
 
 MODEL_TYPE = "dalle_dvae"  # config.json's model_type
 LOGIT_LAPLACE_EPS = 0.1
@@ -411,9 +413,7 @@ class DVAE(nn.Module):
         (pooling, upsampling, post-gain) or whose weights' names or shapes do not fit one dVAE,
         ``FileNotFoundError`` for a missing path. Convert once with
         ``python -m dalle.convert --openai-dvae``."""
-        from .openai_dvae import load_openai
-
-        return load_openai(encoder, decoder, image_size)
+        return load_openai(encoder, decoder, lambda sizes: cls(DVAEConfig.openai(**vars(sizes))), image_size)
 
     @classmethod
     def load(cls, path, map_location="cpu") -> "DVAE":
@@ -423,8 +423,6 @@ class DVAE(nn.Module):
         weights before the model is built (``dalle.safe_io``: names, shapes and dtypes, on the meta device), so a
         config that asks for more than the file holds is "the config and the weights disagree", never an
         allocation."""
-        from .safe_io import check_state_dict, expected_state
-
         state_dict, config = load_pretrained(path, MODEL_TYPE)
         where = pretrained_files(path)[0].parent
         names = {f.name for f in fields(DVAEConfig)}

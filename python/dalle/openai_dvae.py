@@ -12,7 +12,7 @@ other global in a file is refused with ``UnsafeFileError`` naming it, and nothin
 
 Weights map one to one (``openai_names``): the ``dall_e`` convolutions hold ``w``, ``b`` where ours (plain
 ``nn.Conv2d``) hold ``weight``, ``bias``; ``blocks.input`` / ``blocks.group_<g>.block_<i>`` /
-``blocks.output.conv`` are our ``net`` entries in order. The architecture is the same (SPEC.md section 3):
+``blocks.output.conv`` are our ``net`` entries in order. The architecture is the same (paper appendix A):
 7x7 input conv, ``group_count`` groups of ``n_blk_per_group`` residual blocks with post-gain
 ``1 / (group_count * n_blk_per_group)**2`` and bottleneck width ``n_out // 4``, 2x2 max-pool / nearest 2x
 upsampling between groups, ReLU + 1x1 output conv; the decoder's 6 output channels are the logit-Laplace ``mu``
@@ -30,6 +30,7 @@ import re
 from collections import OrderedDict
 from os import PathLike
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -298,16 +299,16 @@ def _shape(sd: dict, key: str, what: str) -> torch.Size:
 
 
 def openai_config(encoder_sd: dict, decoder_sd: dict, image_size: int = 256):
-    """The ``DVAEConfig`` the two ``dall_e`` state dicts describe (sizes read from the weight shapes)."""
-    from .dvae import DVAEConfig
+    """The sizes the two ``dall_e`` state dicts describe (read from the weight shapes): the fields of a
+    ``DVAEConfig`` (``dalle.dvae``, which builds the model from them), as a ``SimpleNamespace``."""
 
     groups, blocks = _blocks(encoder_sd, "encoder")
     d_groups, d_blocks = _blocks(decoder_sd, "decoder")
     enc_in, dec_in = _shape(encoder_sd, "blocks.input.w", "encoder"), _shape(decoder_sd, "blocks.input.w", "decoder")
     enc_out = _shape(encoder_sd, "blocks.output.conv.w", "encoder")
     dec_out = _shape(decoder_sd, "blocks.output.conv.w", "decoder")
-    cfg = DVAEConfig.openai(image_size=image_size, n_hid=enc_in[0], n_init=dec_in[0], vocab_size=enc_out[0],
-                            group_count=groups, n_blk_per_group=blocks, input_channels=enc_in[1])
+    cfg = SimpleNamespace(image_size=image_size, n_hid=enc_in[0], n_init=dec_in[0], vocab_size=enc_out[0],
+                          group_count=groups, n_blk_per_group=blocks, input_channels=enc_in[1])
     theirs = dict(group_count=d_groups, n_blk_per_group=d_blocks, vocab_size=dec_in[1], n_hid=dec_out[1],
                   output_channels=dec_out[0])
     ours = dict(group_count=groups, n_blk_per_group=blocks, vocab_size=enc_out[0], n_hid=enc_in[0],
@@ -319,13 +320,13 @@ def openai_config(encoder_sd: dict, decoder_sd: dict, image_size: int = 256):
 
 
 def openai_names(model) -> dict[str, str]:
-    """``{dall_e name: our name}`` for every weight of ``model`` (a ``DVAE``): the one-to-one map."""
-    from .dvae import DecoderBlock, EncoderBlock
+    """``{dall_e name: our name}`` for every weight of ``model`` (a ``DVAE``): the one-to-one map. The residual
+    blocks are the entries of ``net`` with a ``res_path``."""
 
     names = {}
     for part, coder, first in (("encoder", model.encoder, "net.0"), ("decoder", model.decoder, "input")):
         convs = {"blocks.input": f"{part}.{first}", "blocks.output.conv": f"{part}.net.{len(coder.net) - 1}"}
-        blocks = [i for i, m in enumerate(coder.net) if isinstance(m, (EncoderBlock, DecoderBlock))]
+        blocks = [i for i, m in enumerate(coder.net) if isinstance(getattr(m, "res_path", None), nn.Sequential)]
         for j, i in enumerate(blocks):
             g, b = divmod(j, model.cfg.n_blk_per_group)
             theirs, ours = f"blocks.group_{g + 1}.block_{b + 1}", f"{part}.net.{i}"
@@ -402,9 +403,9 @@ def _as_state(source, part: str, expected: str):
     return sd, obj
 
 
-def load_openai(encoder, decoder, image_size: int = 256):
-    """``DVAE`` with the weights of OpenAI's released dVAE; see ``DVAE.from_openai``."""
-    from .dvae import DVAE
+def load_openai(encoder, decoder, build, image_size: int = 256):
+    """The model ``build(sizes)`` returns (``DVAE.from_openai`` builds a ``DVAE`` from ``openai_config``'s sizes)
+    with the weights of OpenAI's released dVAE, in eval mode on the CPU; see ``DVAE.from_openai``."""
 
     enc_sd, enc_tree = _as_state(encoder, "encoder", ENCODER_CLASS)
     dec_sd, dec_tree = _as_state(decoder, "decoder", DECODER_CLASS)
@@ -413,7 +414,7 @@ def load_openai(encoder, decoder, image_size: int = 256):
         if tree is not None:
             _check_layout(tree, cfg, part)
     with torch.device("meta"):  # shapes only: every weight is replaced below, so none is drawn
-        model = DVAE(cfg)
+        model = build(cfg)
     names = openai_names(model)
     given = {f"encoder:{k}": v for k, v in enc_sd.items()} | {f"decoder:{k}": v for k, v in dec_sd.items()}
     missing, unexpected = sorted(names.keys() - given.keys()), sorted(given.keys() - names.keys())

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from .common import UnsafeFileError, load_pretrained, pick_device, pretrained_files, save_pretrained
 from .dvae import _as_unit_float
+from .safe_io import check_state_dict, expected_state
 
 
 FORMAT = 2  # of the saved model (config.json's "format"): 1 was a single RGB pathway
@@ -177,8 +178,6 @@ class Reranker(nn.Module):
             raise ValueError(f"{folder} holds a reranker of an earlier version of dalle.rerank (format "
                              f"{config.get('format', 1)}, this one reads {FORMAT}); train it again: "
                              f"python -m dalle.rerank --run {folder.parent}")
-        from .safe_io import check_state_dict, expected_state
-
         names = {f.name for f in fields(RerankerConfig)}
         channels = config.get("channels")
         if isinstance(channels, list) and 2 * len(channels) > len(state_dict):  # before 2 ** len(channels)
