@@ -1,4 +1,4 @@
-// Block-sparse attention under DALL-E's masks (dalle_kernels/ops/attention.py, SPEC.md section 1): forward,
+// Block-sparse attention under DALL-E's masks (dalle_kernels/ops/attention.py, paper appendix B.1): forward,
 // backward preprocess (delta), dQ and dK/dV, walking the block lookup tables of masks.block_tables.
 //
 //   O = softmax(scale * Q K^T + M) V,   M = 0 where the mask allows a pair, -inf elsewhere.
@@ -9,7 +9,7 @@
 // log-sum-exp (natural log, fp32, (B, heads, N) by raster row) only. The backward recomputes P from the
 // log-sum-exp: delta = rowsum(dO * O); dQ = scale * dS K over q_lut; dK = scale * dS^T Q and dV = P^T dO per key
 // block over k_lut, with dS = P * (dO V^T - delta). `column` runs the transposed layout (block-diagonal causal,
-// SPEC.md) by address arithmetic: kernel position T + c*H + r reads and writes raster row T + r*W + c.
+// paper appendix B.1) by address arithmetic: kernel position T + c*H + r reads and writes raster row T + r*W + c.
 //
 // Two kernel families, chosen by the entry points from dtype and tile (dalle_kernels/ops/attention.py cuda_tiles):
 // - tensor cores, fp16/bf16 (attn_*_mma_kernel): mma.sync m16n8k16 with fp32 accumulators, fragments from shared

@@ -8,7 +8,7 @@ partial tiles apply it per token with ``masks.tl_allowed``), with a flash-style 
 saves ``O`` and the row log-sum-exp only (O(N) extra memory). The backward recomputes ``P`` from the
 log-sum-exp: a preprocess kernel computes ``delta = rowsum(dO * O)``, one kernel computes dQ over the same
 table, one computes dK and dV per key block over the transposed table. ``column`` runs the transposed layout
-(block-diagonal causal, SPEC.md) by mapping each kernel position to its raster row in the loads and stores:
+(block-diagonal causal, paper appendix B.1) by mapping each kernel position to its raster row in the loads and stores:
 inputs and outputs stay in raster order and no permuted copy is made.
 """
 from __future__ import annotations
@@ -102,7 +102,7 @@ def check_inputs(q, k, v, mask, text_len, grid, kernel, scale):
 # - no register spills on either target (the dK/dV kernel holds two fp32 accumulators: key blocks of 32);
 # - tiles stay small because they are also the sparsity granularity: 64 x 64 tiles visit 0.50 / 0.43 / 0.63 of
 #   dense causal's tiles for row / column / conv at the paper shape, 64 x 32 tiles 0.46 / 0.43 / 0.63,
-#   128 x 128 tiles 0.62 / 0.49 / 0.73 (SPEC.md; `python -m dalle_kernels masks --tiles`).
+#   128 x 128 tiles 0.62 / 0.49 / 0.73 (`python -m dalle_kernels masks --tiles`).
 # The interpreter (CPU tests at small shapes) uses 16 x 16 tiles so that a sequence of a few dozen positions
 # already spans several blocks, full and partial.
 
@@ -154,7 +154,7 @@ if triton is not None:
 
     @triton.jit
     def _phys_rows(offs, T, H, W, TRANSPOSED: tl.constexpr):
-        """Kernel-layout position -> raster row of the tensor. ``column`` runs transposed (SPEC.md): logical
+        """Kernel-layout position -> raster row of the tensor. ``column`` runs transposed (paper appendix B.1): logical
         image position ``T + c*H + r`` reads raster row ``T + r*W + c``, so no permuted copy is ever made."""
         if TRANSPOSED:
             t = tl.maximum(offs - T, 0)

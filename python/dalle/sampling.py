@@ -1,4 +1,4 @@
-"""Autoregressive image sampling with a key/value cache (SPEC.md sections 1 and 2).
+"""Autoregressive image sampling with a key/value cache (paper section 2.2, appendix B.1).
 
 Each layer keeps the keys and values of every position produced so far. A new image position ``i`` reads
 only the keys its layer's mask allows: the indices come from the mask predicate
