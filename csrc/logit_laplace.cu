@@ -1,4 +1,4 @@
-// Fused logit-Laplace NLL of the dVAE (SPEC.md section 3): forward (+ the gradient for mean/sum of float32 params)
+// Fused logit-Laplace NLL of the dVAE (paper appendix A.3): forward (+ the gradient for mean/sum of float32 params)
 // and a recomputing backward (16-bit params: g / n stored before the loss scale would underflow).
 //
 // Per value, y = (1 - 2 eps) x + eps, mu = params[:, 0:3], ln_b = params[:, 3:6]:

@@ -1,4 +1,4 @@
-"""DALL-E's sparse causal attention masks as predicates (SPEC.md, section 1).
+"""DALL-E's sparse causal attention masks as predicates (paper appendix B.1).
 
 Positions: ``T`` text slots, then an ``H x W`` image grid in raster order. ``i`` is a query position,
 ``j`` a key position. Every predicate here is written with operators only (``//``, ``%``, ``&``, ``|``,
@@ -124,7 +124,7 @@ def column_permutation(text_len: int, grid, device=None) -> torch.Tensor:
     """``perm`` with ``x_t = x[..., perm, :]`` putting the image part in column-major order.
 
     Transposed position ``T + c * H + r`` holds raster position ``T + r * W + c``; text is unchanged.
-    In that layout the ``column`` mask is block-diagonal causal with blocks of ``H`` (SPEC.md, section 1).
+    In that layout the ``column`` mask is block-diagonal causal with blocks of ``H`` (paper appendix B.1).
     """
     T = int(text_len)
     H, W = (int(g) for g in grid)
@@ -309,7 +309,7 @@ PNG_CELL = 16  # pixels per position in the small views
 PNG_MARGIN = 4
 PNG_COLORS = {"text": (38, 110, 200), "image": (230, 120, 30), "off": (255, 255, 255),
               "visited": (222, 222, 222), "grid": (90, 90, 90), "boundary": (200, 0, 0)}
-# (text_len, (H, W), kernel, tile): SPEC.md's worked example, then a paper-like view.
+# (text_len, (H, W), kernel, tile): the worked example of README's The masks, then a paper-like view.
 PNG_SIZES = [(6, (4, 4), 3, 8), (16, (16, 16), 11, 16)]
 
 

@@ -1,4 +1,4 @@
-"""PowerSGD gradient compression with error feedback, as a DDP communication hook (SPEC.md, section 4).
+"""PowerSGD gradient compression with error feedback, as a DDP communication hook (paper section 2.5, appendix E).
 
     from dalle_kernels.powersgd import PowerSGDState, powersgd_hook
     state = PowerSGDState(model, rank=4, start_iter=100)        # model: the module DDP wraps

@@ -17,6 +17,7 @@ import dalle.generate
 import dalle.pipeline
 import dalle.plan
 import dalle.rerank
+import dalle.runs
 import dalle.train
 import dalle.train_dvae
 from dalle_kernels import masks
@@ -40,6 +41,8 @@ def no_work(monkeypatch):
     monkeypatch.setattr(dalle.train_dvae, "train_dvae", _refuse)
     monkeypatch.setattr(dalle.rerank, "train_for_run", _refuse)
     monkeypatch.setattr(dalle.generate, "sample_captions", _refuse)
+    for name in ("train", "train_dvae", "train_for_run", "sample_captions"):  # as the pipeline imports them
+        monkeypatch.setattr(dalle.pipeline, name, _refuse)
 
 
 def usage_error(main, argv, capsys, flag):
@@ -116,7 +119,7 @@ def test_attn_backend_triton_on_cpu_without_interpreter(tmp_path, capsys, no_wor
 def test_pipeline_resume_with_a_dvae_checkpoint_is_accepted(tmp_path, capsys, no_work):
     run = tmp_path / "run"
     (run / "dvae").mkdir(parents=True)
-    (run / "dvae" / "checkpoint.pt").touch()  # the dVAE was interrupted: --resume has something to continue
+    (run / "dvae" / "dcp" / "step_00000004").mkdir(parents=True)  # the dVAE was interrupted: --resume continues it
     with pytest.raises(WorkStarted):
         dalle.pipeline.main(["--run", str(run), "--resume", "--no-progress"])
 
@@ -302,7 +305,7 @@ def test_generate_prompt_image_checks(tmp_path, capsys, no_work, trained_run):
 
     img = tmp_path / "prompt.png"
     Image.new("RGB", (32, 32), (255, 0, 0)).save(img)
-    grid_rows = dalle.train.load_run_model(trained_run)[0].cfg.grid[0]
+    grid_rows = dalle.runs.load_run_model(trained_run)[0].cfg.grid[0]
     line = usage_error(dalle.generate.main, [*run, "--prompt-image", str(img), "--prompt-rows", str(grid_rows)],
                        capsys, "--prompt-rows")
     assert f"1 to {grid_rows - 1}" in line
@@ -350,7 +353,7 @@ def test_generate_run_without_its_dvae(tmp_path, capsys, no_work, trained_run):
 
     moved = tmp_path / "moved"
     shutil.copytree(trained_run, moved)
-    dalle_dvae = dalle.train.load_run_model(moved)[1]["dvae"]
+    dalle_dvae = dalle.runs.load_run_model(moved)[1]["dvae"]
     os.rename(dalle_dvae, dalle_dvae + ".gone")
     try:
         line = usage_error(dalle.generate.main, ["--run", str(moved), "a red circle"], capsys, "--run")
@@ -498,13 +501,13 @@ def is_known(path: str, outputs: set[str]) -> bool:
 
 PLACEHOLDERS = {"FILE.json", "SCRIPT.py"}  # the reader's own files, in capitals
 # What the tools write inside a run folder (their help and the README name these by bare name).
-RUN_OUTPUTS = {"model.safetensors", "config.json", "reranker/", "dvae/", "checkpoint.pt", "tokenizer.json",
+RUN_OUTPUTS = {"model.safetensors", "config.json", "reranker/", "dvae/", "checkpoint.pt", "dcp/", "tokenizer.json",
                "metrics.csv", "dalle.pt", "dvae.pt", "reranker.pt",  # the last three: an earlier version's
                "samples_train.png", "samples_heldout.png", "results.json", "eval.json", "data_cache.pt",
                "generated.png", "summary.md", "samples/", "recon_XXXXXX.png", "powersgd_rank<i>.pt", "benchmarks.json",
                # dalle.encode's token shards, and what a run on them writes
                "manifest.json", "text_tokens.npy", "reconstructions_heldout.png",
-               "train_state.json"}  # in each sharded checkpoint (dalle.fsdp)
+               "train_state.json", "manifest.json", "rank<r>.pt"}  # in each checkpoint (dalle.checkpoint)
 
 
 def test_readme_and_help_name_only_files_that_exist_or_are_written():
@@ -568,7 +571,7 @@ def test_generate_run_with_another_dvae_or_bad_files_is_a_usage_error(tmp_path, 
 
     from dalle.dvae import DVAE, DVAEConfig
 
-    meta = dalle.train.load_run_model(trained_run)[1]
+    meta = dalle.runs.load_run_model(trained_run)[1]
     assert os.path.isabs(meta["dvae"]) and meta["dvae_digest"]
     cases = {"dvae": "holds another dVAE", "model": "safetensors", "tokenizer": "tokenizers JSON",
              "config": "layers", "width": "does not describe the weights"}

@@ -204,7 +204,7 @@ def test_folder_skips_and_counts(tmp_path):
     ds = ImageCaptionDataset(tmp_path / "imgs", image_size=16)  # verify=True: every image decoded once
     assert ds.skipped["missing_caption"] == 1 and ds.skipped["empty_caption"] == 1 and ds.skipped["aspect"] == 1
     assert ds.skipped["corrupt_image"] == 2  # the garbage file and the truncated one that opens
-    assert len(ds) == 5 and ds.keys == [f"good{i}.png" for i in range(5)]
+    assert len(ds) == 5 and ds.keys == [f"good{i}" for i in range(5)]
     for _ in range(3):  # epochs: nothing left to fail, the counts stay
         seen = [ds[i] for i in range(len(ds))]
     assert all(im.shape == (3, 16, 16) and im.dtype == torch.uint8 for im, _ in seen)
@@ -219,7 +219,7 @@ def test_lazy_corrupt_file_counted_once_and_replaced_deterministically(tmp_path)
     _write_folder(tmp_path / "imgs")
     lazy = ImageCaptionDataset(tmp_path / "imgs", image_size=16, verify=False)
     assert len(lazy) == 6 and lazy.skipped["corrupt_image"] == 1  # header only: the truncated file passes
-    t = lazy.keys.index("truncated.png")
+    t = lazy.keys.index("truncated")
     assert t == 5  # sorted last: its replacement wraps around to item 0
     forward = [lazy.load(i, seed=(0, i)) for i in range(6)]
     assert lazy.bad == {t} and lazy.skipped["corrupt_image"] == 2
@@ -255,11 +255,15 @@ def test_heldout_split_rule(tmp_path):
     # stable under adding and removing other samples
     _, held_half = heldout_split(keys[::2], 0.1)
     assert [keys[::2][i] for i in held_half] == [k for k in (keys[i] for i in held) if k in set(keys[::2])]
-    # at least one held out (the smallest hash) and at least one trains (the largest hash)
-    h = [int(hashlib.sha1(k.encode()).hexdigest()[:8], 16) for k in keys[:3]]
-    assert heldout_split(keys[:3], 1e-9) == ([i for i in range(3) if i != h.index(min(h))], [h.index(min(h))])
-    assert heldout_split(keys[:3], 0.999999)[0] == [h.index(max(h))]
-    assert heldout_split(keys[:1], 0.5) == ([0], []) and heldout_split(keys, 0) == (list(range(2000)), [])
+    # the rule alone decides, whatever the number of keys: a tiny share may hold nothing out (every command then
+    # says so), a large one may hold everything out; is_heldout gives each key the same answer
+    from dalle.data.sources import is_heldout
+
+    for share in (1e-9, 0.02, 0.5, 0.999999):
+        _, held_small = heldout_split(keys[:40], share)
+        assert held_small == [i for i, k in enumerate(keys[:40]) if is_heldout(k, share)]
+    assert heldout_split(keys[:40], 1e-9) == (list(range(40)), [])
+    assert heldout_split(keys, 0) == (list(range(2000)), [])
     for bad in (-0.1, 1.0, True, "0.1"):
         with pytest.raises(ValueError, match="fraction"):
             heldout_split(keys, bad)
@@ -268,16 +272,16 @@ def test_heldout_split_rule(tmp_path):
 def test_keys_are_paths_relative_to_the_folder_or_table(tmp_path):
     _write_folder(tmp_path / "d" / "imgs", n_good=2)
     ds = ImageCaptionDataset(tmp_path / "d", image_size=8)
-    assert ds.keys == ["imgs/good0.png", "imgs/good1.png"]
+    assert ds.keys == ["imgs/good0", "imgs/good1"]
     table = tmp_path / "d" / "t.tsv"
     outside = tmp_path / "elsewhere.png"
     outside.write_bytes((tmp_path / "d" / "imgs" / "good0.png").read_bytes())
     table.write_text(f"imgs/good1.png\ta second picture\nimgs/good1.png\tthe same one again\n"
                      f"{outside}\tan absolute path\n")
     t = ImageCaptionDataset(table, image_size=8)
-    assert t.keys == ["imgs/good1.png", "imgs/good1.png#2", outside.as_posix()]
+    assert t.keys == ["imgs/good1", "imgs/good1#2", outside.with_suffix("").as_posix()]
     sub = t.subset([2, 0])
-    assert sub.keys == [outside.as_posix(), "imgs/good1.png"] and sub.captions()[0] == "an absolute path"
+    assert sub.keys == [outside.with_suffix("").as_posix(), "imgs/good1"] and sub.captions()[0] == "an absolute path"
     assert sub.skipped is t.skipped
 
 

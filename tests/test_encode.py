@@ -12,7 +12,7 @@ from dalle.data.shards import ShardWriter, TokenShards
 from dalle.data.sources import is_heldout, open_source
 from dalle.dvae import DVAE, DVAEConfig
 from dalle.encode import EncodeConfig, EncodeError, encode, main, preprocess_crops
-from dalle.train import _file_digest
+from dalle.runs import file_digest as _file_digest
 
 from test_sources import bad_items, good, png_bytes, write_tar
 
@@ -133,10 +133,15 @@ def test_other_settings_or_dvae_refused(tmp_path, tars):
     micro_dvae(tmp_path / "dvae", seed=1)  # another dVAE in the same folder
     with pytest.raises(EncodeError, match="dVAE: the folder's codes are from dVAE"):
         run(tmp_path, tars)
-    # the same refusal from the shard entries alone (a run killed before its manifest)
+    # an unfinished encode (killed before its manifest) with other settings is of no use: removed, with a line,
+    # and this encode starts over: the result is a fresh run's, byte for byte
     (tmp_path / "shards" / "manifest.json").unlink()
-    with pytest.raises(EncodeError, match="other settings .*dVAE"):
-        run(tmp_path, tars)
+    lines = []
+    encode(EncodeConfig(data=str(tars), dvae=str(tmp_path / "dvae"), out=str(tmp_path / "shards"), progress=False,
+                        device="cpu", batch_size=4, heldout=0.3), log=lines.append)
+    assert "removing 3 shard(s) of an unfinished encode made with other settings (dVAE:" in lines[0]
+    run(tmp_path, tars, out="fresh")
+    assert files(tmp_path / "shards") == files(tmp_path / "fresh")
 
 
 def test_no_usable_pair_is_a_clear_error(tmp_path):
@@ -145,7 +150,12 @@ def test_no_usable_pair_is_a_clear_error(tmp_path):
     write_tar(tmp_path / "00000.tar", bad)
     with pytest.raises(EncodeError, match=r"no usable image/caption pairs in .*00000.tar \(aspect: 1, corrupt_image"):
         run(tmp_path, tmp_path / "00000.tar")
-    assert not (tmp_path / "shards" / "manifest.json").exists()
+    assert not (tmp_path / "shards").exists()  # nothing left behind that a later run would trip over
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.md").write_text("the user's file")
+    with pytest.raises(EncodeError, match="nothing was written to"):
+        run(tmp_path, tmp_path / "00000.tar", out="kept")
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["notes.md"]
 
 
 def test_token_shards_reader_splits_crops_and_errors(tmp_path):

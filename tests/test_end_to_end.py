@@ -22,7 +22,7 @@ def test_pipeline_micro_run(tmp_path, capsys):
     summary = main(args)
     out = capsys.readouterr().out
     assert "held" in out and "total" in out
-    for name in ("dvae/model.safetensors", "dvae/config.json", "model.safetensors", "config.json", "checkpoint.pt",
+    for name in ("dvae/model.safetensors", "dvae/config.json", "model.safetensors", "config.json", "dcp/step_00000006/manifest.json",
                  "tokenizer.json", "metrics.csv", "reranker/model.safetensors", "reranker/config.json",
                  "samples_train.png", "samples_heldout.png", "results.json"):
         assert (run / name).is_file(), name

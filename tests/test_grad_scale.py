@@ -1,4 +1,4 @@
-"""Per-resblock gradient scaling (SPEC.md section 4) driven with injected inf/NaN gradients."""
+"""Per-resblock gradient scaling (paper section 2.4) driven with injected inf/NaN gradients."""
 import math
 
 import pytest

@@ -1,10 +1,10 @@
-"""Every mask compared, whole dense matrix, against SPEC.md's worked example and an independent predicate."""
+"""Every mask compared, whole dense matrix, against a worked example written out by hand and an independent predicate."""
 import pytest
 import torch
 
 from dalle_kernels import masks
 
-# SPEC.md section 1, T = 6, 4 x 4 grid, 3 x 3 conv: image keys allowed for each image query.
+# T = 6, 4 x 4 grid, 3 x 3 conv: image keys allowed for each image query.
 SPEC_TABLE = {
     "row": [list(range(max(0, q - 4), q + 1)) for q in range(16)],
     "column": [list(range(q % 4, q + 1, 4)) for q in range(16)],
@@ -16,7 +16,7 @@ SPEC_TABLE = {
 
 
 def test_spec_row_table_literal():
-    # The row entries of SPEC.md's table, written out, so the comprehension above is itself checked.
+    # The row entries of the table, written out, so the comprehension above is itself checked.
     assert SPEC_TABLE["row"][5] == [1, 2, 3, 4, 5] and SPEC_TABLE["row"][3] == [0, 1, 2, 3]
     assert SPEC_TABLE["column"][13] == [1, 5, 9, 13]
 
@@ -36,7 +36,7 @@ def test_spec_worked_example(name):
 
 
 def independent(name, T, H, W, kernel, i, j):
-    """A second, loop-based reading of SPEC.md's rules, written independently of masks.allowed."""
+    """A second, loop-based reading of the masks' rules (README: The masks), written independently of masks.allowed."""
     if j > i:
         return False
     if i < T:
@@ -192,7 +192,7 @@ def test_conv_torus_key_counts_paper_grid():
 
 
 def test_interior_key_counts_paper_grid():
-    # SPEC.md: keys for an interior query on a 32 x 32 grid: row 33, column up to 32, conv 66.
+    # Keys for an interior query on a 32 x 32 grid: row 33, column up to 32, conv 66.
     T, H, W = 0, 32, 32
     q = 20 * W + 16
     for name, count in (("row", 33), ("conv", 66), ("conv_clipped", 61)):

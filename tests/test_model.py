@@ -66,7 +66,7 @@ def test_embedding_layout():
 
 
 def test_loss_weighting_and_targets():
-    """loss == (CE_text over slots 1..T-1 + 7 CE_image over all image tokens) / 8, with the shift SPEC.md documents."""
+    """loss == (CE_text over slots 1..T-1 + 7 CE_image over all image tokens) / 8, with the shift the model documents."""
     torch.manual_seed(0)
     cfg = micro()
     m = DALLE(cfg)

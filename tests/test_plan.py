@@ -8,7 +8,8 @@ import torch
 
 from dalle.model import DALLE, DALLEConfig
 from dalle.plan import meta_model, plan
-from dalle.train import PRESETS, main as train_main
+from dalle.model import PRESETS
+from dalle.train import main as train_main
 
 MICRO = dict(text_len=6, text_vocab=20, image_vocab=12, grid=(4, 4), n_layers=2, n_heads=2, head_dim=16,
              conv_kernel=3)

@@ -19,7 +19,8 @@ from dalle.convert import convert, main as convert_main
 from dalle.dvae import DVAE, DVAEConfig
 from dalle.model import DALLE, DALLEConfig
 from dalle.rerank import FORMAT, Reranker, RerankerConfig
-from dalle.train import TrainConfig, load_run_model, save_run_model, train
+from dalle.runs import load_run_model, save_run_model
+from dalle.train import TrainConfig, train
 from dalle.train_dvae import TrainDVAEConfig, train_dvae
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,7 +94,7 @@ def test_model_loaders_refuse_crafted_files(tmp_path, marker):
     _refused(lambda: load_run_model(run), marker, hint, "earlier version")
     only_ckpt = tmp_path / "run2"  # a run stopped before its final model: the checkpoint is read, safely
     craft(only_ckpt / "checkpoint.pt", marker, optimizer={}, rng={}, step=1)
-    _refused(lambda: load_run_model(only_ckpt), marker, hint, "--trust-pickle")
+    _refused(lambda: load_run_model(only_ckpt), marker, hint, "earlier version")
     # the pipeline does not train a new dVAE over an old one: it names the conversion
     from dalle.pipeline import main as pipeline
 
@@ -114,7 +115,7 @@ def test_checkpoint_cache_and_powersgd_loaders_refuse_crafted_files(tmp_path, ma
     run = tmp_path / "t"
     craft(run / "checkpoint.pt", marker, optimizer={}, rng={}, step=1, schedule={})
     _refused(lambda: train(micro_train_config(run, dvae), resume=True, log=lambda *a: None), marker,
-             "checkpoint.pt", "--trust-pickle")
+             "checkpoint.pt", "python -m dalle.convert")
     # the data cache, read before anything trains
     run = tmp_path / "c"
     craft(run / "data_cache.pt", marker, key={}, text=0, image=0)
@@ -125,7 +126,9 @@ def test_checkpoint_cache_and_powersgd_loaders_refuse_crafted_files(tmp_path, ma
     run = tmp_path / "dv"
     craft(run / "checkpoint.pt", marker, optimizer={}, rng={}, step=1, train_config={})
     _refused(lambda: train_dvae(TrainDVAEConfig(run=str(run), resume=True, progress=False)), marker,
-             "--trust-pickle")
+             "python -m dalle.convert")
+    # the checkpoint conversion reads it with the safe reader only, unless trusted
+    _refused(lambda: convert(run), marker, "--trust-pickle")
     # PowerSGD error feedback (dalle.train reads it with load_checkpoint when resuming under torchrun)
     path = craft(tmp_path / "p" / "powersgd_rank0.pt", marker, step=1, state={})
     _refused(lambda: load_checkpoint(path), marker, "--trust-pickle")
@@ -260,7 +263,7 @@ def _old_run(run: Path):
     random.seed(5)
     np.random.seed(5)
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    opt = torch.optim.AdamW(model.parameters())
+    opt = torch.optim.AdamW(model.param_groups(4.5e-2))  # as the trainer made it
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": rng, "step": 2, **meta},
                run / "checkpoint.pt")
     return dvae, model, reranker
@@ -286,7 +289,13 @@ def test_old_run_converts_once_with_the_flag(tmp_path, capsys):
     assert loaded.cfg == model.cfg and meta["dvae"] == str(run / "dvae") and meta["step"] == 2
     _equal_state(dvae.state_dict(), DVAE.load(run / "dvae").state_dict())
     _equal_state(reranker.state_dict(), Reranker.load(run / "reranker").state_dict())
-    ck = load_checkpoint(run / "checkpoint.pt")
+    # the training checkpoint is now one of today's format (dalle.checkpoint), the old file gone
+    from dalle import checkpoint
+
+    assert not (run / "checkpoint.pt").exists()
+    (folder,) = checkpoint.checkpoints(run)
+    assert folder.name == "step_00000002" and checkpoint.verify(folder) is None
+    ck = load_checkpoint(folder / "rank0.pt")
     random.seed(5)
     np.random.seed(5)
     want = (random.random(), np.random.rand())
@@ -294,6 +303,8 @@ def test_old_run_converts_once_with_the_flag(tmp_path, capsys):
     np.random.seed(6)
     set_rng_state(ck["rng"])
     assert (random.random(), np.random.rand()) == want
-    _equal_state(model.state_dict(), ck["model"])
+    state = {"model": {f"model.{k}": torch.empty_like(v) for k, v in model.state_dict().items()}}
+    checkpoint.load_model_state(folder, state)
+    _equal_state({f"model.{k}": v for k, v in model.state_dict().items()}, state["model"])
     # converting again finds nothing that needs the flag
     convert(run, log=lambda *a: None)

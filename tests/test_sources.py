@@ -125,9 +125,10 @@ def test_folder_and_table_kinds(tmp_path):
     (root / "empty.png").write_bytes(png_bytes())
     (root / "empty.txt").write_text(" ")
     src = open_source(root, chunk_size=3)
-    assert src.kind == "folder" and src.units == ["folder[0:3]", "folder[3:6]", "folder[6:8]"]
+    # candidates in key order: corrupt empty g0 | g2 g4 nocap | sub/g1 sub/g3 trunc
+    assert src.kind == "folder" and src.units == ["folder[0:3]", "folder[3:6]", "folder[6:9]"]
     samples, skipped = read_all(src)
-    assert [s.key for s in samples] == ["g0.png", "g2.png", "g4.png", "sub/g1.png", "sub/g3.png"]
+    assert [s.key for s in samples] == ["g0", "g2", "g4", "sub/g1", "sub/g3"]  # keys: path without extension
     assert samples[0].caption == "a picture 0" and samples[0].image.mode == "RGB"
     assert skipped == Counter(corrupt_image=2, missing_caption=1, empty_caption=1)
 
@@ -138,7 +139,7 @@ def test_folder_and_table_kinds(tmp_path):
     tab = open_source(table)
     assert tab.kind == "table" and tab.path == str(table)
     samples, skipped = read_all(tab)
-    assert [s.key for s in samples] == ["imgs/g0.png", "imgs/g0.png#2", "imgs/g2.png"]
+    assert [s.key for s in samples] == ["imgs/g0", "imgs/g0#2", "imgs/g2"]
     assert skipped == Counter(missing_image=1, bad_row=1)
 
 

@@ -11,7 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dalle.train import PlateauSchedule, TrainConfig, batch_indices, parse_args
+from dalle.checkpoint import checkpoints
+from dalle.data.sampler import batch_indices
+from dalle.schedules import PlateauSchedule
+from dalle.train import TrainConfig, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,32 +48,55 @@ def losses(run):
                 for r in csv.DictReader(f)]
 
 
-def test_sigkill_then_resume_matches_uninterrupted(tmp_path, dvae_file):
-    steps = 60
+def _workers(torchrun_pid: int) -> dict:
+    """``{rank: pid}`` of the worker processes torchrun started (their environment names the rank)."""
+    out = {}
+    for task in Path(f"/proc/{torchrun_pid}/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            rank = [e.split(b"=", 1)[1] for e in environ if e.startswith(b"RANK=")]
+            if rank:
+                out[int(rank[0])] = int(pid)
+    return out
+
+
+def torchrun_cmd(n, cmd):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+            "-m", "dalle.train", *["--run-dir" if c == "--run" else c for c in cmd[3:]]]
+
+
+def test_sigkill_of_one_rank_then_resume_matches_uninterrupted(tmp_path, dvae_file):
+    """Two DDP workers with PowerSGD (from update 3); SIGKILL of rank 1 alone after a checkpoint (torchrun then
+    stops rank 0), ``--resume``: the metrics and the final weights equal an uninterrupted run's exactly (each
+    rank's RNG and PowerSGD error feedback come back from the checkpoint)."""
+    steps = 40
+    flags = ["--powersgd-rank", "2", "--powersgd-start", "3"]
     a_run, b_run = tmp_path / "a", tmp_path / "b"
-    a = subprocess.Popen(train_cmd(a_run, dvae_file, steps), env=env(), cwd=tmp_path,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    b = subprocess.Popen(train_cmd(b_run, dvae_file, steps), env=env(), cwd=tmp_path,
+    b = subprocess.Popen(torchrun_cmd(2, train_cmd(b_run, dvae_file, steps, *flags)), env=env(), cwd=tmp_path,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (b_run / "checkpoint.pt").exists() and b.poll() is None and time.time() < deadline:
+    deadline = time.time() + 180
+    while not checkpoints(b_run) and b.poll() is None and time.time() < deadline:
         time.sleep(0.01)
-    assert b.poll() is None, "the run finished before it could be killed"
-    os.kill(b.pid, signal.SIGKILL)
-    b.wait()
-    killed_at = torch.load(b_run / "checkpoint.pt", weights_only=True)["step"]
+    workers = _workers(b.pid)
+    assert b.poll() is None and 1 in workers, "the run finished (or never started) before it could be killed"
+    os.kill(workers[1], signal.SIGKILL)
+    assert b.wait(timeout=120) != 0
+    killed_at = int(checkpoints(b_run)[-1].name[5:])
     assert 0 < killed_at < steps and not (b_run / "model.safetensors").exists()
-    out, _ = a.communicate(timeout=300)
-    assert a.returncode == 0, out.decode()[-3000:]
-    r = subprocess.run(train_cmd(b_run, dvae_file, steps, "--resume"), env=env(), cwd=tmp_path,
+    r = subprocess.run(torchrun_cmd(2, train_cmd(a_run, dvae_file, steps, *flags)), env=env(), cwd=tmp_path,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    assert f"resumed from" in r.stdout and f"at step {killed_at}" in r.stdout
+    r = subprocess.run(torchrun_cmd(2, train_cmd(b_run, dvae_file, steps, *flags, "--resume")), env=env(),
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "resumed from" in r.stdout and "PowerSGD: sent" in r.stdout
     la, lb = losses(a_run), losses(b_run)
     assert [x[0] for x in la] == list(range(1, steps + 1))
     assert la == lb
-    # training made progress
-    assert float(la[-1][1]) < float(la[0][1])
+    assert float(la[-1][1]) < float(la[0][1])  # training made progress
     wa, wb = load_file(a_run / "model.safetensors"), load_file(b_run / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert any((a_run / "samples").glob("*.png"))
@@ -114,9 +140,8 @@ def test_config_validation(tmp_path):
     (tmp_path / "dvae").mkdir()
     (tmp_path / "dvae" / "model.safetensors").touch()
     (tmp_path / "dvae" / "config.json").write_text('{"model_type": "dalle_dvae"}')
-    (tmp_path / "checkpoint.pt").touch()  # the command line checks that the files exist, not what they hold
-    cfg, resume = parse_args(["--run", str(tmp_path), "--steps", "7", "--resume", "--no-progress"])
-    assert cfg.steps == 7 and resume and not cfg.progress
+    cfg, resume, force = parse_args(["--run", str(tmp_path), "--steps", "7", "--no-progress"])
+    assert cfg.steps == 7 and not resume and not force and not cfg.progress
 
 
 def test_missing_dvae_is_a_clear_error(tmp_path):
@@ -148,14 +173,16 @@ def test_ddp_two_workers_match_one_process_then_powersgd(tmp_path, dvae_file):
             assert float(x) == pytest.approx(float(y), rel=1e-4, abs=1e-6), i
     assert lo[5][1] != lt[5][1]  # compressed updates differ
     assert float(lt[5][1]) < float(lt[0][1])
-    for rank in (0, 1):
-        state = torch.load(tmp_path / "two" / f"powersgd_rank{rank}.pt", weights_only=True)
-        assert state["step"] == steps and state["state"]["rank"] == 2 and state["state"]["error"]
+    last = checkpoints(tmp_path / "two")[-1]
+    assert last.name == f"step_{steps:08d}"
+    for rank in (0, 1):  # each worker's own error feedback, in the checkpoint
+        state = torch.load(last / f"rank{rank}.pt", weights_only=True)["powersgd"]
+        assert state["rank"] == 2 and state["error"]
 
 
 def test_cond_dropout_batches():
     """A seeded share of each batch gets the empty caption; the same rows on every data-parallel worker."""
-    from dalle.train import get_batch
+    from dalle.data.tokens import get_batch
 
     n, T, V = 64, 6, 50
     data = {"text": torch.randint(0, V, (3, n, T)), "image": torch.randint(0, 9, (n, 16)), "text_vocab": V}

@@ -1,4 +1,4 @@
-"""Logit-Laplace negative log-likelihood of the dVAE (SPEC.md section 3): reference, kernels, autograd Function.
+"""Logit-Laplace negative log-likelihood of the dVAE (paper appendix A.3): reference, kernels, autograd Function.
 
 Per value, with ``y = (1 - 2 eps) x + eps`` the mapped pixel, ``mu`` and ``ln_b`` the decoder's channels 0-2 and 3-5:
 
@@ -468,7 +468,7 @@ def _resolve(backend: str, device: torch.device) -> str:
 
 def logit_laplace_loss(params: torch.Tensor, target: torch.Tensor, reduction: str = "mean", eps: float = 0.1,
                        backend: str = "auto", check_range: bool = True) -> torch.Tensor:
-    """Logit-Laplace NLL of ``target`` pixels under the decoder output ``params`` (SPEC.md section 3).
+    """Logit-Laplace NLL of ``target`` pixels under the decoder output ``params`` (paper appendix A.3).
 
     ``params`` ``(B, 6, H, W)`` float32/float16/bfloat16 (float64: torch backend only), channels 0-2 ``mu``
     and 3-5 ``ln b``; ``target`` ``(B, 3, H, W)`` floating in [0, 1] or uint8 in [0, 255], mapped with

@@ -1,4 +1,4 @@
-"""Householder orthogonalization of batches of tall-skinny matrices (PowerSGD's ``P``; SPEC.md, section 4).
+"""Householder orthogonalization of batches of tall-skinny matrices (PowerSGD's ``P``; paper appendix E).
 
 ``orthogonalize(P)`` overwrites every ``n x r`` matrix of ``P`` (``n >= r``) with the ``Q`` factor of its
 Householder QR, ``P = Q R``, signs chosen so that ``diag(R) >= 0`` (for a full-rank ``P`` that is the

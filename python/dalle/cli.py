@@ -9,25 +9,92 @@ need two flags or the run folder call ``parser.error``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from pathlib import Path
 
 from dalle_kernels._cli import Parser, int_at_least, positive_int  # noqa: F401 - shared with dalle_kernels
-from dalle_kernels.ops.attention import ATTENTION_BACKENDS as ATTN_BACKENDS  # sparse_attention's backends
+from dalle_kernels.ops.attention import ATTENTION_BACKENDS as ATTN_BACKENDS  # noqa: F401 - sparse_attention's
+
+from .checkpoint import CHECKPOINT_DIR, has_checkpoints
+from .common import convert_hint, pretrained_files
+from .dvae import MODEL_TYPE
+from .runs import LEGACY_CHECKPOINT
 
 # The files a trained transformer run folder must hold, by role; any one name of a role will do.
-# The loaders (dalle.train.load_run_model, dalle.tokenizer.CaptionTokenizer.load, dalle.generate.run_dvae_path)
+# The loaders (dalle.runs.load_run_model, dalle.tokenizer.CaptionTokenizer.load, dalle.runs.run_dvae_path)
 # read these; change this table with them.
 RUN_FILES = {
-    "model": ("model.safetensors", "checkpoint.pt"),  # the final weights, else the latest training checkpoint
+    "model": ("model.safetensors", "dcp"),  # the final weights, else the newest training checkpoint (RUN/dcp)
     "tokenizer": ("tokenizer.json",),
 }
 OLD_RUN_MODEL = "dalle.pt"  # an earlier version's model file: named with the conversion command, never read
 # Where a run looks for its dVAE when the model file's recorded path is gone (the run folder was moved).
 RUN_DVAE_FILES = ("dvae/model.safetensors",)
 RERANKER_FILE = "reranker"  # the run's reranker folder (model.safetensors + config.json)
-CHECKPOINT_FILE = "checkpoint.pt"
+
+
+# ------------------------------------------------------------------------------------------------ options
+def option(default, kind, help: str, flags: tuple = (), parse_only: bool = False):
+    """A config field declared once: its ``default``, the values it takes (``kind``: a tuple of choices, an
+    argparse type function such as ``positive_int``, or None for an on/off flag) and its ``help``. ``add_options``
+    makes every such field a flag and ``check_options`` checks a config built in Python by the same rule.
+    ``flags``: more names for the flag (``--run-dir``, which torchrun leaves alone); ``parse_only``: ``kind``
+    checks the command line only (it looks at files: a config built in Python may name one made later)."""
+    return dataclasses.field(default=default, metadata={"kind": kind, "help": help, "flags": tuple(flags),
+                                                        "parse_only": parse_only})
+
+
+def add_options(parser, config_cls, only=None, defaults=None, flags=None, helps=None) -> None:
+    """A flag for every field of the dataclass ``config_cls`` declared with ``option``: ``--name-with-dashes``
+    (on/off fields: ``--name`` / ``--no-name``), its default, its check and its help. A command that runs a
+    trainer (the pipeline) takes ``only`` some fields, with its own ``defaults``, flag names (``flags``: field ->
+    flag; the value goes to ``args.<flag without dashes>``) and help sentences (``helps``)."""
+    defaults, flags, helps = defaults or {}, flags or {}, helps or {}
+    for f in dataclasses.fields(config_cls):
+        if only is not None and f.name not in only:
+            continue
+        kind = f.metadata["kind"]
+        help_ = helps.get(f.name, f.metadata["help"])
+        names = [flags[f.name]] if f.name in flags else ["--" + f.name.replace("_", "-"), *f.metadata["flags"]]
+        dest = names[0][2:].replace("-", "_")
+        default = defaults.get(f.name, f.default)
+        if kind is None:
+            parser.add_argument(*names, dest=dest, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_)
+            continue
+        required = default is dataclasses.MISSING
+        parser.add_argument(*names, dest=dest, default=None if required else default, required=required,
+                            help=help_, **kind_kwargs(kind))
+
+
+def options_of(args, config_cls) -> dict:
+    """The values of ``config_cls``'s fields in parsed ``args``."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)}
+
+
+def check_options(config) -> None:
+    """``ValueError`` naming the first field of the dataclass ``config`` whose value its ``option`` kind refuses
+    (None stands for a default that the config resolves itself and is not checked)."""
+    for f in dataclasses.fields(config):
+        kind, value = f.metadata.get("kind"), getattr(config, f.name)
+        if (value is None and f.default is None) or f.metadata.get("parse_only"):
+            continue
+        if kind is None:
+            if not isinstance(value, bool):
+                raise ValueError(f"{f.name} must be True or False, got {value!r}")
+            continue
+        if isinstance(kind, tuple):
+            if value not in kind:
+                raise ValueError(f"{f.name} must be one of {kind}, got {value!r}")
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError(f"{f.name}: expected {kind.__name__}, got {value!r}")
+        try:
+            kind(str(value))
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(f"{f.name}: {e}") from None
 
 
 def warn(message: str) -> None:
@@ -135,10 +202,16 @@ def has_reranker(run) -> bool:
 
 
 def check_resume(parser, *runs) -> None:
-    """``--resume`` needs a training checkpoint in one of the ``runs`` folders."""
-    looked = [Path(r) / CHECKPOINT_FILE for r in runs]
-    if not any(p.is_file() for p in looked):
-        parser.error(f"argument --resume: nothing to resume: no checkpoint at {' or '.join(map(str, looked))}")
+    """``--resume`` needs a training checkpoint in one of the ``runs`` folders (``RUN/dcp``; which one verifies
+    is the trainer's check), else a usage error; an earlier version's ``checkpoint.pt`` names the conversion."""
+    if any(has_checkpoints(r) for r in runs):
+        return
+    for r in runs:
+        if (Path(r) / LEGACY_CHECKPOINT).is_file():
+            parser.error(f"argument --resume: {Path(r) / LEGACY_CHECKPOINT} is a checkpoint of an earlier version "
+                         f"of dalle; {convert_hint(r, trust=False)}")
+    looked = " or ".join(str(Path(r) / CHECKPOINT_DIR) for r in runs)
+    parser.error(f"argument --resume: nothing to resume: no checkpoint in {looked}")
 
 
 
@@ -150,8 +223,6 @@ def check_run(parser, run: str, flag: str = "--run") -> Path:
                      f"{_files_wanted(path)}; train one with python -m dalle.pipeline or dalle.train)")
     missing = [names for names in RUN_FILES.values() if not any((path / n).exists() for n in names)]
     if RUN_FILES["model"] in missing and (path / OLD_RUN_MODEL).is_file():
-        from .common import convert_hint
-
         parser.error(f"argument {flag}: {run!r} holds a model of an earlier version of dalle "
                      f"({path / OLD_RUN_MODEL}, a torch pickle, which is no longer read): "
                      f"{convert_hint(path, trust=False)}")
@@ -182,9 +253,6 @@ def check_dvae(parser, path, flag: str = "--dvae") -> Path:
     ``config.json`` says ``model_type`` ``dalle_dvae``; otherwise a usage error naming ``flag``. Reads no weights."""
     import json
 
-    from .common import pretrained_files
-    from .dvae import MODEL_TYPE
-
     try:
         weights, config = pretrained_files(path)
     except (FileNotFoundError, ValueError) as e:  # UnsafeFileError (an old torch file) is a ValueError
@@ -206,8 +274,12 @@ def check_dvae(parser, path, flag: str = "--dvae") -> Path:
 def check_attn_backend(parser, backend: str, device_text: str, flag: str = "--attn-backend") -> None:
     """``triton`` runs on CUDA tensors, or on CPU ones only in Triton's interpreter (``TRITON_INTERPRET=1``);
     ``cuda`` on CUDA tensors with the built extension; ``cuda_emu`` on CPU tensors with the built emulator."""
-    from dalle_kernels._dispatch import (cuda_extension_has, emu_extension_has, triton_available,
-                                         triton_interpreter_enabled)
+    from dalle_kernels._dispatch import (
+        cuda_extension_has,
+        emu_extension_has,
+        triton_available,
+        triton_interpreter_enabled,
+    )
 
     if backend == "cuda":
         if not device_is_cuda(device_text):

@@ -7,9 +7,11 @@
 
 Models (``dalle.pt``, ``dvae.pt``, ``reranker.pt``) become folders of ``model.safetensors`` + ``config.json``:
 the transformer's into its run folder, a dVAE's into its run folder (``RUN/dvae/`` when it sits beside a
-transformer), a reranker's into ``RUN/reranker/``. Training checkpoints (``checkpoint.pt``), PowerSGD state
-(``powersgd_rank<i>.pt``) and the data cache (``data_cache.pt``) stay torch files, rewritten in place with plain
-data (the RNG states as tensors and numbers) so that ``torch.load(weights_only=True)`` reads them.
+transformer), a reranker's into ``RUN/reranker/``. A training checkpoint (``checkpoint.pt``, the transformer's or a
+dVAE's) becomes a checkpoint of today's format, ``RUN/dcp/step_XXXXXXXX`` (README "Checkpoints and resuming"),
+and the old file is removed once the new one reads back identical; PowerSGD state (``powersgd_rank<i>.pt``) and
+the data cache (``data_cache.pt``) stay torch files, rewritten in place with plain data (the RNG states as
+tensors and numbers) so that ``torch.load(weights_only=True)`` reads them.
 
 Each file is first read with ``weights_only=True``, which runs no code from it. A file that reader refuses (an
 earlier version's training checkpoint, whose NumPy RNG state was pickled, or a crafted file) is converted only
@@ -28,9 +30,14 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
+from . import checkpoint, cli
 from .common import (MODEL_FILE, OLD_MODEL_FILES, UnsafeFileError, atomic_save, convert_hint, load_checkpoint,
                      load_pretrained, plain_rng_state, save_pretrained)
+from .dvae import DVAE, DVAEConfig
+from .model import DALLE, DALLEConfig
+from .runs import MODEL_TYPE, file_digest, run_identity
 
 TORCH_FILES = ("checkpoint.pt", "data_cache.pt")  # and powersgd_rank<i>.pt
 
@@ -126,10 +133,13 @@ def convert_file(path, out=None, trust_pickle: bool = False) -> str:
             raise RuntimeError(f"{folder / MODEL_FILE} does not read back the tensors of {path}")
         return f"{path} -> {folder} (model.safetensors + config.json, {len(again)} tensors read back identical)"
     if kind == "checkpoint":
+        if out is not None:
+            raise ValueError(f"{path}: a training checkpoint is converted into its run folder (no --out)")
         obj = {**obj, "rng": plain_rng_state(obj["rng"])}
         if "dvae" in obj:
             obj["dvae"] = _dvae_ref(obj["dvae"])
-    elif not pickled and out is None:
+        return checkpoint_to_dcp(path, obj)
+    if not pickled and out is None:
         return f"{path}: already plain data, left as it is"
     target = Path(out) if out else path
     try:
@@ -138,6 +148,68 @@ def convert_file(path, out=None, trust_pickle: bool = False) -> str:
         raise ValueError(f"{path} ({kind}) cannot be converted: {e}") from None
     load_checkpoint(target)
     return f"{path} -> {target} ({kind}, plain data, reads with weights_only=True)"
+
+
+class _Objective(nn.Module):
+    """The transformer under the name the trainer's checkpoints use (``model.``)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+
+def checkpoint_to_dcp(path: Path, obj: dict) -> str:
+    """Write the earlier version's training checkpoint ``obj`` (read from ``path``, a transformer's or a dVAE's)
+    as a checkpoint of today's format in ``RUN/dcp/step_XXXXXXXX`` (``dalle.checkpoint``), read it back and
+    compare, then remove ``path``. A transformer checkpoint records no digests of its tokenizer, data or
+    precision: a resume of it compares those it can (the dVAE's, when recorded)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    run, step = path.parent, int(obj["step"])
+    mcfg, tcfg = obj.get("model_config"), obj.get("train_config") or {}
+    if not isinstance(mcfg, dict) or not isinstance(tcfg, dict):
+        raise ValueError(f"{path}: a training checkpoint without its model and training configs")
+    if "text_len" in mcfg:  # the transformer's
+        model = DALLE(DALLEConfig.from_dict(mcfg))
+        model.load_state_dict(obj["model"])
+        wrapped = _Objective(model)
+        opt = torch.optim.AdamW(model.param_groups(tcfg.get("weight_decay", 4.5e-2)), lr=1.0, betas=(0.9, 0.96),
+                                eps=1e-8)
+        tok = run / "tokenizer.json"
+        data = Path(tcfg["data"]) / "manifest.json" if tcfg.get("data") else None
+        digests = {"--dvae": obj.get("dvae_digest"), "--tokenizer": file_digest(tok) if tok.is_file() else None,
+                   "--data": file_digest(data) if data is not None and data.is_file() else None,
+                   "--precision": None if tcfg.get("precision", "auto") == "auto" else tcfg["precision"]}
+        train_state = {"model_type": MODEL_TYPE, "model_config": mcfg, "train_config": tcfg,
+                       "identity": run_identity(tcfg, digests), "dvae": obj.get("dvae"),
+                       "dvae_digest": obj.get("dvae_digest"), "schedule": obj.get("schedule"),
+                       "grad_scaler": obj.get("grad_scaler")}
+        extra = {}
+    else:  # the dVAE's
+        model = wrapped = DVAE(DVAEConfig(**mcfg))
+        model.load_state_dict(obj["model"])
+        groups = [{"params": list(model.encoder.parameters()), "lr_mult": tcfg.get("encoder_lr") or 1.0},
+                  {"params": list(model.decoder.parameters()), "lr_mult": 1.0}]
+        opt = torch.optim.AdamW(groups, lr=1.0, betas=(0.9, 0.999), eps=1e-8,
+                                weight_decay=tcfg.get("weight_decay", 1e-4))
+        train_state = {"model_type": "dalle_dvae", "model_config": mcfg, "train_config": tcfg,
+                       "grad_scaler": obj.get("grad_scaler") or None}
+        extra = {"kmeans_centres": obj["kmeans_centres"]} if obj.get("kmeans_centres") is not None else {}
+    try:
+        opt.load_state_dict(obj["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{path}: its optimizer state is not the trainer's ({e})") from None
+    msd, osd = get_state_dict(wrapped, opt)
+    train_state = {**train_state, "step": step, "layout": ["ddp", 1]}
+    rank_state = {"rng": obj["rng"], "data": obj.get("data"), "powersgd": None}
+    folder = checkpoint.save(run, step, {"model": msd, "optim": osd, **extra}, train_state, rank_state, keep=1 << 30)
+    problem = checkpoint.verify(folder)
+    again = {"model": {k: torch.empty_like(v) for k, v in msd.items()}}
+    checkpoint.load_model_state(folder, again)
+    if problem or not _same_tensors(msd, again["model"]):
+        raise RuntimeError(f"{folder} does not read back the checkpoint of {path} ({problem or 'tensors differ'})")
+    path.unlink()
+    return f"{path} -> {folder} (step {step}, checkpoint of this version, read back identical; {path.name} removed)"
 
 
 def convert(path, out=None, trust_pickle: bool = False, log=print) -> list[str]:
@@ -181,8 +253,6 @@ def convert_openai_dvae(encoder, decoder, out, log=print) -> str:
 
     Raises what ``DVAE.from_openai`` raises (``UnsafeFileError`` for a file naming anything but tensors and the
     ``dall_e`` module tree, ``ValueError`` for other files); nothing is written then."""
-    from .dvae import DVAE
-
     model = DVAE.from_openai(encoder, decoder)
     model.save(out)
     again = DVAE.load(out)
@@ -196,8 +266,6 @@ def convert_openai_dvae(encoder, decoder, out, log=print) -> str:
 
 
 def build_parser():
-    from . import cli
-
     p = cli.Parser(prog="python -m dalle.convert", description=__doc__.split("\n\n")[0],
                    epilog="Models become model.safetensors + config.json folders; checkpoints stay "
                           "torch files with plain data. See the README, 'Model files'.")

@@ -1,57 +1,63 @@
-"""Export a sharded run's weights to the single-file format that ``dalle.generate`` reads.
+"""Export a run's weights from a training checkpoint to the single-file format that ``dalle.generate`` reads.
 
-    python -m dalle.export --run runs/big                          # the newest checkpoint in RUN/dcp
+    python -m dalle.export --run runs/big                          # the newest checkpoint that verifies
     python -m dalle.export --run runs/big --checkpoint runs/big/dcp/step_00010000
 
-Reads a Torch Distributed Checkpoint written by ``python -m dalle.train --fsdp`` (any number of shards, one
-process, no GPU needed) and writes ``RUN/model.safetensors`` + ``RUN/config.json``. The model is assembled whole
-in memory: about 4 bytes per parameter (49 GB for the paper's 12B). ``dalle.train --fsdp`` runs this itself when
-training ends; use it for a run stopped early or for an earlier checkpoint. No code from the files runs
-(``dalle.fsdp.safe_reader``).
+Reads a checkpoint written by ``python -m dalle.train`` (one process, DDP or ``--fsdp`` with any number of shards;
+one process here, no GPU needed), verified against its manifest first, and writes ``RUN/model.safetensors`` +
+``RUN/config.json``. The model is assembled whole in memory: about 4 bytes per parameter (49 GB for the paper's
+12B). ``dalle.train --fsdp`` runs this itself when training ends; use it for a run stopped early or for an earlier
+checkpoint. No code from the files runs (``dalle.checkpoint``).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from . import checkpoint, cli
+from .runs import export
+
 
 def build_parser():
-    from . import cli
-
-    p = cli.Parser(prog="python -m dalle.export", description="Write the weights of a sharded training run "
-                   "(python -m dalle.train --fsdp) as RUN/model.safetensors + RUN/config.json.")
-    p.add_argument("--run", required=True, help="the run folder (its sharded checkpoints are in RUN/dcp)")
+    p = cli.Parser(prog="python -m dalle.export", description="Write the weights of a training checkpoint of a "
+                   "transformer run (python -m dalle.train) as RUN/model.safetensors + RUN/config.json.")
+    p.add_argument("--run", required=True, help="the run folder (its checkpoints are in RUN/dcp)")
     p.add_argument("--checkpoint", default=None,
-                   help="one checkpoint folder (RUN/dcp/step_XXXXXXXX; default: the newest)")
+                   help="one checkpoint folder (RUN/dcp/step_XXXXXXXX; default: the newest that verifies)")
     p.add_argument("--force", action="store_true",
                    help="overwrite RUN's model even when it is from a later step than the checkpoint")
     return p
 
 
 def main(argv=None):
-    from .fsdp import CHECKPOINT_DIR, TRAIN_STATE, checkpoints, export
-
     p = build_parser()
     a = p.parse_args(argv)
-    found = checkpoints(a.run)
     if a.checkpoint is not None:
-        if not (Path(a.checkpoint) / TRAIN_STATE).is_file():
-            p.error(f"argument --checkpoint: {a.checkpoint} is not a complete sharded checkpoint (no {TRAIN_STATE})")
-    elif not found:
-        p.error(f"argument --run: no complete sharded checkpoint in {Path(a.run) / CHECKPOINT_DIR} (folders "
-                f"step_XXXXXXXX written by python -m dalle.train --fsdp)")
-    ckpt = Path(a.checkpoint) if a.checkpoint is not None else found[-1]
+        ckpt = Path(a.checkpoint)
+        problem = checkpoint.verify(ckpt) if ckpt.is_dir() else "no such folder"
+        if problem:
+            p.error(f"argument --checkpoint: {a.checkpoint} is not a usable checkpoint ({problem})")
+    else:
+        ckpt, skipped = checkpoint.newest_verified(a.run)
+        for folder, why in skipped:
+            cli.warn(f"skipped checkpoint {folder}: {why}")
+        if ckpt is None:
+            p.error(f"argument --run: no checkpoint in {Path(a.run) / checkpoint.CHECKPOINT_DIR} verifies (folders "
+                    f"step_XXXXXXXX written by python -m dalle.train)")
     config = Path(a.run) / "config.json"
     if config.is_file() and not a.force:
         try:
             have = json.loads(config.read_text()).get("step")
-            want = json.loads((ckpt / TRAIN_STATE).read_text())["step"]
+            want = checkpoint.read_json(ckpt / checkpoint.TRAIN_STATE, "train state")["step"]
         except (OSError, ValueError, KeyError, TypeError):
             have = want = None
         if isinstance(have, int) and isinstance(want, int) and have > want:
             p.error(f"argument --run: {config} is the model of step {have}, later than the checkpoint's step {want} "
                     f"({ckpt}); --force to overwrite it")
-    export(a.run, ckpt)
+    try:
+        export(a.run, ckpt)
+    except ValueError as e:
+        p.error(f"argument --checkpoint: {e}")
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ from .sampling import check_sampling_args, generate_images
 
 def load_run(run, device="cpu"):
     """``(model, tokenizer, dvae)`` of a trained run directory."""
+    from .runs import load_dvae, load_run_model, run_dvae_path
     from .tokenizer import CaptionTokenizer
-    from .train import load_dvae, load_run_model
 
     run = Path(run)
     if not run.is_dir():
@@ -38,29 +38,6 @@ def load_run(run, device="cpu"):
     model, ckpt = load_run_model(run, device)
     tok = CaptionTokenizer.load(run / "tokenizer.json")
     return model, tok, load_dvae(run_dvae_path(run, ckpt), device)
-
-
-def run_dvae_path(run, ckpt) -> Path:
-    """The dVAE folder a run's checkpoint ``ckpt`` was trained with: the folder it records, else ``RUN/dvae``
-    (the pipeline's) when the run folder was moved. When the run records its dVAE's digest (runs written since
-    the digest was added), the folder's weights must match it: a ValueError names the folders looked at
-    otherwise, so a run never decodes its codes with another dVAE."""
-    from .train import _file_digest
-
-    run = Path(run)
-    recorded = Path(ckpt["dvae"]) if ckpt.get("dvae") else None
-    looked = [p for p in (recorded, run / "dvae") if p is not None]
-    found = [p for p in looked if pretrained_files(p)[0].is_file()]
-    digest = ckpt.get("dvae_digest")
-    if digest is None:  # an older run: the first dVAE found
-        return found[0] if found else looked[0]
-    for p in found:
-        if _file_digest(pretrained_files(p)[0]) == digest:
-            return p
-    if not found:
-        return looked[0]  # the loader names what is missing
-    raise ValueError(f"the dVAE this run was trained with (weights digest {digest}) is not at "
-                     f"{' or '.join(map(str, looked))}: {', '.join(map(str, found))} holds another dVAE")
 
 
 def scene_of(caption: str):
@@ -317,7 +294,7 @@ def main(argv=None):
         p.error(f"argument --prompt-rows: this run's grid has {model.cfg.grid[0]} rows; expected 1 to "
                 f"{model.cfg.grid[0] - 1}, got {rows}")
     if a.guidance != 1.0:
-        from .train import load_run_meta
+        from .runs import load_run_meta
 
         if not (load_run_meta(a.run).get("train_config") or {}).get("cond_dropout", 0.0):
             cli.warn(f"--guidance {a.guidance:g}: {a.run} was trained without caption dropout (--cond-dropout), "

@@ -1,4 +1,4 @@
-"""Per-resblock gradient scaling (SPEC.md section 4, paper section 2.4 and appendix D).
+"""Per-resblock gradient scaling (paper section 2.4 and appendix D).
 
 Every residual block ``l`` has its own scale ``s_l``. In backward, the gradient that flows into the block
 (at its output) is multiplied by ``s_l``; the gradient that leaves it (at its input) is divided by ``s_l``

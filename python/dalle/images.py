@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .common import _atomic_write
+
 
 def as_unit_float(images: torch.Tensor, name: str = "images") -> torch.Tensor:
     """Float32 pixels in [0, 1] of ``images``: uint8 in [0, 255] divided by 255, floating ones as they are.
@@ -95,6 +97,5 @@ def make_grid(images, nrow: int = 8, captions=None, scale: int | None = None, pa
 def save_grid(images, path, nrow: int = 8, captions=None, scale: int | None = None) -> Path:
     """Write ``make_grid(images, nrow, captions, scale)`` as a PNG (atomically: temporary file, then rename)."""
     grid = make_grid(images, nrow=nrow, captions=captions, scale=scale)  # bad input raises before any folder exists
-    from .common import _atomic_write
 
     return _atomic_write(path, lambda f: grid.save(f, format="PNG"))

@@ -1,8 +1,8 @@
-"""The DALL-E transformer (SPEC.md sections 1, 2 and 4) on ``dalle_kernels.sparse_attention``.
+"""The DALL-E transformer (paper section 2.2, appendix B) on ``dalle_kernels.sparse_attention``.
 
 Sequence: ``T`` text slots then the ``H x W`` image grid in raster order, ``N = T + H*W`` positions.
 
-Start-of-image choice (SPEC.md section 2): there is no start-of-image token. The output at the last text
+Start-of-image choice (paper section 2.2): there is no start-of-image token. The output at the last text
 slot ``T - 1`` predicts image token 0, the output at image position ``k`` predicts image token ``k + 1`` and
 the output at the last image position predicts nothing. Text slot ``t`` predicts text slot ``t + 1`` (the
 per-slot padding tokens included, they are ordinary tokens), so the first text slot is never predicted.
@@ -27,13 +27,15 @@ from torch.utils.checkpoint import checkpoint
 from dalle_kernels import sparse_attention
 from dalle_kernels.masks import MASKS, check_layout
 from dalle_kernels.ops.attention import ATTENTION_BACKENDS, HEAD_DIMS
+from dalle_kernels.powersgd import uncompressed_parameter_names
 
+from .tokenizer import padding_ids
 
 INIT_BLOCK = 1 << 20  # elements per independently seeded block of a parameter's initial values
 
 
 def layer_masks(n_layers: int, last: str = "conv") -> list[str]:
-    """SPEC.md section 1 schedule: ``last`` for the final layer, ``column`` when ``l % 4 == 1``, else ``row``."""
+    """The paper's layer schedule (appendix B.1): ``last`` for the final layer, ``column`` when ``l % 4 == 1``, else ``row``."""
     return [last if l == n_layers - 1 else ("column" if l % 4 == 1 else "row") for l in range(n_layers)]
 
 
@@ -339,8 +341,6 @@ class DALLE(nn.Module):
 
     def unconditional_text(self, batch: int, device=None) -> torch.Tensor:
         """``(batch, text_len)`` text of the empty caption (every slot its padding id), for guidance."""
-        from .tokenizer import padding_ids
-
         return padding_ids(self.cfg.text_len, self.cfg.text_vocab, device).expand(batch, -1)
 
     # -- inputs ----------------------------------------------------------------------------------------
@@ -413,7 +413,7 @@ class DALLE(nn.Module):
         return scaler.scale_logits(text_logits.float()), scaler.scale_logits(image_logits.float())
 
     def loss(self, text, image, return_parts=False):
-        """``(loss_text + 7 * loss_image) / 8`` (SPEC.md section 2), losses computed in float32."""
+        """``(loss_text + 7 * loss_image) / 8`` (paper section 2.2), losses computed in float32."""
         image = self.check_tokens(text, image)
         text_logits, image_logits = self._logits(text, image)  # checked once
         loss_text = F.cross_entropy(text_logits.float().flatten(0, 1), text[:, 1:].flatten())
@@ -424,7 +424,7 @@ class DALLE(nn.Module):
         return loss
 
     def param_groups(self, weight_decay: float):
-        """AdamW groups (SPEC.md section 4): decay on linear-layer matrices, none on gains, biases, embeddings."""
+        """AdamW groups (paper appendix B.2): decay on linear-layer matrices, none on gains, biases, embeddings."""
         decay, no_decay = [], []
         for m in self.modules():
             for name, p in m.named_parameters(recurse=False):
@@ -448,3 +448,21 @@ def check_id_range(ids: torch.Tensor, size: int, name: str, what: str = "") -> N
 
 def combine_losses(loss_text, loss_image):
     return (loss_text + 7.0 * loss_image) / 8.0
+
+
+# the transformer's sizes by name (``--preset``); the paper's is 64 blocks of 62 heads of 64 channels (section 2.4)
+PRESETS = {
+    "micro": dict(n_layers=2, n_heads=2, head_dim=16, conv_kernel=3),
+    "tiny": dict(n_layers=4, n_heads=4, head_dim=32, conv_kernel=5),
+    "small": dict(n_layers=8, n_heads=8, head_dim=32, conv_kernel=5),
+    "paper": dict(n_layers=64, n_heads=62, head_dim=64, conv_kernel=11),
+}
+
+
+def powersgd_uncompressed(model: DALLE, prefix: str = "") -> set[str]:
+    """Names (with ``prefix``) of the parameters PowerSGD sends whole (paper appendix E: only the weight
+    matrices are compressed): gains and biases, the lookup-table embeddings, the position embeddings (plain
+    parameters) and the output layers (text head; image head, or the CodeEmbedding that is both)."""
+    whole = {id(p) for p in model.head_parameters()} | {id(model.text_pos), id(model.row_emb), id(model.col_emb)}
+    names = uncompressed_parameter_names(model) | {n for n, p in model.named_parameters() if id(p) in whole}
+    return {prefix + n for n in names}

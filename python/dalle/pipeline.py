@@ -38,7 +38,22 @@ from pathlib import Path
 
 import torch
 
+from . import cli
+from .checkpoint import has_checkpoints
 from .common import UnsafeFileError, convert_hint, pick_device, pretrained_files
+from .data.shapes import ShapesDataset, matches
+from .data.shards import TokenShards
+from .data.sources import open_source
+from .data.transforms import preprocess
+from .dvae import DVAE
+from .encode import main as encode_main
+from .generate import CaptionWarning, load_run, rerank_order, sample_captions
+from .images import save_grid
+from .model import PRESETS
+from .rerank import Reranker, train_for_run
+from .runs import fresh_run_problem
+from .train import TrainConfig, train
+from .train_dvae import TrainDVAEConfig, train_dvae
 
 
 def evaluate_split(model, tok, dvae, split, n_captions, rerank, top_k, temperature, seed, data_seed, guidance=1.0,
@@ -48,9 +63,6 @@ def evaluate_split(model, tok, dvae, split, n_captions, rerank, top_k, temperatu
 
     Returns ``(results, captions, first samples, picks)``; the picks are the reranker's (else the scorer's).
     """
-    from .data.shapes import ShapesDataset, matches
-    from .generate import rerank_order, sample_captions
-
     ds = ShapesDataset(split, size=n_captions, image_size=dvae.cfg.image_size, seed=data_seed)
     captions = ds.captions()
     scenes = [ds.scene(i) for i in range(len(ds))]
@@ -81,25 +93,18 @@ def evaluate_split(model, tok, dvae, split, n_captions, rerank, top_k, temperatu
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import cli
-    from .train import PRESETS
-
     p = cli.Parser(prog="python -m dalle.pipeline", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", type=cli.output_dir, default="runs/demo", help="run folder to write (and reuse)")
-    p.add_argument("--dvae-steps", type=cli.positive_int, default=1200, help="dVAE updates")
-    p.add_argument("--dvae-images", type=cli.positive_int, default=20000, help="training images for the dVAE")
-    p.add_argument("--dvae-eval-images", type=cli.positive_int, default=256,
-                   help="held-out images for the dVAE's reconstruction error")
-    p.add_argument("--steps", type=cli.positive_int, default=4000, help="transformer updates")
-    p.add_argument("--preset", default="tiny", choices=tuple(PRESETS), help="transformer size")
-    p.add_argument("--batch-size", type=cli.positive_int, default=32, help="transformer batch size")
-    p.add_argument("--lr", type=cli.positive_float, default=1e-3, help="transformer peak step size")
-    p.add_argument("--warmup", type=cli.nonneg_int, default=100, help="transformer warm-up updates")
-    p.add_argument("--dataset-size", type=cli.positive_int, default=8000,
-                   help="training caption-image pairs for the transformer")
-    p.add_argument("--text-len", type=cli.positive_int, default=None,
-                   help="text slots (default 24 on the built-in shapes, whose clean captions use <= 15 BPE ids, "
-                        "BPE dropout making longer ones; 64 with --data; longer captions are truncated)")
+    # the trainers' own options (dalle.train.TrainConfig, dalle.train_dvae.TrainDVAEConfig), at the main job's
+    # defaults: one declaration of each flag's values and help
+    cli.add_options(p, TrainDVAEConfig, only=("steps", "num_images", "eval_images"),
+                    flags={"steps": "--dvae-steps", "num_images": "--dvae-images", "eval_images": "--dvae-eval-images"},
+                    helps={"steps": "dVAE updates", "num_images": "training images for the dVAE"})
+    cli.add_options(p, TrainConfig, only=("steps", "preset", "batch_size", "lr", "warmup", "dataset_size", "text_len"),
+                    defaults={"steps": 4000, "lr": 1e-3, "warmup": 100, "dataset_size": 8000, "text_len": None},
+                    helps={"steps": "transformer updates", "text_len": "text slots (default 24 on the built-in shapes, "
+                           "whose clean captions use <= 15 BPE ids, BPE dropout making longer ones; 64 with --data; "
+                           "longer captions are truncated)"})
     p.add_argument("--eval-captions", type=cli.positive_int, default=100, help="captions sampled per split")
     p.add_argument("--rerank", type=cli.positive_int, default=16, help="candidates per evaluation caption")
     p.add_argument("--reranker-steps", type=cli.nonneg_int, default=4000,
@@ -107,18 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=cli.positive_int, default=16, help="sample among the k likeliest image tokens")
     p.add_argument("--temperature", type=cli.nonneg_float, default=1.0,
                    help="sampling temperature (0: always the likeliest token)")
-    p.add_argument("--image-embedding", default=None, choices=("table", "dvae"),
-                   help="dvae: image-token vectors computed from the dVAE's codes (dalle.model.CodeEmbedding; the "
-                        "default on the built-in shapes); table: the paper's lookup tables (the default with --data)")
-    p.add_argument("--cond-dropout", type=cli.probability, default=0.0,
-                   help="share of training samples on the empty caption, in [0, 1) (for --guidance)")
+    cli.add_options(p, TrainConfig, only=("image_embedding", "cond_dropout"), defaults={"image_embedding": None},
+                    helps={"image_embedding": "dvae: image-token vectors computed from the dVAE's codes "
+                           "(dalle.model.CodeEmbedding; the default on the built-in shapes); table: the paper's "
+                           "lookup tables (the default with --data)"})
     p.add_argument("--guidance", type=cli.finite_float, default=1.0,
                    help="classifier-free guidance scale when sampling (1: off; needs --cond-dropout > 0)")
-    p.add_argument("--seed", type=cli.nonneg_int, default=0, help="seed of every random draw")
-    p.add_argument("--device", type=cli.device, default="auto", help=cli.DEVICE_HELP)
-    p.add_argument("--attn-backend", default="auto", choices=cli.ATTN_BACKENDS,
-                   help="dalle_kernels.sparse_attention backend")
+    cli.add_options(p, TrainConfig, only=("seed", "device", "attn_backend"), helps={"seed": "seed of every random draw"})
     p.add_argument("--resume", action="store_true", help="continue an interrupted run (dVAE or transformer)")
+    p.add_argument("--force", action="store_true", help="train the transformer again from step 0 in a run folder "
+                   "that holds one (its model and checkpoints are replaced; the dVAE and reranker are reused)")
     g = p.add_argument_group("your own data (see README: Train on your own data)")
     g.add_argument("--data", default=None,
                    help="your images and captions: a folder of images with same-named .txt captions, a .tsv or .csv "
@@ -139,8 +142,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None):
     """The checked arguments: every bad value or combination is a usage error before anything is written."""
-    from . import cli
-
     p = build_parser()
     a = p.parse_args(argv)
     cli.check_attn_backend(p, a.attn_backend, a.device)
@@ -154,23 +155,26 @@ def parse_args(argv=None):
                 p.error(f"argument --{flag.replace('_', '-')}: only with --data (the built-in demo trains its dVAE)")
     else:
         _check_data_args(p, a)
-    if a.resume:  # the transformer's checkpoint, or the dVAE's in RUN/dvae/
+    if a.resume and a.force:
+        p.error("argument --force: not with --resume (--force trains the transformer again from step 0)")
+    if a.resume:  # the transformer's checkpoints, or the dVAE's in RUN/dvae/
         cli.check_resume(p, a.run, Path(a.run) / "dvae")
+    elif not a.force:
+        problem = fresh_run_problem(a.run)
+        if problem:
+            p.error(f"argument --run: {problem}")
     if a.guidance != 1.0 and a.cond_dropout == 0.0:
         cli.warn(f"--guidance {a.guidance:g} on a transformer trained without caption dropout: its empty-caption "
                  "logits were never trained (give --cond-dropout P too)")
     cli.warn_greedy(a.temperature, a.rerank, a.top_k)
     if a.rerank == 1 and a.reranker_steps > 0:
-        cli.warn(f"--rerank 1: one candidate per caption, nothing for the reranker to choose among; "
-                 f"--reranker-steps 0 skips training it")
+        cli.warn("--rerank 1: one candidate per caption, nothing for the reranker to choose among; "
+                 "--reranker-steps 0 skips training it")
     return a
 
 
 def _check_data_args(p, a) -> None:
     """Usage errors of the --data flags, before anything is written."""
-    from . import cli
-    from .data.sources import open_source
-
     if a.dvae is not None and a.openai_dvae is not None:
         p.error("argument --openai-dvae: not allowed with --dvae (one dVAE)")
     try:
@@ -193,9 +197,6 @@ def _first_heldout_images(source: str, keys: set, size: int) -> dict:
     """The original images (uint8, eval crop at ``size``) of ``keys``, streamed from the source until all found."""
     from collections import Counter
 
-    from .data.sources import open_source
-    from .data.transforms import preprocess
-
     out, src = {}, open_source(source)
     for sample in src.samples(skipped=Counter()):
         if sample.key in keys:
@@ -208,13 +209,6 @@ def _first_heldout_images(source: str, keys: set, size: int) -> dict:
 def run_on_data(a) -> dict:
     """The main job on the user's own pairs: dVAE (trained, given or OpenAI's) -> token shards -> tokenizer +
     transformer -> reranker -> samples and reconstructions for held-out captions, ``RUN/results.json``."""
-    from .data.shards import TokenShards
-    from .encode import main as encode_main
-    from .generate import load_run, rerank_order, sample_captions
-    from .images import save_grid
-    from .train import TrainConfig, train
-    from .train_dvae import TrainDVAEConfig, train_dvae
-
     run = Path(a.run)
     run.mkdir(parents=True, exist_ok=True)
     device = pick_device(a.device)
@@ -227,17 +221,14 @@ def run_on_data(a) -> dict:
     elif pretrained_files(dvae_path)[0].is_file():
         print(f"[1/5] dVAE: reusing {dvae_path}")
     elif a.openai_dvae is not None:
-        from .dvae import DVAE
-
         print(f"[1/5] dVAE: OpenAI's released dVAE ({a.openai_dvae[0]}, {a.openai_dvae[1]}) -> {dvae_path}")
         DVAE.from_openai(*a.openai_dvae).save(dvae_path)
     else:
         print(f"[1/5] dVAE: training {a.dvae_steps} steps on {a.data} ({a.image_size} px) -> {dvae_path}")
-        dvae_ckpt = dvae_path / "checkpoint.pt"
         train_dvae(TrainDVAEConfig(run=str(dvae_path), data=a.data, image_size=a.image_size, steps=a.dvae_steps,
                                    heldout=a.heldout,
                                    eval_images=a.dvae_eval_images, seed=a.seed, device=a.device,
-                                   progress=a.progress, resume=a.resume and dvae_ckpt.is_file()))
+                                   progress=a.progress, resume=a.resume and has_checkpoints(dvae_path)))
     times["dvae_s"] = time.time() - t0
 
     t0 = time.time()
@@ -255,14 +246,12 @@ def run_on_data(a) -> dict:
                       text_len=a.text_len, bpe_vocab=a.bpe_vocab, seed=a.seed, device=a.device,
                       cond_dropout=a.cond_dropout, image_embedding=a.image_embedding, attn_backend=a.attn_backend,
                       ckpt_every=max(50, a.steps // 10), log_every=10, progress=a.progress)
-    train(cfg, resume=a.resume)
+    train(cfg, resume=a.resume and has_checkpoints(run), force=a.force)
     times["transformer_s"] = time.time() - t0
 
     t0 = time.time()
     reranker = None
     if a.reranker_steps > 0:
-        from .rerank import Reranker, train_for_run
-
         print(f"[4/5] reranker: {a.reranker_steps} steps on the training pairs -> {run / 'reranker'}")
         train_for_run(run, steps=a.reranker_steps, seed=a.seed, device=device, progress=a.progress)
         reranker = Reranker.load(run / "reranker", map_location=device)
@@ -289,8 +278,6 @@ def run_on_data(a) -> dict:
         results.update(heldout_loss_text=float(lt), heldout_loss_image=float(li))
         g = torch.Generator(device=device).manual_seed(a.seed)
         import warnings
-
-        from .generate import CaptionWarning
 
         with warnings.catch_warnings(record=True) as caught:  # one summary line, not a warning per caption
             warnings.simplefilter("always", CaptionWarning)
@@ -327,7 +314,8 @@ def run_on_data(a) -> dict:
     (run / "results.json").write_text(json.dumps(summary, indent=2))
     for k, v in results.items():
         print(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")
-    print(f"wrote {run / 'samples_heldout.png'}, {run / 'reconstructions_heldout.png'}, {run / 'results.json'}")
+    written = [run / n for n in ("samples_heldout.png", "reconstructions_heldout.png", "results.json")]
+    print(f"wrote {', '.join(str(p) for p in written if p.is_file())}")
     return summary
 
 
@@ -335,10 +323,6 @@ def main(argv=None):
     a = parse_args(argv)
     if a.data is not None:
         return run_on_data(a)
-    from .generate import load_run
-    from .images import save_grid
-    from .train import TrainConfig, train
-    from .train_dvae import TrainDVAEConfig, train_dvae
 
     run = Path(a.run)
     run.mkdir(parents=True, exist_ok=True)
@@ -355,10 +339,9 @@ def main(argv=None):
         print(f"[1/4] dVAE: reusing {dvae_path}")
     else:
         print(f"[1/4] dVAE: training {a.dvae_steps} steps -> {dvae_path}")
-        dvae_ckpt = run / "dvae" / "checkpoint.pt"
-        train_dvae(TrainDVAEConfig(run=str(run / "dvae"), steps=a.dvae_steps, num_images=a.dvae_images, eval_images=a.dvae_eval_images,
-                                   seed=a.seed, device=a.device, progress=a.progress,
-                                   resume=a.resume and dvae_ckpt.is_file()))
+        train_dvae(TrainDVAEConfig(run=str(run / "dvae"), steps=a.dvae_steps, num_images=a.dvae_images,
+                                   eval_images=a.dvae_eval_images, seed=a.seed, device=a.device,
+                                   progress=a.progress, resume=a.resume and has_checkpoints(dvae_path)))
     times["dvae_s"] = time.time() - t0
 
     t0 = time.time()
@@ -369,15 +352,13 @@ def main(argv=None):
                       cond_dropout=a.cond_dropout, image_embedding=a.image_embedding,
                       attn_backend=a.attn_backend, ckpt_every=max(50, a.steps // 10), log_every=10,
                       progress=a.progress)
-    train(cfg, resume=a.resume)
+    train(cfg, resume=a.resume and has_checkpoints(run), force=a.force)
     times["transformer_s"] = time.time() - t0
 
     t0 = time.time()
     reranker = None
     rr_path = run / "reranker"
     if a.reranker_steps > 0:
-        from .rerank import Reranker, train_for_run
-
         rr_file = pretrained_files(rr_path)[0]
         if rr_file.is_file() and rr_file.stat().st_mtime > (run / "tokenizer.json").stat().st_mtime:
             try:

@@ -1,4 +1,4 @@
-"""Memory and traffic budget of paper-scale training, computed without allocating (SPEC.md sections 1 and 4).
+"""Memory and traffic budget of paper-scale training, computed without allocating (paper sections 2.4-2.5, appendices D-E).
 
     python -m dalle.train --preset paper --plan --nodes 8 --gpus-per-node 8 --batch 512 --powersgd-rank 32
 
@@ -13,12 +13,12 @@ import math
 
 import torch
 
-from .model import DALLE, DALLEConfig
-from .train import powersgd_uncompressed
+from . import cli
+from .model import DALLE, PRESETS, DALLEConfig, powersgd_uncompressed
 
 __all__ = ["plan", "format_plan", "meta_model", "main"]
 
-COMPUTE_BYTES = 2  # 16-bit parameters and activations for compute (SPEC.md section 4)
+COMPUTE_BYTES = 2  # 16-bit parameters and activations for compute (paper section 2.4)
 MASTER_BYTES = 4  # fp32 master parameters, gradient shards, Adam moments, reductions and PowerSGD's P, Q
 
 
@@ -156,9 +156,6 @@ def format_plan(cfg: DALLEConfig, p: dict) -> str:
 
 
 def build_parser():
-    from . import cli
-    from .train import PRESETS
-
     p = cli.Parser(prog="python -m dalle.train --plan", description="Print the per-GPU memory and per-step "
                    "traffic of sharded training (parameters, gradients and Adam state sharded within a machine, "
                    "PowerSGD between machines) without allocating the model.")
@@ -176,8 +173,6 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    from .train import PRESETS
-
     p = build_parser()
     a = p.parse_args(argv)
     try:

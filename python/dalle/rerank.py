@@ -38,9 +38,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import cli
 from .common import UnsafeFileError, load_pretrained, pick_device, pretrained_files, save_pretrained
+from .data.shapes import ShapesDataset
+from .data.shards import TokenShards
 from .dvae import _as_unit_float
+from .runs import load_dvae, load_run_meta, run_dvae_path
 from .safe_io import check_state_dict, expected_state
+from .tokenizer import CaptionTokenizer
 
 
 FORMAT = 2  # of the saved model (config.json's "format"): 1 was a single RGB pathway
@@ -263,8 +268,6 @@ def run_training_pairs(run, ckpt: dict, dvae, max_pairs: int = 4096, seed: int =
     """
     tcfg = ckpt["train_config"]
     if tcfg.get("data"):
-        from .data.shards import TokenShards
-
         shards = TokenShards(tcfg["data"], split="train")
         n = len(shards)
         idx = torch.arange(n) if n <= max_pairs else torch.randperm(
@@ -277,7 +280,6 @@ def run_training_pairs(run, ckpt: dict, dvae, max_pairs: int = 4096, seed: int =
                 codes = shards.codes(idx[i:i + 64]).view(-1, h, w).to(device)
                 images.append((dvae.decode(codes).clamp(0, 1) * 255).round().to(torch.uint8).cpu())
         return torch.cat(images), [shards.caption(int(i)) for i in idx]
-    from .data.shapes import ShapesDataset
 
     ds = ShapesDataset("train", size=tcfg["dataset_size"], image_size=dvae.cfg.image_size, seed=tcfg["data_seed"])
     return torch.stack([ds[i][0] for i in range(len(ds))]), ds.captions()
@@ -288,12 +290,8 @@ def train_for_run(run, steps: int = 4000, seed: int = 0, device="cpu", progress=
     """Train the reranker ``RUN/reranker/`` (``model.safetensors`` + ``config.json``) on the training pairs of a
     transformer run (``run_training_pairs``: the built-in captioned shapes, or up to ``max_pairs`` pairs of the
     run's token shards); returns that folder."""
-    from .generate import run_dvae_path
-    from .tokenizer import CaptionTokenizer
-    from .train import load_dvae, load_run_model
-
     run = Path(run)
-    _, ckpt = load_run_model(run)
+    ckpt = load_run_meta(run)
     tok = CaptionTokenizer.load(run / "tokenizer.json")
     dvae = load_dvae(run_dvae_path(run, ckpt), device)
     images, captions = run_training_pairs(run, ckpt, dvae, max_pairs=max_pairs, seed=seed)
@@ -303,8 +301,6 @@ def train_for_run(run, steps: int = 4000, seed: int = 0, device="cpu", progress=
 
 
 def build_parser():
-    from . import cli
-
     p = cli.Parser(prog="python -m dalle.rerank", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="a transformer run (dalle.train / dalle.pipeline); writes "
                                                "RUN/reranker/ (model.safetensors + config.json)")
@@ -318,8 +314,6 @@ def build_parser():
 
 
 def main(argv=None):
-    from . import cli
-
     p = build_parser()
     a = p.parse_args(argv)
     cli.check_run(p, a.run)

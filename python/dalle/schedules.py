@@ -1,4 +1,5 @@
-"""Cosine schedules of the dVAE (SPEC.md section 3): KL weight ``beta``, Gumbel temperature ``tau``, step size.
+"""Schedules: the dVAE's cosine schedules (KL weight ``beta``, Gumbel temperature ``tau``, step size) and the
+transformer's plateau-halving step size (``PlateauSchedule``).
 
 A schedule goes from ``start`` to ``end`` over ``steps`` updates along half a cosine and stays at ``end``
 afterwards: ``end + (start - end) * (1 + cos(pi * min(step, steps) / steps)) / 2``.
@@ -38,3 +39,39 @@ class CosineSchedule:
 PAPER_BETA = CosineSchedule(0.0, 6.6, 5000)
 PAPER_TAU = CosineSchedule(1.0, 1.0 / 16, 150_000)
 PAPER_LR = CosineSchedule(1e-4, 1.25e-6, 1_200_000)
+
+
+class PlateauSchedule:
+    """The transformer's step size: linear warm-up to ``lr``, then halved each time the training loss, averaged over
+    windows of ``window`` updates, has not improved by ``threshold`` (1%) for ``patience`` windows, at most
+    ``max_halvings`` times (the paper's section B.2 halves the step size when the loss plateaus)."""
+
+    def __init__(self, lr, warmup, window, patience, max_halvings=5, threshold=0.01):
+        self.lr, self.warmup, self.window, self.patience = lr, warmup, window, patience
+        self.max_halvings, self.threshold = max_halvings, threshold
+        self.halvings, self.best, self.bad, self.acc, self.n = 0, math.inf, 0, 0.0, 0
+
+    def __call__(self, step: int) -> float:
+        warm = min(1.0, (step + 1) / self.warmup) if self.warmup else 1.0
+        return self.lr * warm * 0.5 ** self.halvings
+
+    def observe(self, step: int, loss: float) -> None:
+        if step < self.warmup or not math.isfinite(loss):
+            return
+        self.acc, self.n = self.acc + loss, self.n + 1
+        if self.n < self.window:
+            return
+        mean, self.acc, self.n = self.acc / self.n, 0.0, 0
+        if mean < self.best * (1 - self.threshold):
+            self.best, self.bad = mean, 0
+            return
+        self.bad += 1
+        if self.bad >= self.patience and self.halvings < self.max_halvings:
+            self.halvings, self.bad = self.halvings + 1, 0
+
+    def state_dict(self):
+        return {k: getattr(self, k) for k in ("halvings", "best", "bad", "acc", "n")}
+
+    def load_state_dict(self, s):
+        for k, v in s.items():
+            setattr(self, k, v)

@@ -1,4 +1,4 @@
-"""Caption tokenizer: lowercased BPE (the ``tokenizers`` library) encoded to exactly ``T`` slots (SPEC.md section 2).
+"""Caption tokenizer: lowercased BPE (the ``tokenizers`` library) encoded to exactly ``T`` slots (paper section 2.2).
 
 Unused slot ``i`` of a caption holds the per-slot padding id ``vocab_size + i``, so the transformer's text
 embedding has ``vocab_size + T`` rows. BPE dropout (probability 0.1 by default) is applied only when
@@ -12,6 +12,8 @@ from typing import Iterable
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from .common import _atomic_write
 
 UNK = "[UNK]"
 
@@ -58,7 +60,6 @@ class CaptionTokenizer:
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
-        from .common import _atomic_write
 
         return _atomic_write(path, lambda f: f.write(self._tok.to_str().encode()))
 

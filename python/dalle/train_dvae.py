@@ -1,4 +1,4 @@
-"""Train the dVAE (SPEC.md section 3): ``python -m dalle.train_dvae --run DIR [--preset tiny] [--steps N] [--resume]``.
+"""Train the dVAE (paper section 2.1, appendix A): ``python -m dalle.train_dvae --run DIR [--preset tiny] [--steps N] [--resume]``.
 
 Writes into the run folder: ``checkpoint.pt`` (model, optimizer, step, RNG state, config; plain data, atomic,
 every ``--ckpt-every`` steps and at the end), the final model as ``model.safetensors`` + ``config.json``
@@ -34,65 +34,102 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from dalle_kernels import map_pixels
 
-from .common import (MetricsLogger, atomic_save, autocast_context, load_checkpoint, pick_device, rng_state,
-                     seed_everything, set_rng_state)
+from . import checkpoint, cli
+from .common import _atomic_write, autocast_context, pick_device, rng_state, seed_everything, set_rng_state
+from .data.folder import ImageCaptionDataset, heldout_split
+from .data.sampler import DVAE_STRIDE, EpochSampler
+from .data.shapes import ShapesDataset, accuracy
+from .data.sources import is_heldout, is_webdataset, open_source
+from .data.transforms import preprocess
 from .dvae import DVAE, LOGIT_LAPLACE_EPS, DVAEConfig, kmeans_cells
+from .engine import DIVERGED_EXIT, Diverged, Engine, all_finite, optimizer_tensors
 from .images import save_grid
+from .runs import check_finite, clear_run, fresh_run_problem
 from .schedules import cosine
 
 PRESETS = {"tiny": DVAEConfig.tiny, "paper": DVAEConfig.paper}
+option = cli.option
+
+
+def _data_source(text: str) -> str:
+    """argparse type of ``--data``: ``shapes``, an image folder, a .tsv/.csv table, a .tar or a folder of .tar
+    files that exists, or a brace pattern of .tar files that all exist."""
+    path = Path(text)
+    if text == "shapes" or path.is_dir() or (path.is_file() and path.suffix.lower() in (".tsv", ".csv", ".tar")):
+        return text
+    if not path.exists() and "{" in text and ".." in text:
+        import braceexpand
+
+        missing = [f for f in braceexpand.braceexpand(text) if not Path(f).is_file()]
+        if not missing:
+            return text
+        raise argparse.ArgumentTypeError(f"{len(missing)} of the .tar files {text!r} names are missing "
+                                         f"(first: {missing[0]})")
+    raise argparse.ArgumentTypeError(f"expected shapes, an image folder, a .tsv or .csv file, a .tar, a folder of "
+                                     f".tar files or a brace pattern of .tar files such as {{00000..00009}}.tar, got {text!r}"
+                                     + ("" if path.exists() else " (no such file or folder)"))
 
 
 @dataclass
 class TrainDVAEConfig:
-    run: str = "runs/dvae"
-    preset: str = "tiny"
-    data: str = "shapes"  # "shapes" (built-in), an image folder / .tsv / .csv of (path, caption), or tar shards
-    image_size: int | None = None  # model overrides of the preset (None: the preset's value)
-    n_hid: int | None = None
-    n_init: int | None = None
-    vocab_size: int | None = None
-    group_count: int | None = None
-    n_blk_per_group: int | None = None
-    num_images: int = 20000  # built-in data: size of the training split
-    eval_images: int = 256  # held-out images for the reconstruction error
-    heldout: float = 0.02  # real data: fraction of the pairs held out of training (dalle.data.folder.heldout_split)
-    shuffle_buffer: int = 1000  # WebDataset shards: images in the shuffle buffer (_StreamBatches)
-    steps: int = 1200
-    batch_size: int = 32
-    lr: float | None = None  # peak step size; preset default (paper 1e-4, tiny 6e-3)
-    lr_end: float | None = None  # paper 1.25e-6; tiny lr / 100
-    lr_steps: int | None = None  # paper 1.2M; tiny: the ELBO updates (steps - kmeans_warmup_steps)
-    beta: float | None = None  # final KL weight; paper 6.6, tiny 0
-    beta_steps: int | None = None  # paper 5000; tiny: a quarter of the ELBO updates
-    tau_start: float = 1.0
-    straight_through: bool = False  # decoder sees the hard one-hot (gradient of the relaxed one)
-    logit_init_std: float | None = None  # data-dependent init of the logit layer (Encoder.init_logits_from_data);
-    #                                      tiny 3.0, paper: off (0)
-    encoder_lr: float | None = None  # encoder step size as a multiple of lr; tiny 0.1, paper 1.0
-    fixed_ln_b_steps: int | None = None  # first N updates use ln b = 0 in the NLL (DVAE.loss); tiny: all, paper 0
-    kmeans_warmup_steps: int | None = None  # first N of the ``steps`` updates are the k-means warm start
-    #                                         (DVAE.warmup_loss); tiny: steps // 2, paper: 0
-    kmeans_images: int = 1024  # images whose cells the warm start's k-means clusters
-    channel_shuffle: str = "auto"  # random RGB channel order per training image: on | off | auto (on for the
-    #                                built-in shapes, whose palette it maps onto itself; off for real data)
-    tau_end: float = 1.0 / 16
-    tau_steps: int | None = None  # paper 150000; tiny: the ELBO updates
-    weight_decay: float = 1e-4
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"  # autocast on CUDA: "auto"/"bf16", "fp16" or "fp32"; CPU is always fp32
-    threads: int = 0  # torch CPU threads (0: torch's default)
-    workers: int = 0  # DataLoader workers for real data
-    log_every: int = 10
-    sample_every: int = 200
-    ckpt_every: int = 200
-    resume: bool = False
-    progress: bool = True
-    stop_at: int | None = None  # stop (with a checkpoint) after this step, as if interrupted
+    """Every setting of a dVAE run, each declared once (default, accepted values, help): the flags of
+    ``python -m dalle.train_dvae`` are made from these fields; None: the preset's value (``resolved``)."""
+
+    run: str = option("runs/dvae", cli.output_dir, "run folder to write")
+    preset: str = option("tiny", tuple(PRESETS), "model size and schedules")
+    data: str = option("shapes", _data_source, "shapes (the built-in captioned shapes), an image folder, a .tsv or .csv table of (path, caption) rows, or WebDataset tar shards (a .tar, a folder of .tar files, or a brace pattern of .tar files such as {00000..00009}.tar)", parse_only=True)
+    image_size: int | None = option(None, cli.positive_int, "image side in pixels (default: the preset's)")
+    n_hid: int | None = option(None, cli.positive_int, "hidden channels (default: the preset's)")
+    n_init: int | None = option(None, cli.positive_int, "channels of the first convolution (default: the preset's)")
+    vocab_size: int | None = option(None, cli.int_at_least(2), "codebook size (default: the preset's)")
+    group_count: int | None = option(None, cli.positive_int, "resolution groups (default: the preset's)")
+    n_blk_per_group: int | None = option(None, cli.positive_int, "residual blocks per group (default: the preset's)")
+    num_images: int = option(20000, cli.positive_int, "built-in data: training images")
+    eval_images: int = option(256, cli.positive_int, "held-out images for the reconstruction error")
+    heldout: float = option(0.02, cli.float_in(0, 1, high_open=True), "real data: fraction of the pairs held out of training for eval.json and the reconstruction grids, chosen by a hash of each sample's key (the image path relative to the folder or table; a tar's member key); at least one when there are 2 or more pairs; 0: none, evaluate on training images")
+    shuffle_buffer: int = option(1000, cli.positive_int, "WebDataset shards: images held in the shuffle buffer (3 * S * S bytes each)")
+    steps: int = option(1200, cli.positive_int, "updates (the k-means warm start included)")
+    batch_size: int = option(32, cli.positive_int, "batch size")
+    lr: float | None = option(None, cli.positive_float, "peak step size (paper 1e-4, tiny 6e-3)")
+    lr_end: float | None = option(None, cli.nonneg_float, "final step size (paper 1.25e-6, tiny lr / 100)")
+    lr_steps: int | None = option(None, cli.positive_int, "updates of the step-size schedule (default: the ELBO updates)")
+    beta: float | None = option(None, cli.nonneg_float, "final KL weight (paper 6.6, tiny 0)")
+    beta_steps: int | None = option(None, cli.positive_int, "updates of the KL-weight schedule")
+    tau_start: float = option(1.0, cli.positive_float, "initial Gumbel-softmax temperature")
+    straight_through: bool = option(False, None, "the decoder sees the hard one-hot (gradient of the relaxed one)")
+    logit_init_std: float | None = option(None, cli.nonneg_float, "data-dependent init of the logit layer (tiny 3, paper 0: off)")
+    encoder_lr: float | None = option(None, cli.positive_float, "encoder step size as a multiple of --lr (tiny 0.1, paper 1)")
+    fixed_ln_b_steps: int | None = option(None, cli.nonneg_int, "first N updates use ln b = 0 in the NLL (tiny: all, paper 0)")
+    kmeans_warmup_steps: int | None = option(None, cli.nonneg_int, "first N of the --steps updates are the k-means warm start (tiny: steps // 2, paper 0); less than --steps")
+    kmeans_images: int = option(1024, cli.positive_int, "images whose cells the warm start's k-means clusters")
+    channel_shuffle: str = option("auto", ("auto", "on", "off"), "random RGB channel order per training image (auto: on for the built-in shapes, off for real data)")
+    tau_end: float = option(1.0 / 16, cli.positive_float, "final Gumbel-softmax temperature")
+    tau_steps: int | None = option(None, cli.positive_int, "updates of the temperature schedule (default: the ELBO updates)")
+    weight_decay: float = option(1e-4, cli.nonneg_float, "AdamW weight decay")
+    seed: int = option(0, cli.nonneg_int, "seed of the init, the batches and the noise")
+    device: str = option("auto", cli.device, cli.DEVICE_HELP)
+    precision: str = option("auto", ("auto", "bf16", "fp16", "fp32"), "autocast on CUDA (auto: bf16); the CPU runs fp32")
+    threads: int = option(0, cli.nonneg_int, "torch CPU threads (0: torch's default)")
+    workers: int = option(0, cli.nonneg_int, "DataLoader workers for real data")
+    log_every: int = option(10, cli.positive_int, "updates between metrics rows")
+    sample_every: int = option(200, cli.positive_int, "updates between reconstruction grids")
+    ckpt_every: int = option(200, cli.positive_int, "updates between checkpoints")
+    keep_checkpoints: int = option(2, cli.positive_int, "newest checkpoints kept in RUN/dcp")
+    max_nonfinite_steps: int = option(25, cli.positive_int, "consecutive updates with non-finite gradients that "
+                                      "stop the run")
+    resume: bool = option(False, None, "continue from the newest checkpoint in RUN/dcp that verifies (it must exist), "
+                          "with the run's own settings (README: Checkpoints and resuming)")
+    force: bool = option(False, None, "start a fresh run in a folder that holds a trained dVAE or checkpoints (they "
+                         "are replaced; token shards encoded with the old dVAE no longer match it)")
+    progress: bool = option(True, None, "progress bar")
+    stop_at: int | None = option(None, cli.positive_int, "stop (with a checkpoint) after this update, as if interrupted")
+
+    def __post_init__(self):
+        cli.check_options(self)
 
     def resolved(self) -> "TrainDVAEConfig":
         """Fill preset-dependent defaults; raises ValueError on bad values."""
@@ -147,7 +184,7 @@ class TrainDVAEConfig:
 
 
 def schedules(cfg: TrainDVAEConfig, step: int) -> dict:
-    """beta, tau and step size at ELBO update ``step`` (cosine, SPEC.md section 3); the ELBO updates are
+    """beta, tau and step size at ELBO update ``step`` (cosine, paper appendix A.2); the ELBO updates are
     counted from the end of the k-means warm start."""
     return {"beta": cosine(step, 0.0, cfg.beta, cfg.beta_steps),
             "tau": cosine(step, cfg.tau_start, cfg.tau_end, cfg.tau_steps),
@@ -169,31 +206,21 @@ class _Batches:
         self.real = cfg.data != "shapes"
         self.held = None
         if self.real:
-            from .data.folder import ImageCaptionDataset, heldout_split
-
             self.full = ImageCaptionDataset(cfg.data, image_size=image_size, mode="dvae", verify=True)
             train, held = heldout_split(self.full.keys, cfg.heldout)
             self.ds, self.held = self.full.subset(train), self.full.subset(held)
             self.n = len(self.ds)
         else:
-            from .data.shapes import ShapesDataset
-
             self.images = ShapesDataset("train", cfg.num_images, image_size, seed=cfg.seed).images()
             self.n = len(self.images)
-        self._perms: dict[int, torch.Tensor] = {}
-
-    def perm(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._perms:
-            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(
-                self.cfg.seed * 1_000_003 + epoch))}
-        return self._perms[epoch]
+        if self.n < 1:
+            raise ValueError(f"no usable image/caption pairs for training in {cfg.data}"
+                             + (f" ({self.full.report()})" if self.real else ""))
+        self.sampler = EpochSampler(self.n, cfg.batch_size, cfg.seed, DVAE_STRIDE)
 
     def indices(self, step: int) -> list[tuple[int, int]]:
         """(global index, dataset index) for each sample of the batch at ``step``."""
-        out = []
-        for g in range(step * self.cfg.batch_size, (step + 1) * self.cfg.batch_size):
-            out.append((g, int(self.perm(g // self.n)[g % self.n])))
-        return out
+        return self.sampler.positions(step)
 
     def batch(self, step: int) -> torch.Tensor:
         idx = self.indices(step)
@@ -257,19 +284,16 @@ class _StreamBatches:
     resumed stream is the one an uninterrupted run reads. Skipped samples are counted by reason the first time
     their unit is read (``unit_skips``, also in the checkpoint), so re-reading in later epochs or on resume
     counts nothing twice. Held-out pairs: the first ``eval_images`` held-out samples in the units' natural order
-    (one pass over the data when it holds fewer); when the fraction picks none and the source has two or more
-    usable samples, the one with the smallest key hash is held out (``heldout_split``'s rule).
+    (one pass over the data when it holds fewer), by the one held-out rule of every command (the key's hash
+    against ``--heldout``, ``dalle.data.sources.is_heldout``); when none falls in the share, nothing is.
     """
 
     real = True
 
     def __init__(self, cfg: TrainDVAEConfig, image_size: int):
-        from .data.sources import open_source
-
         self.cfg, self.image_size = cfg, image_size
         self.src = open_source(cfg.data)
         self.unit_skips: dict[int, dict] = {}
-        self.extra_heldout: set[str] = set()  # the smallest-hash key when the fraction picks none
         self._eval = None
         self._restart()
 
@@ -284,9 +308,7 @@ class _StreamBatches:
             self.unit_skips[u] = dict(skipped)
 
     def _is_heldout(self, key: str) -> bool:
-        from .data.sources import is_heldout
-
-        return is_heldout(key, self.cfg.heldout) or key in self.extra_heldout
+        return is_heldout(key, self.cfg.heldout)
 
     def order(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
@@ -294,8 +316,6 @@ class _StreamBatches:
 
     def _unit_train(self, epoch: int, pos: int):
         """``(n, preprocessed image)`` for the training samples of the unit at ``pos`` in ``epoch``'s order."""
-        from .data.transforms import preprocess
-
         u = self.order(epoch)[pos]
         n = 0
         for sample in self._read_unit(u):
@@ -363,12 +383,10 @@ class _StreamBatches:
     def state_dict(self) -> dict:
         return {"step": self.step, "epoch": self._epoch, "pos": self._pos, "ordinal": self._ordinal,
                 "refs": [list(r) for r in self._refs], "generator": self._gen.get_state(),
-                "unit_skips": {str(u): dict(c) for u, c in self.unit_skips.items()},
-                "extra_heldout": sorted(self.extra_heldout)}
+                "unit_skips": {str(u): dict(c) for u, c in self.unit_skips.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.unit_skips = {int(u): dict(c) for u, c in state["unit_skips"].items()}
-        self.extra_heldout = set(state["extra_heldout"])
         self.step, self._epoch, self._pos = state["step"], state["epoch"], state["pos"]
         self._ordinal = state["ordinal"]
         self._gen.set_state(state["generator"])
@@ -395,22 +413,14 @@ class _StreamBatches:
     # ------------------------------------------------------------------------------------ eval, report
     def eval_set(self, n: int) -> tuple[torch.Tensor, str]:
         """``(images, split)``: the first ``n`` held-out samples in the units' natural order (eval crop)."""
-        from .data.folder import _key_hash
-        from .data.transforms import preprocess
-
-        held, usable, smallest = [], 0, None
+        held, usable = [], 0
         for u in range(len(self.src.units)):
             for sample in self._read_unit(u):
                 usable += 1
-                if smallest is None or (_key_hash(sample.key), sample.key) < smallest[0]:
-                    smallest = ((_key_hash(sample.key), sample.key), sample)
                 if self._is_heldout(sample.key):
                     held.append(preprocess(sample.image, self.image_size, "eval"))
                     if len(held) == n:
                         return torch.stack(held), "heldout"
-        if not held and usable >= 2 and self.cfg.heldout > 0:
-            self.extra_heldout = {smallest[1].key}
-            held = [preprocess(smallest[1].image, self.image_size, "eval")]
         if held:
             return torch.stack(held), "heldout"
         if usable == 0:
@@ -457,8 +467,6 @@ def _shuffle_channels(cfg: TrainDVAEConfig, step: int, x: torch.Tensor) -> torch
 
 def _is_shards(data: str) -> bool:
     """``--data`` names WebDataset tars (``dalle.data.sources.is_webdataset``, ``open_source``'s rule)."""
-    from .data.sources import is_webdataset
-
     return is_webdataset(data)
 
 
@@ -477,13 +485,11 @@ def _heldout(cfg: TrainDVAEConfig, image_size: int, data):
     single usable pair) is evaluated on its first training images, with a warning, and ``split`` says
     ``"train"``."""
     if cfg.data == "shapes":
-        from .data.shapes import ShapesDataset
-
         ds = ShapesDataset("heldout", cfg.eval_images, image_size, seed=cfg.seed)
         return ds.images(), [ds.scene(i) for i in range(len(ds))], "heldout"
     images, split = data.eval_set(cfg.eval_images)
     if split == "train":
-        why = "--heldout 0" if cfg.heldout == 0 else "a single usable pair"
+        why = "--heldout 0" if cfg.heldout == 0 else f"no pair fell in the held-out share (--heldout {cfg.heldout:g})"
         print(f"warning: {why}: no held-out images; eval.json reports the error on training images",
               file=sys.stderr)
     return images, None, split
@@ -504,8 +510,6 @@ def evaluate(model: DVAE, images: torch.Tensor, scenes=None, batch_size: int = 1
     out = {"heldout_mae": err / images.numel(), "heldout_scorer_acc": "", "codes_used": None}
     recon = torch.cat(recons)
     if scenes is not None:
-        from .data.shapes import accuracy
-
         out["heldout_scorer_acc"] = accuracy(recon, scenes)
     with torch.no_grad():
         codes = torch.cat([model.encode(images[i:i + batch_size].to(device)).flatten().cpu()
@@ -517,7 +521,12 @@ def evaluate(model: DVAE, images: torch.Tensor, scenes=None, batch_size: int = 1
 # ---------------------------------------------------------------------------------------------- trainer
 def train_dvae(config: TrainDVAEConfig) -> Path:
     """Train (or resume) a dVAE run; returns the folder of the final model (``RUN``: ``model.safetensors`` +
-    ``config.json``), or the checkpoint when ``stop_at`` ends it early."""
+    ``config.json``), or the newest checkpoint when ``stop_at`` ends it early.
+
+    Raises ``FileExistsError`` for a fresh run in a folder that holds a trained dVAE or checkpoints (without
+    ``force``), ``FileNotFoundError`` / ``ValueError`` for ``resume`` without a checkpoint that verifies or with
+    other settings, ``DataError`` when the data has nothing to train on (nothing is written then), and
+    ``Diverged`` when the run stops on a non-finite loss, gradients or parameters."""
     threads = torch.get_num_threads()
     try:
         return _train(config)
@@ -525,90 +534,125 @@ def train_dvae(config: TrainDVAEConfig) -> Path:
         torch.set_num_threads(threads)  # --threads is for this run only, not the caller's process
 
 
+class DataError(ValueError):
+    """``--data`` holds nothing the dVAE can train on (no usable image/caption pair); nothing was written."""
+
+
+# Settings a resume may change: the length and the bookkeeping. A setting left to resolve itself (None: the
+# preset's; "auto") takes the checkpoint's value on resume; every other setting must equal it (README "Checkpoints and resuming").
+RESUMABLE = frozenset({"run", "steps", "stop_at", "resume", "force", "progress", "device", "threads", "workers",
+                       "log_every", "sample_every", "ckpt_every", "keep_checkpoints", "max_nonfinite_steps"})
+
+
+def resume_config(cfg: TrainDVAEConfig, train_state: dict) -> TrainDVAEConfig:
+    """The resolved config of a resume of the run whose checkpoint's ``train_state.json`` is ``train_state``:
+    the checkpoint's settings with ``cfg``'s resumable ones. ``ValueError`` naming the flags that ``cfg`` sets to
+    other values than the run was trained with."""
+    if train_state.get("model_type") != "dalle_dvae" or not isinstance(train_state.get("train_config"), dict):
+        raise ValueError("--resume: the checkpoint is not of a dVAE run")
+    saved = TrainDVAEConfig(**{**train_state["train_config"], "resume": False, "force": False})
+    given = dataclasses.asdict(cfg)
+    differ = [f"--{k.replace('_', '-')} {getattr(saved, k)!r} -> {v!r}" for k, v in given.items()
+              if k not in RESUMABLE and v not in (None, "auto") and v != getattr(saved, k)]
+    if differ:
+        raise ValueError(f"{differ[0].split(' ', 1)[0]}: the run was trained with other settings "
+                         f"({'; '.join(differ)}); a resume repeats the run's settings (README: Checkpoints and "
+                         "resuming lists those that may change)")
+    return dataclasses.replace(saved, **{k: given[k] for k in RESUMABLE})
+
+
 def _train(config: TrainDVAEConfig) -> Path:
+    run = Path(config.run)
+    if not config.resume and not config.force:
+        problem = fresh_run_problem(run)
+        if problem:
+            raise FileExistsError(problem)
     cfg = config.resolved()
-    run = Path(cfg.run)
-    run.mkdir(parents=True, exist_ok=True)
-    ckpt_path = run / "checkpoint.pt"
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
-
-    start = 0
-    ckpt = None
+    engine = Engine(run, name="dvae", steps=cfg.steps, ckpt_every=cfg.ckpt_every, log_every=cfg.log_every,
+                    keep=cfg.keep_checkpoints, max_nonfinite_steps=cfg.max_nonfinite_steps, progress=cfg.progress,
+                    log=lambda m: print(m, file=sys.stderr))
+    folder = ts = None
     if cfg.resume:
-        if not ckpt_path.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = load_checkpoint(ckpt_path)
-        # a checkpoint written before the warm start and channel shuffle existed trained without them
-        # and on every real pair (no held-out split)
-        saved = TrainDVAEConfig(**{"kmeans_warmup_steps": 0, "channel_shuffle": "off", "heldout": 0.0,
-                                   **ckpt["train_config"]})
-        # The schedules and data of the run being resumed win; only the length and bookkeeping may change.
-        keep = {"steps", "stop_at", "resume", "progress", "device", "threads", "workers", "log_every",
-                "sample_every", "ckpt_every", "run"}
-        cfg = dataclasses.replace(saved, **{k: getattr(cfg, k) for k in keep})
-        start = ckpt["step"]
+        folder = engine.resume_point()
+        ts = checkpoint.read_json(folder / checkpoint.TRAIN_STATE, "train state")
+        cfg = resume_config(config, ts).resolved()
     else:
         seed_everything(cfg.seed)
-    mcfg = DVAEConfig(**ckpt["model_config"]) if ckpt else cfg.model_config()
+    mcfg = DVAEConfig(**ts["model_config"]) if ts else cfg.model_config()
+    try:  # before anything is written: a --data with nothing usable leaves no run folder behind
+        data = _data(cfg, mcfg.image_size)
+        # before any batch: a stream learns here which sample is held out when the fraction picks none
+        eval_images, eval_scenes, eval_split = _heldout(cfg, mcfg.image_size, data)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    if config.force and not config.resume:
+        clear_run(run)
     model = DVAE(mcfg).to(device)
     groups = [{"params": list(model.encoder.parameters()), "lr_mult": cfg.encoder_lr},
               {"params": list(model.decoder.parameters()), "lr_mult": 1.0}]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
-    data = _data(cfg, mcfg.image_size)
-    # before any batch: a stream learns here which sample is held out when the fraction picks none
-    eval_images, eval_scenes, eval_split = _heldout(cfg, mcfg.image_size, data)
     # fp16 has too few exponent bits for the loss gradient (about 1 / (pixels in the batch) per value): the
     # loss is scaled before the backward and unscaled in fp32 before the update (torch.amp's dynamic scaler),
     # as the logit-Laplace op's own backward expects. bf16 and fp32 need no scale.
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("grad_scaler"):
-            scaler.load_state_dict(ckpt["grad_scaler"])
-        set_rng_state(ckpt["rng"])
-        if hasattr(data, "load_state_dict"):
-            if not ckpt.get("data"):
-                raise ValueError(f"{ckpt_path}: no data-stream position in the checkpoint; cannot resume a run on "
-                                 f"shards exactly")
-            data.load_state_dict(ckpt["data"])
-    elif cfg.logit_init_std:
-        x0 = data.first(1)[0].to(device)
-        x0 = x0.float() / 255 if x0.dtype == torch.uint8 else x0.float()
-        model.encoder.init_logits_from_data(map_pixels(x0, LOGIT_LAPLACE_EPS), cfg.logit_init_std)
     centres = None
-    if cfg.kmeans_warmup_steps:
-        if ckpt:
-            centres = ckpt["kmeans_centres"]
-        else:  # cells of the first kmeans_images training images (as the first updates see them)
+    if cfg.kmeans_warmup_steps:  # a tensor of the checkpoint: allocated here, filled on resume
+        centres = torch.zeros(mcfg.vocab_size, 3 * mcfg.grid_factor ** 2)
+
+    def dcp_state():
+        msd, osd = get_state_dict(model, opt)
+        return {"model": msd, "optim": osd, **({"kmeans_centres": centres} if centres is not None else {})}
+
+    start = 0
+    if folder is not None:
+        state = dcp_state()
+        ts, rank_state = engine.restore(folder, state)
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if centres is not None:
+            centres = state["kmeans_centres"]
+        if ts.get("grad_scaler"):
+            scaler.load_state_dict(ts["grad_scaler"])
+        start = ts["step"]
+        if rank_state is None:
+            raise ValueError(f"{folder}: no rank0.pt state for this process; a dVAE run resumes in one process")
+        set_rng_state(rank_state["rng"])
+        if hasattr(data, "load_state_dict"):
+            if not rank_state.get("data"):
+                raise ValueError(f"{folder}: no data-stream position in the checkpoint; cannot resume a run on "
+                                 f"shards exactly")
+            data.load_state_dict(rank_state["data"])
+    else:
+        if cfg.logit_init_std:
+            x0 = data.first(1)[0].to(device)
+            x0 = x0.float() / 255 if x0.dtype == torch.uint8 else x0.float()
+            model.encoder.init_logits_from_data(map_pixels(x0, LOGIT_LAPLACE_EPS), cfg.logit_init_std)
+        if centres is not None:  # cells of the first kmeans_images training images (as the first updates see them)
             n = -(-cfg.kmeans_images // cfg.batch_size)
             x = torch.cat(data.first(n))[:cfg.kmeans_images]
             centres = kmeans_cells(x, mcfg.grid_factor, mcfg.vocab_size,
                                    generator=torch.Generator().manual_seed(cfg.seed))
+    if centres is not None:
         centres = centres.to(device)
-    (run / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-
-    logger = MetricsLogger(run, resume_step=start if cfg.resume else None)
+    run.mkdir(parents=True, exist_ok=True)
+    _atomic_write(run / "train_config.json", lambda f: f.write(json.dumps(asdict(cfg), indent=2).encode()))
     end = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
 
-    def save_checkpoint(step):
-        atomic_save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                     "grad_scaler": scaler.state_dict(), "rng": rng_state(), "train_config": asdict(cfg), "model_config": asdict(mcfg),
-                     "kmeans_centres": None if centres is None else centres.cpu(),
-                     "data": data.state_dict() if hasattr(data, "state_dict") else None}, ckpt_path)
+    def save(step):
+        ts = {"model_type": "dalle_dvae", "model_config": asdict(mcfg), "train_config": asdict(cfg),
+              "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None}
+        rs = {"rng": rng_state(), "data": data.state_dict() if hasattr(data, "state_dict") else None}
+        state = dcp_state()
+        if centres is not None:
+            state["kmeans_centres"] = centres.cpu()
+        engine.save(step, state, ts, rs, list(model.parameters()) + optimizer_tensors(opt))
 
-    try:
-        from tqdm import tqdm
-        bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not cfg.progress, desc="dvae",
-                   dynamic_ncols=True)
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        bar = range(start, end)
+    engine.start(start, resumed=folder is not None)
     model.train()
-    t0 = time.time()
     batches = data.stream(start, end)
-    for step in bar:
+    for step in range(start, end):
         warm = step < cfg.kmeans_warmup_steps
         elbo_step = step - cfg.kmeans_warmup_steps
         # the warm start runs both halves at the peak step size; the schedules start after it
@@ -623,158 +667,79 @@ def _train(config: TrainDVAEConfig) -> Path:
             else:
                 loss, stats = model.loss(x, tau=s["tau"], beta=s["beta"], hard=cfg.straight_through,
                                          fixed_ln_b=elbo_step < cfg.fixed_ln_b_steps)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite dVAE loss {loss.item()} at step {step}")
+        done = step + 1
+        if not torch.isfinite(loss):  # before the update: the parameters stay as the last good step left them
+            raise engine.diverged(done, f"the training loss is {loss.item()}")
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        scaler.step(opt)  # skipped (and the scale halved) when the scaled gradients overflowed
+        scaler.unscale_(opt)
+        grads_ok = all_finite([p.grad for p in model.parameters()], sharded=False)
+        if grads_ok:
+            scaler.step(opt)  # with fp16 the scaler lowers its scale on the steps it skips
         scaler.update()
-        done = step + 1
         ev = {"heldout_mae": "", "heldout_scorer_acc": "", "codes_used": ""}
         if done % cfg.sample_every == 0 or done == cfg.steps:
             ev, recon = evaluate(model, eval_images, eval_scenes)
             n = min(16, len(eval_images))
             save_grid(torch.cat([eval_images[:n].float() / 255, recon[:n]]), run / f"recon_{done:06d}.png", nrow=n)
-        if done % cfg.log_every == 0 or done == end or ev["heldout_mae"] != "":
-            row = {"loss": loss.item(), "nll": stats["nll"].item(), "kl": stats["kl"].item(),
-                   "warmup_ce": stats["ce"].item() if warm else "", **s, "wall_s": time.time() - t0, **ev}
-            logger.log(done, **row)
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{row['loss']:.4f}", **({"ce": f"{row['warmup_ce']:.3f}"} if warm else
-                                                             {"kl": f"{row['kl']:.4f}", "tau": f"{s['tau']:.3f}"}))
+        row = {"loss": loss.item(), "nll": stats["nll"].item(), "kl": stats["kl"].item(),
+               "warmup_ce": stats["ce"].item() if warm else "", **s, **ev}
+        logged = done % cfg.log_every == 0 or done == end or ev["heldout_mae"] != ""  # eval rows too
+        engine.end_step(done, row["loss"], nonfinite_grads=not grads_ok, row=row if logged else None,
+                        postfix={"loss": f"{row['loss']:.4f}", **({"ce": f"{row['warmup_ce']:.3f}"} if warm else
+                                                                  {"kl": f"{row['kl']:.4f}", "tau": f"{s['tau']:.3f}"})})
         if done % cfg.ckpt_every == 0 or done == end:
-            save_checkpoint(done)
-    logger.close()
-    if hasattr(bar, "close"):
-        bar.close()
+            save(done)
+    engine.close()
     if data.real:
         data.report(file=sys.stderr)
     if end < cfg.steps:
-        return ckpt_path
+        return engine.last_good
+    check_finite(model.state_dict(), run)
     path = model.save(run)
     ev, _ = evaluate(model, eval_images, eval_scenes)
     ev.update(eval_split=eval_split, eval_images=len(eval_images), steps=cfg.steps,
-              train_wall_s=time.time() - t0 if start == 0 else None)
-    (run / "eval.json").write_text(json.dumps(ev, indent=2))
+              train_wall_s=time.time() - engine.t0 if start == 0 else None)
+    _atomic_write(run / "eval.json", lambda f: f.write(json.dumps(ev, indent=2).encode()))
     return path
 
 
-def _flag_specs() -> dict:
-    """``field: (argparse type or choices, help)`` for every ``TrainDVAEConfig`` field."""
-    from . import cli
-
-    return {
-        "run": (cli.output_dir, "run folder to write"),
-        "preset": (tuple(PRESETS), "model size and schedules"),
-        "data": (_data_source, "shapes (the built-in captioned shapes), an image folder, a .tsv or .csv "
-                               "table of (path, caption) rows, or WebDataset tar shards (a .tar, a folder of "
-                               ".tar files, or a brace pattern of .tar files such as {00000..00009}.tar)"),
-        "image_size": (cli.positive_int, "image side in pixels (default: the preset's)"),
-        "n_hid": (cli.positive_int, "hidden channels (default: the preset's)"),
-        "n_init": (cli.positive_int, "channels of the first convolution (default: the preset's)"),
-        "vocab_size": (cli.int_at_least(2), "codebook size (default: the preset's)"),
-        "group_count": (cli.positive_int, "resolution groups (default: the preset's)"),
-        "n_blk_per_group": (cli.positive_int, "residual blocks per group (default: the preset's)"),
-        "num_images": (cli.positive_int, "built-in data: training images"),
-        "eval_images": (cli.positive_int, "held-out images for the reconstruction error"),
-        "heldout": (cli.float_in(0, 1, high_open=True), "real data: fraction of the pairs held out of training "
-                                                        "for eval.json and the reconstruction grids, chosen by a "
-                                                        "hash of each sample's key (the image path relative to "
-                                                        "the folder or table; a tar's member key); at least one "
-                                                        "when there are 2 or more pairs; 0: none, evaluate on "
-                                                        "training images"),
-        "shuffle_buffer": (cli.positive_int, "WebDataset shards: images held in the shuffle buffer (3 * S * S "
-                                             "bytes each)"),
-        "steps": (cli.positive_int, "updates (the k-means warm start included)"),
-        "batch_size": (cli.positive_int, "batch size"),
-        "lr": (cli.positive_float, "peak step size (paper 1e-4, tiny 6e-3)"),
-        "lr_end": (cli.nonneg_float, "final step size (paper 1.25e-6, tiny lr / 100)"),
-        "lr_steps": (cli.positive_int, "updates of the step-size schedule (default: the ELBO updates)"),
-        "beta": (cli.nonneg_float, "final KL weight (paper 6.6, tiny 0)"),
-        "beta_steps": (cli.positive_int, "updates of the KL-weight schedule"),
-        "tau_start": (cli.positive_float, "initial Gumbel-softmax temperature"),
-        "straight_through": (None, "the decoder sees the hard one-hot (gradient of the relaxed one)"),
-        "logit_init_std": (cli.nonneg_float, "data-dependent init of the logit layer (tiny 3, paper 0: off)"),
-        "encoder_lr": (cli.positive_float, "encoder step size as a multiple of --lr (tiny 0.1, paper 1)"),
-        "fixed_ln_b_steps": (cli.nonneg_int, "first N updates use ln b = 0 in the NLL (tiny: all, paper 0)"),
-        "kmeans_warmup_steps": (cli.nonneg_int, "first N of the --steps updates are the k-means warm start "
-                                                "(tiny: steps // 2, paper 0); less than --steps"),
-        "kmeans_images": (cli.positive_int, "images whose cells the warm start's k-means clusters"),
-        "channel_shuffle": (("auto", "on", "off"), "random RGB channel order per training image (auto: on for "
-                                                   "the built-in shapes, off for real data)"),
-        "tau_end": (cli.positive_float, "final Gumbel-softmax temperature"),
-        "tau_steps": (cli.positive_int, "updates of the temperature schedule (default: the ELBO updates)"),
-        "weight_decay": (cli.nonneg_float, "AdamW weight decay"),
-        "seed": (cli.nonneg_int, "seed of the init, the batches and the noise"),
-        "device": (cli.device, cli.DEVICE_HELP),
-        "precision": (("auto", "bf16", "fp16", "fp32"), "autocast on CUDA (auto: bf16); the CPU runs fp32"),
-        "threads": (cli.nonneg_int, "torch CPU threads (0: torch's default)"),
-        "workers": (cli.nonneg_int, "DataLoader workers for real data"),
-        "log_every": (cli.positive_int, "updates between metrics rows"),
-        "sample_every": (cli.positive_int, "updates between reconstruction grids"),
-        "ckpt_every": (cli.positive_int, "updates between checkpoints"),
-        "resume": (None, "continue from RUN/checkpoint.pt (it must exist)"),
-        "progress": (None, "no progress bar"),
-        "stop_at": (cli.positive_int, "stop (with a checkpoint) after this update, as if interrupted"),
-    }
-
-
-def _data_source(text: str) -> str:
-    """argparse type of ``--data``: ``shapes``, an image folder, a .tsv/.csv table, a .tar or a folder of .tar
-    files that exists, or a brace pattern of .tar files that all exist."""
-    import argparse
-
-    path = Path(text)
-    if text == "shapes" or path.is_dir() or (path.is_file() and path.suffix.lower() in (".tsv", ".csv", ".tar")):
-        return text
-    if not path.exists() and "{" in text and ".." in text:
-        import braceexpand
-
-        missing = [f for f in braceexpand.braceexpand(text) if not Path(f).is_file()]
-        if not missing:
-            return text
-        raise argparse.ArgumentTypeError(f"{len(missing)} of the .tar files {text!r} names are missing "
-                                         f"(first: {missing[0]})")
-    raise argparse.ArgumentTypeError(f"expected shapes, an image folder, a .tsv or .csv file, a .tar, a folder of "
-                                     f".tar files or a brace pattern of .tar files such as {{00000..00009}}.tar, got {text!r}"
-                                     + ("" if path.exists() else " (no such file or folder)"))
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from . import cli
-
     p = cli.Parser(prog="python -m dalle.train_dvae",
                    description="Train the discrete VAE whose codes are the transformer's image tokens.")
-    defaults = TrainDVAEConfig()
-    specs = _flag_specs()
-    for f in dataclasses.fields(TrainDVAEConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        kind, help_ = specs[f.name]
-        if isinstance(default, bool):
-            if default:
-                p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=help_)
-            else:
-                p.add_argument(flag, dest=f.name, action="store_true", help=help_)
-            continue
-        kw = cli.kind_kwargs(kind)
-        p.add_argument(flag, dest=f.name, default=default, help=help_, **kw)
+    cli.add_options(p, TrainDVAEConfig)
     return p
 
 
 def parse_args(argv=None) -> TrainDVAEConfig:
     """The checked config; every bad value or combination is a usage error before anything is written."""
-    from . import cli
-
     p = build_parser()
-    cfg = TrainDVAEConfig(**vars(p.parse_args(argv)))
+    try:
+        cfg = TrainDVAEConfig(**cli.options_of(p.parse_args(argv), TrainDVAEConfig))
+    except ValueError as e:
+        p.error(cli.name_flags(str(e), [f.name for f in dataclasses.fields(TrainDVAEConfig)]))
     cli.check_precision(p, cfg.precision, cfg.device)
+    if cfg.resume and cfg.force:
+        p.error("argument --force: not with --resume (--force starts the run over)")
     if cfg.resume:
         cli.check_resume(p, cfg.run)
+        folder, skipped = checkpoint.newest_verified(cfg.run)
+        if folder is None:
+            p.error(f"argument --resume: nothing to resume: no checkpoint in {Path(cfg.run) / checkpoint.CHECKPOINT_DIR} "
+                    f"verifies ({'; '.join(f'{f.name}: {w}' for f, w in skipped)})")
+        try:
+            resume_config(cfg, checkpoint.read_json(folder / checkpoint.TRAIN_STATE, "train state"))
+        except ValueError as e:
+            flag, _, rest = str(e).partition(": ")
+            p.error(f"argument {flag}: {folder}: {rest}")
+    elif not cfg.force:
+        problem = fresh_run_problem(cfg.run)
+        if problem:
+            p.error(f"argument --run: {problem}")
     if cfg.kmeans_warmup_steps is not None and cfg.kmeans_warmup_steps >= cfg.steps:
         p.error(f"argument --kmeans-warmup-steps: must be less than --steps ({cfg.steps}), "
                 f"got {cfg.kmeans_warmup_steps}")
-    if cfg.data == "shapes" and cfg.heldout != TrainDVAEConfig.heldout:
+    if cfg.data == "shapes" and cfg.heldout != 0.02:
         cli.warn("--heldout: the built-in shapes have their own held-out split; --heldout only serves real data")
     if cfg.data == "shapes" and cfg.workers:
         cli.warn("--workers: the built-in shapes are made in memory; --workers only serves real data")
@@ -782,7 +747,7 @@ def parse_args(argv=None) -> TrainDVAEConfig:
     if shards and cfg.workers:
         cli.warn("--workers: WebDataset shards are read as one stream in this process; --workers serves an image "
                  "folder or table")
-    if not shards and cfg.shuffle_buffer != TrainDVAEConfig.shuffle_buffer:
+    if not shards and cfg.shuffle_buffer != 1000:
         cli.warn("--shuffle-buffer: only WebDataset shards are read through a shuffle buffer")
     try:
         cfg.resolved().model_config()
@@ -793,10 +758,17 @@ def parse_args(argv=None) -> TrainDVAEConfig:
 
 def main(argv=None) -> None:
     cfg = parse_args(argv)
-    path = train_dvae(cfg)
+    try:
+        path = train_dvae(cfg)
+    except DataError as e:
+        print(f"python -m dalle.train_dvae: error: argument --data: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Diverged as e:
+        print(f"python -m dalle.train_dvae: stopped: {e}", file=sys.stderr)
+        sys.exit(DIVERGED_EXIT)
     print(f"wrote {path}")
     ev = Path(cfg.run) / "eval.json"
-    if ev.exists():
+    if ev.exists() and path == Path(cfg.run):
         print(ev.read_text())
 
 

@@ -5,7 +5,9 @@ Layout of a shards folder (written by ``python -m dalle.encode``)::
     manifest.json              written last, atomically, once every shard is done (``"complete": true``)
     shard-00000.codes.npy      uint16 (n, K, h*w): K crops per image, codes in raster order (np.save)
     shard-00000.jsonl          n lines {"key": ..., "caption": ..., "heldout": true|false}
-    shard-00000.json           the shard's manifest entry, written last: its presence means the shard is done
+    shard-00000.json           the shard's manifest entry, written last: its presence means the shard is done;
+                               it also records the settings and ``inputs``, [key, digest] of every sample its
+                               source unit held (usable or skipped), so a resume knows a changed unit
 
 ``manifest.json``: ``{"format": "dalle-token-shards", "version": 1, "source", "source_kind", "dvae": {"path",
 "digest", "image_size", "grid": [h, w], "vocab_size"}, "crops", "heldout_fraction", "seed", "shards": [{"name",
@@ -20,6 +22,8 @@ time; the split's index keeps 8 bytes per sample.
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections import OrderedDict
 from pathlib import Path
 from typing import Iterator
@@ -60,7 +64,7 @@ class ShardWriter:
         """The finished shard's entry, or None when it is not done (or its entry is unreadable)."""
         try:
             return json.loads(self.entry_path(index).read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return None
 
     def write(self, index: int, codes: np.ndarray, records: list[dict], entry: dict) -> Path:
@@ -72,6 +76,10 @@ class ShardWriter:
         if len(records) != codes.shape[0]:
             raise ValueError(f"records ({len(records)}) and codes ({codes.shape[0]}) must have the same length")
         stem = self.folder / shard_name(index)
+        # a shard written again (its unit changed): the manifest no longer describes the folder, and the old entry
+        # must not mark the new files done before they are all there
+        (self.folder / MANIFEST).unlink(missing_ok=True)
+        self.entry_path(index).unlink(missing_ok=True)
         _atomic_write(f"{stem}.codes.npy", lambda f: np.save(f, np.ascontiguousarray(codes), allow_pickle=False))
         lines = "".join(json.dumps({"key": r["key"], "caption": r["caption"], "heldout": bool(r["heldout"])})
                         + "\n" for r in records)
@@ -79,12 +87,62 @@ class ShardWriter:
         return write_json(self.entry_path(index), entry)
 
 
-def _codes_header(path: Path) -> tuple[tuple, np.dtype]:
-    with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read(f)
-    return shape, dtype
+MAX_MANIFEST_BYTES = 256 * 2**20  # a manifest.json larger than this is refused, not read
+_SHARD_NAME = re.compile(r"shard-[0-9]{5,9}")
+
+
+class ShardError(ValueError):
+    """A token-shards file that does not add up (one line: the file, the field, what was expected)."""
+
+
+def _codes_header(path: Path, want: tuple) -> int:
+    """Check the ``.npy`` header of ``path`` against ``want`` (the shape the manifest gives: (n, K, h*w)) and the
+    file's size; returns the data's offset. ShardError naming the file and the field otherwise."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version not in ((1, 0), (2, 0)):
+                raise ShardError(f"{path}: .npy format version {version[0]}.{version[1]}, expected 1.0 or 2.0")
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+            offset = f.tell()
+    except ShardError:
+        raise
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ShardError(f"{path}: not a readable .npy header ({e})") from None
+    if dtype != np.dtype("<u2"):
+        raise ShardError(f"{path}: dtype {dtype.str}, expected <u2 (little-endian uint16)")
+    if fortran:
+        raise ShardError(f"{path}: fortran_order True, expected False (C order, as the encoder writes)")
+    if tuple(shape) != tuple(want):
+        raise ShardError(f"{path}: shape {tuple(shape)}, the manifest says {tuple(want)}")
+    need = offset + 2 * math.prod(want)
+    if size != need:
+        raise ShardError(f"{path}: {size} bytes, its header says {need} (header {offset} + data of shape "
+                         f"{tuple(want)})")
+    return offset
+
+
+def _count(v, what: str, where, lo: int = 0, hi: int | None = None) -> int:
+    """``v`` when it is an int in [lo, hi]; ShardError naming ``where`` and ``what`` otherwise."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        span = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ShardError(f"{where}: {what} is {v!r}, expected an int {span}")
+    return v
+
+
+def _parse_record(line: bytes | str, where: str) -> dict:
+    """One jsonl record ``{"key": str, "caption": str, "heldout": bool}``; ShardError naming ``where``."""
+    try:
+        r = json.loads(line)
+    except (ValueError, RecursionError):
+        r = None
+    if not (isinstance(r, dict) and isinstance(r.get("key"), str) and isinstance(r.get("caption"), str)
+            and isinstance(r.get("heldout"), bool)):
+        raise ShardError(f"{where}: not a record {{\"key\": str, \"caption\": str, \"heldout\": bool}}")
+    return r
 
 
 def _maps_allowed() -> int:
@@ -107,6 +165,13 @@ class TokenShards:
     Attributes: ``manifest`` (dict), ``grid`` (h, w), ``vocab_size``, ``crops`` (K), ``dvae_digest``,
     ``dvae_path``. ValueError naming the folder when the manifest is missing or incomplete (run or finish the
     encode), of another format or version, or a shard's files are missing or do not match it.
+
+    Nothing read from the folder is trusted: every count, name and size in the manifest is checked (a shard name
+    is ``shard-NNNNN``, never a path), each ``.codes.npy`` header against the manifest (dtype ``<u2``, C order,
+    shape (n, K, h*w)) and against the file's size before it is mapped; a shard's ``.jsonl`` must hold as many
+    well-formed lines as its entry says (checked when the shard is first read), and a code at or above the
+    vocabulary size is refused when read. Each refusal is a ``ShardError`` (a ValueError), one line naming the
+    file and the field. The manifest is read whole, so one over ``MAX_MANIFEST_BYTES`` is refused.
     """
 
 
@@ -122,9 +187,12 @@ class TokenShards:
             raise ValueError(f"{self.folder}: no {MANIFEST}; these are not token shards (python -m dalle.encode "
                              f"writes them: `python -m dalle.encode --data {self.folder} --dvae DVAE --out "
                              "TOKENS_DIR` if these are your images, then --data TOKENS_DIR)")
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise ShardError(f"{path}: {path.stat().st_size} bytes, over the {MAX_MANIFEST_BYTES} bytes a manifest "
+                             f"may hold")
         try:
-            m = json.loads(path.read_text())
-        except ValueError as e:
+            m = json.loads(path.read_bytes())
+        except (ValueError, RecursionError) as e:
             raise ValueError(f"{path}: unreadable manifest ({e}); rerun `{ENCODE_HINT} {self.folder}`") from None
         if not isinstance(m, dict) or m.get("format") != FORMAT:
             raise ValueError(f"{path}: not a token-shards manifest (format {m.get('format') if isinstance(m, dict) else None!r}, "
@@ -134,27 +202,44 @@ class TokenShards:
         if m.get("complete") is not True:
             raise ValueError(f"{path}: the encode is incomplete; finish it with `{ENCODE_HINT} {self.folder}`")
         self.manifest = m
-        dvae = m["dvae"]
-        self.grid = (int(dvae["grid"][0]), int(dvae["grid"][1]))
-        self.vocab_size, self.crops = int(dvae["vocab_size"]), int(m["crops"])
-        self.dvae_digest, self.dvae_path = dvae["digest"], dvae["path"]
-        self._names = [s["name"] for s in m["shards"]]
+        dvae = m.get("dvae")
+        grid = dvae.get("grid") if isinstance(dvae, dict) else None
+        if not (isinstance(grid, list) and len(grid) == 2):
+            raise ShardError(f"{path}: dvae.grid is {grid!r}, expected [h, w]")
+        self.grid = (_count(grid[0], "dvae.grid[0]", path, 1, 4096), _count(grid[1], "dvae.grid[1]", path, 1, 4096))
+        self.vocab_size = _count(dvae.get("vocab_size"), "dvae.vocab_size", path, 1, 2**16)  # codes are uint16
+        self.crops = _count(m.get("crops"), "crops", path, 1, 2**16)
+        self.dvae_digest, self.dvae_path = dvae.get("digest"), dvae.get("path")
+        if not isinstance(self.dvae_digest, str) or not isinstance(self.dvae_path, str):
+            raise ShardError(f"{path}: dvae.digest and dvae.path must be strings")
+        if not isinstance(m.get("shards"), list):
+            raise ShardError(f"{path}: shards is {type(m.get('shards')).__name__}, expected a list")
+        self._names, self._samples = [], []
         want = (self.crops, self.grid[0] * self.grid[1])
         shard_ids, rows, starts = [], [], [0]
         for k, s in enumerate(m["shards"]):
-            stem = self.folder / s["name"]
+            where = f"{path}: shards[{k}]"
+            name = s.get("name") if isinstance(s, dict) else None
+            if not isinstance(name, str) or not _SHARD_NAME.fullmatch(name) or name in self._names:
+                raise ShardError(f"{where}.name is {name!r}, expected a new shard-NNNNN")
+            n = _count(s.get("samples"), "samples", f"{where} ({name})", 0, 2**31 - 1)
+            _count(s.get("heldout"), "heldout", f"{where} ({name})", 0, n)
+            self._names.append(name)
+            self._samples.append(n)
+            stem = self.folder / name
             for suffix in (".codes.npy", ".jsonl"):
                 if not Path(f"{stem}{suffix}").is_file():
                     raise ValueError(f"{self.folder}: shard file {stem.name}{suffix} is missing; rerun "
                                      f"`{ENCODE_HINT} {self.folder}` with the same settings to remake it")
-            shape, dtype = _codes_header(Path(f"{stem}.codes.npy"))
-            if dtype != np.uint16 or shape != (s["samples"], *want):
-                raise ValueError(f"{self.folder}: {stem.name}.codes.npy holds {dtype} {shape}, the manifest says "
-                                 f"uint16 {(s['samples'], *want)}")
+            _codes_header(Path(f"{stem}.codes.npy"), (n, *want))
             r = self._split_rows(k, s)
             shard_ids.append(np.full(len(r), k, np.int32))
             rows.append(r)
             starts.append(starts[-1] + len(r))
+        for field, total in (("samples", sum(self._samples)),
+                             ("heldout", sum(s["heldout"] for s in m["shards"]))):
+            if m.get(field) != total:
+                raise ShardError(f"{path}: {field} is {m.get(field)!r}, its shards hold {total}")
         self._shard = np.concatenate(shard_ids) if shard_ids else np.zeros(0, np.int32)
         self._row = np.concatenate(rows) if rows else np.zeros(0, np.int32)
         self._starts = np.asarray(starts, np.int64)  # split index range of each shard
@@ -168,15 +253,27 @@ class TokenShards:
         if self.split == "all" or held == 0 or held == n:
             keep = self.split == "all" or (held == n) == (self.split == "heldout")
             return np.arange(n, dtype=np.int32) if keep else np.zeros(0, np.int32)
-        flags = np.fromiter((json.loads(line)["heldout"] for line in self._lines(k)), dtype=bool)
-        if len(flags) != n or int(flags.sum()) != held:
+        flags = np.fromiter((r["heldout"] for r in self._records(k)), dtype=bool)
+        if int(flags.sum()) != held:
             raise ValueError(f"{self.folder}: {self._names[k]}.jsonl does not match its manifest entry "
                              f"({len(flags)} lines, {int(flags.sum())} held out; expected {n}, {held})")
         return np.flatnonzero(flags if self.split == "heldout" else ~flags).astype(np.int32)
 
-    def _lines(self, k: int) -> Iterator[str]:
-        with open(self.folder / f"{self._names[k]}.jsonl", encoding="utf-8") as f:
-            yield from f
+    def _records(self, k: int) -> Iterator[dict]:
+        """Shard ``k``'s records in order, each checked (``_parse_record``), as many as its manifest entry says."""
+        path = self.folder / f"{self._names[k]}.jsonl"
+        count = 0
+        with open(path, "rb") as f:
+            for count, line in enumerate(f, 1):
+                if count > self._samples[k]:
+                    break
+                if not line.endswith(b"\n"):
+                    raise ShardError(f"{path}: {count - 1} lines and a cut one, the manifest says "
+                                     f"{self._samples[k]} samples")
+                yield _parse_record(line, f"{path} line {count}")
+        if count != self._samples[k]:
+            raise ShardError(f"{path}: {'more than ' if count > self._samples[k] else ''}{count} lines, the "
+                             f"manifest says {self._samples[k]} samples")
 
     def __len__(self) -> int:
         return len(self._row)
@@ -198,17 +295,23 @@ class TokenShards:
         """Byte offsets of shard ``k``'s jsonl lines (n + 1 of them, uint32/uint64), found once per shard."""
         starts = self._starts_of.get(k)
         if starts is None:
-            data = np.fromfile(self.folder / f"{self._names[k]}.jsonl", dtype=np.uint8)
+            path = self.folder / f"{self._names[k]}.jsonl"
+            data = np.fromfile(path, dtype=np.uint8)
             ends = np.flatnonzero(data == ord("\n")) + 1
+            cut = bool(len(data)) and data[-1] != ord("\n")
+            if len(ends) != self._samples[k] or cut:
+                raise ShardError(f"{path}: {len(ends)} lines{' and a cut one' if cut else ''}, the manifest says "
+                                 f"{self._samples[k]} samples")
             starts = np.concatenate([[0], ends]).astype(np.uint32 if len(data) < 2**32 else np.uint64)
             self._starts_of[k] = starts
         return starts
 
     def _record(self, k: int, r: int) -> dict:
         starts = self._line_starts(k)
-        with open(self.folder / f"{self._names[k]}.jsonl", "rb") as f:
+        path = self.folder / f"{self._names[k]}.jsonl"
+        with open(path, "rb") as f:
             f.seek(int(starts[r]))
-            return json.loads(f.read(int(starts[r + 1]) - int(starts[r])))
+            return _parse_record(f.read(int(starts[r + 1]) - int(starts[r])), f"{path} line {r + 1}")
 
     def _check_index(self, i) -> int:
         if isinstance(i, torch.Tensor) and i.ndim == 0 and not i.is_floating_point():
@@ -242,6 +345,9 @@ class TokenShards:
         for k in np.unique(shard):
             sel = shard == k
             out[sel] = self._map(int(k))[row[sel], c[sel]]
+            if out[sel].size and out[sel].max() >= self.vocab_size:
+                raise ShardError(f"{self.folder / self._names[int(k)]}.codes.npy: code {int(out[sel].max())}, the "
+                                 f"manifest's dvae.vocab_size is {self.vocab_size}")
         return torch.from_numpy(out)
 
     def _locate(self, i) -> tuple[int, int]:
@@ -263,6 +369,6 @@ class TokenShards:
             if hi == lo:
                 continue
             rows = self._row[lo:hi]
-            recs = [json.loads(line)["caption"] for line in self._lines(k)]
+            recs = [r["caption"] for r in self._records(k)]
             for r in rows:
                 yield recs[r]

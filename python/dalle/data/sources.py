@@ -5,21 +5,37 @@ shards as img2dataset writes them.
 - a folder of images with same-named ``.txt`` captions (``dalle.data.folder`` rules);
 - a ``.tsv``/``.csv`` of ``path, caption`` rows (paths relative to the table's folder);
 - WebDataset tars: a brace pattern (``data/{00000..00099}.tar``), one ``.tar`` file, or a folder holding
-  ``*.tar`` files and no images. Members ``KEY.jpg``/``.jpeg``/``.png``/``.webp`` + ``KEY.txt`` make a sample;
-  other members (``KEY.json``) are ignored. Tars are read with the ``webdataset`` library, one member at a time,
-  so memory does not grow with the shard or the dataset.
+  ``*.tar`` files and no images. Tars are read with the ``webdataset`` library, one member at a time, so memory
+  does not grow with the shard or the dataset.
+
+Keys, one rule for every reader (``dalle.data.folder.split_key``; img2dataset's keys are the reference): a
+file's or member's key is its name without the last extension, its field the extension lowercased. Members
+``KEY.jpg`` (or another image extension of ``IMAGE_EXTENSIONS``) + ``KEY.txt`` make the sample ``KEY``, in a
+folder as in a tar, so ``photo.v2.jpg`` + ``photo.v2.txt`` is the sample ``photo.v2`` in both; other members
+(``KEY.json``) are ignored. In a tar, the members of a sample are consecutive (as img2dataset writes them).
 
 A source is cut into ``units`` (a tar file each, or ``chunk_size`` candidate pairs of a folder/table in sorted
-order). ``samples(rank, world, worker, num_workers)`` reads the units ``i`` with
+key order). ``samples(rank, world, worker, num_workers)`` reads the units ``i`` with
 ``i % (world * num_workers) == rank * num_workers + worker``, so every unit is read by exactly one process and
-DataLoader worker per epoch. Unusable samples are skipped and counted by reason in a ``collections.Counter``:
-missing_caption, empty_caption, short_caption, non_english, unreadable_caption, missing_image, corrupt_image
-(an image that does not open, or opens and fails to decode: a truncated file), aspect (outside
-[1 / max_aspect, max_aspect]), truncated_tar (a tar that ends early: counted once per tar, as the samples after
-the cut cannot be known; the samples before it are read), bad_row (a table row without a caption column).
+DataLoader worker per epoch. ``unit_inputs(i)`` lists what a unit holds (each sample's key and a digest of its
+bytes) without decoding it. Unusable samples are skipped and counted by reason in a ``collections.Counter``,
+and reading goes on with the next sample:
+- members: repeated_member (a field twice in one sample: ``KEY.jpg`` twice, ``KEY.jpg`` + ``KEY.JPG``, the
+  caption twice), conflicting_member (two images: ``KEY.jpg`` + ``KEY.png``), repeated_key (a tar whose
+  sample ``KEY`` comes back after other samples), missing_caption, missing_image;
+- captions: unreadable_caption (not UTF-8 nor UTF-8/16/32 with a byte-order mark, or control characters such
+  as the NULs of UTF-16 without its mark), caption_too_large (over ``MAX_CAPTION_BYTES``, not read past it),
+  empty_caption, short_caption, non_english;
+- images: image_too_large (a file over ``MAX_IMAGE_BYTES``, not read past it, or more pixels than PIL's
+  decompression-bomb limit), corrupt_image (does not open, or opens and fails to decode: a truncated file),
+  aspect (outside [1 / max_aspect, max_aspect]);
+- files: truncated_tar (a tar that ends early: counted once per tar, as the samples after the cut cannot be
+  known; the samples before it are read), bad_row (a table row without a caption column, one csv cannot parse,
+  or whose path is not text).
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import tarfile
@@ -30,26 +46,28 @@ from typing import Iterator, NamedTuple
 
 from PIL import Image
 
-from .folder import IMAGE_EXTENSIONS, _key_hash, _keys, _pairs_from_folder, _pairs_from_table
+from .folder import (CAPTION_FIELD, IMAGE_EXTENSIONS, IMAGE_FIELDS, MAX_CAPTION_BYTES, MAX_IMAGE_BYTES, Pair,
+                     _key_hash, _pairs_from_folder, _pairs_from_table, decode_caption, member_problem,
+                     read_limited, split_key)
 from .transforms import aspect_ok, caption_problem, to_rgb
 
 KINDS = ("folder", "table", "webdataset")
-TAR_IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")  # what img2dataset writes, in the order one is picked
 _TAR_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)  # a tar that ends early or is damaged
 
 
 class Sample(NamedTuple):
-    """One usable pair. ``key``: unique within the source (webdataset: the tar member key; folder/table: the path
-    relative to the folder / the table's folder). ``image``: decoded (``load()`` done), RGB. ``caption``:
-    whitespace-normalized."""
+    """One usable pair. ``key``: unique within the source (``dalle.data.folder.split_key``: the tar member name or
+    the path relative to the folder / the table's folder, without its last extension). ``image``: decoded
+    (``load()`` done), RGB. ``caption``: whitespace-normalized."""
     key: str
     image: Image.Image
     caption: str
 
 
 def is_heldout(key: str, fraction: float) -> bool:
-    """Whether sample ``key`` is in the held-out split of size ``fraction``: the same answer on every machine and
-    process (``int(sha1(key)[:8 hex], 16) / 2**32 < fraction``; Python's ``hash`` is salted per process)."""
+    """Whether sample ``key`` is in the held-out split of size ``fraction``: the one held-out rule of every command
+    (``dalle.data.folder.heldout_split`` applies it to a list), the same answer on every machine and process
+    (``int(sha1(key)[:8 hex], 16) / 2**32 < fraction``; Python's ``hash`` is salted per process)."""
     if not isinstance(key, str):
         raise TypeError(f"key must be a str, got {type(key).__name__}")
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
@@ -57,26 +75,51 @@ def is_heldout(key: str, fraction: float) -> bool:
     return _key_hash(key) < fraction
 
 
-def _decode_image(read) -> Image.Image | None:
-    """The RGB image ``read()`` opens, fully decoded; None when it fails to open or to decode."""
+def _decode_image(data: bytes) -> tuple[Image.Image | None, str | None]:
+    """``(RGB image, None)`` fully decoded from ``data``, or ``(None, reason)``: ``image_too_large`` (more pixels
+    than PIL's decompression-bomb limit allows), ``corrupt_image`` (does not open, or fails to decode)."""
     try:
-        with read() as im:
+        with Image.open(io.BytesIO(data)) as im:
             im.load()  # a truncated file opens (the header is there) and fails here
-            return to_rgb(im)
+            return to_rgb(im), None
+    except Image.DecompressionBombError:
+        return None, "image_too_large"
     except Exception:  # noqa: BLE001 - any decoder failure means "unusable image"
-        return None
+        return None, "corrupt_image"
 
 
-def _check_caption(caption, skipped: Counter, min_words: int) -> str | None:
-    """The normalized caption, or None with the reason counted."""
-    if caption is None:
-        skipped["unreadable_caption"] += 1
-        return None
-    problem = caption_problem(caption, min_words=min_words)
-    if problem:
-        skipped[problem] += 1
-        return None
-    return " ".join(caption.split())
+class _Candidate(NamedTuple):
+    """A sample as read, before it is checked: ``caption`` / ``image`` (bytes) are None with their reason in
+    ``caption_problem`` / ``image_problem``; ``problem``: a reason found in its members (``member_problem``)."""
+    key: str
+    digest: str
+    problem: str | None
+    caption: str | None
+    caption_problem: str | None
+    image: bytes | None
+    image_problem: str | None
+
+
+def _digest(parts) -> str:
+    """Digest of a sample's bytes: ``parts`` (name, bytes) in order, each length-prefixed."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, data in parts:
+        for b in (name.encode("utf-8", "surrogateescape"), data):
+            h.update(len(b).to_bytes(8, "little"))
+            h.update(b)
+    return h.hexdigest()
+
+
+def _read_file(path: Path, limit: int) -> tuple[bytes | None, str | None, bytes]:
+    """``(data, None, data)`` or ``(None, reason, marker)``: the file's bytes, or why not (``missing``,
+    ``too_large``) and what the digest covers instead."""
+    try:
+        data = read_limited(path, limit)
+    except OSError:
+        return None, "missing", b"\0missing"
+    if data is None:
+        return None, "too_large", b"\0too large"
+    return data, None, data
 
 
 class Source:
@@ -92,7 +135,7 @@ class Source:
                  pairs=None, listing_skipped: Counter | None = None, chunk_size: int = 1000):
         self.path, self.kind, self.units = path, kind, units
         self.min_words, self.max_aspect, self.chunk_size = min_words, max_aspect, chunk_size
-        self._pairs = pairs  # folder/table: [(key, image path, caption or None)] in sorted key order
+        self._pairs = pairs  # folder/table: [dalle.data.folder.Pair] in sorted key order
         self._listing_skipped = listing_skipped or Counter()  # found while listing; counted with unit 0
 
     def __repr__(self) -> str:
@@ -117,40 +160,83 @@ class Source:
         for i in self.unit_indices(rank, world, worker, num_workers):
             yield from self.iter_unit(i, skipped)
 
-    def iter_unit(self, i: int, skipped: Counter) -> Iterator[Sample]:
-        """Every usable sample of unit ``i`` in a deterministic order; bad ones skipped and counted by reason
-        into ``skipped`` (a ``collections.Counter``)."""
+    def _check_unit(self, i) -> None:
         if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(self.units):
             raise IndexError(f"unit {i!r} out of range for a source of {len(self.units)} units")
+
+    def iter_unit(self, i: int, skipped: Counter, inputs: list | None = None) -> Iterator[Sample]:
+        """Every usable sample of unit ``i`` in a deterministic order; bad ones skipped and counted by reason
+        into ``skipped`` (a ``collections.Counter``). ``inputs``, when given, gets ``[key, digest]`` of every
+        sample read, usable or not (``unit_inputs``)."""
+        self._check_unit(i)
         if not isinstance(skipped, Counter):
             raise TypeError(f"skipped must be a collections.Counter, got {type(skipped).__name__}")
-        if self.kind == "webdataset":
-            yield from self._iter_tar(self.units[i], skipped)
-            return
-        if i == 0:
-            skipped.update(self._listing_skipped)
-        for key, image_path, caption in self._pairs[i * self.chunk_size:(i + 1) * self.chunk_size]:
-            caption = _check_caption(caption, skipped, self.min_words)
-            if caption is None:
-                continue
-            if not image_path.exists():
-                skipped["missing_image"] += 1
-                continue
-            image = _decode_image(lambda: Image.open(image_path))
-            sample = self._finish(key, image, caption, skipped)
+        for c in self._candidates(i, skipped):
+            if inputs is not None:
+                inputs.append([c.key, c.digest])
+            sample = self._check(c, skipped)
             if sample is not None:
                 yield sample
 
-    def _finish(self, key: str, image: Image.Image | None, caption: str, skipped: Counter) -> Sample | None:
-        if image is None:
-            skipped["corrupt_image"] += 1
-            return None
-        if not aspect_ok(*image.size, max_aspect=self.max_aspect):
-            skipped["aspect"] += 1
-            return None
-        return Sample(key, image, caption)
+    def unit_inputs(self, i: int) -> list[list[str]]:
+        """``[key, digest]`` of every sample of unit ``i`` in reading order, usable or not: what the unit holds,
+        read without decoding an image (the digest covers the bytes of the sample's files or members)."""
+        self._check_unit(i)
+        return [[c.key, c.digest] for c in self._candidates(i, Counter())]
 
-    def _iter_tar(self, url: str, skipped: Counter) -> Iterator[Sample]:
+    def _candidates(self, i: int, skipped: Counter) -> Iterator[_Candidate]:
+        if self.kind == "webdataset":
+            yield from self._tar_candidates(self.units[i], skipped)
+            return
+        if i == 0:
+            skipped.update(self._listing_skipped)
+        for pair in self._pairs[i * self.chunk_size:(i + 1) * self.chunk_size]:
+            yield self._pair_candidate(pair)
+
+    def _pair_candidate(self, pair: Pair) -> _Candidate:
+        parts, caption, caption_why, image, image_why = [], None, None, None, None
+        for f in pair.files:
+            field = split_key(f.name)[1] or ""
+            is_image = f == pair.image
+            data, why, marker = _read_file(f, MAX_IMAGE_BYTES if is_image or field != CAPTION_FIELD
+                                           else MAX_CAPTION_BYTES)
+            parts.append(("image" if is_image else field, marker))
+            if is_image:
+                image, image_why = data, {"missing": "missing_image", "too_large": "image_too_large"}.get(why)
+            elif f == pair.caption:
+                caption_why = {"missing": "unreadable_caption", "too_large": "caption_too_large"}.get(why)
+                caption = decode_caption(data) if data is not None else None
+                caption_why = caption_why or (None if caption is not None else "unreadable_caption")
+        if isinstance(pair.caption, str) or (pair.caption is None and self.kind == "table"):
+            caption = pair.caption  # a table's caption: clean text, or None when the row was not text
+            caption_why = None if caption is not None else "unreadable_caption"
+            parts.append(("caption", (caption or "").encode("utf-8", "surrogateescape")))
+        elif pair.caption is None and not pair.problem:
+            caption_why = "missing_caption"
+        if pair.image is None and not image_why:
+            image_why = "missing_image"
+        return _Candidate(pair.key, _digest(parts), pair.problem, caption, caption_why, image, image_why)
+
+    def _check(self, c: _Candidate, skipped: Counter) -> Sample | None:
+        """The usable sample ``c`` makes, or None with the reason counted (members, caption, image, aspect)."""
+        why = c.problem or c.caption_problem
+        if not why:
+            why = caption_problem(c.caption, min_words=self.min_words) or c.image_problem
+        image = None
+        if not why:
+            image, why = _decode_image(c.image)
+        if not why and not aspect_ok(*image.size, max_aspect=self.max_aspect):
+            why = "aspect"
+        if why:
+            skipped[why] += 1
+            return None
+        return Sample(c.key, image, " ".join(c.caption.split()))
+
+    def _tar_candidates(self, url: str, skipped: Counter) -> Iterator[_Candidate]:
+        """The samples of one tar, read with webdataset's tar reader (one member at a time) and grouped by
+        ``split_key``: consecutive members with the same key make one sample. A sample whose members repeat or
+        conflict (``member_problem``), or whose key came earlier in the tar (``repeated_key``), is skipped and
+        counted, and the rest of the tar is read."""
         import webdataset as wds
 
         errors, started = [], []
@@ -165,44 +251,61 @@ class Source:
             started[:] = [fname]  # the member being read when the tar ends is the one cut short
             return fname
 
-        groups = wds.tariterators.tarfile_samples([{"url": url}], handler=handler, rename_files=note)
+        streams = wds.tariterators.url_opener([{"url": url}], handler=handler)
+        members = wds.tariterators.tar_file_expander(streams, handler=handler, rename_files=note, eof_value=None)
+        seen: set[str] = set()
         held = None  # one group is held back: if the tar ends inside it, it is incomplete
-        for group in groups:
+        for key, group in _group_members(members):
             if held is not None:
-                yield from self._tar_sample(held, skipped)
-            held = group
+                yield self._tar_candidate(*held, seen)
+            held = (key, group)
         truncated = bool(errors) or not _ends_cleanly(url)
         if held is not None:
-            last_key, last_suffix = wds.tariterators.base_plus_ext(started[0]) if started else (None, None)
-            whole = "txt" in held and any(s in held for s in TAR_IMAGE_SUFFIXES)
-            cut_short = errors and (last_suffix or "").lower() in TAR_IMAGE_SUFFIXES + ("txt",)
-            if truncated and held["__key__"] == last_key and (cut_short or not whole):
-                held = None  # the sample the tar ends in: counted below (an ignored .json cut short is fine)
-            else:
-                yield from self._tar_sample(held, skipped)
+            last_key, last_field = split_key(started[0]) if started else (None, None)
+            whole = member_problem(f for f, _ in held[1]) is None
+            cut_short = errors and (last_field or "") in IMAGE_FIELDS + (CAPTION_FIELD,)
+            if not (truncated and held[0] == last_key and (cut_short or not whole)):
+                yield self._tar_candidate(*held, seen)  # else the sample the tar ends in: counted below
         if truncated:
             skipped["truncated_tar"] += 1
 
-    def _tar_sample(self, group: dict, skipped: Counter) -> Iterator[Sample]:
-        raw = group.get("txt")
-        if raw is None:
-            skipped["missing_caption"] += 1
-            return
-        try:
-            caption = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            caption = None
-        caption = _check_caption(caption, skipped, self.min_words)
-        if caption is None:
-            return
-        data = next((group[s] for s in TAR_IMAGE_SUFFIXES if s in group), None)
-        if data is None:
-            skipped["missing_image"] += 1
-            return
-        sample = self._finish(group["__key__"], _decode_image(lambda: Image.open(io.BytesIO(data))), caption,
-                              skipped)
-        if sample is not None:
-            yield sample
+    @staticmethod
+    def _tar_candidate(key: str, group: list[tuple[str, bytes]], seen: set) -> _Candidate:
+        fields = [f for f, _ in group]
+        problem = "repeated_key" if key in seen else member_problem(fields)
+        seen.add(key)
+        if problem == "missing_image":
+            problem = None  # counted after the caption's checks, as in every reader
+        caption, caption_why, image, image_why = None, None, None, None
+        if not problem:
+            raw = next(d for f, d in group if f == CAPTION_FIELD)
+            if len(raw) > MAX_CAPTION_BYTES:
+                caption_why = "caption_too_large"
+            else:
+                caption = decode_caption(raw)
+                caption_why = None if caption is not None else "unreadable_caption"
+            image = next((d for f, d in group if f in IMAGE_FIELDS), None)
+            image_why = "missing_image" if image is None else "image_too_large" if len(image) > MAX_IMAGE_BYTES \
+                else None
+            image = None if image_why else image
+        return _Candidate(key, _digest(group), problem, caption, caption_why, image, image_why)
+
+
+def _group_members(members) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+    """``(key, [(field, bytes), ...])`` for each run of consecutive members with the same key
+    (``split_key``); members without a key (no extension, hidden names) are not part of any sample."""
+    key, group = None, []
+    for m in members:
+        k, field = split_key(m["fname"])
+        if k is None:
+            continue
+        if k != key and group:
+            yield key, group
+            group = []
+        key = k
+        group.append((field, m["data"]))
+    if group:
+        yield key, group
 
 
 def _ends_cleanly(path: str) -> bool:
@@ -274,26 +377,16 @@ def open_source(path, *, min_words: int = 2, max_aspect: float = 2.0, chunk_size
             return Source(str(p), "webdataset", [str(p)], **opts)
         if p.suffix.lower() in (".tsv", ".csv"):
             pairs, skipped = _pairs_from_table(p)
-            keyed = _keyed(pairs, p.parent)
-            return _chunked(str(p), "table", keyed, skipped, text, opts)
+            return _chunked(str(p), "table", sorted(pairs, key=lambda q: q.key), skipped, text, opts)
         raise ValueError(f"{text}: cannot tell the kind of source (expected an image folder, a .tsv/.csv table, "
                          f"a .tar or a brace pattern of .tar files)")
     if any(_is_image(q) for q in p.rglob("*")):
         pairs, skipped = _pairs_from_folder(p)
-        return _chunked(str(p), "folder", _keyed(pairs, p), skipped, text, opts)
+        return _chunked(str(p), "folder", pairs, skipped, text, opts)
     tars = sorted(str(q) for q in p.glob("*.tar") if q.is_file())
     if tars:
         return Source(str(p), "webdataset", tars, **opts)
     raise ValueError(f"{text}: the folder holds no images ({', '.join(IMAGE_EXTENSIONS)}) and no .tar shards")
-
-
-def _keyed(pairs, root: Path) -> list[tuple[str, Path, str | None]]:
-    """``(key, path, caption)`` sorted by key; the key is the path relative to ``root`` (absolute when outside
-    it); a path listed again (a table may) gets ``#2``, ``#3``, ... so keys stay unique."""
-    keys = _keys([path for path, _ in pairs], root)  # the keys ImageCaptionDataset gives the same pairs
-    out = [(key, Path(path), caption) for key, (path, caption) in zip(keys, pairs)]
-    out.sort(key=lambda t: t[0])
-    return out
 
 
 def _chunked(path: str, kind: str, pairs, skipped: Counter, text: str, opts: dict) -> Source:

@@ -1,4 +1,4 @@
-"""Preprocessing of real images (SPEC.md section 5) and the caption / aspect-ratio filters.
+"""Preprocessing of real images (as the paper's released code does) and the caption / aspect-ratio filters.
 
 dVAE:        random square crop of side min(h, w); area-resize to a random side in [9/8, 12/8] * target (capped
              at the crop side); random crop to target; random horizontal flip.
@@ -58,7 +58,7 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 def preprocess(img: Image.Image, target: int, mode: str = "dvae", generator: torch.Generator | None = None
                ) -> torch.Tensor:
-    """SPEC.md section 5 preprocessing of one image to a uint8 tensor (3, target, target)."""
+    """The released preprocessing (README: Train on your own data) of one image to a uint8 tensor (3, target, target)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not isinstance(img, Image.Image):
