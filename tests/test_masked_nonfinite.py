@@ -86,7 +86,8 @@ def skip_unless_runs(name):
 
 
 @pytest.mark.parametrize("name,dtype,how", BACKENDS, ids=[f"{n}-{str(d)[6:]}" for n, d, _ in BACKENDS])
-@pytest.mark.parametrize("where,value", [("k", float("nan")), ("v", float("inf"))])
+@pytest.mark.parametrize("where,value", [("k", float("nan")), ("v", float("inf")), ("k", float("-inf")),
+                                         ("v", float("nan"))])
 @pytest.mark.parametrize("mask", ["row", "column", "causal"])  # causal: a later query block sees it in a full tile
 def test_every_backend_agrees_with_the_reference(name, dtype, how, where, value, mask):
     """Outputs and every gradient equal the float64 reference, NaN for NaN; before, the CPU path let a masked NaN

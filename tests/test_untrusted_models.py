@@ -121,6 +121,12 @@ def crafted(folder):
     }
     torch.save(shared_tree(7, 16), folder / "shared_zip.pkl")
     files["shared_zip"] = folder / "shared_zip.pkl"
+    # the zip format (torch >= 1.6) with a real 4-element storage: a view past it, one of stride 0
+    real = torch.zeros(4).untyped_storage()
+    real = torch.storage.TypedStorage(wrap_storage=real, dtype=torch.float32, _internal=True)
+    for name, size, stride in (("zip_past_storage", (1000,), (1,)), ("zip_stride_zero", (10**6, 10**6), (0, 0))):
+        torch.save({"blocks.input.w": Tensor(real, 0, size, stride)}, folder / f"{name}.pkl")
+        files[name] = folder / f"{name}.pkl"
     return files
 '''
 
@@ -206,6 +212,10 @@ def test_crafted_pickles_are_refused_in_linear_time_and_memory(tmp_path):
                        r"bytes but their storages hold only 16$",
         "shared_storage": r"^ValueError: encoder \(.*shared_storage.pkl\): the weights' total size is 16000 bytes "
                           r"but their storages hold only 16$",
+        "zip_past_storage": r"^ValueError: .*zip_past_storage.pkl is not a torch file \(Trying to resize storage that "
+                            r"is not resizable\)$",
+        "zip_stride_zero": r"^ValueError: encoder \(.*zip_stride_zero.pkl\): the weights' total size is 4000000000000 "
+                           r"bytes but their storages hold only 16$",
         "shared_zip": r"^exit 2$",
     }
     for name, pattern in expected.items():
