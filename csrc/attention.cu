@@ -1,4 +1,4 @@
-// Block-sparse attention under DALL-E's masks (dalle_kernels/ops/attention.py, SPEC.md section 1): forward,
+// Block-sparse attention under DALL-E's masks (dalle_kernels/ops/attention.py, paper appendix B.1): forward,
 // backward preprocess (delta), dQ and dK/dV, walking the block lookup tables of masks.block_tables.
 //
 //   O = softmax(scale * Q K^T + M) V,   M = 0 where the mask allows a pair, -inf elsewhere.
@@ -9,7 +9,7 @@
 // log-sum-exp (natural log, fp32, (B, heads, N) by raster row) only. The backward recomputes P from the
 // log-sum-exp: delta = rowsum(dO * O); dQ = scale * dS K over q_lut; dK = scale * dS^T Q and dV = P^T dO per key
 // block over k_lut, with dS = P * (dO V^T - delta). `column` runs the transposed layout (block-diagonal causal,
-// SPEC.md) by address arithmetic: kernel position T + c*H + r reads and writes raster row T + r*W + c.
+// paper appendix B.1) by address arithmetic: kernel position T + c*H + r reads and writes raster row T + r*W + c.
 //
 // Two kernel families, chosen by the entry points from dtype and tile (dalle_kernels/ops/attention.py cuda_tiles):
 // - tensor cores, fp16/bf16 (attn_*_mma_kernel): mma.sync m16n8k16 with fp32 accumulators, fragments from shared
@@ -554,8 +554,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) attn_bwd_dq_mma_kernel(A
           const int i = row0 + 8 * r, jj = n0 + 8 * j + 2 * t4 + (e & 1);
           if (i >= L.n || jj >= L.n || !allowed(i, jj, L)) v = -INFINITY;
         }
-        const float p = exp2f(v - lse2[r]);
-        s[j][e] = p * (dp[j][e] - delta[r]);  // dS
+        // masked pairs exactly 0, also in a row whose lse is NaN (it attends a non-finite key or value)
+        const float p = v == -INFINITY ? 0.0f : exp2f(v - lse2[r]);
+        s[j][e] = p == 0.0f ? 0.0f : p * (dp[j][e] - delta[r]);  // dS
       }
     }
     warp_pb<T, D, NJ>(dq, s, k_t, lane);  // dQ += dS K
@@ -633,9 +634,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) attn_bwd_dkdv_mma_kernel
             const int i = m0 + qc, jj = key0 + 8 * (e >> 1);
             if (i >= L.n || jj >= L.n || !allowed(i, jj, L)) v = -INFINITY;
           }
-          const float p = exp2f(v - sLse[qc]);
-          st[j][e] = p;                              // P^T
-          dpt[j][e] = p * (dpt[j][e] - sDelta[qc]);  // dS^T
+          const float p = v == -INFINITY ? 0.0f : exp2f(v - sLse[qc]);  // masked: 0 even where lse is NaN
+          st[j][e] = p;                                                   // P^T
+          dpt[j][e] = p == 0.0f ? 0.0f : p * (dpt[j][e] - sDelta[qc]);   // dS^T
         }
       }
       warp_pb<T, D, NJ>(dv, st, do_t, lane);  // dV += P^T dO
@@ -676,16 +677,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) attn_bwd_delta_kernel(Ar
 }
 
 // P and dS of one BM x BN tile: p = exp2(scale * q.k * log2e - lse2), dS = p * (dO.v - delta). Past n or where
-// the mask forbids a pair, p = 0 (the logit is -inf).
+// the mask forbids a pair, p = dS = 0 exactly, whatever the key, value or lse (NaN in a row that attends a
+// non-finite key or value: the NaN stays on that row's allowed pairs).
 template <int D>
 __device__ __forceinline__ void probs_and_dscores(const float* q, const float* k, const float* v, const float* dout,
                                                   float lse2, float delta, int i, int j, bool full, const Args& a,
                                                   float* p_out, float* ds_out) {
   float s = dot_row<D>(q, k) * a.qk_scale;
   if (!full && (i >= a.L.n || j >= a.L.n || !allowed(i, j, a.L))) s = -INFINITY;
-  const float p = exp2f(s - lse2);
+  const float p = s == -INFINITY ? 0.0f : exp2f(s - lse2);
   *p_out = p;
-  *ds_out = p * (dot_row<D>(dout, v) - delta);
+  *ds_out = p == 0.0f ? 0.0f : p * (dot_row<D>(dout, v) - delta);
 }
 
 // dQ: one query block over q_lut; grid (B * heads, query blocks), last first.

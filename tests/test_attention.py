@@ -170,7 +170,7 @@ def test_block_tables_equal_tile_or_of_dense_mask(mask, T, H, W, kernel, bm, bn)
 
 
 def test_tile_counts_match_spec_table():
-    # SPEC.md section 1: work relative to dense causal at the paper shape, 64 x 64 and 64 x 32 tiles.
+    # Work relative to dense causal at the paper shape, 64 x 64 and 64 x 32 tiles.
     expected = {(64, 64): {"row": 0.50, "column": 0.43, "conv": 0.63},
                 (64, 32): {"row": 0.46, "column": 0.43, "conv": 0.63}}
     for (bm, bn), ratios in expected.items():
@@ -307,7 +307,7 @@ def test_mask_png(tmp_path):
 
     img = Image.open(tmp_path / "conv.png").convert("RGB")
     cell, margin = masks.PNG_CELL, masks.PNG_MARGIN
-    # Query 6 + 5 (image 5) sees image key 0 (position 6) but not image key 3 (SPEC.md table).
+    # Query 6 + 5 (image 5) sees image key 0 (position 6) but not image key 3 (README's The masks).
     px = lambda img, i, j: img.getpixel((margin + j * cell + cell // 2, margin + i * cell + cell // 2))
     assert px(img, 11, 6) == masks.PNG_COLORS["image"] and px(img, 11, 9) == masks.PNG_COLORS["visited"]
     assert px(img, 2, 10) == masks.PNG_COLORS["off"]  # text query, image key: a tile the kernel skips

@@ -293,7 +293,7 @@ def test_other_files_and_shapes_are_clear_errors(small, tmp_path):
         DVAE.from_openai(tree, dec_path)
     tree = read_pickled_module(enc_path)  # what a crafted file can build without running code: a loop, a string
     tree._modules["blocks"]._modules["loop"] = tree
-    with pytest.raises(ValueError, match="deeper than a dall_e module"):
+    with pytest.raises(ValueError, match="blocks.loop is the module already at the root: a module tree that shares"):
         DVAE.from_openai(tree, dec_path)
     tree = read_pickled_module(enc_path)
     tree._modules["blocks"]._modules["input"]._parameters["w"] = "weights"

@@ -8,7 +8,7 @@ partial tiles apply it per token with ``masks.tl_allowed``), with a flash-style 
 saves ``O`` and the row log-sum-exp only (O(N) extra memory). The backward recomputes ``P`` from the
 log-sum-exp: a preprocess kernel computes ``delta = rowsum(dO * O)``, one kernel computes dQ over the same
 table, one computes dK and dV per key block over the transposed table. ``column`` runs the transposed layout
-(block-diagonal causal, SPEC.md) by mapping each kernel position to its raster row in the loads and stores:
+(block-diagonal causal, paper appendix B.1) by mapping each kernel position to its raster row in the loads and stores:
 inputs and outputs stay in raster order and no permuted copy is made.
 """
 from __future__ import annotations
@@ -28,16 +28,42 @@ ATTENTION_BACKENDS = ("auto", "triton", "cuda", "cpu", "torch", "cuda_emu")  # w
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+class _ZeroRows(torch.autograd.Function):
+    """``x`` with the rows ``bad`` set to 0 in the forward; the backward passes the gradient through unchanged,
+    so a bad key's gradient is the one its attending rows give it (NaN), not a silent 0."""
+
+    @staticmethod
+    def forward(ctx, x, bad):
+        return x.masked_fill(bad[..., None], 0.0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
 def attention_ref(q, k, v, mask="row", text_len=0, grid=(1, 1), kernel=11, scale=None, upcast=torch.float32):
-    """Dense-masked softmax attention (the definition). Computes in ``upcast`` and returns q's dtype."""
+    """Dense-masked softmax attention (the definition). Computes in ``upcast`` and returns q's dtype.
+
+    Non-finite keys and values: a key or value row holding NaN or +-inf never reaches a query the
+    mask keeps from it, in the output or in any gradient; a query that may attend one gets NaN in its whole output
+    row, and NaN in its dq and in the dk, dv of every key it attends. Every backend follows this; a plain dense
+    softmax does not (0 * NaN in ``P V`` and in the matmuls' backward leak a masked NaN into every row)."""
     T, H, W = _masks.check_layout(mask, text_len, grid, kernel)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     allow = _masks.dense_mask(mask, T, (H, W), kernel, device=q.device)
-    s = torch.matmul(q.to(upcast), k.to(upcast).transpose(-1, -2)) * scale
+    dtype = q.dtype
+    q, k, v = q.to(upcast), k.to(upcast), v.to(upcast)
+    bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))  # (B, heads, N) non-finite key or value rows
+    k, v = _ZeroRows.apply(k, bad), _ZeroRows.apply(v, bad)  # finite in every matmul
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    # a row that attends a bad position: NaN on its allowed pairs, added (not selected) so that its backward is
+    # NaN too, on its own pairs only
+    sees_bad = (allow & bad[..., None, :]).any(-1, keepdim=True)
+    s = s + torch.where(sees_bad & allow, float("nan"), 0.0).to(s.dtype)
     s = s.masked_fill(~allow, float("-inf"))
-    p = torch.softmax(s, dim=-1)
-    return torch.matmul(p, v.to(upcast)).to(q.dtype)
+    p = torch.softmax(s, dim=-1).masked_fill(~allow, 0.0)  # a NaN row's masked pairs stay 0, in its backward too
+    return torch.matmul(p, v).to(dtype)
 
 
 def check_inputs(q, k, v, mask, text_len, grid, kernel, scale):
@@ -76,7 +102,7 @@ def check_inputs(q, k, v, mask, text_len, grid, kernel, scale):
 # - no register spills on either target (the dK/dV kernel holds two fp32 accumulators: key blocks of 32);
 # - tiles stay small because they are also the sparsity granularity: 64 x 64 tiles visit 0.50 / 0.43 / 0.63 of
 #   dense causal's tiles for row / column / conv at the paper shape, 64 x 32 tiles 0.46 / 0.43 / 0.63,
-#   128 x 128 tiles 0.62 / 0.49 / 0.73 (SPEC.md; `python -m dalle_kernels masks --tiles`).
+#   128 x 128 tiles 0.62 / 0.49 / 0.73 (`python -m dalle_kernels masks --tiles`).
 # The interpreter (CPU tests at small shapes) uses 16 x 16 tiles so that a sequence of a few dozen positions
 # already spans several blocks, full and partial.
 
@@ -128,7 +154,7 @@ if triton is not None:
 
     @triton.jit
     def _phys_rows(offs, T, H, W, TRANSPOSED: tl.constexpr):
-        """Kernel-layout position -> raster row of the tensor. ``column`` runs transposed (SPEC.md): logical
+        """Kernel-layout position -> raster row of the tensor. ``column`` runs transposed (paper appendix B.1): logical
         image position ``T + c*H + r`` reads raster row ``T + r*W + c``, so no permuted copy is ever made."""
         if TRANSPOSED:
             t = tl.maximum(offs - T, 0)
@@ -177,11 +203,13 @@ if triton is not None:
     def _probs_and_dscores(q, k, v, do, lse2, delta, offs_m, offs_n, full, N, T, H, W, S, qk_scale,
                            MASK: tl.constexpr, PRECISION: tl.constexpr):
         """Backward core, shared by the dQ and dK/dV kernels: recompute ``P = exp(S - lse)`` from the saved
-        row log-sum-exp, and ``dS = P * (dO V^T - delta)`` with ``delta = rowsum(dO * O)``."""
+        row log-sum-exp, and ``dS = P * (dO V^T - delta)`` with ``delta = rowsum(dO * O)``; both exactly 0 on
+        masked pairs, whatever the key, value or row log-sum-exp there."""
         s = _logits(q, k, offs_m, offs_n, full, N, T, H, W, S, qk_scale, MASK, PRECISION)
-        p = tl.math.exp2(s - lse2[:, None])
+        # masked pairs exactly 0, also in rows whose log-sum-exp the forward made NaN (they attend a bad key)
+        p = tl.where(s == float("-inf"), 0.0, tl.math.exp2(s - lse2[:, None]))
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
+        ds = tl.where(p == 0.0, 0.0, p * (dp - delta[:, None]))  # p == 0: masked (or underflowed) pairs
         return p, ds
 
     @triton.jit
@@ -195,7 +223,9 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     ):
         """One query block of one (batch, head): ``O = softmax(scale * Q K^T + mask) V`` with an online softmax
-        over the key blocks listed in the lookup table only; also writes the row log-sum-exp (natural log)."""
+        over the key blocks listed in the lookup table only; also writes the row log-sum-exp (natural log).
+        ``V_ptr`` holds no NaN or inf, and a key whose key or value row held one is NaN (``_triton_forward``): its
+        masked pairs are -inf like any other, its allowed ones make their rows NaN (``attention_ref``'s rule)."""
         # Grid (batch * heads, query blocks), last query block first: under causal-like masks it has the most
         # key blocks, and starting it first shortens the tail. (batch * heads on axis 0: no 65535 limit.)
         pid_bh = tl.program_id(0)
@@ -289,6 +319,7 @@ if triton is not None:
             offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
             rows_n = _phys_rows(offs_n, T, H, W, TRANSPOSED)
             valid_n = offs_n < N
+            # K is finite here (``_triton_backward``): a masked pair's dS is 0, and 0 * NaN in dS K would be NaN
             k = _load_rows(k_base, rows_n, valid_n, stride_kn, HEAD_DIM)
             v = _load_rows(v_base, rows_n, valid_n, stride_vn, HEAD_DIM)
             p, ds = _probs_and_dscores(q, k, v, do, lse2, delta, offs_m, offs_n, full, N, T, H, W, S, qk_scale,
@@ -323,6 +354,7 @@ if triton is not None:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rows_n = _phys_rows(offs_n, T, H, W, TRANSPOSED)
         valid_n = offs_n < N
+        # K and V enter per pair only (scores, dO V^T), where masked pairs are set to 0: no contraction over keys
         k = _load_rows(K_ptr + off_b * stride_kb + off_h * stride_kh, rows_n, valid_n, stride_kn, HEAD_DIM)
         v = _load_rows(V_ptr + off_b * stride_vb + off_h * stride_vh, rows_n, valid_n, stride_vn, HEAD_DIM)
 
@@ -377,6 +409,9 @@ def _triton_forward(q, k, v, mask, T, H, W, kernel, scale, block_m=0, block_n=0)
     if o.numel() == 0:
         return o, lse
     grid = (B * heads, triton.cdiv(N, cfg.block_m))
+    # Non-finite keys and values (attention_ref's rule), the kernel as it is: finite values for P V, NaN keys for
+    # the bad rows (_attention_op.forward_inputs; in the kernel this cost registers)
+    k, v = _attention_op.forward_inputs(k, v)
     _attn_fwd_kernel[grid](
         q, k, v, o, lse, tables.q_lut, tables.q_full, tables.q_count,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -408,9 +443,14 @@ def _triton_backward(do, q, k, v, o, lse, mask, T, H, W, kernel, scale, block_m=
                   num_stages=cfg.num_stages)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
+    # dQ = dS K is the backward's one contraction over keys: there a masked-out NaN or inf key (dS 0) would give
+    # 0 * NaN, so that kernel reads K with them set to 0 (a row that may attend one has NaN dS already). Made
+    # here rather than in the kernel, where it spilled registers on sm_80.
+    k_finite = _attention_op.finite(k)  # its own strides (a copy may be dense)
+    dq_strides = strides[:3] + k_finite.stride()[:3] + strides[6:]
     _attn_bwd_dq_kernel[(B * heads, triton.cdiv(N, cfg.block_m))](
-        q, k, v, do, dq, lse, delta, tables.q_lut, tables.q_full, tables.q_count,
-        *strides, dq.stride(0), dq.stride(1), dq.stride(2),
+        q, k_finite, v, do, dq, lse, delta, tables.q_lut, tables.q_full, tables.q_count,
+        *dq_strides, dq.stride(0), dq.stride(1), dq.stride(2),
         heads, N, tables.q_lut.shape[1], scale * LOG2E, scale, **common)
     _attn_bwd_dkdv_kernel[(B * heads, triton.cdiv(N, cfg.block_n))](
         q, k, v, do, dk, dv, lse, delta, tables.k_lut, tables.k_full, tables.k_count,
@@ -504,6 +544,7 @@ def _cuda_forward(q, k, v, mask, T, H, W, kernel, scale, block=0):
     (bm, bn), _ = cuda_tiles(q.shape[-1], q.dtype, q.device, block)
     t = _masks.block_tables(mask, T, (H, W), kernel, bm, bn, device=q.device)
     launch = _launch_cuda_forward if q.device.type == "cuda" else _launch_cuda_forward_emu
+    k, v = _attention_op.forward_inputs(k, v)  # non-finite keys and values: attention_ref's rule
     return launch(q, k, v, t.q_lut, t.q_full, t.q_count, mask, T, H, W, kernel, scale, bm, bn)
 
 
@@ -512,8 +553,9 @@ def _cuda_backward(do, q, k, v, o, lse, mask, T, H, W, kernel, scale, block=0):
     _, block = cuda_tiles(q.shape[-1], q.dtype, q.device, block)
     t = _masks.block_tables(mask, T, (H, W), kernel, block, block, device=q.device)
     launch = _launch_cuda_backward if q.device.type == "cuda" else _launch_cuda_backward_emu
-    return launch(do, q, k, v, o, lse, t.q_lut, t.q_full, t.q_count, t.k_lut, t.k_full, t.k_count, mask, T, H, W,
-                  kernel, scale, block)
+    # finite keys for dS K (a masked pair's dS is 0 there); the kernels' scores are per pair, masked to -inf
+    return launch(do, q, _attention_op.finite(k), v, o, lse, t.q_lut, t.q_full, t.q_count, t.k_lut, t.k_full,
+                  t.k_count, mask, T, H, W, kernel, scale, block)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -596,6 +638,9 @@ def sparse_attention(q, k, v, mask="row", text_len=0, grid=(32, 32), kernel=11, 
     on GPUs until a GPU benchmark shows the CUDA kernels faster). The Triton, CUDA and cpu paths are
     ``torch.library`` custom ops (``torch.ops.dalle_kernels.sparse_attention_fwd``, ``..._cuda_fwd``,
     ``..._cpu_fwd``): ``torch.compile(fullgraph=True)`` traces them.
+
+    A key or value holding NaN or +-inf never reaches a query the mask keeps from it, on every backend; the rows
+    that may attend one come out NaN (``attention_ref``'s rule; docs/attention.md).
 
     Raises TypeError/ValueError for inputs outside the above, and ValueError for ``backend="triton"`` where it
     cannot run or be right (CPU tensors without the interpreter; bfloat16 CPU tensors in the interpreter), for

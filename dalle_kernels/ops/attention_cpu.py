@@ -510,14 +510,17 @@ def structured_backward(do, q, k, v, o, lse, st: _Structure, text_len, H, W, sca
 def _sparse_attention_cpu_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: str, text_len: int, H: int,
                               W: int, kernel: int, scale: float, block_m: int, block_n: int, path: str
                               ) -> tuple[torch.Tensor, torch.Tensor]:
-    return cpu_forward(q, k, v, mask, text_len, H, W, kernel, scale, block_m, block_n, path)
+    return _attention_op.guarded_forward(
+        lambda q, k, v: cpu_forward(q, k, v, mask, text_len, H, W, kernel, scale, block_m, block_n, path), q, k, v)
 
 
 @torch.library.custom_op("dalle_kernels::sparse_attention_cpu_bwd", mutates_args=(), device_types="cpu")
 def _sparse_attention_cpu_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                               lse: torch.Tensor, mask: str, text_len: int, H: int, W: int, kernel: int, scale: float,
                               block_m: int, block_n: int, path: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return cpu_backward(do, q, k, v, o, lse, mask, text_len, H, W, kernel, scale, block_m, block_n, path)
+    args = (mask, text_len, H, W, kernel, scale, block_m, block_n, path)
+    return _attention_op.guarded_backward(lambda q, k, v: cpu_forward(q, k, v, *args),
+                                          lambda *t: cpu_backward(*t, *args), do, q, k, v, o, lse)
 
 
 _attention_op.register(_sparse_attention_cpu_fwd, _sparse_attention_cpu_bwd)

@@ -1,4 +1,4 @@
-"""Discrete VAE (SPEC.md section 3): the encoder/decoder of the released DALL-E dVAE, with config presets.
+"""Discrete VAE (paper section 2.1, appendix A): the encoder/decoder of the released DALL-E dVAE, with config presets.
 
 Encoder: 7x7 conv to ``n_hid``; ``group_count`` groups of ``n_blk_per_group`` residual blocks of widths
 ``n_hid * 2**g``; a 2x2 max-pool after every group but the last; ReLU and a 1x1 conv to ``vocab_size`` logits.
@@ -26,8 +26,10 @@ import torch.nn.functional as F
 
 from dalle_kernels import logit_laplace_loss, map_pixels, unmap_pixels
 
-from .common import load_pretrained, save_pretrained
+from .common import load_pretrained, pretrained_files, save_pretrained
 from .images import as_unit_float as _as_unit_float  # one image check for the package (rerank reads it here)
+from .openai_dvae import load_openai
+from .safe_io import check_state_dict, expected_state
 
 MODEL_TYPE = "dalle_dvae"  # config.json's model_type
 LOGIT_LAPLACE_EPS = 0.1
@@ -404,22 +406,33 @@ class DVAE(nn.Module):
         The files are pickles (torch's legacy format; zip files are read too), read with a restricted
         unpickler (an allowlist of stand-ins for the ``dall_e`` module tree's classes and torch's tensor
         rebuilders; ``dalle.openai_dvae``): it rebuilds tensors and that tree's attribute dicts only, runs no
-        code from the file and needs no ``dall_e`` installed. Raises ``UnsafeFileError`` naming any other
-        global a file names (nothing runs), ``ValueError`` for a file or module that is not the ``dall_e``
-        encoder / decoder, whose layout differs (pooling, upsampling, post-gain) or whose weights' names or
-        shapes do not fit one dVAE, ``FileNotFoundError`` for a missing path. Convert once with
+        code from the file and needs no ``dall_e`` installed; its work is linear in the file's size (each module
+        of the tree is visited once, every size is checked against the file before allocating). Raises
+        ``UnsafeFileError`` naming any other global a file names (nothing runs), ``ValueError`` for a file or
+        module that is not the ``dall_e`` encoder / decoder, whose sizes do not add up, whose layout differs
+        (pooling, upsampling, post-gain) or whose weights' names or shapes do not fit one dVAE,
+        ``FileNotFoundError`` for a missing path. Convert once with
         ``python -m dalle.convert --openai-dvae``."""
-        from .openai_dvae import load_openai
-
-        return load_openai(encoder, decoder, image_size)
+        return load_openai(encoder, decoder, lambda sizes: cls(DVAEConfig.openai(**vars(sizes))), image_size)
 
     @classmethod
     def load(cls, path, map_location="cpu") -> "DVAE":
         """A dVAE saved by ``save``: its folder, or the ``model.safetensors`` or ``config.json`` in it. Read
         without unpickling; a torch file of an earlier version raises ``UnsafeFileError`` naming
-        ``python -m dalle.convert``, anything else not a dVAE a ``ValueError``."""
+        ``python -m dalle.convert``, anything else not a dVAE a ``ValueError``. The config is checked against the
+        weights before the model is built (``dalle.safe_io``: names, shapes and dtypes, on the meta device), so a
+        config that asks for more than the file holds is "the config and the weights disagree", never an
+        allocation."""
         state_dict, config = load_pretrained(path, MODEL_TYPE)
+        where = pretrained_files(path)[0].parent
         names = {f.name for f in fields(DVAEConfig)}
-        model = cls(DVAEConfig(**{k: v for k, v in config.items() if k in names}))
+        cfg = DVAEConfig(**{k: v for k, v in config.items() if k in names})
+        blocks = cfg.group_count * cfg.n_blk_per_group
+        if 2 * blocks * 8 > len(state_dict):  # every residual block holds 8 tensors or more (4 convs)
+            raise ValueError(f"{where}: the config and the weights disagree: the config's {cfg.group_count} x "
+                             f"{cfg.n_blk_per_group} residual blocks per coder need at least {16 * blocks} tensors, "
+                             f"the weights hold {len(state_dict)}")
+        check_state_dict(where, expected_state(lambda: cls(cfg)), state_dict)
+        model = cls(cfg)
         model.load_state_dict(state_dict)
         return model.to(map_location).eval()

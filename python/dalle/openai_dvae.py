@@ -12,7 +12,7 @@ other global in a file is refused with ``UnsafeFileError`` naming it, and nothin
 
 Weights map one to one (``openai_names``): the ``dall_e`` convolutions hold ``w``, ``b`` where ours (plain
 ``nn.Conv2d``) hold ``weight``, ``bias``; ``blocks.input`` / ``blocks.group_<g>.block_<i>`` /
-``blocks.output.conv`` are our ``net`` entries in order. The architecture is the same (SPEC.md section 3):
+``blocks.output.conv`` are our ``net`` entries in order. The architecture is the same (paper appendix A):
 7x7 input conv, ``group_count`` groups of ``n_blk_per_group`` residual blocks with post-gain
 ``1 / (group_count * n_blk_per_group)**2`` and bottleneck width ``n_out // 4``, 2x2 max-pool / nearest 2x
 upsampling between groups, ReLU + 1x1 output conv; the decoder's 6 output channels are the logit-Laplace ``mu``
@@ -30,11 +30,13 @@ import re
 from collections import OrderedDict
 from os import PathLike
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 
 from .common import UnsafeFileError, unpickling_refusal
+from .safe_io import check_count, check_view
 
 ENCODER_CLASS, DECODER_CLASS = "dall_e.encoder.Encoder", "dall_e.decoder.Decoder"
 # Every class a torch.save of the dall_e encoder or decoder names (checked with
@@ -66,11 +68,34 @@ STAND_INS = {name: type(name.rsplit(".", 1)[1], (PickledModule,), {"pickled_name
 
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.save's format before zip files (OpenAI's files are in it)
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride):
+    """``torch._utils._rebuild_tensor`` after ``check_view``: the view must lie inside its storage (torch's
+    ``set_`` would grow the storage with uninitialised memory, which then ends up in the weights)."""
+    if not isinstance(storage, torch.storage.TypedStorage):
+        raise pickle.UnpicklingError(f"a tensor rebuilt from a {type(storage).__name__}, expected a storage")
+    check_view(None, "a tensor", size, stride, storage_offset, storage._size())
+    return torch._utils._rebuild_tensor(storage, storage_offset, tuple(size), tuple(stride))
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
+                       metadata=None):
+    """``torch._utils._rebuild_tensor_v2`` through ``_rebuild_tensor``; hooks and tensor metadata are refused
+    (torch.save writes them empty)."""
+    if backward_hooks or metadata:
+        raise pickle.UnpicklingError("a tensor with backward hooks or Python attributes (torch.save writes none)")
+    tensor = _rebuild_tensor(storage, storage_offset, size, stride)
+    tensor.requires_grad = bool(requires_grad)
+    return tensor
+
+
 # What the legacy reader rebuilds besides the stand-ins: the callables torch.save's tensors and modules name
+# (the tensor rebuilders checked against their storage)
 LEGACY_GLOBALS = {
     "collections.OrderedDict": OrderedDict, "builtins.set": set, "torch.device": torch.device,
-    "torch._utils._rebuild_tensor": torch._utils._rebuild_tensor,
-    "torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
+    "torch._utils._rebuild_tensor": _rebuild_tensor,
+    "torch._utils._rebuild_tensor_v2": _rebuild_tensor_v2,
     "torch._utils._rebuild_parameter": torch._utils._rebuild_parameter,
 }
 
@@ -81,9 +106,12 @@ class LegacyUnpickler(pickle.Unpickler):
     file can only name those, so unpickling it runs nothing of the file's choosing. Storages are created empty
     here and filled by ``read_legacy`` from the bytes after the pickles."""
 
-    def __init__(self, file):
+    def __init__(self, file, available: int = 0):
         super().__init__(file)
         self.storages: dict[str, torch.Tensor] = {}  # key -> flat tensor owning the storage
+        self.file = file
+        self.available = available  # bytes of the file: every storage together must fit in what is left
+        self.claimed = 0
 
     def find_class(self, module, name):
         if (module, name) in _compat_pickle.NAME_MAPPING:  # protocol 2 writes Python 2 names (__builtin__.set)
@@ -108,13 +136,27 @@ class LegacyUnpickler(pickle.Unpickler):
             return pid[1]  # the module's class (a stand-in); the source text saved with it is ignored
         if pid[0] == "storage" and len(pid) == 6 and isinstance(pid[1], torch.serialization.StorageType):
             storage_type, key, _location, numel, view = pid[1:]
+            if not isinstance(key, str):
+                raise pickle.UnpicklingError(f"storage key {key!r:.40} is not a string")
             if key not in self.storages:
-                self.storages[key] = torch.empty(int(numel), dtype=storage_type.dtype)
+                # checked before allocating: the storages' bytes follow the pickles, so together they fit there
+                size = torch.empty((), dtype=storage_type.dtype).element_size()
+                left = self.available - self.file.tell()
+                numel = check_count(None, f"storage {key} size", numel, left // size, "elements")
+                self.claimed += numel * size
+                check_count(None, "the storages' total size", self.claimed, left)
+                self.storages[key] = torch.empty(numel, dtype=storage_type.dtype)
             root = self.storages[key]
             untyped = root.untyped_storage()
             if view is not None:  # (view key, offset, size) in elements: a part of the root storage
+                if not isinstance(view, tuple) or len(view) != 3:
+                    raise pickle.UnpicklingError(f"storage {key}: view {view!r:.60} is not (key, offset, size)")
                 _, offset, size = view
-                untyped = untyped[int(offset) * root.element_size(): (int(offset) + int(size)) * root.element_size()]
+                offset = check_count(None, f"storage {key} view offset", offset, root.numel(), "elements",
+                                     "its storage holds only")
+                size = check_count(None, f"storage {key} view size", size, root.numel() - offset, "elements",
+                                   "its storage holds only")
+                untyped = untyped[offset * root.element_size(): (offset + size) * root.element_size()]
             return torch.storage.TypedStorage(wrap_storage=untyped, dtype=root.dtype, _internal=True)
         raise pickle.UnpicklingError(f"persistent id {pid[0]!r} is not a tensor storage or a dall_e module")
 
@@ -122,21 +164,33 @@ class LegacyUnpickler(pickle.Unpickler):
 def read_legacy(f):
     """The object in a legacy-format ``torch.save`` file ``f`` (binary, at its start), with ``LegacyUnpickler``:
     magic number, protocol, system info, the object, the storage keys, then each storage as an int64 element
-    count and its bytes (little-endian), the layout of ``torch.serialization._legacy_load``."""
+    count and its bytes (little-endian), the layout of ``torch.serialization._legacy_load``. Every size is
+    checked against the file before anything is allocated for it (``dalle.safe_io``): the storages together must
+    fit in the bytes after the pickles, each tensor inside its storage, and the storage list must name each storage
+    once."""
+    start = f.tell()
+    end = f.seek(0, io.SEEK_END)  # every size the file states is checked against the bytes it holds
+    f.seek(start)
     if LegacyUnpickler(f).load() != LEGACY_MAGIC:
         raise pickle.UnpicklingError("no torch.save magic number")
     LegacyUnpickler(f).load()  # protocol version
     info = LegacyUnpickler(f).load()
     if not isinstance(info, dict) or not info.get("little_endian", False):
         raise pickle.UnpicklingError("only little-endian torch files are read")
-    main = LegacyUnpickler(f)
+    main = LegacyUnpickler(f, end)
     obj = main.load()
-    for key in LegacyUnpickler(f).load():
+    keys = LegacyUnpickler(f).load()
+    if not isinstance(keys, list) or len(set(keys)) != len(keys) or set(keys) != set(main.storages):
+        raise pickle.UnpicklingError(f"the storage list does not name each of the {len(main.storages)} storages "
+                                     "once")
+    for key in keys:
         flat = main.storages[key]
         count = int.from_bytes(f.read(8), "little")
+        if count != flat.numel():
+            raise pickle.UnpicklingError(f"storage {key} holds {count} elements, its tensors say {flat.numel()}")
         data = f.read(count * flat.element_size())
-        if count != flat.numel() or len(data) != flat.numel() * flat.element_size():
-            raise pickle.UnpicklingError(f"storage {key} is truncated or of the wrong size")
+        if len(data) != flat.numel() * flat.element_size():
+            raise pickle.UnpicklingError(f"storage {key} is truncated")
         flat.view(torch.uint8).copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
     return obj
 
@@ -149,7 +203,8 @@ def read_pickled_module(source):
     ``read_legacy``; both refuse every global but the same allowlist.
 
     Raises ``FileNotFoundError`` for a missing path, ``UnsafeFileError`` (a ``ValueError``) naming the global
-    the reader refused (nothing from the file runs), ``ValueError`` for a file that is not a torch file."""
+    the reader refused (nothing from the file runs), ``ValueError`` for a file that is not a torch file or whose
+    sizes do not add up (naming the field)."""
     name = source if isinstance(source, (str, PathLike)) else getattr(source, "name", "the file")
     if isinstance(source, (str, PathLike)) and not Path(source).is_file():
         raise FileNotFoundError(f"no file {source}")
@@ -193,10 +248,16 @@ def _modules(module) -> "OrderedDict[str, object]":
     return children
 
 
-def flat_state(module, prefix: str = "") -> dict:
-    """``state_dict()`` of a stand-in tree (or a real module tree): ``{dotted name: tensor}``. ``ValueError`` for
-    a tree deeper than the ``dall_e`` modules' 5 levels (a crafted file can make one cyclic) or an entry that is
-    not a tensor."""
+def flat_state(module, prefix: str = "", _seen: dict | None = None) -> dict:
+    """``state_dict()`` of a stand-in tree (or a real module tree): ``{dotted name: tensor}``. Every module is
+    visited once: ``ValueError`` for a module that appears at two places of the tree (a crafted file can share
+    one object many times per level, which a walk would visit exponentially often; ``dall_e`` trees share
+    nothing), a tree deeper than the ``dall_e`` modules' 5 levels, or an entry that is not a tensor."""
+    seen = {} if _seen is None else _seen
+    if id(module) in seen:
+        raise ValueError(f"{prefix[:-1] or 'the root'} is the module already at {seen[id(module)] or 'the root'}: "
+                         "a module tree that shares submodules is not a dall_e module")
+    seen[id(module)] = prefix[:-1]
     if prefix.count(".") > 8:
         raise ValueError(f"{prefix[:80]}...: module tree deeper than a dall_e module's")
     out = {}
@@ -208,7 +269,7 @@ def flat_state(module, prefix: str = "") -> dict:
             out[prefix + k] = v
     for k, child in _modules(module).items():
         if child is not None:
-            out.update(flat_state(child, f"{prefix}{k}."))
+            out.update(flat_state(child, f"{prefix}{k}.", seen))
     bad = [k for k, v in out.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise ValueError(f"{bad[0]} is a {type(out[bad[0]]).__name__}, expected a tensor")
@@ -238,16 +299,16 @@ def _shape(sd: dict, key: str, what: str) -> torch.Size:
 
 
 def openai_config(encoder_sd: dict, decoder_sd: dict, image_size: int = 256):
-    """The ``DVAEConfig`` the two ``dall_e`` state dicts describe (sizes read from the weight shapes)."""
-    from .dvae import DVAEConfig
+    """The sizes the two ``dall_e`` state dicts describe (read from the weight shapes): the fields of a
+    ``DVAEConfig`` (``dalle.dvae``, which builds the model from them), as a ``SimpleNamespace``."""
 
     groups, blocks = _blocks(encoder_sd, "encoder")
     d_groups, d_blocks = _blocks(decoder_sd, "decoder")
     enc_in, dec_in = _shape(encoder_sd, "blocks.input.w", "encoder"), _shape(decoder_sd, "blocks.input.w", "decoder")
     enc_out = _shape(encoder_sd, "blocks.output.conv.w", "encoder")
     dec_out = _shape(decoder_sd, "blocks.output.conv.w", "decoder")
-    cfg = DVAEConfig.openai(image_size=image_size, n_hid=enc_in[0], n_init=dec_in[0], vocab_size=enc_out[0],
-                            group_count=groups, n_blk_per_group=blocks, input_channels=enc_in[1])
+    cfg = SimpleNamespace(image_size=image_size, n_hid=enc_in[0], n_init=dec_in[0], vocab_size=enc_out[0],
+                          group_count=groups, n_blk_per_group=blocks, input_channels=enc_in[1])
     theirs = dict(group_count=d_groups, n_blk_per_group=d_blocks, vocab_size=dec_in[1], n_hid=dec_out[1],
                   output_channels=dec_out[0])
     ours = dict(group_count=groups, n_blk_per_group=blocks, vocab_size=enc_out[0], n_hid=enc_in[0],
@@ -259,13 +320,13 @@ def openai_config(encoder_sd: dict, decoder_sd: dict, image_size: int = 256):
 
 
 def openai_names(model) -> dict[str, str]:
-    """``{dall_e name: our name}`` for every weight of ``model`` (a ``DVAE``): the one-to-one map."""
-    from .dvae import DecoderBlock, EncoderBlock
+    """``{dall_e name: our name}`` for every weight of ``model`` (a ``DVAE``): the one-to-one map. The residual
+    blocks are the entries of ``net`` with a ``res_path``."""
 
     names = {}
     for part, coder, first in (("encoder", model.encoder, "net.0"), ("decoder", model.decoder, "input")):
         convs = {"blocks.input": f"{part}.{first}", "blocks.output.conv": f"{part}.net.{len(coder.net) - 1}"}
-        blocks = [i for i, m in enumerate(coder.net) if isinstance(m, (EncoderBlock, DecoderBlock))]
+        blocks = [i for i, m in enumerate(coder.net) if isinstance(getattr(m, "res_path", None), nn.Sequential)]
         for j, i in enumerate(blocks):
             g, b = divmod(j, model.cfg.n_blk_per_group)
             theirs, ours = f"blocks.group_{g + 1}.block_{b + 1}", f"{part}.net.{i}"
@@ -305,14 +366,28 @@ def _check_layout(module, cfg, part: str) -> None:
                 raise ValueError(f"{part}: group_{g}.block_{b} has post_gain {gain!r}, expected 1/{n_layers}**2")
 
 
+def _check_storage(sd: dict, where: str) -> None:
+    """``ValueError`` naming ``where`` unless the weights' bytes fit in their distinct storages: a file can rebuild
+    many weights (or one of stride 0) from one small storage, and copying them out would then take memory far
+    beyond the file's size (the released files give every weight its own storage)."""
+    held = {}
+    for t in sd.values():
+        st = t.untyped_storage()
+        held[st.data_ptr()] = max(held.get(st.data_ptr(), 0), st.nbytes())
+    check_count(where, "the weights' total size", sum(t.numel() * t.element_size() for t in sd.values()),
+                sum(held.values()), "bytes", "their storages hold only")
+
+
 def _as_state(source, part: str, expected: str):
     """``(state dict, module tree or None)`` of a path / file object / module / state dict."""
     is_file = isinstance(source, (str, PathLike, io.IOBase))
     obj = read_pickled_module(source) if is_file else source
-    where = f"{part} ({getattr(source, 'name', source)})" if is_file else part
+    where = f"{part} ({source if isinstance(source, (str, PathLike)) else getattr(source, 'name', source)})" \
+        if is_file else part
     if isinstance(obj, dict):
         if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
             raise ValueError(f"{where}: holds a dict that is not a state dict (names to tensors)")
+        _check_storage(obj, where)
         return dict(obj), None
     if not isinstance(obj, (PickledModule, nn.Module)):
         kind = TypeError if not is_file else ValueError
@@ -320,12 +395,17 @@ def _as_state(source, part: str, expected: str):
                    f"{type(obj).__name__}")
     if class_name(obj) != expected:
         raise ValueError(f"{where} holds a {class_name(obj)}, expected a {expected} (OpenAI's {part}.pkl)")
-    return flat_state(obj), obj
+    try:
+        sd = flat_state(obj)
+    except ValueError as e:  # named after the file it came from
+        raise ValueError(f"{where}: {e}") from None
+    _check_storage(sd, where)
+    return sd, obj
 
 
-def load_openai(encoder, decoder, image_size: int = 256):
-    """``DVAE`` with the weights of OpenAI's released dVAE; see ``DVAE.from_openai``."""
-    from .dvae import DVAE
+def load_openai(encoder, decoder, build, image_size: int = 256):
+    """The model ``build(sizes)`` returns (``DVAE.from_openai`` builds a ``DVAE`` from ``openai_config``'s sizes)
+    with the weights of OpenAI's released dVAE, in eval mode on the CPU; see ``DVAE.from_openai``."""
 
     enc_sd, enc_tree = _as_state(encoder, "encoder", ENCODER_CLASS)
     dec_sd, dec_tree = _as_state(decoder, "decoder", DECODER_CLASS)
@@ -334,7 +414,7 @@ def load_openai(encoder, decoder, image_size: int = 256):
         if tree is not None:
             _check_layout(tree, cfg, part)
     with torch.device("meta"):  # shapes only: every weight is replaced below, so none is drawn
-        model = DVAE(cfg)
+        model = build(cfg)
     names = openai_names(model)
     given = {f"encoder:{k}": v for k, v in enc_sd.items()} | {f"decoder:{k}": v for k, v in dec_sd.items()}
     missing, unexpected = sorted(names.keys() - given.keys()), sorted(given.keys() - names.keys())

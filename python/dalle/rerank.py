@@ -44,6 +44,7 @@ from .data.shapes import ShapesDataset
 from .data.shards import TokenShards
 from .dvae import _as_unit_float
 from .runs import load_dvae, load_run_meta, run_dvae_path
+from .safe_io import check_state_dict, expected_state
 from .tokenizer import CaptionTokenizer
 
 
@@ -183,7 +184,14 @@ class Reranker(nn.Module):
                              f"{config.get('format', 1)}, this one reads {FORMAT}); train it again: "
                              f"python -m dalle.rerank --run {folder.parent}")
         names = {f.name for f in fields(RerankerConfig)}
-        m = cls(RerankerConfig.from_dict({k: v for k, v in config.items() if k in names}))
+        channels = config.get("channels")
+        if isinstance(channels, list) and 2 * len(channels) > len(state_dict):  # before 2 ** len(channels)
+            raise ValueError(f"{pretrained_files(path)[0].parent}: the config and the weights disagree: "
+                             f"{len(channels)} convolutions, the weights hold {len(state_dict)} tensors")
+        cfg = RerankerConfig.from_dict({k: v for k, v in config.items() if k in names})
+        # names, shapes and dtypes on the meta device before anything is allocated for the config
+        check_state_dict(pretrained_files(path)[0].parent, expected_state(lambda: cls(cfg)), state_dict)
+        m = cls(cfg)
         m.load_state_dict(state_dict)
         return m.to(map_location).eval()
 

@@ -1,4 +1,4 @@
-"""Autoregressive image sampling with a key/value cache (SPEC.md sections 1 and 2).
+"""Autoregressive image sampling with a key/value cache (paper section 2.2, appendix B.1).
 
 Each layer keeps the keys and values of every position produced so far. A new image position ``i`` reads
 only the keys its layer's mask allows: the indices come from the mask predicate
@@ -23,7 +23,7 @@ from .model import DALLE, check_id_range
 def check_sampling_args(temperature=1.0, top_k=None, top_p=None, guidance=1.0) -> None:
     """``ValueError`` naming the argument unless ``temperature`` is a finite float >= 0, ``top_k`` None or a
     positive int, ``top_p`` None or a float in (0, 1] and ``guidance`` a finite float. Every sampling entry
-    point calls it before drawing anything."""
+    point calls it before drawing anything. A positive temperature below ``GREEDY_BELOW`` samples greedily."""
     for name, v in (("temperature", temperature), ("guidance", guidance)):
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
             raise ValueError(f"{name} must be a finite float, got {v!r}")
@@ -53,12 +53,34 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
-def sample_from_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """One token per row of ``logits`` (B, V); ``temperature == 0`` is greedy (arguments: ``check_sampling_args``)."""
+# Below this a positive temperature is greedy: float32 cannot hold it (``torch.finfo(torch.float32).tiny``), and the
+# logits' differences divided by it are -inf for every token but the likeliest anyway.
+GREEDY_BELOW = torch.finfo(torch.float32).tiny
+
+
+def check_logits(logits: torch.Tensor, where: str = "sample_from_logits") -> None:
+    """``ValueError`` naming ``where`` (the step) when a row of ``logits`` (B, V) holds NaN or +inf, or allows no
+    token (every logit -inf): no token can be drawn from it, and argmax would silently pick the NaN's index."""
+    bad = torch.isnan(logits).any(-1) | (logits == float("inf")).any(-1) | (logits == float("-inf")).all(-1)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        kind = ("NaN" if bool(torch.isnan(logits[row]).any()) else "+inf"
+                if bool((logits[row] == float("inf")).any()) else "only -inf")
+        raise ValueError(f"{where}: row {row} of the logits holds {kind} ({int(bad.sum())} of {bad.numel()} rows "
+                         "cannot be sampled); the model's output is not finite")
+
+
+def sample_from_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None, where="sample_from_logits"):
+    """One token per row of ``logits`` (B, V); ``temperature == 0`` is greedy, and so is a positive temperature
+    below ``GREEDY_BELOW`` (arguments: ``check_sampling_args``). The logits are shifted by their row maximum before
+    the division, so no temperature overflows them. ``ValueError`` naming ``where`` (the step) for a row holding
+    NaN or +inf or allowing no token (``check_logits``)."""
     check_sampling_args(temperature, top_k, top_p)
-    if temperature == 0:
+    check_logits(logits, where)
+    if temperature < GREEDY_BELOW:
         return logits.argmax(-1)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    logits = logits.float()
+    logits = filter_logits((logits - logits.amax(-1, keepdim=True)) / temperature, top_k, top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
@@ -95,10 +117,21 @@ class Sampler:
         return idx
 
     def _attend(self, q, k, v, allow=None):
-        s = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        """Softmax attention of ``q`` over ``k``, ``v`` (every key, or those ``allow`` allows). A key or value
+        holding NaN or inf reaches only the rows that may attend it, which come out NaN (``attention_ref``'s rule:
+        a masked-out NaN would otherwise leak through its zero probability, 0 * NaN)."""
+        k, v = k.float(), v.float()
+        sees = None
+        if allow is not None:
+            bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))
+            if bool(bad.any()):
+                k, v = k.masked_fill(bad[..., None], 0.0), v.masked_fill(bad[..., None], 0.0)
+                sees = (allow & bad[..., None, :]).any(-1, keepdim=True)
+        s = torch.matmul(q.float(), k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
         if allow is not None:
             s = s.masked_fill(~allow, float("-inf"))
-        return torch.matmul(torch.softmax(s, dim=-1), v.float()).to(q.dtype)
+        o = torch.matmul(torch.softmax(s, dim=-1), v)
+        return (o if sees is None else o.masked_fill(sees, float("nan"))).to(q.dtype)
 
     def _run(self, x, cache: KVCache, start: int):
         """Positions ``start .. start + x.shape[1] - 1`` through every block; returns final-norm hidden states."""
@@ -192,7 +225,8 @@ class Sampler:
                 logits = unc + guidance * (cond - unc)
             if return_logits:
                 all_logits.append(logits)
-            out[:, k] = sample_from_logits(logits, temperature, top_k, top_p, generator)
+            out[:, k] = sample_from_logits(logits, temperature, top_k, top_p, generator,
+                                           where=f"image token {k} of {c.image_len}")
             if k + 1 < c.image_len:
                 pos = c.text_len + k
                 tok = out[:, k: k + 1].repeat(2, 1) if guided else out[:, k: k + 1]
