@@ -574,7 +574,7 @@ def test_generate_run_with_another_dvae_or_bad_files_is_a_usage_error(tmp_path, 
     meta = dalle.runs.load_run_model(trained_run)[1]
     assert os.path.isabs(meta["dvae"]) and meta["dvae_digest"]
     cases = {"dvae": "holds another dVAE", "model": "safetensors", "tokenizer": "tokenizers JSON",
-             "config": "layers", "width": "does not describe the weights"}
+             "config": "layers", "width": "the config and the weights disagree"}
     for what, expect in cases.items():
         run = tmp_path / what
         shutil.copytree(trained_run, run)

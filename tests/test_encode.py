@@ -14,7 +14,7 @@ from dalle.dvae import DVAE, DVAEConfig
 from dalle.encode import EncodeConfig, EncodeError, encode, main, preprocess_crops
 from dalle.runs import file_digest as _file_digest
 
-from test_sources import bad_items, good, png_bytes, write_tar
+from test_sources import bad_items, good, write_tar
 
 
 def micro_dvae(path, seed=0):

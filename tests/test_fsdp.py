@@ -1,6 +1,5 @@
 """Sharded training (dalle.fsdp): 4 gloo processes as 2 replicas x 2 shards against one process, PowerSGD on
 the shards' reduce-scatter output, DCP checkpoints (exact resume after SIGKILL, 4 -> 2 ranks), export."""
-import csv
 import os
 import pickle
 import signal

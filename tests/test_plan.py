@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from dalle.model import DALLE, DALLEConfig
 from dalle.plan import meta_model, plan

@@ -89,7 +89,7 @@ def read_json(path: Path, what: str) -> dict:
         raise ValueError(f"{path}: {size} bytes, more than a {what} can be ({_MAX_JSON})")
     try:
         value = json.loads(path.read_bytes())
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ValueError(f"{path} is not JSON ({e})") from None
     if not isinstance(value, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")

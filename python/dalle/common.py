@@ -190,8 +190,8 @@ def load_pretrained(path, model_type: str) -> tuple[dict, dict]:
                                 f"{' and '.join(missing)}{hint}")
     try:
         config = json.loads(config_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{config_path} is not a JSON model config ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{config_path} is not a JSON model config ({type(e).__name__}: {e})") from None
     if not isinstance(config, dict) or config.get("model_type") != model_type:
         got = config.get("model_type") if isinstance(config, dict) else type(config).__name__
         raise ValueError(f"{config_path} describes a {got!r} model, expected model_type {model_type!r}")

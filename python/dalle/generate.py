@@ -22,16 +22,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import pick_device, pretrained_files
+from . import cli
+from .common import pick_device
+from .data.shapes import matches, parse_caption
+from .data.transforms import to_rgb
+from .images import save_grid
 from .model import check_id_range
+from .rerank import Reranker
+from .runs import load_dvae, load_run_meta, load_run_model, run_dvae_path
 from .sampling import check_sampling_args, generate_images
+from .tokenizer import CaptionTokenizer
 
 
 def load_run(run, device="cpu"):
     """``(model, tokenizer, dvae)`` of a trained run directory."""
-    from .runs import load_dvae, load_run_model, run_dvae_path
-    from .tokenizer import CaptionTokenizer
-
     run = Path(run)
     if not run.is_dir():
         raise FileNotFoundError(f"no run directory {run}")
@@ -42,15 +46,11 @@ def load_run(run, device="cpu"):
 
 def scene_of(caption: str):
     """The scene a built-in-dataset caption describes, or None when the scorer cannot parse it."""
-    from .data.shapes import parse_caption
-
     return parse_caption(caption.lower())
 
 
 def rank_by_scorer(images, scene) -> list[int]:
     """Candidate order: images the scorer accepts for ``scene`` first, each group in draw order."""
-    from .data.shapes import matches
-
     if not isinstance(scene, dict) or "objects" not in scene:
         raise TypeError(f"scene must be a scene dict (scene_of(caption)), got {type(scene).__name__}")
     ok = [bool(matches(im, scene)) for im in images]
@@ -194,7 +194,6 @@ def load_prompt_tokens(path, dvae, rows: int, grid) -> torch.Tensor:
     if isinstance(rows, bool) or not isinstance(rows, int) or not 0 < rows < grid[0]:
         raise ValueError(f"--prompt-rows must be in [1, {grid[0] - 1}], got {rows!r}")
     S = dvae.cfg.image_size
-    from .data.transforms import to_rgb
 
     img = to_rgb(Image.open(path)).resize((S, S), Image.BOX)
     x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None]
@@ -204,8 +203,6 @@ def load_prompt_tokens(path, dvae, rows: int, grid) -> torch.Tensor:
 
 
 def build_parser():
-    from . import cli
-
     p = cli.Parser(prog="python -m dalle.generate", description=__doc__.split("\n\n")[0])
     p.add_argument("captions", nargs="+", help="one or more captions")
     p.add_argument("--run", required=True, help="run folder written by dalle.train / dalle.pipeline")
@@ -233,8 +230,6 @@ def build_parser():
 
 def _png_path(text: str) -> str:
     """argparse type of ``--out``: a .png file path (the grid is written as PNG), not a folder."""
-    import argparse
-
     if Path(text).suffix.lower() != ".png" or Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"expected a .png file path, got {text!r}")
     return text
@@ -242,8 +237,6 @@ def _png_path(text: str) -> str:
 
 def parse_args(argv=None):
     """``(parser, args)`` with every check that needs no model done: the run's files, the prompt image."""
-    from . import cli
-
     p = build_parser()
     a = p.parse_args(argv)
     run = cli.check_run(p, a.run)
@@ -281,8 +274,6 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from . import cli
-
     p, a = parse_args(argv)
     device = pick_device(a.device)
     try:
@@ -294,8 +285,6 @@ def main(argv=None):
         p.error(f"argument --prompt-rows: this run's grid has {model.cfg.grid[0]} rows; expected 1 to "
                 f"{model.cfg.grid[0] - 1}, got {rows}")
     if a.guidance != 1.0:
-        from .runs import load_run_meta
-
         if not (load_run_meta(a.run).get("train_config") or {}).get("cond_dropout", 0.0):
             cli.warn(f"--guidance {a.guidance:g}: {a.run} was trained without caption dropout (--cond-dropout), "
                      "so its empty-caption logits were never trained")
@@ -303,8 +292,6 @@ def main(argv=None):
     reranker = None
     rr_path = Path(a.run) / cli.RERANKER_FILE
     if a.rerank > 1 and a.rank_by != "scorer" and cli.has_reranker(a.run):
-        from .rerank import Reranker
-
         try:
             reranker = Reranker.load(rr_path, map_location=device)
         except ValueError as e:  # written by an earlier version: the message says how to train it again
@@ -323,7 +310,6 @@ def main(argv=None):
         images = sample_captions(model, tok, dvae, a.captions, n=a.n, rerank=a.rerank, temperature=a.temperature,
                                  top_k=a.top_k, top_p=a.top_p, image_prefix=prefix, generator=g,
                                  guidance=a.guidance, reranker=reranker)
-    from .images import save_grid
 
     out = Path(a.out) if a.out else Path(a.run) / "generated.png"
     caps = [c for c in a.captions for _ in range(a.n)]

@@ -49,7 +49,6 @@ from .dvae import DVAE
 from .encode import main as encode_main
 from .generate import CaptionWarning, load_run, rerank_order, sample_captions
 from .images import save_grid
-from .model import PRESETS
 from .rerank import Reranker, train_for_run
 from .runs import fresh_run_problem
 from .train import TrainConfig, train

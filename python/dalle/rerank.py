@@ -27,7 +27,6 @@ transformer gets that binding right far more often than the colour-shape pairs i
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time

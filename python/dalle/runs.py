@@ -9,7 +9,6 @@ trainer).
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from . import checkpoint
 from .common import UnsafeFileError, convert_hint, load_pretrained, pretrained_files, save_pretrained
 from .dvae import DVAE
 from .model import DALLE, DALLEConfig
+from .safe_io import check_state_dict, expected_state
 
 MODEL_TYPE = "dalle"  # config.json's model_type of the transformer
 RUN_META = ("train_config", "step", "dvae", "dvae_digest")  # what a run saves beside its model's config
@@ -102,7 +102,7 @@ def load_run_meta(run) -> dict:
     else from its newest verified checkpoint's ``train_state.json``."""
     config = pretrained_files(run)[1]
     if config.is_file():
-        meta = json.loads(config.read_text())
+        meta = checkpoint.read_json(config, "model config")
         return {k: meta.get(k) for k in RUN_META}
     folder = _newest(run)
     ts = checkpoint.read_json(folder / checkpoint.TRAIN_STATE, "train state")
@@ -127,17 +127,12 @@ def _newest(run) -> Path:
 def check_weights_match(cfg: DALLEConfig, state_dict: dict, where) -> None:
     """``ValueError`` unless ``state_dict`` holds exactly the tensors (names and shapes) of ``DALLE(cfg)``,
     checked on the meta device before anything is allocated (a config.json edited to a billion layers would
-    otherwise fill the memory before ``load_state_dict`` could object)."""
+    otherwise fill the memory before ``load_state_dict`` could object); names, shapes and dtypes by
+    ``safe_io.check_state_dict``, the rule every model reader shares."""
     blocks = {k.split(".")[1] for k in state_dict if k.startswith("blocks.")}
     if len(blocks) != cfg.n_layers:
         raise ValueError(f"{where}: the config says {cfg.n_layers} layers but the weights hold {len(blocks)}")
-    with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in DALLE(cfg).state_dict().items()}
-    wrong = sorted(k for k in shapes.keys() | state_dict.keys()
-                   if shapes.get(k) != (tuple(state_dict[k].shape) if k in state_dict else None))
-    if wrong:
-        raise ValueError(f"{where}: the config does not describe the weights ({len(wrong)} tensors differ, first "
-                         f"{wrong[0]!r})")
+    check_state_dict(where, expected_state(lambda: DALLE(cfg)), state_dict)
 
 
 def read_model(folder) -> tuple[DALLE, dict]:
