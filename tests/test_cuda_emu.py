@@ -3,23 +3,33 @@
 - logit_laplace_loss and orthogonalize through the CUDA kernel source against float64: odd sizes, every dtype and
   reduction the kernels take (bf16 included: no Triton interpreter involved), extreme values, strided inputs,
   both code paths of each kernel (vectorized and scalar tiles; shared-memory and global-memory workspace);
-- the checkers proven on deliberately broken kernels (csrc/emu/selftest.cu): a missing __syncthreads (racecheck),
-  an off-by-one bound (memcheck), a write to an input, a shuffle naming exited lanes (deadlock), a missing
-  cp.async wait;
+- the checkers proven on deliberately broken kernels (csrc/emu/selftest.cu): a missing __syncthreads (racecheck,
+  naming both source lines), an off-by-one bound (memcheck), a write before a tensor (reported and not carried
+  out: the heap survives), a write to an input, a shuffle naming exited lanes (deadlock), a read before the
+  cp.async wait (a cp.async hazard), blocks of one launch sharing global memory (cross-block races) and a result
+  that depends on the order of blocks;
+- the schedules (blocks reversed or shuffled, cp.async landing early) on the real kernels: clean and equal results;
+- the mutation catalogue (dalle_kernels.emu_mutations): every mutation still applies to today's sources, and a
+  fixed few are built and caught (the rest: the README's full run);
 - the warp intrinsics and the PTX twins (mma.sync m16n8k16, ldmatrix) against the PTX ISA's documented layouts,
   written out independently here.
 The existing CPU-lane tests of both ops also run over cuda_emu (tests/test_logit_laplace.py, test_orthogonalize.py).
 """
 import functools
+import gc
 import os
+import re
 
 import pytest
 import torch
 
+from pathlib import Path
+
 import test_logit_laplace as ll
 import test_orthogonalize as oo
 from dalle_kernels import _cuda, _dispatch, logit_laplace_loss, orthogonalize, orthogonalize_ref
-from dalle_kernels._cuda_emu import CudaEmuError, emulated
+from dalle_kernels import emu_mutations
+from dalle_kernels._cuda_emu import CudaEmuError, emulated, schedule
 
 
 @pytest.fixture(autouse=True)
@@ -35,6 +45,7 @@ def emu(device):
     return _dispatch.emu_extension()
 
 
+ROOT = Path(__file__).resolve().parent.parent
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TARGETS = ("float32", "float16", "bfloat16", "float64", "uint8")
 
@@ -174,6 +185,16 @@ def test_orthogonalize_rank_deficient_and_zero():
 
 # ---------------------------------------------------------------------------------------------------------------
 # The checkers, on the broken kernels of csrc/emu/selftest.cu (through the same checked path as the ops)
+SELFTEST_LINE = r"csrc/emu/selftest.cu:\d+(?: <- csrc/emu/selftest.cu:\d+)*"  # a source line, and where it is inlined
+
+
+def line_of(text, path="csrc/emu/selftest.cu"):
+    """The source line (as reports write it) of the only line of ``path`` that contains ``text``."""
+    lines = [i + 1 for i, ln in enumerate((ROOT / path).read_text().splitlines()) if text in ln]
+    assert len(lines) == 1, (text, lines)
+    return f"{path}:{lines[0]}"
+
+
 @functools.partial(emulated, writable=("out",))
 def block_sum(inp, out, broken):
     _cuda.ext("selftest_block_sum").selftest_block_sum(inp.data_ptr(), out.data_ptr(), inp.numel(), out.numel(),
@@ -191,32 +212,58 @@ def test_racecheck_flags_a_missing_syncthreads():
     block_sum(x, out, False)
     assert abs(out.double().sum().item() - x.double().sum().item()) < 1e-4
     with pytest.raises(CudaEmuError, match=r"racecheck: block_sum_kernel block \(0,0,0\): write-after-read hazard "
-                                           r"on shared memory offset 4 .* between threads 0 and 32"):
+                                           r"on shared memory offset 4 .* between thread 0 at "
+                                           + re.escape(line_of("s += warp_sums[w];")) + " and thread 32 at "
+                                           + re.escape(line_of("if (lane == 0) warp_sums[warp] = v;")) + " "):
         block_sum(x, out, True)
 
 
 def test_memcheck_flags_reads_and_writes_past_a_tensor():
-    data, sink = torch.randn(1100), torch.zeros(1100)  # slack behind the views: the bad accesses stay harmless
+    data, sink = torch.randn(1100), torch.zeros(1100)  # slack behind the views: what the kernel must not touch
     x, out = data[:1000], sink[:1000]
-    copy(x, out, 1000, False)
+    copy(x, out, 1000, 0)
     assert torch.equal(out, x)
     with pytest.raises(CudaEmuError) as err:
-        copy(x, out, 1000, True)
+        copy(x, out, 1000, 1)
     msg = str(err.value)
-    assert "memcheck: copy_kernel block (15,0,0) thread (40,0,0): invalid read of 4 bytes" in msg
-    assert "4 bytes past the end of inp" in msg
+    assert re.search(r"memcheck: copy_kernel block \(15,0,0\) thread \(40,0,0\): invalid read of 4 bytes at 0x[0-9a-f]+ "
+                     rf"at {SELFTEST_LINE}: .*4 bytes past the end of inp\) \(not carried out\)", msg), msg
     assert "invalid write of 4 bytes" in msg and "4 bytes past the end of out" in msg
+    assert torch.equal(out, x) and (sink[1000:] == 0).all()  # the write past the end was not carried out
+
+
+def test_a_reported_write_is_not_carried_out():
+    """A write before the tensor (a negative index: into the heap's bookkeeping, which would abort the process
+    with "corrupted size vs. prev_size" at the next free) is reported, naming the kernel, and undone: the 256
+    bytes before the tensor are what they were, and the tensors can be freed."""
+    x = torch.randn(64)
+    buf = torch.full((64 + 64,), 7.0)  # the 64 floats before `out` are not passed to the kernel: unchanged
+    out = buf[64:]
+    with pytest.raises(CudaEmuError, match=r"memcheck: copy_kernel block \(0,0,0\) thread \(0,0,0\): invalid write "
+                                           r"of 4 bytes .*\(256 bytes before out\) \(not carried out\)"):
+        copy(x, out, 64, 2)
+    assert (buf == 7.0).all()
+    for _ in range(3):  # and on the heap itself: fresh tensors, freed after the bad writes
+        x, out = torch.randn(64), torch.zeros(64)
+        with pytest.raises(CudaEmuError, match="256 bytes before out"):
+            copy(x, out, 64, 2)
+        assert (out == 0).all()
+        del x, out
+        gc.collect()
+        torch.randn(1000).sum()
 
 
 def test_memcheck_flags_a_write_to_an_input():
     x, out = torch.randn(100), torch.zeros(100)
+    x0 = x.clone()
 
     @functools.partial(emulated, writable=("out",))
     def swapped(inp, out):  # launches with the pointers exchanged: the kernel writes `inp`
-        _cuda.ext("selftest_copy").selftest_copy(out.data_ptr(), inp.data_ptr(), 100, False)
+        _cuda.ext("selftest_copy").selftest_copy(out.data_ptr(), inp.data_ptr(), 100, 0)
 
     with pytest.raises(CudaEmuError, match="invalid write of 4 bytes .* write to the read-only input inp"):
         swapped(x, out)
+    assert (x == x0).all()  # not carried out
 
 
 def test_shuffle_with_exited_lanes_is_a_deadlock():
@@ -229,20 +276,84 @@ def test_shuffle_with_exited_lanes_is_a_deadlock():
         run(torch.zeros(32, dtype=torch.int32))
 
 
+@pytest.mark.parametrize("cp_async", ["late", "early"])
 @pytest.mark.parametrize("n", [1000, 257, 3])
-def test_cp_async_lands_at_the_wait(n):
-    """A read of a cp.async destination before cp.async.wait_group sees the unwritten (NaN) shared memory."""
+def test_cp_async_read_before_its_wait_is_a_hazard(n, cp_async):
+    """A cp.async is in flight from its issue to the cp.async.wait_group that covers it: a read of its bytes in
+    that window is reported with both source lines, under either schedule, and what it reads depends on when the
+    copy lands (late: the 0xff fill, NaN; early: the data), as it would on a GPU."""
     @functools.partial(emulated, writable=("out",))
     def run(inp, out, broken):
         _cuda.ext("selftest_cp_async").selftest_cp_async(inp.data_ptr(), out.data_ptr(), n, broken)
 
     x, out = torch.randn(n), torch.zeros(n)
-    run(x, out, False)
-    assert torch.equal(out, x)
-    run(x, out, True)
+    with schedule(cp_async=cp_async):
+        run(x, out, False)
+        assert torch.equal(out, x)
+        with pytest.raises(CudaEmuError, match=r"racecheck: cp_async_kernel block \(0,0,0\): cp.async hazard on shared "
+                                               r"memory offset 0 \(4 bytes\): thread 0 reads it at "
+                                               r"csrc/emu/selftest.cu:\d+ before the cp.async.wait_group that covers "
+                                               r"its own cp.async at csrc/ptx.h:\d+ <- csrc/emu/selftest.cu:\d+"):
+            run(x, out, True)
     early = torch.zeros(n, dtype=torch.bool)
     early[0:min(n, 256):4] = True  # each thread's first element, read before its wait
-    assert torch.isnan(out[early]).all() and torch.equal(out[~early], x[~early])
+    assert torch.equal(out[~early], x[~early])
+    if cp_async == "late":
+        assert torch.isnan(out[early]).all()
+    else:
+        assert torch.equal(out[early], x[early])
+
+
+@functools.partial(emulated, writable=("counter", "out"))
+def block_order(counter, out):
+    _cuda.ext("selftest_block_order").selftest_block_order(counter.data_ptr(), out.data_ptr(), out.numel())
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse", "shuffle"])
+def test_block_order(order):
+    """Blocks run forward (x fastest), reversed, or in a seeded shuffle: a kernel whose result depends on the
+    order of its blocks (here, by design, through an atomic counter) gives different results."""
+    results = []
+    for seed in (1, 2):
+        counter, out = torch.zeros(1, dtype=torch.int32), torch.full((40,), -1, dtype=torch.int32)
+        with schedule(block_order=order, seed=seed):
+            block_order(counter, out)
+        assert sorted(out.tolist()) == list(range(40)) and counter.item() == 40
+        results.append(out.tolist())
+    expect = {"forward": list(range(40)), "reverse": list(range(39, -1, -1))}
+    if order in expect:
+        assert results == [expect[order]] * 2
+    else:
+        assert results[0] != results[1] and results[0] != list(range(40))
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+def test_cross_block_races(order):
+    """Two blocks of one launch touching the same byte of global memory, one writing, not both atomically, is a
+    race on a GPU (blocks run in any order, and at once): reported with both blocks and source lines, in either
+    block order. Each block on its own element, or all of them atomically, is clean."""
+    @functools.partial(emulated, writable=("out",))
+    def run(out, mode):
+        _cuda.ext("selftest_cross_block").selftest_cross_block(out.data_ptr(), out.numel(), mode)
+
+    line = SELFTEST_LINE
+    with schedule(block_order=order):
+        out = torch.zeros(8)
+        run(out, 0)
+        assert out.tolist() == [1.0 + b for b in range(8)]
+        run(out.zero_(), 3)
+        assert out[0].item() == 8.0
+        first, second = ("(0,0,0)", "(1,0,0)") if order == "forward" else ("(7,0,0)", "(6,0,0)")
+        with pytest.raises(CudaEmuError, match=rf"racecheck: cross_block_kernel: write-after-write hazard between "
+                                               rf"blocks on global memory at 0x[0-9a-f]+ \(4 bytes, byte 0 of out\): "
+                                               rf"block \{first[:-1]}\) thread 0 at {line} and block \{second[:-1]}\) "
+                                               rf"thread 0 at {line}, in one launch without atomics"):
+            run(out, 1)
+        kind = "read-after-write" if order == "forward" else "write-after-read"
+        with pytest.raises(CudaEmuError, match=rf"{kind} hazard between blocks .* byte 0 of out"):
+            run(out, 2)
+        with pytest.raises(CudaEmuError, match=r"hazard between blocks .* byte 0 of out"):
+            run(out, 4)
 
 
 def test_dynamic_shared_memory_limits():
