@@ -199,7 +199,7 @@ inline cudaError_t cudaFuncSetAttribute(void (*kernel)(P...), cudaFuncAttribute 
   return ::cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), attr, value);
 }
 
-inline void __syncthreads() { ::cuda_emu::syncthreads(); }
+__attribute__((always_inline)) inline void __syncthreads() { ::cuda_emu::syncthreads(); }
 inline int __syncthreads_count(int p) { return ::cuda_emu::syncthreads_reduce(0, p); }
 inline int __syncthreads_and(int p) { return ::cuda_emu::syncthreads_reduce(1, p); }
 inline int __syncthreads_or(int p) { return ::cuda_emu::syncthreads_reduce(2, p); }

@@ -45,7 +45,9 @@ ORTH = ("tests/test_cuda_emu.py", "-k", "orthogonalize")
 class Mutation:
     """Replace ``old`` by ``new`` in csrc/``file``: the first ``old`` at or after ``anchor`` (which must occur once),
     or, without an anchor, the only ``old``. ``tests``: the pytest arguments that must catch it. ``harmless``: why
-    the mutation cannot change what the kernel computes (then it is expected to survive)."""
+    the mutation cannot change what the kernel computes (then it is expected to survive). ``edit``: the same
+    mutation as the emulator can apply it without a rebuild, ``("skip_barrier",)``, ``("skip_commit",)`` or
+    ``("wait_group", n)`` at the mutated line (``edits``; the CI subset runs that way)."""
     name: str
     file: str
     old: str
@@ -53,6 +55,7 @@ class Mutation:
     tests: tuple
     anchor: str = ""
     harmless: str = ""
+    edit: tuple = ()
 
     def apply(self, src: str) -> str:
         start = 0
@@ -69,9 +72,17 @@ class Mutation:
         return src[:i] + self.new + src[i + len(self.old):]
 
     def line(self, src: str) -> int:
-        """The 1-based line of the mutated text in today's source."""
+        """The 1-based line of the mutated text in today's source (its first non-blank character)."""
         start = src.index(self.anchor) if self.anchor else 0
-        return src[:src.find(self.old, start)].count("\n") + 1
+        i = src.find(self.old, start)
+        return src[:i + len(self.old) - len(self.old.lstrip())].count("\n") + 1
+
+    def edits(self) -> list:
+        """The emulator's edits (``emu_set_edits``) that make the same mutation without a rebuild."""
+        if not self.edit:
+            raise ValueError(f"mutation {self.name} has no runtime edit")
+        line = f"csrc/{self.file}:{self.line((ROOT / 'csrc' / self.file).read_text())}"
+        return [(self.edit[0], line, self.edit[1] if len(self.edit) > 1 else 0)]
 
 
 FWD_MMA_END = "warp_pb<T, D, NJ>(o, s, v_t, lane);  // O += P V"
@@ -88,13 +99,14 @@ LOOP_WAIT = "    ptx::cp_async_commit();\n    ptx::cp_async_wait<1>();"
 CATALOGUE = (
     # --- tensor-core forward (cp.async double buffering)
     Mutation("fwd_mma/no_barrier_before_prefetch", "attention.cu",
-             "    __syncthreads();  // this buffer is refilled by the next iteration's prefetch\n", "\n", ATT_MMA_FWD),
+             "    __syncthreads();  // this buffer is refilled by the next iteration's prefetch\n", "\n", ATT_MMA_FWD,
+             edit=("skip_barrier",)),
     Mutation("fwd_mma/no_barrier_after_wait", "attention.cu", "    __syncthreads();\n", "\n", ATT_MMA_FWD,
              anchor="ptx::cp_async_wait<1>();  // everything but the newest group"),
     Mutation("fwd_mma/wait_group_2", "attention.cu", "ptx::cp_async_wait<1>();  // everything but",
-             "ptx::cp_async_wait<2>();  // everything but", ATT_MMA_FWD),
+             "ptx::cp_async_wait<2>();  // everything but", ATT_MMA_FWD, edit=("wait_group", 2)),
     Mutation("fwd_mma/no_commit_in_loop", "attention.cu", LOOP_WAIT, "\n    ptx::cp_async_wait<1>();", ATT_MMA_FWD,
-             anchor=FWD_MMA),
+             anchor=FWD_MMA, edit=("skip_commit",)),
     Mutation("fwd_mma/no_commit_before_loop", "attention.cu", "  ptx::cp_async_commit();\n", "\n", ATT_MMA_FWD,
              anchor=FWD_MMA),
     Mutation("fwd_mma/ldmatrix_k_lane_offset", "attention.cu",
@@ -157,7 +169,7 @@ CATALOGUE = (
              "__shared__ float red[(kWarps - 1) * R];", ORTH),
 )
 
-# A fixed few for CI (tests/test_cuda_emu.py runs them without a rebuild where it can: see run_in_ci there).
+# A fixed few for CI: tests/test_cuda_emu.py applies them with the emulator's edits (no rebuild, a second each).
 CI_SUBSET = ("fwd_mma/no_barrier_before_prefetch", "fwd_mma/wait_group_2", "fwd_mma/no_commit_in_loop")
 
 _CHECKS = (  # report text -> the check that caught it, most specific first

@@ -481,3 +481,82 @@ def test_missing_extension_says_how_to_build(monkeypatch):
     monkeypatch.setattr(_dispatch, "_load_emu_extension", lambda: (None, ImportError("No module named _C_emu")))
     with pytest.raises(RuntimeError, match=r"DALLE_KERNELS_CUDA_EMU=1 python setup\.py build_ext --inplace"):
         logit_laplace_loss(torch.zeros(1, 6, 2, 2), torch.zeros(1, 3, 2, 2), backend="cuda_emu")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The schedules on the real kernels, and the mutation catalogue (dalle_kernels.emu_mutations)
+def attention_outputs(dtype, d, mask="conv", block=0):
+    """Output and gradients of csrc/attention.cu through the emulator: several query blocks and key tiles."""
+    from test_attention import make_inputs
+    from test_attention_cuda import run_cuda
+
+    T, H, W = 10, 11, 13
+    q, k, v, do = make_inputs(1, 2, T + H * W, d, dtype, "cpu", seed=d)
+    o, grads = run_cuda(q, k, v, do, mask, T, (H, W), 5, None, block)
+    return [o, *grads]
+
+
+SCHEDULES = [dict(block_order="reverse", cp_async="early"), dict(block_order="shuffle", seed=3, cp_async="late")]
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=["reverse-early", "shuffle-late"])
+def test_schedules_change_no_result(sched):
+    """Blocks reversed or shuffled, cp.async copies landing at issue: no kernel here may depend on either (a GPU
+    promises neither), so every result is bit-identical to the default schedule's and nothing is reported:
+    tensor-core attention (cp.async double buffers) forward and backward, the CUDA-core attention kernels,
+    logit_laplace (per-block partial sums) and orthogonalize."""
+    def results():
+        P = torch.randn(2, 101, 5, generator=torch.Generator().manual_seed(0))
+        params, target = ll.make_inputs((2, 33, 65), torch.float16, "cpu", seed=1)
+        return [*attention_outputs(torch.float16, 32), *attention_outputs(torch.float32, 16, "row", 16),
+                *ll.run(params, target, "mean", "cuda_emu"), oo.run(P, "cuda_emu")]
+
+    expect = results()
+    with schedule(**sched):
+        got = results()
+    for e, g in zip(expect, got):
+        assert torch.equal(e, g)
+
+
+def test_every_mutation_applies_to_todays_sources():
+    """Each mutation of the catalogue changes exactly the text it names in today's csrc/ (an edit of the kernels
+    that moves it fails here, not silently in the full run); names are unique; the CI subset and the runtime
+    edits point at the mutated lines."""
+    names = [m.name for m in emu_mutations.CATALOGUE]
+    assert len(names) == len(set(names))
+    for m in emu_mutations.CATALOGUE:
+        src = (ROOT / "csrc" / m.file).read_text()
+        mutated = m.apply(src)
+        assert mutated != src and len(mutated.splitlines()) <= len(src.splitlines()), m.name
+        assert m.tests and (ROOT / m.tests[0]).exists(), m.name
+    for name in emu_mutations.CI_SUBSET:
+        m = next(m for m in emu_mutations.CATALOGUE if m.name == name)
+        (kind, line, _), = m.edits()
+        text = (ROOT / line.split(":")[0]).read_text().splitlines()[int(line.split(":")[1]) - 1]
+        assert {"skip_barrier": "__syncthreads();", "skip_commit": "cp_async_commit();",
+                "wait_group": "cp_async_wait<"}[kind] in text, (name, line, text)
+
+
+@pytest.mark.parametrize("name", emu_mutations.CI_SUBSET)
+def test_ci_mutations_are_caught(emu, name):
+    """The CI subset of the catalogue, applied by the emulator's edits instead of a rebuild: each must fail the
+    tensor-core attention with a report that names the mutated kernel's source lines (the deleted barrier before
+    the prefetch: the prefetch's cp.async against another warp's ldmatrix of the same buffer)."""
+    m = next(m for m in emu_mutations.CATALOGUE if m.name == name)
+    edits = m.edits()
+    emu.emu_set_edits(edits)
+    try:
+        with pytest.raises(CudaEmuError) as err:
+            attention_outputs(torch.float16, 32)
+    finally:
+        emu.emu_set_edits([])
+    msg = str(err.value)
+    assert "attn_fwd_mma_kernel<__half, 32, 64>" in msg and "hazard" in msg, msg
+    if name == "fwd_mma/no_barrier_before_prefetch":
+        prefetch = line_of("stage_pair_async<T, BN, D>(sK + (buf ^ 1) * BN * LDT", "csrc/attention.cu")
+        assert re.search(r"write-after-read (?:\(several readers\) )?hazard on shared memory .* between thread \d+ at "
+                         r"csrc/ptx.h:\d+ <- csrc/attention.cu:\d+ .*and thread \d+'s cp.async at csrc/ptx.h:\d+ "
+                         r"<- csrc/attention.cu:\d+ <- .*" + re.escape(prefetch), msg), msg
+    else:
+        assert "cp.async hazard" in msg, msg
+    attention_outputs(torch.float16, 32)  # the edits are undone

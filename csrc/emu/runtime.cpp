@@ -159,6 +159,15 @@ struct Emu {
   uint64_t order_seed = 0;
   bool cp_async_early = false;  // copies land at issue (default: at the wait that covers them)
   bool issuing_copy = false;    // the access being checked is a cp.async's write at its issue
+  // Mutations applied without a rebuild (dalle_kernels.emu_mutations, CI): calls at these source lines skip a
+  // __syncthreads() (kind 0) or a cp.async.commit_group (1), or wait for `value` groups instead (2).
+  struct Edit {
+    int kind;
+    std::string line;
+    int value;
+  };
+  std::vector<Edit> edits;
+  std::map<std::pair<const void*, int>, int> edit_cache;
   // > 0 while the runtime works on a thread's behalf: the instrumented library code it calls (std::string's
   // members, instantiated in the kernels' translation units too, and the linker keeps one copy) is not checked
   int depth = 0;
@@ -880,7 +889,26 @@ unsigned active_mask() {
   return ~warp_of(f).exited;
 }
 
-void syncthreads() { syncthreads_reduce(0, 0); }
+// The edit of `kind` at the kernel-code place `pc` (one of the lines it is inlined at), or -1.
+int edit_at(const void* pc, int kind) {
+  Emu& e = E();
+  if (e.edits.empty()) return -1;
+  InRuntime busy;
+  auto key = std::make_pair(pc, kind);
+  auto it = e.edit_cache.find(key);
+  if (it != e.edit_cache.end()) return it->second;
+  const std::string chain = " <- " + source_line(pc) + " <- ";
+  int found = -1;
+  for (size_t i = 0; i < e.edits.size() && found < 0; ++i)
+    if (e.edits[i].kind == kind && chain.find(" <- " + e.edits[i].line + " <- ") != std::string::npos)
+      found = static_cast<int>(i);
+  return e.edit_cache[key] = found;
+}
+
+void syncthreads() {
+  if (edit_at(__builtin_return_address(0), 0) >= 0) return;
+  syncthreads_reduce(0, 0);
+}
 
 int syncthreads_reduce(int kind, int predicate) {
   Emu& e = E();
@@ -1044,6 +1072,7 @@ void cp_async(void* dst, const void* src, int bytes, int src_bytes) {
 }
 
 void cp_async_commit() {
+  if (edit_at(__builtin_return_address(0), 1) >= 0) return;
   Fiber* f = current("cp.async.commit_group");
   f->copy_groups.push_back(std::move(f->open_copies));
   f->open_copies.clear();
@@ -1051,6 +1080,8 @@ void cp_async_commit() {
 
 void cp_async_wait(int pending) {
   Emu& e = E();
+  const int edit = edit_at(__builtin_return_address(0), 2);
+  if (edit >= 0) pending = e.edits[edit].value;
   InRuntime busy;
   Fiber* f = current("cp.async.wait_group");
   flush_undo();
@@ -1299,6 +1330,19 @@ void register_emu(pybind11::module_& m) {
   }, py::arg("block_order"), py::arg("seed"), py::arg("cp_async"),
         "How the emulator schedules what a GPU leaves unordered: blocks 'forward' (x fastest), 'reverse' or "
         "'shuffle' (seeded), and cp.async copies landing 'late' (at the wait) or 'early' (at issue).");
+  m.def("emu_set_edits", [](const std::vector<std::tuple<std::string, std::string, int>>& edits) {
+    auto& e = cuda_emu::E();
+    e.edits.clear();
+    e.edit_cache.clear();
+    for (auto& [kind, line, value] : edits) {
+      const int k = kind == "skip_barrier" ? 0 : kind == "skip_commit" ? 1 : kind == "wait_group" ? 2 : -1;
+      if (k < 0) throw std::invalid_argument("edit kind must be skip_barrier, skip_commit or wait_group, got " + kind);
+      e.edits.push_back({k, line, value});
+    }
+  }, py::arg("edits"),
+        "Mutate kernels without a rebuild (for tests of the checkers): (kind, 'csrc/file.cu:line', value) with kind "
+        "'skip_barrier' (that __syncthreads() does nothing), 'skip_commit' (that cp.async.commit_group does "
+        "nothing) or 'wait_group' (that cp.async.wait_group waits for `value` pending groups); [] undoes them.");
   m.def("emu_schedule", []() {
     auto& e = cuda_emu::E();
     static const char* orders[3] = {"forward", "reverse", "shuffle"};
