@@ -1,6 +1,6 @@
 // CUDA's execution model on the CPU: the header every .cu file is compiled with in the emulation build
 // (dalle_kernels._C_emu; setup.py passes it with -include, after rewriting launches and __shared__ declarations,
-// see setup.py emu_transform). The runtime behind these declarations is csrc/emu/runtime.cpp.
+// see emu_transform in dalle_kernels/_emu_build.py). The runtime behind these declarations is csrc/emu/runtime.cpp.
 //
 // What it provides:
 // - every block of the grid runs, one after another; the threads of a block run as fibers on one OS thread,

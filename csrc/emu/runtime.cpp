@@ -37,6 +37,7 @@ constexpr size_t kDefaultDynamicLimit = 48 * 1024;  // dynamic, without cudaFunc
 constexpr size_t kSharedLimit = 227 * 1024;         // sm_90 opt-in maximum per block
 constexpr size_t kArenaBytes = kSharedLimit + 1024;
 constexpr size_t kMaxReports = 12;
+constexpr size_t kRedzone = 32;  // unused bytes after each static __shared__ variable (and the dynamic ones)
 
 enum State : int { kReady, kWaitBarrier, kWaitWarp, kDone };
 
@@ -133,6 +134,11 @@ struct Emu {
   unsigned char* arena = nullptr;
   Shadow* shadow = nullptr;
   size_t dyn_bytes = 0, static_used = 0;
+  // Redzones: bytes between this block's shared variables that belong to none; an access there is an overflow of
+  // the variable before it (on a GPU the variables' layout is the compiler's, so the overflow lands anywhere).
+  uint8_t* redzone = nullptr;
+  std::vector<std::pair<size_t, size_t>> redzones;  // [lo, hi) offsets, this block
+  size_t static_payload = 0;                         // bytes of this block's static variables
   uint64_t block_serial = 0;
   uint32_t epoch = 0;
   std::map<const void*, int> max_dynamic_smem;
@@ -423,6 +429,8 @@ void run_block() {
   e.arrived = 0;
   e.reduce_acc[0] = 0, e.reduce_acc[1] = 1, e.reduce_acc[2] = 0;
   e.static_used = 0;
+  for (auto& [lo, hi] : e.redzones) std::memset(e.redzone + lo, 0, hi - lo);
+  e.redzones.clear();
   ++e.block_serial;
   ++e.epoch;
   std::memset(e.arena, 0xff, kArenaBytes);  // uninitialized shared memory reads as NaN / all-ones
@@ -718,6 +726,17 @@ bool classify(int t, uintptr_t a, size_t n, bool write, bool atomic, const void*
       snprintf(why, sizeof(why), "shared memory offset %zu is beyond the %zu bytes this block has", off, used);
       memcheck(t, a, n, write, why, pc);
       return false;
+    }
+    if (!e.redzones.empty()) {
+      for (size_t b = off; b < off + n; ++b) {
+        if (e.redzone[b]) {
+          char why[200];
+          snprintf(why, sizeof(why), "shared memory offset %zu is past the end of a __shared__ variable (in the "
+                   "gap after it)", b);
+          memcheck(t, a, n, write, why, pc);
+          return false;
+        }
+      }
     }
     check_shared(t, off, n, write, atomic, pc);
     return true;
@@ -1104,15 +1123,22 @@ void cp_async_wait(int pending) {
   }
 }
 
+// Static __shared__ variables follow the dynamic ones (128-byte aligned), each followed by a redzone (and the
+// dynamic ones too, when there are both): accesses there are reported as overflows. The limits count the
+// variables' bytes, not the redzones.
 void* shared_alloc(SharedSite& site, size_t bytes, size_t align) {
   InRuntime busy;
   Emu& e = E();
   current("__shared__");
   if (site.block_serial != e.block_serial) {
-    const size_t start = std::max(e.static_used, (e.dyn_bytes + 127) & ~size_t(127));
+    const size_t dyn_end = (e.dyn_bytes + 127) & ~size_t(127);
+    const bool first = e.static_used == 0;
+    if (first) e.static_payload = 0;
+    const size_t lo = first ? e.dyn_bytes : e.static_used;  // where the free space starts
+    const size_t start = first ? dyn_end + (e.dyn_bytes > 0 ? kRedzone : 0) : e.static_used;
     const size_t off = (start + align - 1) & ~(align - 1);
-    const size_t static_bytes = off + bytes - ((e.dyn_bytes + 127) & ~size_t(127));
-    if (static_bytes > kStaticSharedLimit || off + bytes > kSharedLimit) {
+    const size_t static_bytes = e.static_payload + bytes;
+    if (static_bytes > kStaticSharedLimit || dyn_end + static_bytes > kSharedLimit || off + bytes > kArenaBytes) {
       report("shared memory: %s: static __shared__ variables need %zu bytes (limit %zu) next to %zu dynamic bytes",
              kernel_name(), static_bytes, kStaticSharedLimit, e.dyn_bytes);
       e.aborted = true;
@@ -1120,7 +1146,17 @@ void* shared_alloc(SharedSite& site, size_t bytes, size_t align) {
     }
     site.offset = off;
     site.block_serial = e.block_serial;
+    e.static_payload = static_bytes;
+    if (off > lo && (!first || e.dyn_bytes > 0)) {
+      std::memset(e.redzone + lo, 1, off - lo);
+      e.redzones.emplace_back(lo, off);
+    }
     e.static_used = off + bytes;
+    if (e.static_used + kRedzone <= kArenaBytes) {
+      std::memset(e.redzone + e.static_used, 1, kRedzone);
+      e.redzones.emplace_back(e.static_used, e.static_used + kRedzone);
+      e.static_used += kRedzone;
+    }
   }
   return e.arena + site.offset;
 }
@@ -1146,6 +1182,7 @@ void launch(const Config& cfg, const void* kernel, void (*run)(void*), void* ctx
     e.arena = static_cast<unsigned char*>(aligned_alloc(4096, kArenaBytes));
     e.shadow = static_cast<Shadow*>(calloc(kArenaBytes, sizeof(Shadow)));
     e.inflight = static_cast<int32_t*>(calloc(kArenaBytes, sizeof(int32_t)));
+    e.redzone = static_cast<uint8_t*>(calloc(kArenaBytes, 1));
     uintptr_t self = reinterpret_cast<uintptr_t>(&launch);
     dl_iterate_phdr(find_readonly_segments, &self);
   }
