@@ -248,7 +248,8 @@ def run_tests(so: Path, tests: tuple, timeout: float) -> tuple[int | None, str]:
         p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
         return p.returncode, p.stdout + p.stderr
     except subprocess.TimeoutExpired as exc:
-        return None, (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else str(exc.stdout)
+        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout
+        return None, out or ""
 
 
 def verdict(code: int | None, out: str) -> tuple[bool, str, str]:

@@ -253,6 +253,22 @@ def test_a_reported_write_is_not_carried_out():
         torch.randn(1000).sum()
 
 
+def test_memcheck_flags_an_overflow_of_a_shared_array():
+    """One element past a static __shared__ array lands in the redzone the emulator leaves after each variable:
+    reported, and not carried out (the next array is intact)."""
+    @functools.partial(emulated, writable=("out",))
+    def run(out, overflow):
+        _cuda.ext("selftest_shared_overflow").selftest_shared_overflow(out.data_ptr(), overflow)
+
+    out = torch.zeros(32)
+    run(out, False)
+    assert (out == 3.0).all()
+    with pytest.raises(CudaEmuError, match=r"memcheck: shared_overflow_kernel block \(0,0,0\) thread \(31,0,0\): invalid "
+                                           r"write of 4 bytes .* past the end of a __shared__ variable"):
+        run(out, True)
+    assert (out[:31] == 3.0).all() and torch.isnan(out[31])  # a[31] never written: the 0xff fill
+
+
 def test_memcheck_flags_a_write_to_an_input():
     x, out = torch.randn(100), torch.zeros(100)
     x0 = x.clone()

@@ -60,6 +60,18 @@ __global__ void cross_block_kernel(float* out, int mode) {
   if (mode == 4 && b > 0) out[0] = 2.0f;
 }
 
+// Two static __shared__ arrays of 32 floats, one warp; `overflow`: lane 31 writes a[32], one past the end of `a`
+// (on a GPU the compiler lays the variables out: that may be b[0], or nothing the block owns).
+__global__ void shared_overflow_kernel(float* out, bool overflow) {
+  __shared__ float a[32];
+  __shared__ float b[32];
+  const int t = threadIdx.x;
+  b[t] = 2.0f;
+  a[overflow && t == 31 ? 32 : t] = 1.0f;
+  __syncthreads();
+  out[t] = a[t] + b[t];
+}
+
 // Writes a row of results per thread: shuffles with widths 32/8, up/down/xor, votes, match.
 __global__ void warp_kernel(int* out, int stride) {
   const int t = threadIdx.x, lane = t & 31;
@@ -197,6 +209,9 @@ void register_emu_selftest(pybind11::module_& m) {
   m.def("selftest_cross_block", [](uintptr_t out, int blocks, int mode) {
     cross_block_kernel<<<blocks, 32>>>(F(out), mode);
   }, arg("out"), arg("blocks"), arg("mode"));
+  m.def("selftest_shared_overflow", [](uintptr_t out, bool overflow) {
+    shared_overflow_kernel<<<1, 32>>>(F(out), overflow);
+  }, arg("out"), arg("overflow"));
   m.def("selftest_warp", [](uintptr_t out, int threads, int stride) {
     warp_kernel<<<1, threads>>>(reinterpret_cast<int*>(out), stride);
   }, arg("out"), arg("threads"), arg("stride"));
