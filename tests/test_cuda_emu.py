@@ -16,7 +16,6 @@
 The existing CPU-lane tests of both ops also run over cuda_emu (tests/test_logit_laplace.py, test_orthogonalize.py).
 """
 import functools
-import gc
 import os
 import re
 
@@ -243,13 +242,12 @@ def test_a_reported_write_is_not_carried_out():
                                            r"of 4 bytes .*\(256 bytes before out\) \(not carried out\)"):
         copy(x, out, 64, 2)
     assert (buf == 7.0).all()
-    for _ in range(3):  # and on the heap itself: fresh tensors, freed after the bad writes
+    for _ in range(2):  # and on the heap itself: fresh tensors, freed (by their last reference) after the writes
         x, out = torch.randn(64), torch.zeros(64)
         with pytest.raises(CudaEmuError, match="256 bytes before out"):
             copy(x, out, 64, 2)
         assert (out == 0).all()
         del x, out
-        gc.collect()
         torch.randn(1000).sum()
 
 
