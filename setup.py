@@ -11,7 +11,6 @@ Environment:
 Without the extension the package imports and works (Triton and PyTorch backends).
 """
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -61,100 +60,18 @@ class EmuExtension(Extension):
     """Marker: the .cu sources compiled by the host compiler for the CPU emulator (csrc/cuda_emu.h)."""
 
 
-def _blank_comments(src):
-    """``src`` with comments replaced by spaces (newlines kept, so line numbers stay), string literals untouched."""
-    out, i, n = [], 0, len(src)
-    while i < n:
-        c = src[i]
-        if c in "\"'":
-            j = i + 1
-            while j < n and src[j] != c:
-                j += 2 if src[j] == "\\" else 1
-            out.append(src[i:j + 1])
-            i = j + 1
-        elif src.startswith("//", i):
-            j = src.find("\n", i)
-            j = n if j < 0 else j
-            out.append(" " * (j - i))
-            i = j
-        elif src.startswith("/*", i):
-            j = src.find("*/", i + 2)
-            j = n if j < 0 else j + 2
-            out.append("".join(ch if ch == "\n" else " " for ch in src[i:j]))
-            i = j
-        else:
-            out.append(c)
-            i += 1
-    return "".join(out)
+def _load_emu_build():
+    """dalle_kernels/_emu_build.py, by path (the package itself is not importable before it is built)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dalle_kernels_emu_build", ROOT / "dalle_kernels" / "_emu_build.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-def _split_top_level(text, sep=","):
-    parts, depth, cur = [], 0, []
-    for ch in text:
-        if ch in "<([{":
-            depth += 1
-        elif ch in ">)]}":
-            depth -= 1
-        if ch == sep and depth == 0:
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    parts.append("".join(cur))
-    return parts
-
-
-_ALIGN = re.compile(r"(?:__align__|alignas)\s*\(\s*([^)]*)\)")
-
-
-def emu_transform(src, path):
-    """Rewrite what a host compiler cannot parse in a .cu file, keeping every line where it was:
-
-    ``k<<<g, b, s, st>>>(args)``          -> ``k ^ ::cuda_emu::config("k", g, b, s, st)(args)``
-    ``extern __shared__ T name[];``       -> ``T* const name = (T*)::cuda_emu::dynamic_shared();``
-    ``__shared__ T a[N], b;``             -> per-block variables in the emulator's shared-memory arena.
-    Everything else is compiled as written (csrc/cuda_emu.h supplies the CUDA built-ins).
-    """
-    src = _blank_comments(src)
-
-    def launch(m):
-        name = " ".join(m.group("k").split())
-        return f'{m.group("k")} ^ ::cuda_emu::config("{name}", {m.group("cfg")})'
-
-    src = re.sub(r"(?P<k>[A-Za-z_][\w:]*(?:\s*<[^<>;]*>)?)\s*<<<(?P<cfg>.*?)>>>", launch, src, flags=re.S)
-    if "<<<" in src:
-        raise ValueError(f"{path}: a kernel launch the emulation build cannot rewrite (nested template arguments?)")
-
-    def dynamic(m):
-        ctype = " ".join(_ALIGN.sub("", m.group("type")).split())
-        return f"{ctype}* const {m.group('name')} = static_cast<{ctype}*>(::cuda_emu::dynamic_shared());"
-
-    src = re.sub(r"\bextern\s+__shared__\s+(?P<type>[^;]*?)\s*\b(?P<name>\w+)\s*\[\s*\]\s*;", dynamic, src)
-    counter = [0]
-
-    def static(m):
-        body = m.group("body")
-        align = _ALIGN.search(body)
-        body = _ALIGN.sub("", body)
-        decls = _split_top_level(body)
-        first = re.match(r"^(?P<type>.*?)\b(?P<name>\w+)\s*(?P<dims>(?:\[[^\]]*\]\s*)*)$", decls[0].strip(), re.S)
-        if first is None or not first.group("type").strip():
-            raise ValueError(f"{path}: cannot parse the __shared__ declaration {m.group(0)!r}")
-        ctype = " ".join(first.group("type").split())
-        out = []
-        for i, d in enumerate(decls):
-            dm = first if i == 0 else re.match(r"^\s*(?P<name>\w+)\s*(?P<dims>(?:\[[^\]]*\]\s*)*)$", d)
-            if dm is None:
-                raise ValueError(f"{path}: cannot parse the __shared__ declarator {d!r}")
-            site = f"cuda_emu_site_{counter[0]}"
-            counter[0] += 1
-            dims = "".join(dm.group("dims").split())
-            out.append(f"static ::cuda_emu::SharedSite {site}; auto& {dm.group('name')} = "
-                       f"::cuda_emu::shared_var<{ctype}{dims}>({site}, {align.group(1) if align else 0});")
-        return " ".join(out) + "\n" * m.group(0).count("\n")
-
-    src = re.sub(r"\b__shared__\s+(?P<body>[^;]*);", static, src)
-    return f'#line 1 "{path}"\n' + src
+_emu_build = _load_emu_build()
+emu_transform = _emu_build.emu_transform
 
 
 def find_cuda_headers():
@@ -214,15 +131,11 @@ class BuildExt(build_ext):
         tmp = Path(self.build_temp).resolve() / "cuda_emu"
         (tmp / "gen").mkdir(parents=True, exist_ok=True)
         includes = [sysconfig.get_paths()["include"], pybind11.get_include(), str(headers), str(ROOT / "csrc")]
-        inc = " ".join(f"-I{shlex.quote(i)}" for i in includes)
         cxx = os.environ.get("CXX", "c++")
-        common = (f"-O2 -std=c++17 -fPIC -fvisibility=hidden -fno-strict-aliasing -ffp-contract=off "
-                  f"-DDALLE_CUDA_EMU=1 -DDALLE_EXTENSION_NAME=_C_emu {inc}")
         lines = [
             f"cxx = {cxx}",
-            f"cflags = {common}",
-            f"emuflags = {common} -fsanitize=thread --param=tsan-instrument-func-entry-exit=0 "
-            f"-include {shlex.quote(str(ROOT / 'csrc' / 'cuda_emu.h'))}",
+            f"cflags = {_emu_build.common_flags(includes)}",
+            f"emuflags = {_emu_build.kernel_flags(includes, ROOT / 'csrc' / 'cuda_emu.h')}",
             "rule cxx\n  command = $cxx -MMD -MF $out.d $cflags -c $in -o $out\n  depfile = $out.d\n  deps = gcc",
             "rule emu\n  command = $cxx -MMD -MF $out.d $emuflags -x c++ -c $in -o $out\n  depfile = $out.d\n"
             "  deps = gcc",

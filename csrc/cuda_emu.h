@@ -1,6 +1,6 @@
 // CUDA's execution model on the CPU: the header every .cu file is compiled with in the emulation build
 // (dalle_kernels._C_emu; setup.py passes it with -include, after rewriting launches and __shared__ declarations,
-// see setup.py emu_transform). The runtime behind these declarations is csrc/emu/runtime.cpp.
+// see emu_transform in dalle_kernels/_emu_build.py). The runtime behind these declarations is csrc/emu/runtime.cpp.
 //
 // What it provides:
 // - every block of the grid runs, one after another; the threads of a block run as fibers on one OS thread,
@@ -10,9 +10,17 @@
 //   bytes, i.e. NaN, at block start), atomics, __ldg and the cache-hinted loads/stores, the vector types and
 //   __half/__nv_bfloat16 of the CUDA toolkit's own headers (host code paths);
 // - checks the hardware does not give: a shared-memory race detector (two threads touching the same byte
-//   between two barriers, at least one writing) and a memory checker (a global access outside the tensors the
-//   caller registered). Both see every load and store of the kernel code because the .cu files are compiled
-//   with -fsanitize=thread and csrc/emu/runtime.cpp implements the __tsan_* hooks (no ThreadSanitizer runtime).
+//   between two barriers, at least one writing; any access to the bytes of a cp.async in flight), a cross-block
+//   race detector (two blocks of one launch touching the same byte of a writable tensor, one writing, not both
+//   atomically) and a memory checker (a global access outside the tensors the caller registered; such an access
+//   is reported and not carried out). They see every load and store of the kernel code because the .cu files
+//   are compiled with -fsanitize=thread and csrc/emu/runtime.cpp implements the __tsan_* hooks (no
+//   ThreadSanitizer runtime); reports name the source lines (the extension keeps line tables, -g1).
+// - a schedule for what the GPU leaves unordered: blocks forward, reversed or shuffled; cp.async copies landing
+//   at their wait (late) or at issue (early).
+// __threadfence: the emulator's memory is sequentially consistent (one thread runs at a time), so a fence orders
+// nothing more than is already ordered; it does not make a plain cross-block access in one launch race-free (the
+// checker accepts only atomics on both sides; no kernel here hands data between blocks of one launch).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -76,13 +84,15 @@ unsigned vote(int kind, unsigned mask, int predicate);                       // 
 unsigned match(int kind, unsigned mask, uint64_t value, int* pred);          // kind: 0 any, 1 all
 void syncwarp(unsigned mask);
 
-// Accesses done on a thread's behalf by runtime code (PTX twins, atomics): checked like the kernel's own.
-void check_access(int thread, const void* p, size_t bytes, bool write, bool atomic);
+// Accesses done on a thread's behalf by runtime code (PTX twins, atomics): checked like the kernel's own; `pc` is
+// the place in the kernel code that the reports name. false: the access is invalid (reported) and must not be done.
+bool check_access(int thread, const void* p, size_t bytes, bool write, bool atomic, const void* pc);
 void read_shared(int thread, const void* p, size_t bytes, void* dst);  // also checks that p is shared memory
 bool is_shared(const void* p, size_t bytes);
 void report(const char* fmt, ...);
 
-// cp.async: copies queued per thread, performed when a wait_group needs them (as late as the ISA allows).
+// cp.async: copies queued per thread, in flight from issue to the wait_group that covers them (any access to their
+// bytes meanwhile is a hazard); their data lands at that wait (late schedule) or at issue (early).
 void cp_async(void* dst_shared, const void* src_global, int bytes, int src_bytes);
 void cp_async_commit();
 void cp_async_wait(int pending_groups);
@@ -157,10 +167,14 @@ inline T from_bits(uint64_t u) {
 }
 
 // Atomics: the emulator runs one thread at a time, so a plain read-modify-write is atomic; the access is
-// reported as atomic (atomics do not race with each other).
+// reported as atomic (atomics do not race with each other). An invalid one is not done and returns 0xff bytes.
 template <class T, class F>
 CUDA_EMU_UNCHECKED T atomic_rmw(T* p, F f) {
-  check_access(-1, p, sizeof(T), true, true);
+  if (!check_access(-1, p, sizeof(T), true, true, __builtin_return_address(0))) {
+    T poison;
+    std::memset(&poison, 0xff, sizeof(T));
+    return poison;
+  }
   T old = *p;
   *p = f(old);
   return old;
@@ -185,7 +199,7 @@ inline cudaError_t cudaFuncSetAttribute(void (*kernel)(P...), cudaFuncAttribute 
   return ::cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), attr, value);
 }
 
-inline void __syncthreads() { ::cuda_emu::syncthreads(); }
+__attribute__((always_inline)) inline void __syncthreads() { ::cuda_emu::syncthreads(); }
 inline int __syncthreads_count(int p) { return ::cuda_emu::syncthreads_reduce(0, p); }
 inline int __syncthreads_and(int p) { return ::cuda_emu::syncthreads_reduce(1, p); }
 inline int __syncthreads_or(int p) { return ::cuda_emu::syncthreads_reduce(2, p); }

@@ -3,13 +3,18 @@
 The host launchers of the CUDA backend (``_cuda_forward`` and friends) run unchanged inside ``emulated``: the
 entry points they call come from the emulation extension, and each call is checked. The kernels may touch only
 the tensors passed to the entry point (global memory outside them is a memcheck error; a write to a tensor the
-launcher received as an input is one too), shared memory races are racecheck errors, and warp collectives that
-can never complete are deadlock errors; any of these raises ``CudaEmuError`` with the emulator's reports.
+launcher received as an input is one too; such an access is not carried out), shared memory races, accesses to
+the bytes of a ``cp.async`` in flight and two blocks of one launch touching the same global byte (one writing, not
+both atomically) are racecheck errors, and warp collectives that can never complete are deadlock errors; any of
+these raises ``CudaEmuError`` after the call with the emulator's reports, which name the kernel, block, threads,
+address and source lines. ``schedule`` varies what a GPU leaves unordered: the order of blocks and when
+``cp.async`` copies land.
 Tensors the launcher allocates with ``torch.empty*`` are filled with 0xff bytes (NaN) first, as memory a GPU
 kernel must write before anything reads it.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import threading
@@ -88,6 +93,25 @@ class _CheckedModule:
             return result
 
         return call
+
+
+@contextlib.contextmanager
+def schedule(block_order: str = "forward", seed: int = 0, cp_async: str = "late"):
+    """Run the emulator's launches inside this block under another schedule, then restore the previous one.
+
+    ``block_order``: ``"forward"`` (x fastest, the default), ``"reverse"`` or ``"shuffle"`` (a permutation drawn
+    from ``seed`` and the launch count): a kernel whose result depends on the order of its blocks gives another
+    result. ``cp_async``: ``"late"`` (a copy lands at the ``cp.async.wait_group`` that covers it, the default) or
+    ``"early"`` (at issue): a kernel that reads a copy's bytes before waiting sees the data early, the 0xff fill
+    late (and is reported either way).
+    """
+    mod = emu_extension()
+    previous = mod.emu_schedule()
+    mod.emu_set_schedule(block_order, seed, cp_async)
+    try:
+        yield
+    finally:
+        mod.emu_set_schedule(*previous)
 
 
 def active():

@@ -3,23 +3,32 @@
 - logit_laplace_loss and orthogonalize through the CUDA kernel source against float64: odd sizes, every dtype and
   reduction the kernels take (bf16 included: no Triton interpreter involved), extreme values, strided inputs,
   both code paths of each kernel (vectorized and scalar tiles; shared-memory and global-memory workspace);
-- the checkers proven on deliberately broken kernels (csrc/emu/selftest.cu): a missing __syncthreads (racecheck),
-  an off-by-one bound (memcheck), a write to an input, a shuffle naming exited lanes (deadlock), a missing
-  cp.async wait;
+- the checkers proven on deliberately broken kernels (csrc/emu/selftest.cu): a missing __syncthreads (racecheck,
+  naming both source lines), an off-by-one bound (memcheck), a write before a tensor (reported and not carried
+  out: the heap survives), a write to an input, a shuffle naming exited lanes (deadlock), a read before the
+  cp.async wait (a cp.async hazard), blocks of one launch sharing global memory (cross-block races) and a result
+  that depends on the order of blocks;
+- the schedules (blocks reversed or shuffled, cp.async landing early) on the real kernels: clean and equal results;
+- the mutation catalogue (dalle_kernels.emu_mutations): every mutation still applies to today's sources, and a
+  fixed few are built and caught (the rest: the README's full run);
 - the warp intrinsics and the PTX twins (mma.sync m16n8k16, ldmatrix) against the PTX ISA's documented layouts,
   written out independently here.
 The existing CPU-lane tests of both ops also run over cuda_emu (tests/test_logit_laplace.py, test_orthogonalize.py).
 """
 import functools
 import os
+import re
 
 import pytest
 import torch
 
+from pathlib import Path
+
 import test_logit_laplace as ll
 import test_orthogonalize as oo
 from dalle_kernels import _cuda, _dispatch, logit_laplace_loss, orthogonalize, orthogonalize_ref
-from dalle_kernels._cuda_emu import CudaEmuError, emulated
+from dalle_kernels import emu_mutations
+from dalle_kernels._cuda_emu import CudaEmuError, emulated, schedule
 
 
 @pytest.fixture(autouse=True)
@@ -35,6 +44,7 @@ def emu(device):
     return _dispatch.emu_extension()
 
 
+ROOT = Path(__file__).resolve().parent.parent
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TARGETS = ("float32", "float16", "bfloat16", "float64", "uint8")
 
@@ -174,6 +184,16 @@ def test_orthogonalize_rank_deficient_and_zero():
 
 # ---------------------------------------------------------------------------------------------------------------
 # The checkers, on the broken kernels of csrc/emu/selftest.cu (through the same checked path as the ops)
+SELFTEST_LINE = r"csrc/emu/selftest.cu:\d+(?: <- csrc/emu/selftest.cu:\d+)*"  # a source line, and where it is inlined
+
+
+def line_of(text, path="csrc/emu/selftest.cu"):
+    """The source line (as reports write it) of the only line of ``path`` that contains ``text``."""
+    lines = [i + 1 for i, ln in enumerate((ROOT / path).read_text().splitlines()) if text in ln]
+    assert len(lines) == 1, (text, lines)
+    return f"{path}:{lines[0]}"
+
+
 @functools.partial(emulated, writable=("out",))
 def block_sum(inp, out, broken):
     _cuda.ext("selftest_block_sum").selftest_block_sum(inp.data_ptr(), out.data_ptr(), inp.numel(), out.numel(),
@@ -191,32 +211,77 @@ def test_racecheck_flags_a_missing_syncthreads():
     block_sum(x, out, False)
     assert abs(out.double().sum().item() - x.double().sum().item()) < 1e-4
     with pytest.raises(CudaEmuError, match=r"racecheck: block_sum_kernel block \(0,0,0\): write-after-read hazard "
-                                           r"on shared memory offset 4 .* between threads 0 and 32"):
+                                           r"on shared memory offset 4 .* between thread 0 at "
+                                           + re.escape(line_of("s += warp_sums[w];")) + " and thread 32 at "
+                                           + re.escape(line_of("if (lane == 0) warp_sums[warp] = v;")) + " "):
         block_sum(x, out, True)
 
 
 def test_memcheck_flags_reads_and_writes_past_a_tensor():
-    data, sink = torch.randn(1100), torch.zeros(1100)  # slack behind the views: the bad accesses stay harmless
+    data, sink = torch.randn(1100), torch.zeros(1100)  # slack behind the views: what the kernel must not touch
     x, out = data[:1000], sink[:1000]
-    copy(x, out, 1000, False)
+    copy(x, out, 1000, 0)
     assert torch.equal(out, x)
     with pytest.raises(CudaEmuError) as err:
-        copy(x, out, 1000, True)
+        copy(x, out, 1000, 1)
     msg = str(err.value)
-    assert "memcheck: copy_kernel block (15,0,0) thread (40,0,0): invalid read of 4 bytes" in msg
-    assert "4 bytes past the end of inp" in msg
+    assert re.search(r"memcheck: copy_kernel block \(15,0,0\) thread \(40,0,0\): invalid read of 4 bytes at 0x[0-9a-f]+ "
+                     rf"at {SELFTEST_LINE}: .*4 bytes past the end of inp\) \(not carried out\)", msg), msg
     assert "invalid write of 4 bytes" in msg and "4 bytes past the end of out" in msg
+    assert torch.equal(out, x) and (sink[1000:] == 0).all()  # the write past the end was not carried out
+
+
+def test_a_reported_write_is_not_carried_out():
+    """A write before the tensor (a negative index: into the heap's bookkeeping, which would abort the process
+    with "corrupted size vs. prev_size" at the next free) is reported, naming the kernel, and undone: the 256
+    bytes before the tensor are what they were, and the tensors can be freed."""
+    x = torch.randn(64)
+    buf = torch.full((64 + 64,), 7.0)  # the 64 floats before `out` are not passed to the kernel: unchanged
+    out = buf[64:]
+    with pytest.raises(CudaEmuError, match=r"memcheck: copy_kernel block \(0,0,0\) thread \(0,0,0\): invalid write "
+                                           r"of 4 bytes .*\(256 bytes before out\) \(not carried out\)"):
+        copy(x, out, 64, 2)
+    assert (buf == 7.0).all()
+    for _ in range(2):  # and on the heap itself: fresh tensors, freed (by their last reference) after the writes
+        x, out = torch.randn(64), torch.zeros(64)
+        with pytest.raises(CudaEmuError, match="256 bytes before out"):
+            copy(x, out, 64, 2)
+        assert (out == 0).all()
+        del x, out
+        torch.randn(1000).sum()
+
+
+def test_memcheck_flags_an_overflow_of_a_shared_array():
+    """One element past a static __shared__ array lands in the redzone the emulator leaves after each variable:
+    reported, and not carried out (the next array is intact)."""
+    @functools.partial(emulated, writable=("out",))
+    def run(out, overflow):
+        _cuda.ext("selftest_shared_overflow").selftest_shared_overflow(out.data_ptr(), overflow)
+
+    out = torch.zeros(32)
+    run(out, False)
+    assert (out == 3.0).all()
+    with pytest.raises(CudaEmuError, match=r"memcheck: shared_overflow_kernel block \(0,0,0\) thread \(31,0,0\): invalid "
+                                           r"write of 4 bytes .* past the end of a __shared__ variable"):
+        run(out, True)
+    assert (out[:31] == 3.0).all() and torch.isnan(out[31])  # a[31] never written: the 0xff fill
 
 
 def test_memcheck_flags_a_write_to_an_input():
     x, out = torch.randn(100), torch.zeros(100)
+    x0 = x.clone()
 
     @functools.partial(emulated, writable=("out",))
     def swapped(inp, out):  # launches with the pointers exchanged: the kernel writes `inp`
-        _cuda.ext("selftest_copy").selftest_copy(out.data_ptr(), inp.data_ptr(), 100, False)
+        _cuda.ext("selftest_copy").selftest_copy(out.data_ptr(), inp.data_ptr(), 100, 0)
 
-    with pytest.raises(CudaEmuError, match="invalid write of 4 bytes .* write to the read-only input inp"):
+    with pytest.raises(CudaEmuError, match="invalid write of 4 bytes .* write to the read-only input inp") as err:
         swapped(x, out)
+    assert (x == x0).all()  # not carried out
+    # and nothing else: the runtime's own work while reporting (std::string members, which the kernels'
+    # instrumented translation units also instantiate) is not checked as the kernel's accesses
+    assert all("write to the read-only input inp" in line for line in str(err.value).splitlines()[1:]
+               if "more reports" not in line), str(err.value)
 
 
 def test_shuffle_with_exited_lanes_is_a_deadlock():
@@ -229,20 +294,84 @@ def test_shuffle_with_exited_lanes_is_a_deadlock():
         run(torch.zeros(32, dtype=torch.int32))
 
 
+@pytest.mark.parametrize("cp_async", ["late", "early"])
 @pytest.mark.parametrize("n", [1000, 257, 3])
-def test_cp_async_lands_at_the_wait(n):
-    """A read of a cp.async destination before cp.async.wait_group sees the unwritten (NaN) shared memory."""
+def test_cp_async_read_before_its_wait_is_a_hazard(n, cp_async):
+    """A cp.async is in flight from its issue to the cp.async.wait_group that covers it: a read of its bytes in
+    that window is reported with both source lines, under either schedule, and what it reads depends on when the
+    copy lands (late: the 0xff fill, NaN; early: the data), as it would on a GPU."""
     @functools.partial(emulated, writable=("out",))
     def run(inp, out, broken):
         _cuda.ext("selftest_cp_async").selftest_cp_async(inp.data_ptr(), out.data_ptr(), n, broken)
 
     x, out = torch.randn(n), torch.zeros(n)
-    run(x, out, False)
-    assert torch.equal(out, x)
-    run(x, out, True)
+    with schedule(cp_async=cp_async):
+        run(x, out, False)
+        assert torch.equal(out, x)
+        with pytest.raises(CudaEmuError, match=r"racecheck: cp_async_kernel block \(0,0,0\): cp.async hazard on shared "
+                                               r"memory offset 0 \(4 bytes\): thread 0 reads it at "
+                                               r"csrc/emu/selftest.cu:\d+ before the cp.async.wait_group that covers "
+                                               r"its own cp.async at csrc/ptx.h:\d+ <- csrc/emu/selftest.cu:\d+"):
+            run(x, out, True)
     early = torch.zeros(n, dtype=torch.bool)
     early[0:min(n, 256):4] = True  # each thread's first element, read before its wait
-    assert torch.isnan(out[early]).all() and torch.equal(out[~early], x[~early])
+    assert torch.equal(out[~early], x[~early])
+    if cp_async == "late":
+        assert torch.isnan(out[early]).all()
+    else:
+        assert torch.equal(out[early], x[early])
+
+
+@functools.partial(emulated, writable=("counter", "out"))
+def block_order(counter, out):
+    _cuda.ext("selftest_block_order").selftest_block_order(counter.data_ptr(), out.data_ptr(), out.numel())
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse", "shuffle"])
+def test_block_order(order):
+    """Blocks run forward (x fastest), reversed, or in a seeded shuffle: a kernel whose result depends on the
+    order of its blocks (here, by design, through an atomic counter) gives different results."""
+    results = []
+    for seed in (1, 2):
+        counter, out = torch.zeros(1, dtype=torch.int32), torch.full((40,), -1, dtype=torch.int32)
+        with schedule(block_order=order, seed=seed):
+            block_order(counter, out)
+        assert sorted(out.tolist()) == list(range(40)) and counter.item() == 40
+        results.append(out.tolist())
+    expect = {"forward": list(range(40)), "reverse": list(range(39, -1, -1))}
+    if order in expect:
+        assert results == [expect[order]] * 2
+    else:
+        assert results[0] != results[1] and results[0] != list(range(40))
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+def test_cross_block_races(order):
+    """Two blocks of one launch touching the same byte of global memory, one writing, not both atomically, is a
+    race on a GPU (blocks run in any order, and at once): reported with both blocks and source lines, in either
+    block order. Each block on its own element, or all of them atomically, is clean."""
+    @functools.partial(emulated, writable=("out",))
+    def run(out, mode):
+        _cuda.ext("selftest_cross_block").selftest_cross_block(out.data_ptr(), out.numel(), mode)
+
+    line = SELFTEST_LINE
+    with schedule(block_order=order):
+        out = torch.zeros(8)
+        run(out, 0)
+        assert out.tolist() == [1.0 + b for b in range(8)]
+        run(out.zero_(), 3)
+        assert out[0].item() == 8.0
+        first, second = ("(0,0,0)", "(1,0,0)") if order == "forward" else ("(7,0,0)", "(6,0,0)")
+        with pytest.raises(CudaEmuError, match=rf"racecheck: cross_block_kernel: write-after-write hazard between "
+                                               rf"blocks on global memory at 0x[0-9a-f]+ \(4 bytes, byte 0 of out\): "
+                                               rf"block \{first[:-1]}\) thread 0 at {line} and block \{second[:-1]}\) "
+                                               rf"thread 0 at {line}, in one launch without atomics"):
+            run(out, 1)
+        kind = "read-after-write" if order == "forward" else "write-after-read"
+        with pytest.raises(CudaEmuError, match=rf"{kind} hazard between blocks .* byte 0 of out"):
+            run(out, 2)
+        with pytest.raises(CudaEmuError, match=r"hazard between blocks .* byte 0 of out"):
+            run(out, 4)
 
 
 def test_dynamic_shared_memory_limits():
@@ -370,3 +499,82 @@ def test_missing_extension_says_how_to_build(monkeypatch):
     monkeypatch.setattr(_dispatch, "_load_emu_extension", lambda: (None, ImportError("No module named _C_emu")))
     with pytest.raises(RuntimeError, match=r"DALLE_KERNELS_CUDA_EMU=1 python setup\.py build_ext --inplace"):
         logit_laplace_loss(torch.zeros(1, 6, 2, 2), torch.zeros(1, 3, 2, 2), backend="cuda_emu")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The schedules on the real kernels, and the mutation catalogue (dalle_kernels.emu_mutations)
+def attention_outputs(dtype, d, mask="conv", block=0):
+    """Output and gradients of csrc/attention.cu through the emulator: several query blocks and key tiles."""
+    from test_attention import make_inputs
+    from test_attention_cuda import run_cuda
+
+    T, H, W = 10, 11, 13
+    q, k, v, do = make_inputs(1, 2, T + H * W, d, dtype, "cpu", seed=d)
+    o, grads = run_cuda(q, k, v, do, mask, T, (H, W), 5, None, block)
+    return [o, *grads]
+
+
+SCHEDULES = [dict(block_order="reverse", cp_async="early"), dict(block_order="shuffle", seed=3, cp_async="late")]
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=["reverse-early", "shuffle-late"])
+def test_schedules_change_no_result(sched):
+    """Blocks reversed or shuffled, cp.async copies landing at issue: no kernel here may depend on either (a GPU
+    promises neither), so every result is bit-identical to the default schedule's and nothing is reported:
+    tensor-core attention (cp.async double buffers) forward and backward, the CUDA-core attention kernels,
+    logit_laplace (per-block partial sums) and orthogonalize."""
+    def results():
+        P = torch.randn(2, 101, 5, generator=torch.Generator().manual_seed(0))
+        params, target = ll.make_inputs((2, 33, 65), torch.float16, "cpu", seed=1)
+        return [*attention_outputs(torch.float16, 32), *attention_outputs(torch.float32, 16, "row", 16),
+                *ll.run(params, target, "mean", "cuda_emu"), oo.run(P, "cuda_emu")]
+
+    expect = results()
+    with schedule(**sched):
+        got = results()
+    for e, g in zip(expect, got):
+        assert torch.equal(e, g)
+
+
+def test_every_mutation_applies_to_todays_sources():
+    """Each mutation of the catalogue changes exactly the text it names in today's csrc/ (an edit of the kernels
+    that moves it fails here, not silently in the full run); names are unique; the CI subset and the runtime
+    edits point at the mutated lines."""
+    names = [m.name for m in emu_mutations.CATALOGUE]
+    assert len(names) == len(set(names))
+    for m in emu_mutations.CATALOGUE:
+        src = (ROOT / "csrc" / m.file).read_text()
+        mutated = m.apply(src)
+        assert mutated != src and len(mutated.splitlines()) <= len(src.splitlines()), m.name
+        assert m.tests and (ROOT / m.tests[0]).exists(), m.name
+    for name in emu_mutations.CI_SUBSET:
+        m = next(m for m in emu_mutations.CATALOGUE if m.name == name)
+        (kind, line, _), = m.edits()
+        text = (ROOT / line.split(":")[0]).read_text().splitlines()[int(line.split(":")[1]) - 1]
+        assert {"skip_barrier": "__syncthreads();", "skip_commit": "cp_async_commit();",
+                "wait_group": "cp_async_wait<"}[kind] in text, (name, line, text)
+
+
+@pytest.mark.parametrize("name", emu_mutations.CI_SUBSET)
+def test_ci_mutations_are_caught(emu, name):
+    """The CI subset of the catalogue, applied by the emulator's edits instead of a rebuild: each must fail the
+    tensor-core attention with a report that names the mutated kernel's source lines (the deleted barrier before
+    the prefetch: the prefetch's cp.async against another warp's ldmatrix of the same buffer)."""
+    m = next(m for m in emu_mutations.CATALOGUE if m.name == name)
+    edits = m.edits()
+    emu.emu_set_edits(edits)
+    try:
+        with pytest.raises(CudaEmuError) as err:
+            attention_outputs(torch.float16, 32)
+    finally:
+        emu.emu_set_edits([])
+    msg = str(err.value)
+    assert "attn_fwd_mma_kernel<__half, 32, 64>" in msg and "hazard" in msg, msg
+    if name == "fwd_mma/no_barrier_before_prefetch":
+        prefetch = line_of("stage_pair_async<T, BN, D>(sK + (buf ^ 1) * BN * LDT", "csrc/attention.cu")
+        assert re.search(r"write-after-read (?:\(several readers\) )?hazard on shared memory .* between thread \d+ at "
+                         r"csrc/ptx.h:\d+ <- csrc/attention.cu:\d+ .*and thread \d+'s cp.async at csrc/ptx.h:\d+ "
+                         r"<- csrc/attention.cu:\d+ <- .*" + re.escape(prefetch), msg), msg
+    else:
+        assert "cp.async hazard" in msg, msg
+    attention_outputs(torch.float16, 32)  # the edits are undone

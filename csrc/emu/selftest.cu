@@ -31,11 +31,45 @@ __global__ void block_sum_kernel(const float* in, float* out, int n, bool broken
   }
 }
 
-// Copies in[0:n] to out; `broken` also copies element n (i <= n, the classic bound mistake): one read and one
-// write past the end of the tensors.
-__global__ void copy_kernel(const float* in, float* out, int n, bool broken) {
+// Copies in[0:n] to out; `broken` 1 also copies element n (i <= n, the classic bound mistake): one read and one
+// write past the end of the tensors; 2 writes element i to out[i - 64] (a negative index: the 256 bytes before
+// the tensor, where the heap keeps its bookkeeping).
+__global__ void copy_kernel(const float* in, float* out, int n, int broken) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (broken ? i <= n : i < n) out[i] = in[i];
+  if (broken == 2 && i < n) out[i - 64] = in[i];
+  if (broken != 2 && (broken ? i <= n : i < n)) out[i] = in[i];
+}
+
+// One thread per block takes the next slot of a counter and writes its block index there: `out` lists the blocks
+// in the order they ran (atomics: no race, but a result that depends on the block order).
+__global__ void block_order_kernel(int* counter, int* out) {
+  if (threadIdx.x == 0) out[atomicAdd(counter, 1)] = static_cast<int>(blockIdx.x);
+}
+
+// Global memory shared between the blocks of one launch. mode 0: each block writes its own element (clean);
+// 1: every block writes out[0] (write-after-write between blocks); 2: block b > 0 reads out[b - 1], which block
+// b - 1 writes (read-after-write, or write-after-read in the other order); 3: every block adds to out[0]
+// atomically (clean); 4: block 0 adds atomically, the others write plainly (a race: not both atomic).
+__global__ void cross_block_kernel(float* out, int mode) {
+  if (threadIdx.x != 0) return;
+  const int b = static_cast<int>(blockIdx.x);
+  if (mode == 0) out[b] = 1.0f + b;
+  if (mode == 1) out[0] = 1.0f + b;
+  if (mode == 2) out[b] = b > 0 ? out[b - 1] + 1.0f : 1.0f;
+  if (mode == 3 || (mode == 4 && b == 0)) atomicAdd(&out[0], 1.0f);
+  if (mode == 4 && b > 0) out[0] = 2.0f;
+}
+
+// Two static __shared__ arrays of 32 floats, one warp; `overflow`: lane 31 writes a[32], one past the end of `a`
+// (on a GPU the compiler lays the variables out: that may be b[0], or nothing the block owns).
+__global__ void shared_overflow_kernel(float* out, bool overflow) {
+  __shared__ float a[32];
+  __shared__ float b[32];
+  const int t = threadIdx.x;
+  b[t] = 2.0f;
+  a[overflow && t == 31 ? 32 : t] = 1.0f;
+  __syncthreads();
+  out[t] = a[t] + b[t];
 }
 
 // Writes a row of results per thread: shuffles with widths 32/8, up/down/xor, votes, match.
@@ -166,9 +200,18 @@ void register_emu_selftest(pybind11::module_& m) {
   m.def("selftest_block_sum", [](uintptr_t in, uintptr_t out, int n, int blocks, bool broken) {
     block_sum_kernel<<<blocks, kThreads>>>(F(in), F(out), n, broken);
   }, arg("inp"), arg("out"), arg("n"), arg("blocks"), arg("broken"));
-  m.def("selftest_copy", [](uintptr_t in, uintptr_t out, int n, bool broken) {
+  m.def("selftest_copy", [](uintptr_t in, uintptr_t out, int n, int broken) {
     copy_kernel<<<(n + 63) / 64 + 1, 64>>>(F(in), F(out), n, broken);
   }, arg("inp"), arg("out"), arg("n"), arg("broken"));
+  m.def("selftest_block_order", [](uintptr_t counter, uintptr_t out, int blocks) {
+    block_order_kernel<<<blocks, 32>>>(reinterpret_cast<int*>(counter), reinterpret_cast<int*>(out));
+  }, arg("counter"), arg("out"), arg("blocks"));
+  m.def("selftest_cross_block", [](uintptr_t out, int blocks, int mode) {
+    cross_block_kernel<<<blocks, 32>>>(F(out), mode);
+  }, arg("out"), arg("blocks"), arg("mode"));
+  m.def("selftest_shared_overflow", [](uintptr_t out, bool overflow) {
+    shared_overflow_kernel<<<1, 32>>>(F(out), overflow);
+  }, arg("out"), arg("overflow"));
   m.def("selftest_warp", [](uintptr_t out, int threads, int stride) {
     warp_kernel<<<1, threads>>>(reinterpret_cast<int*>(out), stride);
   }, arg("out"), arg("threads"), arg("stride"));
