@@ -120,6 +120,10 @@ def verify(folder) -> str | None:
     """Why the checkpoint folder ``folder`` is not intact, in a few words, or None when every file its manifest
     lists is there with the listed size and SHA-256 (and nothing unlisted that a reader would open)."""
     folder = Path(folder)
+    if folder.is_symlink():
+        return "the folder is a symbolic link (a checkpoint is read from its own folder only)"
+    if (folder / MANIFEST).is_symlink():
+        return f"{MANIFEST} is a symbolic link"
     try:
         manifest = read_json(folder / MANIFEST, "manifest")
     except FileNotFoundError:
@@ -142,6 +146,8 @@ def verify(folder) -> str | None:
                 not isinstance(entry.get("sha256"), str):
             return f"{MANIFEST}: the entry of {name} is not {{bytes, sha256}}"
         path = folder / name
+        if name in on_disk and path.is_symlink():
+            return f"{name} is a symbolic link (a checkpoint is read from its own folder only)"
         if name not in on_disk or not path.is_file():
             return f"{name} is missing"
         size = path.stat().st_size
@@ -153,15 +159,28 @@ def verify(folder) -> str | None:
     for name, entry in files.items():  # sizes first (cheap), then the bytes
         if _sha256(folder / name) != entry["sha256"]:
             return f"{name} does not match its SHA-256 in the manifest (its bytes changed on disk)"
+    try:  # what the files say must agree with the manifest: the step, and one rank<r>.pt per process
+        state = read_json(folder / TRAIN_STATE, "train state")
+        layout = state.get("layout")
+        world = layout[1] if layout[0] == "ddp" else layout[1] * layout[2]
+    except (OSError, ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
+        return f"{TRAIN_STATE} is not a train state ({e})"
+    if state.get("step") != manifest["step"]:
+        return f"{TRAIN_STATE} says step {state.get('step')!r}, the manifest {manifest['step']}"
+    missing = [f"rank{r}.pt" for r in range(world) if f"rank{r}.pt" not in files]
+    if missing:
+        return f"{missing[0]} is not in the manifest ({world} processes wrote the checkpoint)"
     return None
 
 
-def newest_verified(run) -> tuple[Path | None, list[tuple[Path, str]]]:
-    """``(newest checkpoint of run that verifies, [(newer folder skipped, why), ...])``. In a process group rank 0
-    verifies and every rank gets its answer."""
+def newest_verified(run, skip=()) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """``(newest checkpoint of run that verifies, [(newer folder skipped, why), ...])``, leaving out the folders
+    named in ``skip``. In a process group rank 0 verifies and every rank gets its answer."""
     result = [None, []]
     if _rank() == 0:
         for folder in reversed(step_dirs(run)):
+            if folder.name in skip:
+                continue
             problem = verify(folder)
             if problem is None:
                 result[0] = folder
@@ -297,6 +316,11 @@ def save(run, step: int, state: dict, train_state: dict, rank_state: dict, keep:
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_dir(root)
+        # Folders of later steps are what this run resumed past (damaged or unloadable ones): they go, or they
+        # would count among the kept ones and push out the checkpoint just written. Then the `keep` newest stay.
+        for later in step_dirs(run):
+            if int(later.name[5:]) > step:
+                shutil.rmtree(later, ignore_errors=True)
         for old in checkpoints(run)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()

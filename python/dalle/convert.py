@@ -35,6 +35,7 @@ import torch.nn as nn
 from . import checkpoint, cli
 from .common import (MODEL_FILE, OLD_MODEL_FILES, UnsafeFileError, atomic_save, convert_hint, load_checkpoint,
                      load_pretrained, plain_rng_state, save_pretrained)
+from .data.shards import content_digest
 from .dvae import DVAE, DVAEConfig
 from .model import DALLE, DALLEConfig
 from .runs import MODEL_TYPE, file_digest, run_identity
@@ -176,9 +177,9 @@ def checkpoint_to_dcp(path: Path, obj: dict) -> str:
         opt = torch.optim.AdamW(model.param_groups(tcfg.get("weight_decay", 4.5e-2)), lr=1.0, betas=(0.9, 0.96),
                                 eps=1e-8)
         tok = run / "tokenizer.json"
-        data = Path(tcfg["data"]) / "manifest.json" if tcfg.get("data") else None
+        data = Path(tcfg["data"]) if tcfg.get("data") else None
         digests = {"--dvae": obj.get("dvae_digest"), "--tokenizer": file_digest(tok) if tok.is_file() else None,
-                   "--data": file_digest(data) if data is not None and data.is_file() else None,
+                   "--data": content_digest(data) if data is not None and (data / "manifest.json").is_file() else None,
                    "--precision": None if tcfg.get("precision", "auto") == "auto" else tcfg["precision"]}
         train_state = {"model_type": MODEL_TYPE, "model_config": mcfg, "train_config": tcfg,
                        "identity": run_identity(tcfg, digests), "dvae": obj.get("dvae"),

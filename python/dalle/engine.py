@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,10 @@ from .fsdp import local
 from .runs import LEGACY_CHECKPOINT
 
 DIVERGED_EXIT = 3  # exit status of a command stopped by Diverged (2 is a usage error)
+
+
+class ResumeError(ValueError):
+    """``--resume`` found no checkpoint that verifies and loads; the message names each one tried and why."""
 
 
 class Diverged(RuntimeError):
@@ -101,17 +106,17 @@ class Engine:
         self.t0 = time.time()
 
     # -------------------------------------------------------------------------------------------- resume
-    def resume_point(self) -> Path:
+    def resume_point(self, skip=()) -> Path:
         """The newest checkpoint of the run that verifies; each newer one skipped is named with why, one line
         each. ``FileNotFoundError`` when none verifies (the command checked this before any work; this is the
         same rule, applied again in case a file changed since); ``UnsafeFileError`` naming the conversion
         command when the run holds only an earlier version's ``checkpoint.pt``."""
-        folder, skipped = checkpoint.newest_verified(self.run)
+        folder, skipped = checkpoint.newest_verified(self.run, skip)
         for path, why in skipped:
             self.log(f"skipped checkpoint {path}: {why}")
         if folder is None and (self.run / LEGACY_CHECKPOINT).is_file():
             raise UnsafeFileError(f"{self.run / LEGACY_CHECKPOINT} is a checkpoint of an earlier version of dalle, "
-                                  f"which is not read; {convert_hint(self.run, trust=False)}")
+                                  f"which is not read; {convert_hint(self.run, trust=True)}")
         if folder is None:
             raise FileNotFoundError(f"no checkpoint of {self.run} verifies"
                                     + (f" ({skipped[0][0].name}: {skipped[0][1]})" if skipped else ""))
@@ -124,6 +129,25 @@ class Engine:
         self.last_good = folder
         self.log(f"resumed from {folder} at step {train_state['step']}")
         return train_state, rank_state
+
+    def resume(self, state: dict) -> tuple[Path, dict, dict | None]:
+        """``(folder, train_state, rank_state)``: the newest checkpoint that verifies and loads into ``state``.
+        One that verifies but does not load (a crafted or inconsistent file the manifest was rewritten for) is
+        skipped with a line saying why, and the next older one tried; ``ResumeError`` when none is left."""
+        tried, skip = [], set()
+        while True:
+            try:
+                folder = self.resume_point(skip)
+            except FileNotFoundError as e:
+                raise ResumeError("; ".join(tried + [str(e)])) from None
+            try:
+                train_state, rank_state = self.restore(folder, state)
+                return folder, train_state, rank_state
+            except (ValueError, KeyError, TypeError, RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+                why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                self.log(f"skipped checkpoint {folder}: it verifies but does not load ({why})")
+                tried.append(f"{folder.name}: does not load ({why})")
+                skip.add(folder.name)
 
     # -------------------------------------------------------------------------------------------- the loop
     def start(self, step: int, resumed: bool) -> None:
@@ -139,7 +163,8 @@ class Engine:
     def _where(self) -> str:
         if self.last_good is None:
             return "no checkpoint was written before it"
-        return f"the last good checkpoint is {self.last_good} (--resume continues from it; a lower --lr may help)"
+        return (f"the last good checkpoint is {self.last_good} (--resume continues from it; give a lower --lr with "
+                "--resume to go on at a smaller step size)")
 
     def diverged(self, step: int, what: str) -> Diverged:
         return Diverged(f"step {step}: {what}; training stopped, {self._where()}")

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from . import checkpoint, cli
-from .runs import export
+from .runs import export, file_digest
 
 
 def build_parser():
@@ -44,6 +44,14 @@ def main(argv=None):
         if ckpt is None:
             p.error(f"argument --run: no checkpoint in {Path(a.run) / checkpoint.CHECKPOINT_DIR} verifies (folders "
                     f"step_XXXXXXXX written by python -m dalle.train)")
+    tok = Path(a.run) / "tokenizer.json"
+    try:
+        saved = checkpoint.read_json(ckpt / checkpoint.TRAIN_STATE, "train state").get("identity") or {}
+    except (OSError, ValueError) as e:
+        p.error(f"argument --checkpoint: {e}")
+    if tok.is_file() and saved.get("--tokenizer") not in (None, file_digest(tok)):
+        p.error(f"argument --checkpoint: {ckpt} was trained with another tokenizer than {tok} (digest "
+                f"{saved.get('--tokenizer')} -> {file_digest(tok)}): it is not a checkpoint of this run")
     config = Path(a.run) / "config.json"
     if config.is_file() and not a.force:
         try:

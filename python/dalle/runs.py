@@ -16,7 +16,7 @@ import torch
 from . import checkpoint
 from .common import UnsafeFileError, convert_hint, load_pretrained, pretrained_files, save_pretrained
 from .dvae import DVAE
-from .model import DALLE, DALLEConfig
+from .model import DALLE, PRESETS, DALLEConfig
 from .safe_io import check_state_dict, expected_state
 
 MODEL_TYPE = "dalle"  # config.json's model_type of the transformer
@@ -38,6 +38,11 @@ def run_identity(train_config: dict, digests: dict) -> dict:
     ``TrainConfig`` as a dict) outside ``TRANSFORMER_RESUMABLE``, and ``digests`` (``--dvae``, ``--tokenizer``,
     ``--data``: what the files hold; ``--precision``: resolved)."""
     out = {"--" + k.replace("_", "-"): v for k, v in train_config.items() if k not in TRANSFORMER_RESUMABLE}
+    preset = PRESETS.get(train_config.get("preset"), {})
+    for name in ("n_layers", "n_heads", "head_dim"):  # 0 means the preset's: compared as what the model has
+        flag = "--" + name.replace("_", "-")
+        if flag in out and not out[flag]:
+            out[flag] = preset.get(name, 0)
     return out | digests
 
 
@@ -208,11 +213,18 @@ def fresh_run_problem(run, model_files=("model.safetensors",)) -> str | None:
             "another folder, or pass --force to start over (its model and checkpoints are then replaced)")
 
 
+# What a fresh run with --force removes from its folder before it starts: the earlier run's model, checkpoints and
+# what was derived from its data (a dVAE, reranker or token shards in subfolders stay: the pipeline reuses them).
+RUN_OUTPUTS = ("model.safetensors", "config.json", "tokenizer.json", "text_tokens.npy", "text_tokens.json",
+               "data_cache.pt", "metrics.csv", "eval.json", "train_config.json", LEGACY_CHECKPOINT)
+
+
 def clear_run(run) -> None:
-    """What ``--force`` removes before a fresh run: the checkpoints and an earlier version's checkpoint (the model
-    files are replaced when the new run writes its own)."""
+    """What ``--force`` removes before a fresh run: ``RUN/dcp`` and ``RUN_OUTPUTS``, so that nothing of the earlier
+    run (its model, its tokenizer, its caches) is left beside the new one, even if the new one stops early."""
     import shutil
 
     run = Path(run)
     shutil.rmtree(run / checkpoint.CHECKPOINT_DIR, ignore_errors=True)
-    (run / LEGACY_CHECKPOINT).unlink(missing_ok=True)
+    for name in RUN_OUTPUTS:
+        (run / name).unlink(missing_ok=True)

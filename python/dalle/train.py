@@ -44,9 +44,9 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from . import checkpoint, cli, fsdp
 from .common import autocast_context, convert_hint, pretrained_files, rng_state, seed_everything, set_rng_state
-from .data.shards import TokenShards
+from .data.shards import TokenShards, content_digest
 from .data.tokens import get_batch, prepare_data, with_views
-from .engine import (DIVERGED_EXIT, Diverged, Engine, all_finite, optimizer_tensors, setup_distributed,
+from .engine import (DIVERGED_EXIT, Diverged, Engine, ResumeError, all_finite, optimizer_tensors, setup_distributed,
                      teardown_distributed)
 from .grad_scale import BlockGradScaler
 from .images import save_grid
@@ -156,8 +156,13 @@ def current_digests(cfg: TrainConfig, dvae_file) -> dict:
     if tok.is_dir():
         tok = tok / "tokenizer.json"
     return {"--dvae": file_digest(dvae_file), "--tokenizer": file_digest(tok) if tok.is_file() else None,
-            "--data": file_digest(Path(cfg.data) / "manifest.json") if cfg.data else None,
+            "--data": content_digest(cfg.data) if cfg.data else None,
             "--precision": resolved_precision(cfg)}
+
+
+# Settings a resume may change with a warning (it then does not equal the run it continues): the step size, to go on
+# from the last good checkpoint after a divergence.
+RESUME_WARNS = frozenset({"--lr"})
 
 
 def resume_mismatches(train_state: dict, cfg: TrainConfig, digests: dict) -> list[tuple[str, str]]:
@@ -168,8 +173,8 @@ def resume_mismatches(train_state: dict, cfg: TrainConfig, digests: dict) -> lis
     if train_state.get("model_type") != MODEL_TYPE or not isinstance(saved, dict):
         return [("--resume", "not a checkpoint of a transformer run")]
     now = run_identity(dataclasses.asdict(cfg), digests)
-    what = {"--dvae": "the dVAE's weights", "--tokenizer": "the tokenizer", "--data": "the token shards' manifest"}
-    return [(flag, f"{what[flag]} differ: digest {saved.get(flag)} -> {now.get(flag)}" if flag in what else
+    what = {"--dvae": "the dVAE's weights", "--tokenizer": "the tokenizer", "--data": "the token shards' contents"}
+    return [(flag, f"{what[flag]} differ: digest {saved.get(flag)} -> {now.get(flag) or 'missing'}" if flag in what else
              f"{saved.get(flag)!r} -> {now.get(flag)!r}") for flag in sorted(saved.keys() | now.keys())
             if saved.get(flag) != now.get(flag) and not (flag in digests and saved.get(flag) is None)]
 
@@ -292,14 +297,15 @@ def _train(cfg: TrainConfig, resume: bool, force: bool, log, rank: int, world: i
 
     step, rank_state = 0, None
     if resume:
-        folder = engine.resume_point()
         state = dcp_state()
-        ts, rank_state = engine.restore(folder, state)
+        folder, ts, rank_state = engine.resume(state)
         set_state_dict(objective, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
         sched.load_state_dict(ts["schedule"])
         if scaler is not None and ts.get("grad_scaler"):
             scaler.load_state_dict(ts["grad_scaler"])
         step = ts["step"]
+        if step >= cfg.steps:
+            log(f"the checkpoint is at step {step}, --steps {cfg.steps}: nothing left to train")
     powersgd_state = None
     if cfg.powersgd_rank and world <= 1:
         raise ValueError("--powersgd-rank needs several data-parallel workers (run under torchrun)")
@@ -501,6 +507,10 @@ def check_resume(p, cfg: TrainConfig, dvae_file) -> None:
     except (OSError, ValueError) as e:
         p.error(f"argument --resume: {e}")
     differ = resume_mismatches(ts, cfg, current_digests(cfg, dvae_file))
+    for flag, change in [d for d in differ if d[0] in RESUME_WARNS]:
+        cli.warn(f"{flag} {change} on resume: the run continues from {folder.name} at another setting, so it "
+                 "will not equal the run it continues")
+    differ = [d for d in differ if d[0] not in RESUME_WARNS]
     if differ:
         what = "; ".join(f"{flag} {change}" for flag, change in differ)
         p.error(f"argument {differ[0][0]}: {folder} was trained with other settings ({what}); a resume repeats the "
@@ -511,12 +521,21 @@ def main(argv=None):
     if "--plan" in (sys.argv[1:] if argv is None else argv):  # the budget only: no dVAE, data or run folder
         return plan_main(argv)
     cfg, resume, force = parse_args(argv)
+    main_rank = int(os.environ.get("RANK", "0")) == 0
     try:
         train(cfg, resume=resume, force=force)
     except Diverged as e:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if main_rank:
             print(f"python -m dalle.train: stopped: {e}", file=sys.stderr)
         sys.exit(DIVERGED_EXIT)
+    except ResumeError as e:  # every checkpoint failed to load (the command line checked that one verifies)
+        if main_rank:
+            print(f"python -m dalle.train: error: argument --resume: nothing loads: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # a file the run must write (a full disk, a read-only folder)
+        if main_rank:
+            print(f"python -m dalle.train: error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

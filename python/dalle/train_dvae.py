@@ -553,12 +553,16 @@ def resume_config(cfg: TrainDVAEConfig, train_state: dict) -> TrainDVAEConfig:
     saved = TrainDVAEConfig(**{**train_state["train_config"], "resume": False, "force": False})
     given = dataclasses.asdict(cfg)
     differ = [f"--{k.replace('_', '-')} {getattr(saved, k)!r} -> {v!r}" for k, v in given.items()
-              if k not in RESUMABLE and v not in (None, "auto") and v != getattr(saved, k)]
+              if k not in RESUMABLE | {"lr"} and v not in (None, "auto") and v != getattr(saved, k)]
+    if given["lr"] is not None and given["lr"] != saved.lr:  # to go on after a divergence: allowed, said
+        print(f"warning: --lr {saved.lr!r} -> {given['lr']!r} on resume: the run continues at another step size, so "
+              "it will not equal the run it continues", file=sys.stderr)
     if differ:
         raise ValueError(f"{differ[0].split(' ', 1)[0]}: the run was trained with other settings "
                          f"({'; '.join(differ)}); a resume repeats the run's settings (README: Checkpoints and "
                          "resuming lists those that may change)")
-    return dataclasses.replace(saved, **{k: given[k] for k in RESUMABLE})
+    return dataclasses.replace(saved, **{k: given[k] for k in RESUMABLE},
+                               **({"lr": given["lr"]} if given["lr"] is not None else {}))
 
 
 def _train(config: TrainDVAEConfig) -> Path:

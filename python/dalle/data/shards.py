@@ -39,6 +39,19 @@ SPLITS = ("train", "heldout", "all")
 ENCODE_HINT = "python -m dalle.encode --data SRC --dvae DVAE --out"
 
 
+def content_digest(folder) -> str:
+    """The first 16 hex digits of a SHA-256 over ``manifest.json`` and every shard's entry (``shard-NNNNN.json``,
+    which lists the key and a digest of the source bytes of every sample the shard holds): it changes when any
+    image or caption the shards were encoded from changes, without reading the codes themselves."""
+    import hashlib
+
+    folder = Path(folder)
+    h = hashlib.sha256((folder / MANIFEST).read_bytes())
+    for entry in sorted(folder.glob("shard-*.json")):
+        h.update(entry.name.encode() + b"\0" + entry.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def shard_name(index: int) -> str:
     """The file stem of shard ``index`` (one shard per source unit, numbered by unit)."""
     return f"shard-{index:05d}"

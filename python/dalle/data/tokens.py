@@ -21,7 +21,7 @@ from ..runs import file_digest
 from ..tokenizer import CaptionTokenizer, padding_ids, train_tokenizer
 from .sampler import TRANSFORMER_STRIDE, EpochSampler
 from .shapes import ShapesDataset
-from .shards import TokenShards
+from .shards import TokenShards, content_digest
 
 
 class _TextTable:
@@ -42,7 +42,8 @@ class _TextTable:
 def _shards_key(shards) -> dict:
     m = shards.manifest
     return {"source": m.get("source"), "dvae": shards.dvae_digest, "samples": m.get("samples"),
-            "shards": [(e["name"], e["samples"], e.get("heldout")) for e in m["shards"]], "crops": shards.crops}
+            "shards": [(e["name"], e["samples"], e.get("heldout")) for e in m["shards"]], "crops": shards.crops,
+            "content": content_digest(shards.folder)}
 
 
 def prepare_shard_data(cfg, dvae, log=print) -> dict:
