@@ -41,13 +41,16 @@ def build_mesh(world: int, shard_size: int, device_type: str):
 
 
 def shard_model(objective: nn.Module, mesh, compute_dtype: torch.dtype | None, device: torch.device,
-                seed: int, hooks: bool) -> list:
+                seed: int, hooks: bool, storage_dtype: torch.dtype = torch.float32) -> list:
     """Shard ``objective`` (an ``Objective`` around a ``DALLE`` built on the meta device) with ``fully_shard`` and
     materialize this rank's shards on ``device``, initialized as ``DALLE(cfg, init_seed=seed)`` would be.
 
     ``hooks``: shard over ``mesh["shard"]`` only (the replicas then reduce through an all-reduce hook, PowerSGD);
     otherwise over the whole 2-D mesh (FSDP2's HSDP: reduce-scatter in a replica, all-reduce across replicas).
-    ``compute_dtype``: the blocks' 16-bit compute dtype, or None for float32. Returns the units as
+    ``compute_dtype``: the blocks' 16-bit compute dtype, or None for float32. ``storage_dtype``: the dtype of the
+    blocks' sharded parameters (``DALLE.storage_16bit_names``: matrices and biases, not the LayerNorms), so of
+    their gradients and (``dalle.optim.AdamW16``) Adam moments: float32, or bfloat16/float16 for the paper's
+    16-bit storage (section 2.4); gradients are reduced in float32 and stored in it. Returns the units as
     ``(module, is_root)`` in the order their gradients are reduced in backward (blocks top-down, root last).
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -55,7 +58,13 @@ def shard_model(objective: nn.Module, mesh, compute_dtype: torch.dtype | None, d
     model = objective.model
     shard_mesh = mesh["shard"] if hooks else mesh
     fp32 = MixedPrecisionPolicy()
-    low = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else fp32
+    if storage_dtype != torch.float32:  # gathered in the compute dtype (float32 where that is float32)
+        low = MixedPrecisionPolicy(param_dtype=compute_dtype or torch.float32, reduce_dtype=torch.float32)
+        for name in model.storage_16bit_names():
+            p = model.get_parameter(name)
+            p.data = p.data.to(storage_dtype)
+    else:
+        low = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else fp32
     units = []
     for block in model.blocks:
         for ln in (block.ln1, block.ln2):  # gains and their biases stay float32

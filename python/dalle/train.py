@@ -51,7 +51,8 @@ from .engine import (DIVERGED_EXIT, Diverged, Engine, all_finite, optimizer_tens
 from .grad_scale import BlockGradScaler
 from .images import save_grid
 from .model import DALLE, HEAD_DIMS, PRESETS, DALLEConfig, powersgd_uncompressed
-from .plan import main as plan_main
+from .optim import AdamW16
+from .plan import PAPER_PRESETS, main as plan_main
 from .runs import (LEGACY_CHECKPOINT, MODEL_TYPE, clear_run, export, file_digest, fresh_run_problem, load_dvae,
                    run_identity, save_run_model)
 from .sampling import generate_images
@@ -104,6 +105,11 @@ class TrainConfig:
     precision: str = option("auto", ("auto", "fp32", "bf16", "fp16"),
                             "auto: bf16 autocast on CUDA, fp32 on the CPU; bf16 and fp16 need CUDA")
     grad_scale: str = option("auto", ("auto", "on", "off"), "per-resblock gradient scaling (auto: on with fp16)")
+    param_dtype: str = option("auto", ("auto", "fp32", "bf16", "fp16"),
+                              "with --fsdp: storage of the blocks' matrices and biases, their gradients and Adam "
+                              "moments (bf16/fp16: 16 bits, updated with stochastic rounding, dalle.optim; gains, "
+                              "embeddings and heads stay fp32); auto: bf16 for --preset paper, as the paper, else "
+                              "fp32")
     checkpoint_activations: bool = option(False, None, "recompute activations in the backward to save memory")
     attn_backend: str = option("auto", cli.ATTN_BACKENDS, "dalle_kernels.sparse_attention backend")
     powersgd_rank: int = option(0, cli.nonneg_int, "PowerSGD rank of the gradient all-reduce (0: off; needs "
@@ -149,6 +155,14 @@ def resolved_precision(cfg: TrainConfig) -> str:
     return "bf16" if cli.device_is_cuda(cfg.device) else "fp32"
 
 
+def resolved_param_dtype(cfg: TrainConfig) -> str:
+    """``--param-dtype`` as the run uses it: ``auto`` is bf16 for ``--fsdp --preset paper`` (the paper's 16-bit
+    storage, section 2.4), fp32 otherwise."""
+    if cfg.param_dtype != "auto":
+        return cfg.param_dtype
+    return "bf16" if cfg.fsdp and cfg.preset in PAPER_PRESETS else "fp32"
+
+
 def current_digests(cfg: TrainConfig, dvae_file) -> dict:
     """The digests of what ``cfg`` trains on now: the dVAE's weights, the tokenizer (``--tokenizer``, else the
     run's ``tokenizer.json`` when it has one) and the token shards' manifest (``--data``)."""
@@ -157,7 +171,7 @@ def current_digests(cfg: TrainConfig, dvae_file) -> dict:
         tok = tok / "tokenizer.json"
     return {"--dvae": file_digest(dvae_file), "--tokenizer": file_digest(tok) if tok.is_file() else None,
             "--data": file_digest(Path(cfg.data) / "manifest.json") if cfg.data else None,
-            "--precision": resolved_precision(cfg)}
+            "--precision": resolved_precision(cfg), "--param-dtype": resolved_param_dtype(cfg)}
 
 
 def resume_mismatches(train_state: dict, cfg: TrainConfig, digests: dict) -> list[tuple[str, str]]:
@@ -258,12 +272,14 @@ def _train(cfg: TrainConfig, resume: bool, force: bool, log, rank: int, world: i
         objective = Objective(model)
         compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         use_hooks = bool(cfg.powersgd_rank) and mesh["replicate"].size() > 1
-        units = fsdp.shard_model(objective, mesh, compute, device, cfg.seed, hooks=use_hooks)
+        storage = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolved_param_dtype(cfg), torch.float32)
+        units = fsdp.shard_model(objective, mesh, compute, device, cfg.seed, hooks=use_hooks, storage_dtype=storage)
         n_rep, n_shard = mesh["replicate"].size(), mesh["shard"].size()
         layout = ["fsdp", n_rep, n_shard]
         log(f"sharded: {n_rep} replica{'s' * (n_rep != 1)} x {n_shard} shard{'s' * (n_shard != 1)}, "
             f"{sum(p.numel() for p in model.parameters()):,} parameters, "
-            f"{sum(fsdp.local(p).numel() for p in model.parameters()):,} in rank 0's shards")
+            f"{sum(fsdp.local(p).numel() for p in model.parameters()):,} in rank 0's shards, blocks stored in "
+            f"{resolved_param_dtype(cfg)}")
     else:
         model = DALLE(mcfg, init_seed=cfg.seed).to(device)
         objective = Objective(model)
@@ -272,7 +288,10 @@ def _train(cfg: TrainConfig, resume: bool, force: bool, log, rank: int, world: i
         model.set_code_features(data["code_features"].to(device))
     use_scaler = cfg.grad_scale == "on" or (cfg.grad_scale == "auto" and precision == "fp16")
     scaler = BlockGradScaler(mcfg.n_layers, world_size=world).attach(model) if use_scaler else None
-    opt = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.96), eps=1e-8)
+    if resolved_param_dtype(cfg) == "fp32":
+        opt = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.96), eps=1e-8)
+    else:  # 16-bit storage: updates with stochastic rounding (dalle.optim)
+        opt = AdamW16(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.96), eps=1e-8, seed=cfg.seed)
     sched = PlateauSchedule(cfg.lr, cfg.warmup, cfg.plateau_window, cfg.plateau_patience, cfg.max_halvings)
     engine = Engine(run, name="transformer", steps=cfg.steps, ckpt_every=cfg.ckpt_every, log_every=cfg.log_every,
                     rank=rank, world=world, layout=layout, sharded=cfg.fsdp, keep=cfg.keep_checkpoints,
@@ -461,6 +480,9 @@ def parse_args(argv=None):
         p.error("argument --powersgd-rank: needs several data-parallel workers (run under torchrun)")
     if cfg.shard_size and not cfg.fsdp:
         p.error("argument --shard-size: only with --fsdp")
+    if cfg.param_dtype in ("bf16", "fp16") and not cfg.fsdp:
+        p.error(f"argument --param-dtype: {cfg.param_dtype} storage is for sharded training (--fsdp); one process "
+                "and DDP store fp32")
     if cfg.fsdp:
         if "RANK" not in os.environ:
             p.error("argument --fsdp: run under torchrun (torchrun --nproc_per_node N -m dalle.train --fsdp ...)")
