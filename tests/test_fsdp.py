@@ -36,12 +36,19 @@ def close(a, b, i):
         assert float(x) == pytest.approx(float(y), rel=1e-4, abs=1e-6), i
 
 
-def test_fsdp_2x2_matches_one_process_then_powersgd(tmp_path, dvae_file):
+@pytest.fixture(scope="module")
+def one3(tmp_path_factory, dvae_file):
+    """A one-process fp32 run of 3 updates (its losses and final parameters), shared by the 2 x 2 tests."""
+    run = tmp_path_factory.mktemp("one3") / "run"
+    run_ok(train_cmd(run, dvae_file, 3), run.parent)
+    return run
+
+
+def test_fsdp_2x2_matches_one_process_then_powersgd(tmp_path, dvae_file, one3):
     """Before PowerSGD starts (update 3), the 2 x 2 sharded run's losses and parameters equal one process's on
     the same global batch; then compressed updates that still train; checkpoints are DCP folders with each
     rank's PowerSGD error feedback of its shards; the final weights exported for dalle.generate."""
     flags = ["--ckpt-every", "3"]
-    run_ok(train_cmd(tmp_path / "one3", dvae_file, 3), tmp_path)  # the parameters after 3 updates
     run_ok(train_cmd(tmp_path / "one", dvae_file, STEPS, *flags), tmp_path)
     r = run_ok(torchrun(4, tmp_path / "four", dvae_file, STEPS, *flags, "--fsdp", "--shard-size", "2",
                         "--powersgd-rank", "2", "--powersgd-start", "3", "--grad-scale", "on"), tmp_path)
@@ -59,7 +66,7 @@ def test_fsdp_2x2_matches_one_process_then_powersgd(tmp_path, dvae_file):
     assert [p.name for p in found] == ["step_00000003", "step_00000006"]
     model3, ts = read_model(found[0])
     assert ts["step"] == 3 and ts["layout"] == ["fsdp", 2, 2]
-    w3 = load_file(tmp_path / "one3" / "model.safetensors")
+    w3 = load_file(one3 / "model.safetensors")  # the parameters after 3 updates
     got = model3.state_dict()
     assert got.keys() == w3.keys()
     for k in w3:
@@ -75,6 +82,74 @@ def test_fsdp_2x2_matches_one_process_then_powersgd(tmp_path, dvae_file):
     final = read_model(found[1])[0].state_dict()
     assert all(torch.equal(exported[k], final[k]) for k in final)
     assert any((tmp_path / "four" / "samples").glob("*.png"))
+
+
+BF16 = ["--fsdp", "--shard-size", "2", "--param-dtype", "bf16", "--powersgd-rank", "2", "--powersgd-start", "3",
+        "--ckpt-every", "3", "--keep-checkpoints", "3"]
+
+
+def test_fsdp_2x2_bf16_storage_matches_one_process_and_exports(tmp_path, dvae_file, one3):
+    """--param-dtype bf16 (the blocks' matrices, biases, gradients and Adam moments in 16 bits, stochastic rounding)
+    on 2 replicas x 2 shards: before PowerSGD starts the losses are one fp32 process's within 2e-3 relative (the
+    stored weights differ from fp32 by about one bf16 spacing, 2^-8 to 2^-7 of their value; the observed gap is
+    about 1e-5) and the parameters after 3 updates within two bf16 spacings (2 x 2^-7 relative: the rounded init
+    and the stochastically rounded updates) plus the sum of the 3 step sizes (AdamW moves an element by about its
+    step size whatever the gradient's size, so an element whose tiny gradient changes sign can differ by that; the
+    float32 LayerNorm biases show it too); the DCP checkpoint records bf16 for the blocks and their moments and
+    fp32 for the rest; dalle.export --dtype bf16 writes bf16."""
+    from dalle.checkpoint import checkpoints, safe_reader
+    from dalle.runs import read_model
+
+    r = run_ok(torchrun(4, tmp_path / "a", dvae_file, 4, *BF16), tmp_path)
+    assert "blocks stored in bf16" in r.stdout
+    lo, la = losses(one3), losses(tmp_path / "a")
+    for i in range(3):
+        for x, y in zip(lo[i][1:4], la[i][1:4]):
+            assert float(y) == pytest.approx(float(x), rel=2e-3), i
+    found = checkpoints(tmp_path / "a")
+    md = safe_reader(found[0]).read_metadata().state_dict_metadata
+    dtypes = {k: v.properties.dtype for k, v in md.items() if hasattr(v, "properties")}
+    assert dtypes["model.model.blocks.0.fc.weight"] == torch.bfloat16
+    assert dtypes["model.model.blocks.1.attn.qkv.bias"] == torch.bfloat16
+    assert dtypes["optim.state.model.blocks.0.out.weight.exp_avg_sq"] == torch.bfloat16
+    for k in ("model.model.blocks.0.ln1.weight", "model.model.text_emb.weight", "model.model.text_head.weight",
+              "optim.state.model.text_emb.weight.exp_avg"):
+        assert dtypes[k] == torch.float32, k
+    model3 = read_model(found[0])[0].state_dict()
+    w3 = load_file(one3 / "model.safetensors")
+    lrs = sum(float(row[4]) for row in lo[:3])
+    for k in w3:
+        torch.testing.assert_close(model3[k], w3[k], rtol=2 * 2**-7, atol=lrs, msg=k)
+    assert any((model3[k] - w3[k]).abs().max() > 1e-5 for k in w3)  # bf16 storage did change the weights
+    from dalle.export import main as export_main
+
+    w = load_file(tmp_path / "a" / "model.safetensors")
+    export_main(["--run", str(tmp_path / "a"), "--dtype", "bf16", "--force"])
+    w16 = load_file(tmp_path / "a" / "model.safetensors")
+    assert w16.keys() == w.keys() and all(v.dtype == torch.bfloat16 for v in w16.values())
+    assert all(torch.equal(w16[k], w[k].to(torch.bfloat16)) for k in w)
+
+
+@pytest.mark.slow
+def test_fsdp_bf16_storage_resume_is_exact(tmp_path, dvae_file):
+    """A 16-bit-storage run resumed from its step-3 checkpoint repeats the uninterrupted run bit for bit: the
+    16-bit moments are in the checkpoint and the rounding draws are keyed by the step (dalle.optim)."""
+    import shutil
+
+    from dalle.checkpoint import checkpoints
+
+    run_ok(torchrun(4, tmp_path / "a", dvae_file, STEPS, *BF16), tmp_path)
+    b = tmp_path / "b"
+    (b / "dcp").mkdir(parents=True)
+    for name in ("tokenizer.json", "data_cache.pt", "metrics.csv"):
+        shutil.copy(tmp_path / "a" / name, b / name)
+    first = checkpoints(tmp_path / "a")[0]
+    shutil.copytree(first, b / "dcp" / first.name)
+    r = run_ok(torchrun(4, b, dvae_file, STEPS, *BF16, "--resume"), tmp_path)
+    assert "at step 3" in r.stdout
+    assert losses(b) == losses(tmp_path / "a")
+    wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(b / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def _hook_worker(rank, port, out):
