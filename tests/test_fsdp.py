@@ -319,6 +319,32 @@ def test_fsdp_flags_are_checked(tmp_path, dvae_file, monkeypatch):
     assert cfg.fsdp and cfg.shard_size == 3
 
 
+def test_param_dtype_flag_and_identity(tmp_path, dvae_file, capsys):
+    """16-bit storage is for --fsdp only (one line naming the flag); the resolved --param-dtype is part of the
+    run's identity: a resume with another storage dtype is refused."""
+    import dataclasses
+
+    from dalle.runs import MODEL_TYPE, TRANSFORMER_RESUMABLE, run_identity
+    from dalle.train import parse_args, resolved_param_dtype, resume_mismatches
+
+    base = ["--run", str(tmp_path / "r"), "--dvae", str(dvae_file), "--batch-size", "8"]
+    with pytest.raises(SystemExit):
+        parse_args(base + ["--param-dtype", "bf16"])
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert "--param-dtype" in err[-1] and "--fsdp" in err[-1]
+    assert "param_dtype" not in TRANSFORMER_RESUMABLE and "param_rounding" not in TRANSFORMER_RESUMABLE
+    cfg, _, _ = parse_args(base)
+    assert resolved_param_dtype(cfg) == "fp32"
+    paper = dataclasses.replace(cfg, preset="paper", fsdp=True)
+    assert resolved_param_dtype(paper) == "bf16" and resolved_param_dtype(dataclasses.replace(cfg, preset="paper")) \
+        == "fp32"
+    bf16 = dataclasses.replace(cfg, fsdp=True, param_dtype="bf16")
+    saved = {"model_type": MODEL_TYPE, "identity": run_identity(dataclasses.asdict(bf16), {"--param-dtype": "bf16"})}
+    fp32 = dataclasses.replace(cfg, fsdp=True, param_dtype="fp32")
+    assert ("--param-dtype", "'bf16' -> 'fp32'") in resume_mismatches(saved, fp32, {"--param-dtype": "fp32"})
+    assert resume_mismatches(saved, bf16, {"--param-dtype": "bf16"}) == []
+
+
 def test_export_command(tmp_path, capsys):
     from dalle.export import main
 
@@ -421,3 +447,34 @@ def test_laptop_to_cluster_and_back(tmp_path, dvae_file):
     wo, wm = load_file(tmp_path / "one" / "model.safetensors"), load_file(moved / "model.safetensors")
     for k in wo:
         torch.testing.assert_close(wm[k], wo[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.slow
+def test_bf16_storage_trains_as_fp32_and_nearest_loses_updates(tmp_path, dvae_file):
+    """300 updates at step size 3e-5 (the regime of the paper's last halvings: 4.5e-4 / 2^4) on the built-in data,
+    sharded on one process: bf16 storage with stochastic rounding ends at fp32 storage's loss within 1% (measured:
+    2.8888 vs 2.8887, mean of the last 5 logged losses) and moves the same share of the blocks' weights away from
+    their initial values; bf16 rounded to nearest leaves about 40% of them where they started (their updates are
+    below half the bf16 spacing) and ends with a higher loss (2.9180)."""
+    import json
+
+    from dalle.model import DALLE, DALLEConfig
+
+    flags = ["--fsdp", "--steps", "300", "--lr", "3e-5", "--warmup", "0", "--plateau-window", "1000",
+             "--log-every", "10", "--ckpt-every", "1000"]
+    out = {}
+    for dtype, rounding in (("fp32", "stochastic"), ("bf16", "stochastic"), ("bf16", "nearest")):
+        run = tmp_path / f"{dtype}-{rounding}"
+        run_ok(torchrun(1, run, dvae_file, 300, *flags, "--param-dtype", dtype, "--param-rounding", rounding),
+               tmp_path)
+        cfg = json.loads((run / "config.json").read_text())
+        cfg = DALLEConfig.from_dict({k: v for k, v in cfg.items() if k in DALLEConfig.__dataclass_fields__})
+        init, names = DALLE(cfg, init_seed=0).state_dict(), DALLE(cfg).storage_16bit_names()
+        w = load_file(run / "model.safetensors")
+        mats = [n for n in names if n.endswith("weight")]
+        still = sum(int((w[n].to(torch.bfloat16) == init[n].to(torch.bfloat16)).sum()) for n in mats)
+        out[dtype, rounding] = (sum(float(r[1]) for r in losses(run)[-5:]) / 5,
+                                still / sum(w[n].numel() for n in mats))
+    (l32, s32), (lsr, ssr), (lnear, snear) = out.values()
+    assert abs(lsr - l32) < 0.01 * l32 and ssr < 0.02 and s32 < 0.02
+    assert snear > 0.25 and lnear > l32 * 1.005, out

@@ -110,6 +110,10 @@ class TrainConfig:
                               "moments (bf16/fp16: 16 bits, updated with stochastic rounding, dalle.optim; gains, "
                               "embeddings and heads stay fp32); auto: bf16 for --preset paper, as the paper, else "
                               "fp32")
+    param_rounding: str = option("stochastic", ("stochastic", "nearest"),
+                                 "with 16-bit --param-dtype: how updates are rounded to 16 bits (nearest: plain "
+                                 "16-bit storage, which loses every update below half the 16-bit spacing; for "
+                                 "comparison)")
     checkpoint_activations: bool = option(False, None, "recompute activations in the backward to save memory")
     attn_backend: str = option("auto", cli.ATTN_BACKENDS, "dalle_kernels.sparse_attention backend")
     powersgd_rank: int = option(0, cli.nonneg_int, "PowerSGD rank of the gradient all-reduce (0: off; needs "
@@ -291,7 +295,8 @@ def _train(cfg: TrainConfig, resume: bool, force: bool, log, rank: int, world: i
     if resolved_param_dtype(cfg) == "fp32":
         opt = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.96), eps=1e-8)
     else:  # 16-bit storage: updates with stochastic rounding (dalle.optim)
-        opt = AdamW16(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.96), eps=1e-8, seed=cfg.seed)
+        opt = AdamW16(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.96), eps=1e-8, seed=cfg.seed,
+                      rounding=cfg.param_rounding)
     sched = PlateauSchedule(cfg.lr, cfg.warmup, cfg.plateau_window, cfg.plateau_patience, cfg.max_halvings)
     engine = Engine(run, name="transformer", steps=cfg.steps, ckpt_every=cfg.ckpt_every, log_every=cfg.log_every,
                     rank=rank, world=world, layout=layout, sharded=cfg.fsdp, keep=cfg.keep_checkpoints,
