@@ -2,6 +2,7 @@
 against hand-computed numbers, the CLI's table and usage errors."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -191,3 +192,95 @@ def test_cli_new_flags_usage_errors(args, match, capsys):
         train_main(["--plan", "--nodes", "2", "--gpus-per-node", "8", "--batch", "16", *args])
     err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
     assert e.value.code == 2 and match in err[-1]
+
+
+def _measure_worker(rank, port, out):
+    """One rank of 2 replicas x 2 shards, micro model, bf16 storage: the bytes it holds and sends between replicas
+    per step, first with FSDP2's own all-reduce (HSDP), then with PowerSGD rank 2 on each shard (the trainer's)."""
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from dalle.fsdp import local, register_powersgd, shard_model
+    from dalle.model import powersgd_uncompressed
+    from dalle.optim import AdamW16
+    from dalle.train import Objective
+    from dalle_kernels.powersgd import PowerSGDState
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=4)
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    replicas = sorted(dist.get_process_group_ranks(mesh["replicate"].get_group()))
+    sent, real = [], dist.all_reduce
+
+    def counting(t, *a, group=None, **k):  # every all-reduce among this rank's replicas: its payload
+        if group is not None and sorted(dist.get_process_group_ranks(group)) == replicas:
+            sent.append(t.numel() * t.element_size())
+        return real(t, *a, group=group, **k)
+
+    dist.all_reduce = counting
+    res = {}
+    for powersgd in (False, True):
+        cfg = DALLEConfig(**MICRO, attn_backend="torch")
+        with torch.device("meta"):
+            model = DALLE(cfg)
+        objective = Objective(model)
+        units = shard_model(objective, mesh, None, torch.device("cpu"), seed=0, hooks=powersgd,
+                            storage_dtype=torch.bfloat16)
+        state = None
+        if powersgd:
+            state = PowerSGDState(objective, rank=2, start_iter=0, process_group=mesh["replicate"].get_group(),
+                                  exclude=powersgd_uncompressed(model, prefix="model."))
+            register_powersgd(state, objective, units, mesh)
+        opt = AdamW16(model.param_groups(0.045), lr=1e-3)
+        g = torch.Generator().manual_seed(rank)
+        for step in range(2):
+            sent.clear()
+            text = torch.randint(0, cfg.text_vocab, (1, cfg.text_len), generator=g)
+            image = torch.randint(0, cfg.image_vocab, (1, cfg.image_len), generator=g)
+            objective(text, image)[0].backward()
+            grads = sum(local(p.grad).numel() * local(p.grad).element_size() for p in model.parameters())
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        nbytes = lambda ts: sum(local(t).numel() * local(t).element_size() for t in ts)  # noqa: E731
+        res[powersgd] = {
+            "params": nbytes(model.parameters()), "grads": grads,
+            "adam": nbytes(v for s in opt.state.values() for k, v in s.items() if k != "step"),
+            "steps": nbytes(s["step"] for s in opt.state.values()),
+            "powersgd": nbytes(list(state.error.values()) + list(state.q.values())) if state else 0,
+            "sent": sum(sent), "calls": len(sent), "units": len(units)}
+    torch.save(res, Path(out) / f"{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_plan_equals_measurement_at_micro_size(tmp_path):
+    """2 replicas x 2 shards (gloo), bf16 storage: the bytes each rank holds in parameters, gradients and Adam
+    moments equal the plan's for rank 0 (the plan counts every shard at ceil(rows / 2) rows, FSDP2's largest;
+    other ranks hold at most that), and the bytes all-reduced between replicas per step equal the plan's figure
+    (ring factor 2 (N-1)/N = 1 for N = 2) exactly without PowerSGD, and with PowerSGD on each shard up to one
+    float32 non-finite flag per unit (what the hook adds to its first all-reduce). The Adam step counters (one
+    float32 scalar per parameter) are not in the plan."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_measure_worker, args=(port, str(tmp_path)), nprocs=4)
+    cfg = DALLEConfig(**MICRO)
+    for powersgd in (False, True):
+        want = plan(cfg, nodes=2, gpus_per_node=2, batch=4, powersgd_rank=2 if powersgd else 0,
+                    param_dtype="bf16", powersgd_layout="shards")
+        for rank in range(4):
+            got = torch.load(tmp_path / f"{rank}.pt", weights_only=True)[powersgd]
+            exact = rank % 2 == 0  # shard 0 holds ceil(rows / 2) rows of every parameter
+            for k, w in (("params", want["param_bytes"]), ("grads", want["grad_bytes"]), ("adam", want["adam_bytes"]),
+                         ("powersgd", want["powersgd_bytes"])):
+                assert got[k] == w if exact else 0.97 * w <= got[k] <= w, (powersgd, rank, k, got[k], w)
+            assert got["steps"] == 4 * len(list(DALLE(cfg).parameters()))
+            flags = 4 * got["units"] if powersgd else 0
+            assert got["sent"] == want["inter_powersgd_bytes"] + flags, (powersgd, rank, got["sent"], want)
+        if powersgd:
+            assert want["inter_powersgd_bytes"] < want["inter_bytes"]
