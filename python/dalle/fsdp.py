@@ -9,7 +9,9 @@
   LayerNorms as units of their own, so their gains stay 32-bit) and the root (embeddings, final norm, heads).
   ``MixedPrecisionPolicy``: a block's matrices and biases are all-gathered and computed in the 16-bit compute
   dtype (``--precision bf16|fp16``), gains, embeddings and heads in float32, gradients reduced in float32
-  (paper section 2.4). Sharded parameters, and so AdamW's moments, stay float32.
+  (paper section 2.4). Sharded parameters, and so AdamW's moments, are float32, or with ``--param-dtype bf16|fp16``
+  the blocks' matrices and biases are stored in 16 bits with their gradients and moments (paper section 2.4;
+  updated by ``dalle.optim.AdamW16`` with stochastic rounding), the LayerNorms, embeddings and heads float32.
 * The model is built on the meta device; each rank materializes only its shards, each parameter's values drawn
   from a generator seeded by (seed, parameter name) (``DALLE.initial_value``), the same values a single process
   makes: the full model is never allocated anywhere, one parameter at a time at most.

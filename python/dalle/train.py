@@ -21,7 +21,8 @@ linearly, then halved each time the training loss plateaus (at most five times);
 (paper appendix B.2). Per-resblock gradient scaling (``dalle.grad_scale``, paper section 2.4) is on with
 ``--precision fp16`` (or ``--grad-scale on``). Sharded (``--fsdp``, ``dalle.fsdp``): FSDP2 over the
 ``--shard-size`` processes of a machine, replicas between machines (PowerSGD with ``--powersgd-rank``, paper
-section 2.5).
+section 2.5); ``--param-dtype bf16|fp16`` stores the blocks in 16 bits with their Adam moments, updated with
+stochastic rounding (``dalle.optim.AdamW16``, paper section 2.4).
 
 Outputs in RUN: the checkpoints, the final model as ``model.safetensors`` + ``config.json`` (model config,
 training config, step and dVAE; with ``tokenizer.json`` the Hugging Face folder layout), ``metrics.csv``
