@@ -108,7 +108,7 @@ class TrainConfig:
     grad_scale: str = option("auto", ("auto", "on", "off"), "per-resblock gradient scaling (auto: on with fp16)")
     param_dtype: str = option("auto", ("auto", "fp32", "bf16", "fp16"),
                               "with --fsdp: storage of the blocks' matrices and biases, their gradients and Adam "
-                              "moments (bf16/fp16: 16 bits, updated with stochastic rounding, dalle.optim; gains, "
+                              "moments (bf16 or fp16: 16 bits, updated with stochastic rounding, dalle.optim; gains, "
                               "embeddings and heads stay fp32); auto: bf16 for --preset paper, as the paper, else "
                               "fp32")
     param_rounding: str = option("stochastic", ("stochastic", "nearest"),
