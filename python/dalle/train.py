@@ -109,7 +109,7 @@ class TrainConfig:
     param_dtype: str = option("auto", ("auto", "fp32", "bf16", "fp16"),
                               "with --fsdp: storage of the blocks' matrices and biases, their gradients and Adam "
                               "moments (bf16 or fp16: 16 bits, updated with stochastic rounding, dalle.optim; gains, "
-                              "embeddings and heads stay fp32); auto: bf16 for --preset paper, as the paper, else "
+                              "embeddings and heads stay fp32); auto: bf16 for the paper presets, as the paper, else "
                               "fp32")
     param_rounding: str = option("stochastic", ("stochastic", "nearest"),
                                  "with 16-bit --param-dtype: how updates are rounded to 16 bits (nearest: plain "
@@ -161,8 +161,8 @@ def resolved_precision(cfg: TrainConfig) -> str:
 
 
 def resolved_param_dtype(cfg: TrainConfig) -> str:
-    """``--param-dtype`` as the run uses it: ``auto`` is bf16 for ``--fsdp --preset paper`` (the paper's 16-bit
-    storage, section 2.4), fp32 otherwise."""
+    """``--param-dtype`` as the run uses it: ``auto`` is bf16 for ``--fsdp`` with a paper preset (``paper``,
+    ``paper-2.8b``, ``paper-5.6b``; the paper's 16-bit storage, section 2.4), fp32 otherwise."""
     if cfg.param_dtype != "auto":
         return cfg.param_dtype
     return "bf16" if cfg.fsdp and cfg.preset in PAPER_PRESETS else "fp32"
