@@ -183,6 +183,7 @@ def _hook_worker(rank, port, out):
             assert torch.allclose(buf[96:], mean[96:])  # the bias is sent whole: the exact mean
         res[feedback] = {"errors": errors, "stats": state.compression_stats()}
     torch.save(res, Path(out) / f"{rank}.pt")
+    _matrix_hook_checks(rank, mesh, out)
     dist.destroy_process_group()
 
 
@@ -190,7 +191,8 @@ def test_powersgd_fsdp_hook_error_feedback(tmp_path):
     """On 2 replicas x 2 shards, a constant gradient per rank: one rank-1 PowerSGD step approximates the mean of
     a random shard poorly, and without error feedback it stays as poor however many steps are summed; with it
     the accumulated updates approach the accumulated true means. The bias goes whole and exact; the traffic
-    saving is counted as PyTorch's compression_stats counts it."""
+    saving is counted as PyTorch's compression_stats counts it. The same processes check fsdp_matrix_hook
+    (check_matrix_hook)."""
     import torch.multiprocessing as mp
 
     with socket.socket() as s:
@@ -204,6 +206,93 @@ def test_powersgd_fsdp_hook_error_feedback(tmp_path):
         assert ef[-1] < ef[0] / 4 and ef[-1] < plain[-1] / 4  # with error feedback it converges
         rate, before, after = res[True]["stats"]
         assert before == 60 * (96 + 5) and after == 60 * ((12 + 8) * 1 + 5) and rate == pytest.approx(101 / 25)
+    check_matrix_hook(tmp_path)  # the whole-matrix hook, run by the same processes
+
+
+def _matrix_hook_checks(rank, mesh, out):
+    """Run by _hook_worker's processes (one spawn for both hooks): see check_matrix_hook."""
+    import torch.distributed as dist
+
+    from dalle_kernels.powersgd import PowerSGDState, fsdp_matrix_hook
+
+    rep, shard_group = mesh["replicate"].get_group(), mesh["shard"].get_group()
+    replica, shard = divmod(rank, 2)
+    model = torch.nn.Linear(3, 3)  # names the buffers only
+    full = [(23, 8), (9,)]  # a 23 x 8 weight (shards of 12 and 11 rows, padded to 12) and a bias (5 and 4, padded)
+    sent, real = [], dist.all_reduce
+
+    def counting(t, *a, group=None, **k):
+        if group is rep:
+            sent.append(t.numel())
+        return real(t, *a, group=group, **k)
+
+    dist.all_reduce = counting
+    res = {}
+    # (1) a mean of rank 2 (every replica's gradient has the same column space): rank-2 PowerSGD of the whole
+    # matrix is exact with float32 factors, though each 12-row shard alone would need its own factors
+    u = torch.randn(23, 2, generator=torch.Generator().manual_seed(0))
+    vs = [torch.randn(8, 2, generator=torch.Generator().manual_seed(1 + k)) for k in range(2)]
+    bias = [torch.randn(9, generator=torch.Generator().manual_seed(9 + k)) for k in range(2)]
+    mean = u @ ((vs[0] + vs[1]) / 2).t()
+
+    def flat_grad(w, b):
+        lo, hi = shard * 12, min(23, shard * 12 + 12)
+        wp = torch.zeros(12, 8)
+        wp[:hi - lo] = w[lo:hi]
+        bp = torch.zeros(5)
+        bp[:min(9, shard * 5 + 5) - shard * 5] = b[shard * 5:min(9, shard * 5 + 5)]
+        return torch.cat([wp.flatten(), bp])
+
+    state = PowerSGDState(model, rank=2, start_iter=0, exclude=["bias"])
+    hook = fsdp_matrix_hook(state, ["weight", "bias"], full, shard_group, rep, is_last=True, factor_dtype=torch.float32)
+    buf = flat_grad(u @ vs[replica].t(), bias[replica])
+    sent.clear()
+    hook(buf)
+    res["exact"] = (buf[:96].view(12, 8), flat_grad(mean, (bias[0] + bias[1]) / 2)[:96].view(12, 8),
+                    buf[96:], flat_grad(mean, (bias[0] + bias[1]) / 2)[96:])
+    res["sent"] = sum(sent)
+    # (2) a random constant gradient per rank, rank 1, bf16 factors: error feedback makes the accumulated updates
+    # approach the accumulated means; without it they do not
+    g = torch.Generator().manual_seed(100 * replica)
+    w, b = torch.randn(23, 8, generator=g), torch.randn(9, generator=g)
+    others = [torch.randn(23, 8, generator=torch.Generator().manual_seed(100 * k)) for k in range(2)]
+    target = flat_grad(sum(others) / 2, b)[:96]
+    for feedback in (True, False):
+        state = PowerSGDState(model, rank=1, start_iter=0, exclude=["bias"], use_error_feedback=feedback)
+        hook = fsdp_matrix_hook(state, ["weight", "bias"], full, shard_group, rep, is_last=True)
+        acc, errs = torch.zeros(96), []
+        for t in range(1, 31):
+            buf = flat_grad(w, b)
+            hook(buf)
+            acc += buf[:96]
+            e = torch.tensor([float((acc - t * target).norm() ** 2), float((t * target).norm() ** 2)])
+            real(e, group=shard_group)  # the whole matrix: both shards
+            errs.append(float(e[0].sqrt() / e[1].sqrt()))
+        res[feedback] = errs
+        if feedback:
+            res["error_dtype"] = state.error["weight"].dtype
+    dist.all_reduce = real
+    torch.save(res, Path(out) / f"matrix{rank}.pt")
+
+
+def check_matrix_hook(tmp_path):
+    """fsdp_matrix_hook on 2 replicas x 2 shards, a 23 x 8 matrix split 12 + 11 rows: a mean of rank 2 is
+    reproduced exactly at rank 2 (float32 factors) on both shards, padding rows stay zero, the bias is the exact
+    mean; each rank sends ceil(23/2) r + ceil(8 r / 2) factor elements between replicas plus the bias shard and
+    the flag; with bf16 factors and error feedback the accumulated updates converge to the accumulated means
+    (without feedback they stay far), and the error buffers are bf16."""
+    for rank in range(4):
+        res = torch.load(tmp_path / f"matrix{rank}.pt", weights_only=True)
+        got, want, gb, wb = res["exact"]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(gb, wb)
+        if rank % 2:
+            assert torch.equal(got[11:], torch.zeros(1, 8))
+        assert res["sent"] == 12 * 2 + 8 * 2 // 2 + 5 + 1
+        ef, plain = res[True], res[False]
+        assert ef[0] > 0.3 and plain[-1] > 0.3
+        assert ef[-1] < ef[0] / 4 and ef[-1] < plain[-1] / 4, (ef[-1], plain[-1])
+        assert res["error_dtype"] == torch.bfloat16
 
 
 def _kill_all(marker: str) -> None:

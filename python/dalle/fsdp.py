@@ -132,18 +132,29 @@ def unit_parameter_names(objective: nn.Module, unit: nn.Module, units: list) -> 
     return order
 
 
-def register_powersgd(state, objective: nn.Module, units: list, mesh) -> None:
-    """PowerSGD between replicas on every unit's reduce-scatter output (``fsdp_all_reduce_hook``)."""
-    from dalle_kernels.powersgd import fsdp_all_reduce_hook
+def register_powersgd(state, objective: nn.Module, units: list, mesh, layout: str = "shards",
+                      factor_dtype: torch.dtype = torch.bfloat16) -> None:
+    """PowerSGD between replicas on every unit's reduce-scatter output. ``layout``: ``"shards"``: each rank
+    compresses its own shards (``fsdp_all_reduce_hook``, float32 factors); ``"paper"``: each matrix is factored
+    whole across the machine's shards, factors, their all-reduce and the error feedback in ``factor_dtype``
+    (``fsdp_matrix_hook``; paper appendix E). ``ValueError`` for another layout."""
+    from dalle_kernels.powersgd import fsdp_all_reduce_hook, fsdp_matrix_hook
 
+    if layout not in ("shards", "paper"):
+        raise ValueError(f"layout must be 'shards' or 'paper', got {layout!r}")
     shards = mesh["shard"].size()
     group = mesh["replicate"].get_group()
     for unit, is_root in units:
         names = unit_parameter_names(objective, unit, units)
         _check_layout(objective, unit, names)
-        shapes = [(shard_rows(s[0], shards),) + tuple(s[1:]) for s in
-                  (objective.get_parameter(n).shape for n in names)]
-        unit.set_all_reduce_hook(fsdp_all_reduce_hook(state, names, shapes, group, is_last=is_root))
+        full = [tuple(objective.get_parameter(n).shape) for n in names]
+        if layout == "paper":
+            hook = fsdp_matrix_hook(state, names, full, mesh["shard"].get_group(), group, is_last=is_root,
+                                    factor_dtype=factor_dtype)
+        else:
+            shapes = [(shard_rows(s[0], shards),) + tuple(s[1:]) for s in full]
+            hook = fsdp_all_reduce_hook(state, names, shapes, group, is_last=is_root)
+        unit.set_all_reduce_hook(hook)
 
 
 def _check_layout(objective: nn.Module, unit: nn.Module, names: list[str]) -> None:
