@@ -570,7 +570,9 @@ def fsdp_matrix_hook(state: PowerSGDState, names: list, full_shapes: list, shard
     (Householder), each rank keeping its rows; ``Q = sum_s M_s^T P_s`` summed over ``shard_group`` and then, each
     rank its ``1/G`` share, all-reduced over ``replicate_group`` in ``factor_dtype`` and gathered back; the mean
     gradient shard is ``P_s Q^T / replicas`` and the error feedback ``M_s - P_s Q^T / replicas``, kept in
-    ``factor_dtype`` (the paper's 16-bit error buffers). Each rank thus sends ``ceil(n/G) r + ceil(m r / G)``
+    ``factor_dtype`` (the paper's 16-bit error buffers; a buffer of its own, beside FSDP2's gradient shard). Each
+    rank keeps only its ``1/G`` share of each ``Q`` (in ``factor_dtype``, ``state.q``), gathered in the machine
+    for the next step's warm start. Each rank thus sends ``ceil(n/G) r + ceil(m r / G)``
     elements of a matrix between replicas (``dalle.plan``'s ``paper`` layout, plus the flag and padding).
 
     Args: ``state`` (its ``rank``, ``start_iter``, ``exclude``, ``min_compression_rate``, ``warm_start``,
@@ -598,6 +600,19 @@ def fsdp_matrix_hook(state: PowerSGDState, names: list, full_shapes: list, shard
         else:
             unc.append(i)
 
+    chunks = [-(-m * r // G) for _, _, _, m, r, _ in comp]  # each rank's share of each Q
+    q_offs = [G * sum(chunks[:j]) for j in range(len(chunks))]
+
+    def _gather_q(share: torch.Tensor) -> list:
+        """Every rank's shares of the unit's Qs (``share``: this rank's, concatenated) -> the whole Qs, float32."""
+        parts = [torch.empty_like(share) for _ in range(G)]
+        dist.all_gather(parts, share, group=shard_group)
+        out, off = [], 0
+        for (_, _, _, m, r, _), c in zip(comp, chunks):
+            out.append(torch.cat([p[off:off + c] for p in parts])[:m * r].float().view(m, r))
+            off += c
+        return out
+
     def hook(reduce_output: torch.Tensor) -> None:
         if reduce_output.numel() != total:
             raise RuntimeError(f"FSDP handed a flat gradient of {reduce_output.numel()} elements; the unit's shards "
@@ -613,7 +628,7 @@ def fsdp_matrix_hook(state: PowerSGDState, names: list, full_shapes: list, shard
             grads.append(reduce_output[off:off + size])
             off += size
         finite = bool(torch.isfinite(reduce_output).all())
-        mats, qs = [], []
+        mats = []
         for i, name, n, m, r, real in comp:
             M = grads[i].view(rows[i], m).float()
             M[real:] = 0.0
@@ -622,11 +637,15 @@ def fsdp_matrix_hook(state: PowerSGDState, names: list, full_shapes: list, shard
                 raise RuntimeError(f"error-feedback buffer {name!r} has shape {tuple(err.shape)}, this shard "
                                    f"{(rows[i], m)}: the mesh changed since it was saved")
             mats.append(M + err.to(device, torch.float32) if err is not None else M.clone())
-            warm = state.q.get(name) if state.warm_start else None
-            q = (warm.to(device, torch.float32).clone() if warm is not None and tuple(warm.shape) == (m, r)
-                 else state._initial_q(name, m, r, device))
+        # Q: each rank keeps its 1/G share of every matrix's Q (warm start); gathered in the machine
+        warm = state.warm_start and all(tuple(getattr(state.q.get(name), "shape", ())) == (chunks[j],)
+                                        for j, (_, name, *_rest) in enumerate(comp))
+        if warm:
+            qs = _gather_q(torch.cat([state.q[name].to(device, factor_dtype) for _, name, *_r in comp]))
+        else:
+            qs = [state._initial_q(name, m, r, device) for _, name, n, m, r, _ in comp]
+        for q in qs:
             orthogonalize(q.unsqueeze(0), backend=state.orthogonalize_backend)
-            qs.append(q)
         p_sizes = [rows[i] * r for i, _, _, _, r, _ in comp]
         p_size, u_size = sum(p_sizes), sum(sizes[i] for i in unc)
         # P rows (16-bit) and, in float32, the uncompressed gradients and the flag: two buffers, one all-reduce each
@@ -668,28 +687,24 @@ def fsdp_matrix_hook(state: PowerSGDState, names: list, full_shapes: list, shard
             ps_local.append(p_s)
             q_parts.append((mats[j].t() @ p_s).reshape(-1))
             off += ps
-        q_flat = torch.cat(q_parts)
+        q_flat = torch.cat([torch.nn.functional.pad(q, (0, G * c - q.numel())) for q, c in zip(q_parts, chunks)])
         dist.all_reduce(q_flat, group=shard_group)  # the machine's Q = sum over its shards
-        chunk = -(-q_flat.numel() // G)
-        share = torch.zeros(chunk, dtype=factor_dtype, device=device)
-        mine = q_flat[s_idx * chunk:(s_idx + 1) * chunk]
-        share[:mine.numel()].copy_(mine)
+        share = torch.cat([q_flat[o + s_idx * c:o + (s_idx + 1) * c] for o, c in zip(q_offs, chunks)])
+        share = share.to(factor_dtype)
         dist.all_reduce(share, group=replicate_group)  # between machines: this rank's 1/G of every Q
-        shares = [torch.empty_like(share) for _ in range(G)]
-        dist.all_gather(shares, share, group=shard_group)
-        q_all = torch.cat(shares)[:q_flat.numel()].float().div_(world)
+        share = share.float().div_(world).to(factor_dtype)
+        full_qs = _gather_q(share)
         off = 0
         for j, (i, name, n, m, r, real) in enumerate(comp):
-            q = q_all[off:off + m * r].view(m, r)
-            off += m * r
-            approx = ps_local[j] @ q.t()
+            approx = ps_local[j] @ full_qs[j].t()
             approx[real:] = 0.0
             if state.use_error_feedback:
                 state.error[name] = mats[j].sub_(approx).to(factor_dtype)
-            state.q[name] = q.clone()
+            state.q[name] = share[off:off + chunks[j]].clone()
+            off += chunks[j]
             grads[i].copy_(approx.reshape(-1))
         state.numel_before += total
-        state.numel_after += p_size + chunk + u_size
+        state.numel_after += p_size + sum(chunks) + u_size
         state._report_compression_stats(is_last)
 
     return hook

@@ -184,7 +184,8 @@ def test_cli_usage_errors(args, match):
     assert len(lines) == 1 and match in lines[0], r.stderr
 
 
-@pytest.mark.parametrize("args, match", [(["--gpu-memory", "0"], "--gpu-memory"), (["--param-dtype", "fp8"], "--param-dtype"),
+@pytest.mark.parametrize("args, match", [(["--gpu-memory", "0"], "--gpu-memory"),
+                                         (["--param-dtype", "fp8"], "--param-dtype"),
                                          (["--powersgd-layout", "ring"], "--powersgd-layout")])
 def test_cli_new_flags_usage_errors(args, match, capsys):
     """In process (the subprocess cases above show the exit status and the single line)."""
@@ -196,7 +197,8 @@ def test_cli_new_flags_usage_errors(args, match, capsys):
 
 def _measure_worker(rank, port, out):
     """One rank of 2 replicas x 2 shards, micro model, bf16 storage: the bytes it holds and sends between replicas
-    per step, first with FSDP2's own all-reduce (HSDP), then with PowerSGD rank 2 on each shard (the trainer's)."""
+    per step, with FSDP2's own all-reduce (HSDP), then with PowerSGD rank 2 on each shard, then on whole matrices
+    (the trainer's two layouts)."""
     import os
 
     import torch.distributed as dist
@@ -221,7 +223,7 @@ def _measure_worker(rank, port, out):
 
     dist.all_reduce = counting
     res = {}
-    for powersgd in (False, True):
+    for powersgd in (False, "shards", "matrix"):
         cfg = DALLEConfig(**MICRO, attn_backend="torch")
         with torch.device("meta"):
             model = DALLE(cfg)
@@ -232,7 +234,7 @@ def _measure_worker(rank, port, out):
         if powersgd:
             state = PowerSGDState(objective, rank=2, start_iter=0, process_group=mesh["replicate"].get_group(),
                                   exclude=powersgd_uncompressed(model, prefix="model."))
-            register_powersgd(state, objective, units, mesh)
+            register_powersgd(state, objective, units, mesh, layout=powersgd)
         opt = AdamW16(model.param_groups(0.045), lr=1e-3)
         g = torch.Generator().manual_seed(rank)
         for step in range(2):
@@ -258,8 +260,9 @@ def test_plan_equals_measurement_at_micro_size(tmp_path):
     """2 replicas x 2 shards (gloo), bf16 storage: the bytes each rank holds in parameters, gradients and Adam
     moments equal the plan's for rank 0 (the plan counts every shard at ceil(rows / 2) rows, FSDP2's largest;
     other ranks hold at most that), and the bytes all-reduced between replicas per step equal the plan's figure
-    (ring factor 2 (N-1)/N = 1 for N = 2) exactly without PowerSGD, and with PowerSGD on each shard up to one
-    float32 non-finite flag per unit (what the hook adds to its first all-reduce). The Adam step counters (one
+    (ring factor 2 (N-1)/N = 1 for N = 2) exactly without PowerSGD, and with PowerSGD (each shard, or whole
+    matrices: --powersgd-layout shards, matrix) up to one float32 non-finite flag per unit that compresses (what
+    the hooks add to their first all-reduce; the shard hook runs every unit that way). The Adam step counters (one
     float32 scalar per parameter) are not in the plan."""
     import socket
 
@@ -270,17 +273,17 @@ def test_plan_equals_measurement_at_micro_size(tmp_path):
         port = s.getsockname()[1]
     mp.spawn(_measure_worker, args=(port, str(tmp_path)), nprocs=4)
     cfg = DALLEConfig(**MICRO)
-    for powersgd in (False, True):
+    for powersgd in (False, "shards", "matrix"):
         want = plan(cfg, nodes=2, gpus_per_node=2, batch=4, powersgd_rank=2 if powersgd else 0,
-                    param_dtype="bf16", powersgd_layout="shards")
+                    param_dtype="bf16", powersgd_layout=powersgd or "shards")
         for rank in range(4):
             got = torch.load(tmp_path / f"{rank}.pt", weights_only=True)[powersgd]
             exact = rank % 2 == 0  # shard 0 holds ceil(rows / 2) rows of every parameter
-            for k, w in (("params", want["param_bytes"]), ("grads", want["grad_bytes"]), ("adam", want["adam_bytes"]),
-                         ("powersgd", want["powersgd_bytes"])):
+            for k, w in (("params", want["param_bytes"]), ("grads", want["grad_bytes"]),
+                         ("adam", want["adam_bytes"]), ("powersgd", want["powersgd_bytes"])):
                 assert got[k] == w if exact else 0.97 * w <= got[k] <= w, (powersgd, rank, k, got[k], w)
             assert got["steps"] == 4 * len(list(DALLE(cfg).parameters()))
-            flags = 4 * got["units"] if powersgd else 0
+            flags = {False: 0, "shards": 4 * got["units"], "matrix": 4 * cfg.n_layers}[powersgd]
             assert got["sent"] == want["inter_powersgd_bytes"] + flags, (powersgd, rank, got["sent"], want)
         if powersgd:
-            assert want["inter_powersgd_bytes"] < want["inter_bytes"]
+            assert want["inter_powersgd_bytes"] < want["inter_bytes"] and want["powersgd_bytes"] > 0

@@ -135,20 +135,20 @@ def unit_parameter_names(objective: nn.Module, unit: nn.Module, units: list) -> 
 def register_powersgd(state, objective: nn.Module, units: list, mesh, layout: str = "shards",
                       factor_dtype: torch.dtype = torch.bfloat16) -> None:
     """PowerSGD between replicas on every unit's reduce-scatter output. ``layout``: ``"shards"``: each rank
-    compresses its own shards (``fsdp_all_reduce_hook``, float32 factors); ``"paper"``: each matrix is factored
+    compresses its own shards (``fsdp_all_reduce_hook``, float32 factors); ``"matrix"``: each matrix is factored
     whole across the machine's shards, factors, their all-reduce and the error feedback in ``factor_dtype``
     (``fsdp_matrix_hook``; paper appendix E). ``ValueError`` for another layout."""
     from dalle_kernels.powersgd import fsdp_all_reduce_hook, fsdp_matrix_hook
 
-    if layout not in ("shards", "paper"):
-        raise ValueError(f"layout must be 'shards' or 'paper', got {layout!r}")
+    if layout not in ("shards", "matrix"):
+        raise ValueError(f"layout must be 'shards' or 'matrix', got {layout!r}")
     shards = mesh["shard"].size()
     group = mesh["replicate"].get_group()
     for unit, is_root in units:
         names = unit_parameter_names(objective, unit, units)
         _check_layout(objective, unit, names)
         full = [tuple(objective.get_parameter(n).shape) for n in names]
-        if layout == "paper":
+        if layout == "matrix":
             hook = fsdp_matrix_hook(state, names, full, mesh["shard"].get_group(), group, is_last=is_root,
                                     factor_dtype=factor_dtype)
         else:

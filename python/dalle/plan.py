@@ -25,7 +25,7 @@ COMPUTE_BYTES = 2  # 16-bit parameters gathered for compute and 16-bit activatio
 FP32 = 4
 LOW = 2  # bf16 / fp16 storage, and the paper's 16-bit PowerSGD factors (appendix E)
 PARAM_DTYPES = ("fp32", "bf16", "fp16")
-POWERSGD_LAYOUTS = ("paper", "shards")
+POWERSGD_LAYOUTS = ("paper", "matrix", "shards")
 PAPER_PRESETS = ("paper", "paper-2.8b", "paper-5.6b")
 # Parts of the memory per GPU, in the order printed: key of plan() -> name in --json's bytes_per_gpu_parts
 PARTS = {"param_bytes": "parameters", "grad_bytes": "gradients", "adam_bytes": "adam_moments",
@@ -66,10 +66,13 @@ def plan(cfg: DALLEConfig, nodes: int, gpus_per_node: int, batch: int, powersgd_
         powersgd_layout: ``paper``: each compressed gradient matrix ``n x m`` is factored whole across the ``G``
             shards of a machine (appendix E as we read it; README "Training at scale"): each GPU sends its
             ``n/G x R`` rows of ``P`` and a ``1/G`` share of ``Q`` (``m x R``), so ``(n + m) R / G`` elements, in
-            16 bits; the error feedback lives in the gradient buffer (no extra memory). ``shards``: what
-            ``dalle.train --fsdp --powersgd-rank`` does today: each GPU compresses its own shard ``ceil(n/G) x m``
-            at rank ``min(R, n/G, m)`` (``(n/G + m) r`` elements, float32), keeping a float32 error buffer of the
-            shard and the warm-start ``Q`` (``m x r``, float32).
+            16 bits; the error feedback lives in the gradient buffer (no extra memory). ``matrix``: what
+            ``dalle.train --fsdp --powersgd-layout matrix`` does (``fsdp_matrix_hook``): the same traffic, but
+            FSDP2 keeps its own gradient shard, so the error feedback is a buffer of its own (16 bits, the shard
+            ``ceil(n/G) x m``), and each GPU keeps a ``1/G`` share of the warm-start ``Q`` (16 bits).
+            ``shards``: ``dalle.train --powersgd-layout shards``: each GPU compresses its own shard
+            ``ceil(n/G) x m`` at rank ``min(R, n/G, m)`` (``(n/G + m) r`` elements, float32), keeping a float32
+            error buffer of the shard and the warm-start ``Q`` (``m x r``, float32).
 
     Returns a dict of ints (bytes unless named ``*_elements``/``n_*``), floats and the settings. Memory per GPU
     (shards of ``ceil(rows / G)`` rows, FSDP2's ``Shard(0)``; ``s`` = 2 or 4 bytes per stored element):
@@ -138,12 +141,15 @@ def plan(cfg: DALLEConfig, nodes: int, gpus_per_node: int, batch: int, powersgd_
                    else FP32) * n * m
         compress = False
         if R and name not in whole and p.dim() >= 2:
-            if powersgd_layout == "paper":
+            if powersgd_layout in ("paper", "matrix"):
                 r = min(R, n, m)
                 compress = (n + m) * r * 2 < n * m
                 if compress:
                     sent = LOW * (n + m) * r / G
-                    pw_state += sent  # P rows of the shard and a 1/G share of Q, 16-bit
+                    if powersgd_layout == "paper":
+                        pw_state += sent  # P rows of the shard and a 1/G share of Q, 16-bit
+                    else:
+                        pw_state += LOW * (rows * m + math.ceil(m * r / G))  # error buffer, 1/G of Q
                     intra_pw += part * LOW * (n * r + 2 * m * r)
             else:
                 r = min(R, rows, m)
@@ -172,7 +178,8 @@ def plan(cfg: DALLEConfig, nodes: int, gpus_per_node: int, batch: int, powersgd_
     out["intra_allgather_bytes"] = round(2 * part * gather)
     out["intra_reducescatter_bytes"] = round(part * FP32 * P)
     out["intra_powersgd_bytes"] = round(intra_pw)
-    out["inside_bytes"] = out["intra_allgather_bytes"] + out["intra_reducescatter_bytes"] + out["intra_powersgd_bytes"]
+    out["inside_bytes"] = (out["intra_allgather_bytes"] + out["intra_reducescatter_bytes"]
+                           + out["intra_powersgd_bytes"])
     out["inter_elements"] = shard_el
     out["inter_bytes"] = round(ring * FP32 * shard_el)
     out["inter_powersgd_bytes"] = round(ring * inter_pw) if R else out["inter_bytes"]
@@ -186,7 +193,8 @@ def verdict(cfg: DALLEConfig, p: dict, gpu_memory_gib: float) -> tuple[bool, str
     a one-line verdict, and when it does not, the cheapest change that fits as ``{plan argument: value}`` (None
     when none of them fits). Changes are tried in order of what they cost: 16-bit storage (``--param-dtype bf16``,
     no extra compute; the paper's choice), activation checkpointing (about a third more compute), both, then
-    more shards (``--gpus-per-node`` doubled up to 64: more GPUs in a shard group) with both."""
+    more shards (``--gpus-per-node`` doubled up to 64: more GPUs in a shard group, ``--nodes`` halved where it is
+    even, so the same GPUs) with both."""
     cap = gpu_memory_gib * 2**30
     need = p["total_bytes"]
     args = dict(nodes=p["nodes"], gpus_per_node=p["gpus_per_node"], batch=p["batch"], powersgd_rank=p["powersgd_rank"],
@@ -202,9 +210,10 @@ def verdict(cfg: DALLEConfig, p: dict, gpu_memory_gib: float) -> tuple[bool, str
         tries.append({"checkpoint_activations": True})
         if args["param_dtype"] == "fp32":
             tries.append({"param_dtype": "bf16", "checkpoint_activations": True})
-    g = args["gpus_per_node"] * 2
-    while g <= 64:
-        tries.append({"gpus_per_node": g, "param_dtype": "bf16" if args["param_dtype"] == "fp32" else
+    g, n = args["gpus_per_node"] * 2, args["nodes"]
+    while g <= 64:  # more shards: the same GPUs in fewer, bigger shard groups where the machines halve evenly
+        n = n // 2 if n % 2 == 0 and n > 1 else n
+        tries.append({"gpus_per_node": g, "nodes": n, "param_dtype": "bf16" if args["param_dtype"] == "fp32" else
                       args["param_dtype"], "checkpoint_activations": True})
         g *= 2
     head = (f"does not fit: {need / 2**30:.2f} GiB per GPU of {gpu_memory_gib:g} GiB "
@@ -222,6 +231,8 @@ def verdict(cfg: DALLEConfig, p: dict, gpu_memory_gib: float) -> tuple[bool, str
                 flags.append("--checkpoint-activations")
             if change.get("gpus_per_node", args["gpus_per_node"]) != args["gpus_per_node"]:
                 flags.append(f"--gpus-per-node {change['gpus_per_node']}")
+            if change.get("nodes", args["nodes"]) != args["nodes"]:
+                flags.append(f"--nodes {change['nodes']}")
             return False, (f"{head}; cheapest change that fits: {' '.join(flags)} "
                            f"({q['total_bytes'] / 2**30:.2f} GiB)"), change
     return False, f"{head}; no change tried fits (16-bit storage, activation checkpointing, up to 64 shards)", None
@@ -277,9 +288,10 @@ def format_plan(cfg: DALLEConfig, p: dict, gpu_memory_gib: float | None = None) 
              f"  inside the machine: reduce-scatter {_gib(p['intra_reducescatter_bytes'])[2:]}"]
     if p["intra_powersgd_bytes"]:
         rows.append(f"  inside the machine: PowerSGD     {_gib(p['intra_powersgd_bytes'])}")
-    rows.append(f"  between machines: all-reduce     {_gib(p['inter_bytes'])}  ({p['inter_elements']:,} elements, fp32)")
+    rows.append(f"  between machines: all-reduce     {_gib(p['inter_bytes'])}  "
+                f"({p['inter_elements']:,} elements, fp32)")
     if p["powersgd_rank"]:
-        how = "whole matrices, 16-bit factors" if p["powersgd_layout"] == "paper" else "each shard, fp32 factors"
+        how = ("each shard, fp32 factors" if p["powersgd_layout"] == "shards" else "whole matrices, 16-bit factors")
         rows.append(f"  ... with PowerSGD rank {p['powersgd_rank']:<4}     {_gib(p['inter_powersgd_bytes'])}  "
                     f"({100 * p['powersgd_saving']:.1f}% less; {100 * p['powersgd_saving_matrices']:.1f}% less on "
                     f"the compressed matrices, {how}; the paper reports about 85%)")
@@ -301,8 +313,9 @@ def build_parser():
     p.add_argument("--powersgd-rank", type=cli.int_at_least(0), default=0, help="PowerSGD rank (0: none)")
     p.add_argument("--powersgd-layout", choices=POWERSGD_LAYOUTS, default="paper",
                    help="paper: whole matrices factored across a machine's shards, 16-bit factors, error feedback "
-                        "in the gradient buffer; shards: what dalle.train --fsdp does today (each shard alone, "
-                        "fp32)")
+                        "in the gradient buffer (the paper's); matrix: the same as dalle.train --powersgd-layout "
+                        "matrix does it, with a 16-bit error buffer beside FSDP's gradient; shards: dalle.train "
+                        "--powersgd-layout shards (each shard alone, fp32)")
     p.add_argument("--param-dtype", choices=("auto",) + PARAM_DTYPES, default="auto",
                    help="storage of the blocks' parameters, gradients and Adam moments (auto: bf16 for the paper "
                         "presets, as the paper's 16-bit storage; fp32 otherwise)")

@@ -120,10 +120,10 @@ class TrainConfig:
     powersgd_rank: int = option(0, cli.nonneg_int, "PowerSGD rank of the gradient all-reduce (0: off; needs "
                                                    "torchrun)")
     powersgd_start: int = option(10, cli.nonneg_int, "plain all-reduce updates before PowerSGD starts")
-    powersgd_layout: str = option("auto", ("auto", "paper", "shards"),
-                                  "with --fsdp --powersgd-rank: paper: each matrix factored whole across the "
+    powersgd_layout: str = option("auto", ("auto", "matrix", "shards"),
+                                  "with --fsdp --powersgd-rank: matrix: each matrix factored whole across the "
                                   "machine's shards, 16-bit factors and error feedback (paper appendix E); shards: "
-                                  "each shard alone, float32; auto: paper for the paper presets, else shards")
+                                  "each shard alone, float32; auto: matrix for the paper presets, else shards")
     fsdp: bool = option(False, None, "shard parameters, gradients and optimizer state over --shard-size processes "
                                      "(FSDP2, needs torchrun); see dalle.fsdp")
     shard_size: int = option(0, cli.nonneg_int, "with --fsdp: processes per shard group, the GPUs of one machine "
@@ -334,7 +334,7 @@ def _train(cfg: TrainConfig, resume: bool, force: bool, log, rank: int, world: i
         powersgd_state = _powersgd(None, objective, cfg.powersgd_rank, cfg.powersgd_start,
                                    process_group=mesh["replicate"].get_group())
         layout = cfg.powersgd_layout if cfg.powersgd_layout != "auto" else (
-            "paper" if cfg.preset in PAPER_PRESETS else "shards")
+            "matrix" if cfg.preset in PAPER_PRESETS else "shards")
         fsdp.register_powersgd(powersgd_state, objective, units, mesh, layout=layout,
                                factor_dtype=torch.float16 if resolved_param_dtype(cfg) == "fp16" else torch.bfloat16)
     train_module = objective
