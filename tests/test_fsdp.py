@@ -132,22 +132,27 @@ def test_fsdp_2x2_bf16_storage_matches_one_process_and_exports(tmp_path, dvae_fi
 
 @pytest.mark.slow
 def test_fsdp_bf16_storage_resume_is_exact(tmp_path, dvae_file):
-    """A 16-bit-storage run resumed from its step-3 checkpoint repeats the uninterrupted run bit for bit: the
-    16-bit moments are in the checkpoint and the rounding draws are keyed by the step (dalle.optim)."""
+    """A 16-bit-storage run with whole-matrix PowerSGD (--powersgd-layout matrix) resumed from its step-3 checkpoint
+    repeats the uninterrupted run bit for bit: the 16-bit moments, error feedback and Q shares are in the
+    checkpoint and the rounding draws are keyed by the step (dalle.optim)."""
     import shutil
 
     from dalle.checkpoint import checkpoints
 
-    run_ok(torchrun(4, tmp_path / "a", dvae_file, STEPS, *BF16), tmp_path)
+    matrix = [*BF16, "--powersgd-layout", "matrix"]
+    run_ok(torchrun(4, tmp_path / "a", dvae_file, STEPS, *matrix), tmp_path)
     b = tmp_path / "b"
     (b / "dcp").mkdir(parents=True)
     for name in ("tokenizer.json", "data_cache.pt", "metrics.csv"):
         shutil.copy(tmp_path / "a" / name, b / name)
     first = checkpoints(tmp_path / "a")[0]
     shutil.copytree(first, b / "dcp" / first.name)
-    r = run_ok(torchrun(4, b, dvae_file, STEPS, *BF16, "--resume"), tmp_path)
+    r = run_ok(torchrun(4, b, dvae_file, STEPS, *matrix, "--resume"), tmp_path)
     assert "at step 3" in r.stdout
     assert losses(b) == losses(tmp_path / "a")
+    rs = torch.load(checkpoints(b)[-1] / "rank1.pt", weights_only=True)["powersgd"]
+    assert rs["error"]["model.blocks.0.fc.weight"].shape == (64, 32)  # 128 rows over 2 shards, whole-matrix hook
+    assert rs["q"]["model.blocks.0.fc.weight"].shape == (32 * 2 // 2,)  # its half of Q (32 x 2)
     wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(b / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
