@@ -55,7 +55,7 @@ from torch import nn
 
 from .ops.orthogonalize import orthogonalize
 
-__all__ = ["PowerSGDState", "powersgd_hook", "fsdp_all_reduce_hook", "uncompressed_parameter_names"]
+__all__ = ["PowerSGDState", "powersgd_hook", "fsdp_all_reduce_hook", "fsdp_matrix_hook", "uncompressed_parameter_names"]
 
 logger = logging.getLogger(__name__)
 
@@ -551,5 +551,160 @@ def fsdp_all_reduce_hook(state: PowerSGDState, names: list, shard_shapes: list, 
             off += size
         if not _compressed_allreduce(state, lay, reduce_output, grads, process_group, is_last):
             dist.all_reduce(reduce_output.div_(world), group=process_group)
+
+    return hook
+
+
+def fsdp_matrix_hook(state: PowerSGDState, names: list, full_shapes: list, shard_group, replicate_group,
+                     is_last: bool, factor_dtype: torch.dtype = torch.bfloat16):
+    """PowerSGD between replicas on whole matrices sharded across a machine (paper appendix E as README "Training
+    at scale" reads it): a hook for ``FSDPModule.set_all_reduce_hook``, like ``fsdp_all_reduce_hook``, but each
+    compressed gradient ``n x m`` is factored whole at rank ``r = min(rank, n, m)``, not shard by shard, so the
+    paper's ranks (larger than a shard's ``n / G`` rows) apply.
+
+    The matrix ``M`` (gradient plus error feedback) is split by rows over the ``G`` ranks of ``shard_group`` (FSDP2's
+    padded ``ceil(n / G)``-row shards; padding rows are zeroed). Per step, with ``Q`` (``m x r``, equal on all ranks,
+    orthogonalized; warm start): ``P_s = M_s Q`` on each rank, all-reduced over ``replicate_group`` in
+    ``factor_dtype`` (16 bits, as the paper's factors and their all-reduce) together with the unit's uncompressed
+    gradients (float32) and a non-finite flag; ``P`` gathered over ``shard_group`` and orthogonalized whole
+    (Householder), each rank keeping its rows; ``Q = sum_s M_s^T P_s`` summed over ``shard_group`` and then, each
+    rank its ``1/G`` share, all-reduced over ``replicate_group`` in ``factor_dtype`` and gathered back; the mean
+    gradient shard is ``P_s Q^T / replicas`` and the error feedback ``M_s - P_s Q^T / replicas``, kept in
+    ``factor_dtype`` (the paper's 16-bit error buffers; a buffer of its own, beside FSDP2's gradient shard). Each
+    rank keeps only its ``1/G`` share of each ``Q`` (in ``factor_dtype``, ``state.q``), gathered in the machine
+    for the next step's warm start. Each rank thus sends ``ceil(n/G) r + ceil(m r / G)``
+    elements of a matrix between replicas (``dalle.plan``'s ``paper`` layout, plus the flag and padding).
+
+    Args: ``state`` (its ``rank``, ``start_iter``, ``exclude``, ``min_compression_rate``, ``warm_start``,
+    ``use_error_feedback``; ``error``/``q`` keyed by parameter name), ``names`` and ``full_shapes`` (the unit's
+    parameters in FSDP2's flat order and their unsharded shapes), the two groups, ``is_last`` (the root unit: the
+    step count advances), ``factor_dtype`` (``torch.bfloat16``, ``torch.float16`` or ``torch.float32``).
+
+    Raises (from the hook) ``RuntimeError`` when the flat output's size is not the sum of the padded shards.
+    A non-finite value on any rank of the machine or any replica: the whole unit is all-reduced plainly (every
+    trainer sees it and skips the step), error feedback and warm start untouched.
+    """
+    G = dist.get_world_size(shard_group)
+    s_idx = dist.get_rank(shard_group)
+    rows = [-(-shape[0] // G) for shape in full_shapes]
+    sizes = [rs * (math.prod(shape) // shape[0]) for rs, shape in zip(rows, full_shapes)]
+    total = sum(sizes)
+    comp, unc = [], []  # (position, name, n, m, r, real rows of this shard) / (position)
+    for i, (name, shape) in enumerate(zip(names, full_shapes)):
+        n = shape[0]
+        m = math.prod(shape) // n
+        r = min(state.rank, n, m)
+        if name not in state.exclude and len(shape) >= 2 and (n + m) * r * state.min_compression_rate < n * m:
+            real = max(0, min(n, (s_idx + 1) * rows[i]) - s_idx * rows[i])
+            comp.append((i, name, n, m, r, real))
+        else:
+            unc.append(i)
+
+    chunks = [-(-m * r // G) for _, _, _, m, r, _ in comp]  # each rank's share of each Q
+    q_offs = [G * sum(chunks[:j]) for j in range(len(chunks))]
+
+    def _gather_q(share: torch.Tensor) -> list:
+        """Every rank's shares of the unit's Qs (``share``: this rank's, concatenated) -> the whole Qs, float32."""
+        parts = [torch.empty_like(share) for _ in range(G)]
+        dist.all_gather(parts, share, group=shard_group)
+        out, off = [], 0
+        for (_, _, _, m, r, _), c in zip(comp, chunks):
+            out.append(torch.cat([p[off:off + c] for p in parts])[:m * r].float().view(m, r))
+            off += c
+        return out
+
+    def hook(reduce_output: torch.Tensor) -> None:
+        if reduce_output.numel() != total:
+            raise RuntimeError(f"FSDP handed a flat gradient of {reduce_output.numel()} elements; the unit's shards "
+                               f"({', '.join(names[:3])}...) hold {total}")
+        world = dist.get_world_size(replicate_group)
+        if state.iter < state.start_iter or not comp:
+            state._maybe_increase_iter(is_last)
+            dist.all_reduce(reduce_output.div_(world), group=replicate_group)
+            return
+        device = reduce_output.device
+        grads, off = [], 0
+        for size in sizes:
+            grads.append(reduce_output[off:off + size])
+            off += size
+        finite = bool(torch.isfinite(reduce_output).all())
+        mats = []
+        for i, name, n, m, r, real in comp:
+            M = grads[i].view(rows[i], m).float()
+            M[real:] = 0.0
+            err = state.error.get(name) if state.use_error_feedback else None
+            if err is not None and tuple(err.shape) != (rows[i], m):
+                raise RuntimeError(f"error-feedback buffer {name!r} has shape {tuple(err.shape)}, this shard "
+                                   f"{(rows[i], m)}: the mesh changed since it was saved")
+            mats.append(M + err.to(device, torch.float32) if err is not None else M.clone())
+        # Q: each rank keeps its 1/G share of every matrix's Q (warm start); gathered in the machine
+        warm = state.warm_start and all(tuple(getattr(state.q.get(name), "shape", ())) == (chunks[j],)
+                                        for j, (_, name, *_rest) in enumerate(comp))
+        if warm:
+            qs = _gather_q(torch.cat([state.q[name].to(device, factor_dtype) for _, name, *_r in comp]))
+        else:
+            qs = [state._initial_q(name, m, r, device) for _, name, n, m, r, _ in comp]
+        for q in qs:
+            orthogonalize(q.unsqueeze(0), backend=state.orthogonalize_backend)
+        p_sizes = [rows[i] * r for i, _, _, _, r, _ in comp]
+        p_size, u_size = sum(p_sizes), sum(sizes[i] for i in unc)
+        # P rows (16-bit) and, in float32, the uncompressed gradients and the flag: two buffers, one all-reduce each
+        p_flat = torch.zeros(p_size, dtype=factor_dtype, device=device)
+        rest = torch.zeros(u_size + 1, dtype=torch.float32, device=device)
+        off = 0
+        for M, q, ps in zip(mats, qs, p_sizes):
+            if finite:
+                p_flat[off:off + ps].copy_((M @ q).reshape(-1))
+            off += ps
+        off = 0
+        for i in unc:
+            rest[off:off + sizes[i]].copy_(grads[i])
+            off += sizes[i]
+        rest[-1] = 0.0 if finite else 1.0
+        state._maybe_increase_iter(is_last)
+        dist.all_reduce(p_flat, group=replicate_group)
+        dist.all_reduce(rest, group=replicate_group)
+        flag = rest[-1:].clone()
+        dist.all_reduce(flag, group=shard_group)  # a non-finite value anywhere in the machine
+        if flag.item() > 0:
+            if state._last_skip != state.iter - 1:
+                state._last_skip = state.iter - 1
+                state.skipped_iters += 1
+            dist.all_reduce(reduce_output.div_(world), group=replicate_group)
+            return
+        off = 0
+        for i in unc:
+            grads[i].copy_(rest[off:off + sizes[i]].div_(world))
+            off += sizes[i]
+        gathered = [torch.empty_like(p_flat) for _ in range(G)]
+        dist.all_gather(gathered, p_flat, group=shard_group)
+        q_parts, off = [], 0
+        ps_local = []
+        for j, ((i, name, n, m, r, real), ps) in enumerate(zip(comp, p_sizes)):
+            full = torch.cat([g[off:off + ps].view(rows[i], r) for g in gathered]).float()
+            orthogonalize(full.unsqueeze(0), backend=state.orthogonalize_backend)
+            p_s = full[s_idx * rows[i]:(s_idx + 1) * rows[i]]
+            ps_local.append(p_s)
+            q_parts.append((mats[j].t() @ p_s).reshape(-1))
+            off += ps
+        q_flat = torch.cat([torch.nn.functional.pad(q, (0, G * c - q.numel())) for q, c in zip(q_parts, chunks)])
+        dist.all_reduce(q_flat, group=shard_group)  # the machine's Q = sum over its shards
+        share = torch.cat([q_flat[o + s_idx * c:o + (s_idx + 1) * c] for o, c in zip(q_offs, chunks)])
+        share = share.to(factor_dtype)
+        dist.all_reduce(share, group=replicate_group)  # between machines: this rank's 1/G of every Q
+        share = share.float().div_(world).to(factor_dtype)
+        full_qs = _gather_q(share)
+        off = 0
+        for j, (i, name, n, m, r, real) in enumerate(comp):
+            approx = ps_local[j] @ full_qs[j].t()
+            approx[real:] = 0.0
+            if state.use_error_feedback:
+                state.error[name] = mats[j].sub_(approx).to(factor_dtype)
+            state.q[name] = share[off:off + chunks[j]].clone()
+            off += chunks[j]
+            grads[i].copy_(approx.reshape(-1))
+        state.numel_before += total
+        state.numel_after += p_size + sum(chunks) + u_size
+        state._report_compression_stats(is_last)
 
     return hook

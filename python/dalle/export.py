@@ -2,6 +2,7 @@
 
     python -m dalle.export --run runs/big                          # the newest checkpoint that verifies
     python -m dalle.export --run runs/big --checkpoint runs/big/dcp/step_00010000
+    python -m dalle.export --run runs/big --dtype bf16                 # 2 bytes per weight
 
 Reads a checkpoint written by ``python -m dalle.train`` (one process, DDP or ``--fsdp`` with any number of shards;
 one process here, no GPU needed), verified against its manifest first, and writes ``RUN/model.safetensors`` +
@@ -24,6 +25,9 @@ def build_parser():
     p.add_argument("--run", required=True, help="the run folder (its checkpoints are in RUN/dcp)")
     p.add_argument("--checkpoint", default=None,
                    help="one checkpoint folder (RUN/dcp/step_XXXXXXXX; default: the newest that verifies)")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="dtype of the weights written (default fp32: 16-bit checkpoints, --param-dtype, are exact "
+                        "in it)")
     p.add_argument("--force", action="store_true",
                    help="overwrite RUN's model even when it is from a later step than the checkpoint")
     return p
@@ -63,7 +67,7 @@ def main(argv=None):
             p.error(f"argument --run: {config} is the model of step {have}, later than the checkpoint's step {want} "
                     f"({ckpt}); --force to overwrite it")
     try:
-        export(a.run, ckpt)
+        export(a.run, ckpt, dtype=a.dtype)
     except ValueError as e:
         p.error(f"argument --checkpoint: {e}")
 

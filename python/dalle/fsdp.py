@@ -9,7 +9,9 @@
   LayerNorms as units of their own, so their gains stay 32-bit) and the root (embeddings, final norm, heads).
   ``MixedPrecisionPolicy``: a block's matrices and biases are all-gathered and computed in the 16-bit compute
   dtype (``--precision bf16|fp16``), gains, embeddings and heads in float32, gradients reduced in float32
-  (paper section 2.4). Sharded parameters, and so AdamW's moments, stay float32.
+  (paper section 2.4). Sharded parameters, and so AdamW's moments, are float32, or with ``--param-dtype bf16|fp16``
+  the blocks' matrices and biases are stored in 16 bits with their gradients and moments (paper section 2.4;
+  updated by ``dalle.optim.AdamW16`` with stochastic rounding), the LayerNorms, embeddings and heads float32.
 * The model is built on the meta device; each rank materializes only its shards, each parameter's values drawn
   from a generator seeded by (seed, parameter name) (``DALLE.initial_value``), the same values a single process
   makes: the full model is never allocated anywhere, one parameter at a time at most.
@@ -41,13 +43,16 @@ def build_mesh(world: int, shard_size: int, device_type: str):
 
 
 def shard_model(objective: nn.Module, mesh, compute_dtype: torch.dtype | None, device: torch.device,
-                seed: int, hooks: bool) -> list:
+                seed: int, hooks: bool, storage_dtype: torch.dtype = torch.float32) -> list:
     """Shard ``objective`` (an ``Objective`` around a ``DALLE`` built on the meta device) with ``fully_shard`` and
     materialize this rank's shards on ``device``, initialized as ``DALLE(cfg, init_seed=seed)`` would be.
 
     ``hooks``: shard over ``mesh["shard"]`` only (the replicas then reduce through an all-reduce hook, PowerSGD);
     otherwise over the whole 2-D mesh (FSDP2's HSDP: reduce-scatter in a replica, all-reduce across replicas).
-    ``compute_dtype``: the blocks' 16-bit compute dtype, or None for float32. Returns the units as
+    ``compute_dtype``: the blocks' 16-bit compute dtype, or None for float32. ``storage_dtype``: the dtype of the
+    blocks' sharded parameters (``DALLE.storage_16bit_names``: matrices and biases, not the LayerNorms), so of
+    their gradients and (``dalle.optim.AdamW16``) Adam moments: float32, or bfloat16/float16 for the paper's
+    16-bit storage (section 2.4); gradients are reduced in float32 and stored in it. Returns the units as
     ``(module, is_root)`` in the order their gradients are reduced in backward (blocks top-down, root last).
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -55,7 +60,13 @@ def shard_model(objective: nn.Module, mesh, compute_dtype: torch.dtype | None, d
     model = objective.model
     shard_mesh = mesh["shard"] if hooks else mesh
     fp32 = MixedPrecisionPolicy()
-    low = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else fp32
+    if storage_dtype != torch.float32:  # gathered in the compute dtype (float32 where that is float32)
+        low = MixedPrecisionPolicy(param_dtype=compute_dtype or torch.float32, reduce_dtype=torch.float32)
+        for name in model.storage_16bit_names():
+            p = model.get_parameter(name)
+            p.data = p.data.to(storage_dtype)
+    else:
+        low = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else fp32
     units = []
     for block in model.blocks:
         for ln in (block.ln1, block.ln2):  # gains and their biases stay float32
@@ -121,18 +132,29 @@ def unit_parameter_names(objective: nn.Module, unit: nn.Module, units: list) -> 
     return order
 
 
-def register_powersgd(state, objective: nn.Module, units: list, mesh) -> None:
-    """PowerSGD between replicas on every unit's reduce-scatter output (``fsdp_all_reduce_hook``)."""
-    from dalle_kernels.powersgd import fsdp_all_reduce_hook
+def register_powersgd(state, objective: nn.Module, units: list, mesh, layout: str = "shards",
+                      factor_dtype: torch.dtype = torch.bfloat16) -> None:
+    """PowerSGD between replicas on every unit's reduce-scatter output. ``layout``: ``"shards"``: each rank
+    compresses its own shards (``fsdp_all_reduce_hook``, float32 factors); ``"matrix"``: each matrix is factored
+    whole across the machine's shards, factors, their all-reduce and the error feedback in ``factor_dtype``
+    (``fsdp_matrix_hook``; paper appendix E). ``ValueError`` for another layout."""
+    from dalle_kernels.powersgd import fsdp_all_reduce_hook, fsdp_matrix_hook
 
+    if layout not in ("shards", "matrix"):
+        raise ValueError(f"layout must be 'shards' or 'matrix', got {layout!r}")
     shards = mesh["shard"].size()
     group = mesh["replicate"].get_group()
     for unit, is_root in units:
         names = unit_parameter_names(objective, unit, units)
         _check_layout(objective, unit, names)
-        shapes = [(shard_rows(s[0], shards),) + tuple(s[1:]) for s in
-                  (objective.get_parameter(n).shape for n in names)]
-        unit.set_all_reduce_hook(fsdp_all_reduce_hook(state, names, shapes, group, is_last=is_root))
+        full = [tuple(objective.get_parameter(n).shape) for n in names]
+        if layout == "matrix":
+            hook = fsdp_matrix_hook(state, names, full, mesh["shard"].get_group(), group, is_last=is_root,
+                                    factor_dtype=factor_dtype)
+        else:
+            shapes = [(shard_rows(s[0], shards),) + tuple(s[1:]) for s in full]
+            hook = fsdp_all_reduce_hook(state, names, shapes, group, is_last=is_root)
+        unit.set_all_reduce_hook(hook)
 
 
 def _check_layout(objective: nn.Module, unit: nn.Module, names: list[str]) -> None:

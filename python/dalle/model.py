@@ -324,6 +324,15 @@ class DALLE(nn.Module):
                              f"{getattr(features, 'dtype', type(features))} {tuple(getattr(features, 'shape', ()))}")
         self.image_emb.features.copy_(features)
 
+    def storage_16bit_names(self) -> list[str]:
+        """Names of the parameters ``--param-dtype bf16|fp16`` stores in 16 bits (paper section 2.4): each residual
+        block's weight matrices (``attn.qkv``, ``attn.proj``, ``fc``, ``out``) and, unlike the paper (which keeps
+        biases in 32 bits), their biases, which share the block's FSDP unit and FSDP2 stores one dtype per unit
+        (13 ``d`` of the block's ``12 d^2 + 13 d`` elements). LayerNorm gains and biases (units of their own),
+        embeddings and heads stay float32."""
+        return [f"blocks.{i}.{n}" for i, b in enumerate(self.blocks) for n, _ in b.named_parameters()
+                if not n.startswith(("ln1.", "ln2."))]
+
     def head_parameters(self) -> list:
         """The output layers' parameters (text head; image head, or the tied CodeEmbedding)."""
         image = self.image_emb if self.cfg.code_features else self.image_head
@@ -456,6 +465,10 @@ PRESETS = {
     "tiny": dict(n_layers=4, n_heads=4, head_dim=32, conv_kernel=5),
     "small": dict(n_layers=8, n_heads=8, head_dim=32, conv_kernel=5),
     "paper": dict(n_layers=64, n_heads=62, head_dim=64, conv_kernel=11),
+    # the two smaller models of the paper's PowerSGD table (section 2.5, table 1): hidden sizes 1920 and 2688;
+    # the paper gives no depth for them, 64 blocks (as the 12B model) gives its 2.8B and 5.6B parameters
+    "paper-2.8b": dict(n_layers=64, n_heads=30, head_dim=64, conv_kernel=11),
+    "paper-5.6b": dict(n_layers=64, n_heads=42, head_dim=64, conv_kernel=11),
 }
 
 

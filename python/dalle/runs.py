@@ -30,7 +30,7 @@ LEGACY_CHECKPOINT = "checkpoint.pt"  # an earlier version's checkpoint: converte
 TRANSFORMER_RESUMABLE = frozenset({"run", "steps", "ckpt_every", "keep_checkpoints", "max_nonfinite_steps", "log_every",
                        "sample_every", "n_sample_captions", "progress", "device", "attn_backend",
                        "checkpoint_activations", "fsdp", "shard_size", "powersgd_rank", "powersgd_start",
-                       "dvae", "data", "tokenizer", "precision"})
+                       "powersgd_layout", "dvae", "data", "tokenizer", "precision"})
 
 
 def run_identity(train_config: dict, digests: dict) -> dict:
@@ -186,14 +186,24 @@ def load_run_model(run, device="cpu") -> tuple[DALLE, dict]:
     return model.to(device).eval(), meta
 
 
-def export(run, folder=None, log=print) -> DALLE:
+EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def export(run, folder=None, log=print, dtype: str = "fp32") -> DALLE:
     """Write the weights of ``run``'s newest verified checkpoint (or ``folder``) as ``RUN/model.safetensors`` +
     ``RUN/config.json``, the format ``dalle.generate`` reads, and return that model (CPU, eval mode). One
-    process, no process group: the model is assembled whole in memory (about 4 bytes per parameter)."""
+    process, no process group: the model is assembled whole in memory (about 4 bytes per parameter).
+
+    ``dtype``: ``fp32`` (default; a checkpoint's 16-bit weights, ``--param-dtype``, are exact in it), ``bf16`` or
+    ``fp16``: every tensor written in that dtype (``config.json`` records it as ``weights_dtype``); the model
+    returned is in it too. ``ValueError`` for another ``dtype``."""
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
     run = Path(run)
     folder = _newest(run) if folder is None else Path(folder)
     model, ts = read_model(folder)
-    out = save_run_model(run, model, {k: ts.get(k) for k in RUN_META})
+    model = model.to(EXPORT_DTYPES[dtype])
+    out = save_run_model(run, model, {k: ts.get(k) for k in RUN_META} | {"weights_dtype": dtype})
     log(f"exported {folder} (step {ts['step']}) to {out}")
     return model.eval()
 

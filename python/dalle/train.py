@@ -21,7 +21,8 @@ linearly, then halved each time the training loss plateaus (at most five times);
 (paper appendix B.2). Per-resblock gradient scaling (``dalle.grad_scale``, paper section 2.4) is on with
 ``--precision fp16`` (or ``--grad-scale on``). Sharded (``--fsdp``, ``dalle.fsdp``): FSDP2 over the
 ``--shard-size`` processes of a machine, replicas between machines (PowerSGD with ``--powersgd-rank``, paper
-section 2.5).
+section 2.5); ``--param-dtype bf16|fp16`` stores the blocks in 16 bits with their Adam moments, updated with
+stochastic rounding (``dalle.optim.AdamW16``, paper section 2.4).
 
 Outputs in RUN: the checkpoints, the final model as ``model.safetensors`` + ``config.json`` (model config,
 training config, step and dVAE; with ``tokenizer.json`` the Hugging Face folder layout), ``metrics.csv``
@@ -51,7 +52,8 @@ from .engine import (DIVERGED_EXIT, Diverged, Engine, ResumeError, all_finite, o
 from .grad_scale import BlockGradScaler
 from .images import save_grid
 from .model import DALLE, HEAD_DIMS, PRESETS, DALLEConfig, powersgd_uncompressed
-from .plan import main as plan_main
+from .optim import AdamW16
+from .plan import PAPER_PRESETS, main as plan_main
 from .runs import (LEGACY_CHECKPOINT, MODEL_TYPE, clear_run, export, file_digest, fresh_run_problem, load_dvae,
                    run_identity, save_run_model)
 from .sampling import generate_images
@@ -104,11 +106,24 @@ class TrainConfig:
     precision: str = option("auto", ("auto", "fp32", "bf16", "fp16"),
                             "auto: bf16 autocast on CUDA, fp32 on the CPU; bf16 and fp16 need CUDA")
     grad_scale: str = option("auto", ("auto", "on", "off"), "per-resblock gradient scaling (auto: on with fp16)")
+    param_dtype: str = option("auto", ("auto", "fp32", "bf16", "fp16"),
+                              "with --fsdp: storage of the blocks' matrices and biases, their gradients and Adam "
+                              "moments (bf16 or fp16: 16 bits, updated with stochastic rounding, dalle.optim; gains, "
+                              "embeddings and heads stay fp32); auto: bf16 for the paper presets, as the paper, else "
+                              "fp32")
+    param_rounding: str = option("stochastic", ("stochastic", "nearest"),
+                                 "with 16-bit --param-dtype: how updates are rounded to 16 bits (nearest: plain "
+                                 "16-bit storage, which loses every update below half the 16-bit spacing; for "
+                                 "comparison)")
     checkpoint_activations: bool = option(False, None, "recompute activations in the backward to save memory")
     attn_backend: str = option("auto", cli.ATTN_BACKENDS, "dalle_kernels.sparse_attention backend")
     powersgd_rank: int = option(0, cli.nonneg_int, "PowerSGD rank of the gradient all-reduce (0: off; needs "
                                                    "torchrun)")
     powersgd_start: int = option(10, cli.nonneg_int, "plain all-reduce updates before PowerSGD starts")
+    powersgd_layout: str = option("auto", ("auto", "matrix", "shards"),
+                                  "with --fsdp --powersgd-rank: matrix: each matrix factored whole across the "
+                                  "machine's shards, 16-bit factors and error feedback (paper appendix E); shards: "
+                                  "each shard alone, float32; auto: matrix for the paper presets, else shards")
     fsdp: bool = option(False, None, "shard parameters, gradients and optimizer state over --shard-size processes "
                                      "(FSDP2, needs torchrun); see dalle.fsdp")
     shard_size: int = option(0, cli.nonneg_int, "with --fsdp: processes per shard group, the GPUs of one machine "
@@ -149,6 +164,14 @@ def resolved_precision(cfg: TrainConfig) -> str:
     return "bf16" if cli.device_is_cuda(cfg.device) else "fp32"
 
 
+def resolved_param_dtype(cfg: TrainConfig) -> str:
+    """``--param-dtype`` as the run uses it: ``auto`` is bf16 for ``--fsdp`` with a paper preset (``paper``,
+    ``paper-2.8b``, ``paper-5.6b``; the paper's 16-bit storage, section 2.4), fp32 otherwise."""
+    if cfg.param_dtype != "auto":
+        return cfg.param_dtype
+    return "bf16" if cfg.fsdp and cfg.preset in PAPER_PRESETS else "fp32"
+
+
 def current_digests(cfg: TrainConfig, dvae_file) -> dict:
     """The digests of what ``cfg`` trains on now: the dVAE's weights, the tokenizer (``--tokenizer``, else the
     run's ``tokenizer.json`` when it has one) and the token shards' manifest (``--data``)."""
@@ -157,7 +180,7 @@ def current_digests(cfg: TrainConfig, dvae_file) -> dict:
         tok = tok / "tokenizer.json"
     return {"--dvae": file_digest(dvae_file), "--tokenizer": file_digest(tok) if tok.is_file() else None,
             "--data": content_digest(cfg.data) if cfg.data else None,
-            "--precision": resolved_precision(cfg)}
+            "--precision": resolved_precision(cfg), "--param-dtype": resolved_param_dtype(cfg)}
 
 
 # Settings a resume may change with a warning (it then does not equal the run it continues): the step size, to go on
@@ -265,12 +288,14 @@ def _train(cfg: TrainConfig, resume: bool, force: bool, log, rank: int, world: i
         objective = Objective(model)
         compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         use_hooks = bool(cfg.powersgd_rank) and mesh["replicate"].size() > 1
-        units = fsdp.shard_model(objective, mesh, compute, device, cfg.seed, hooks=use_hooks)
+        storage = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolved_param_dtype(cfg), torch.float32)
+        units = fsdp.shard_model(objective, mesh, compute, device, cfg.seed, hooks=use_hooks, storage_dtype=storage)
         n_rep, n_shard = mesh["replicate"].size(), mesh["shard"].size()
         layout = ["fsdp", n_rep, n_shard]
         log(f"sharded: {n_rep} replica{'s' * (n_rep != 1)} x {n_shard} shard{'s' * (n_shard != 1)}, "
             f"{sum(p.numel() for p in model.parameters()):,} parameters, "
-            f"{sum(fsdp.local(p).numel() for p in model.parameters()):,} in rank 0's shards")
+            f"{sum(fsdp.local(p).numel() for p in model.parameters()):,} in rank 0's shards, blocks stored in "
+            f"{resolved_param_dtype(cfg)}")
     else:
         model = DALLE(mcfg, init_seed=cfg.seed).to(device)
         objective = Objective(model)
@@ -279,7 +304,11 @@ def _train(cfg: TrainConfig, resume: bool, force: bool, log, rank: int, world: i
         model.set_code_features(data["code_features"].to(device))
     use_scaler = cfg.grad_scale == "on" or (cfg.grad_scale == "auto" and precision == "fp16")
     scaler = BlockGradScaler(mcfg.n_layers, world_size=world).attach(model) if use_scaler else None
-    opt = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.96), eps=1e-8)
+    if resolved_param_dtype(cfg) == "fp32":
+        opt = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.96), eps=1e-8)
+    else:  # 16-bit storage: updates with stochastic rounding (dalle.optim)
+        opt = AdamW16(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.96), eps=1e-8, seed=cfg.seed,
+                      rounding=cfg.param_rounding)
     sched = PlateauSchedule(cfg.lr, cfg.warmup, cfg.plateau_window, cfg.plateau_patience, cfg.max_halvings)
     engine = Engine(run, name="transformer", steps=cfg.steps, ckpt_every=cfg.ckpt_every, log_every=cfg.log_every,
                     rank=rank, world=world, layout=layout, sharded=cfg.fsdp, keep=cfg.keep_checkpoints,
@@ -312,7 +341,10 @@ def _train(cfg: TrainConfig, resume: bool, force: bool, log, rank: int, world: i
     if cfg.fsdp and cfg.powersgd_rank and mesh["replicate"].size() > 1:
         powersgd_state = _powersgd(None, objective, cfg.powersgd_rank, cfg.powersgd_start,
                                    process_group=mesh["replicate"].get_group())
-        fsdp.register_powersgd(powersgd_state, objective, units, mesh)
+        layout = cfg.powersgd_layout if cfg.powersgd_layout != "auto" else (
+            "matrix" if cfg.preset in PAPER_PRESETS else "shards")
+        fsdp.register_powersgd(powersgd_state, objective, units, mesh, layout=layout,
+                               factor_dtype=torch.float16 if resolved_param_dtype(cfg) == "fp16" else torch.bfloat16)
     train_module = objective
     if world > 1 and not cfg.fsdp:
         train_module = nn.parallel.DistributedDataParallel(
@@ -469,6 +501,9 @@ def parse_args(argv=None):
         p.error("argument --powersgd-rank: needs several data-parallel workers (run under torchrun)")
     if cfg.shard_size and not cfg.fsdp:
         p.error("argument --shard-size: only with --fsdp")
+    if cfg.param_dtype in ("bf16", "fp16") and not cfg.fsdp:
+        p.error(f"argument --param-dtype: {cfg.param_dtype} storage is for sharded training (--fsdp); one process "
+                "and DDP store fp32")
     if cfg.fsdp:
         if "RANK" not in os.environ:
             p.error("argument --fsdp: run under torchrun (torchrun --nproc_per_node N -m dalle.train --fsdp ...)")
