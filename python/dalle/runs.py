@@ -30,7 +30,7 @@ LEGACY_CHECKPOINT = "checkpoint.pt"  # an earlier version's checkpoint: converte
 TRANSFORMER_RESUMABLE = frozenset({"run", "steps", "ckpt_every", "keep_checkpoints", "max_nonfinite_steps", "log_every",
                        "sample_every", "n_sample_captions", "progress", "device", "attn_backend",
                        "checkpoint_activations", "fsdp", "shard_size", "powersgd_rank", "powersgd_start",
-                       "powersgd_layout", "dvae", "data", "tokenizer", "precision"})
+                       "powersgd_layout", "dvae", "data", "tokenizer", "precision", "param_dtype"})
 
 
 def run_identity(train_config: dict, digests: dict) -> dict:
