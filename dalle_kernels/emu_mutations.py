@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._cli import Parser
 from ._emu_build import emu_transform
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -311,14 +312,30 @@ sys.exit(pytest.main(sys.argv[2:]))
 """
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(prog="python -m dalle_kernels.emu_mutations", description=__doc__.split("\n")[0])
+def _seconds(text: str) -> float:
+    """argparse type of ``--timeout``: a number of seconds > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = Parser(prog="python -m dalle_kernels.emu_mutations", description=__doc__.split("\n")[0])
     ap.add_argument("--only", nargs="+", metavar="NAME", help="run these mutations (names from --list)")
     ap.add_argument("--ci", action="store_true", help="run the CI subset only")
     ap.add_argument("--list", action="store_true", help="list the catalogue and exit")
-    ap.add_argument("--timeout", type=float, default=900.0, help="seconds per mutation's tests (default 900)")
+    ap.add_argument("--timeout", type=_seconds, default=900.0, help="seconds per mutation's tests (default 900)")
     ap.add_argument("--out", type=Path, help="also write the markdown table here")
+    return ap
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = build_parser()
     a = ap.parse_args(argv)
     by_name = {m.name: m for m in CATALOGUE}
     if a.list:

@@ -20,6 +20,7 @@ import dalle.rerank
 import dalle.runs
 import dalle.train
 import dalle.train_dvae
+from dalle_kernels import emu_mutations
 from dalle_kernels import masks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -411,6 +412,7 @@ PARSERS = {"dalle.pipeline": dalle.pipeline.build_parser, "dalle.train": dalle.t
            "dalle.rerank": dalle.rerank.build_parser, "dalle.convert": dalle.convert.build_parser,
            "dalle.encode": dalle.encode.build_parser, "dalle_kernels masks": masks._parser,
            "dalle.export": dalle.export.build_parser,
+           "dalle_kernels.emu_mutations": emu_mutations.build_parser,
            "dalle.train --plan": dalle.plan.build_parser,
            **{path: (lambda path=path: script(path).build_parser())
               for path in ("benchmarks/summarize.py", "benchmarks/bench_attention.py", "tests/test_aot_compile.py",
@@ -428,7 +430,7 @@ def test_every_command_line_is_covered():
     parsing = {f for f in files if re.search(r"ArgumentParser\(|cli\.Parser\(|= Parser\(", (REPO / f).read_text())}
     covered = {"python/dalle/pipeline.py", "python/dalle/train.py", "python/dalle/train_dvae.py", "python/dalle/plan.py",
                "python/dalle/generate.py", "python/dalle/rerank.py", "python/dalle/convert.py", "python/dalle/encode.py",
-               "python/dalle/export.py", "dalle_kernels/masks.py",
+               "python/dalle/export.py", "dalle_kernels/masks.py", "dalle_kernels/emu_mutations.py",
                "dalle_kernels/_cli.py", "tests/test_cli.py", *(k for k in PARSERS if k.endswith(".py"))}
     assert parsing <= covered, sorted(parsing - covered)
 
@@ -491,6 +493,8 @@ def readme_code() -> str:
 def is_known(path: str, outputs: set[str]) -> bool:
     if path.startswith(OUTPUT_ROOTS) or path in outputs or path in RUN_OUTPUTS or "<" in path or "*" in path:
         return True
+    if path in MUTATIONS or path == "build/mutations/":  # the mutation catalogue's names, the mutants' build
+        return True
     if path in PLACEHOLDERS or re.fullmatch(r"[A-Z][A-Z0-9_]*(?:[./].*)?", path):  # NAME.txt, SHARDS/{..}.tar
         return True
     if path.startswith("python/") or (REPO / path).exists():
@@ -499,6 +503,7 @@ def is_known(path: str, outputs: set[str]) -> bool:
     return "/" not in path and any(REPO.rglob(path))
 
 
+MUTATIONS = {m.name for m in emu_mutations.CATALOGUE}
 PLACEHOLDERS = {"FILE.json", "SCRIPT.py"}  # the reader's own files, in capitals
 # What the tools write inside a run folder (their help and the README name these by bare name).
 RUN_OUTPUTS = {"model.safetensors", "config.json", "reranker/", "dvae/", "checkpoint.pt", "dcp/", "tokenizer.json",

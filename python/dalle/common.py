@@ -244,6 +244,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _step_of(row: dict):
+    """The step of a metrics row, or None for a row that is not one (torn by a kill, or edited)."""
+    try:
+        return int(row.get("step") or "")
+    except ValueError:
+        return None
+
+
 class MetricsLogger:
     """Appends rows to ``metrics.csv`` (and TensorBoard scalars when tensorboard is installed).
 
@@ -256,7 +264,7 @@ class MetricsLogger:
         self.fields: list[str] | None = None
         if resume_step is not None and self.path.exists():
             with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+                rows = [r for r in csv.DictReader(f) if _step_of(r) is not None and _step_of(r) <= resume_step]
             if rows:
                 self.fields = list(rows[0].keys())
                 tmp = self.path.with_suffix(".csv.tmp")

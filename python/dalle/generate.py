@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -307,9 +308,13 @@ def main(argv=None):
                 shown(message, category, *args, **kwargs)
 
         warnings.showwarning = show
-        images = sample_captions(model, tok, dvae, a.captions, n=a.n, rerank=a.rerank, temperature=a.temperature,
-                                 top_k=a.top_k, top_p=a.top_p, image_prefix=prefix, generator=g,
-                                 guidance=a.guidance, reranker=reranker)
+        try:
+            images = sample_captions(model, tok, dvae, a.captions, n=a.n, rerank=a.rerank,
+                                     temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, image_prefix=prefix,
+                                     generator=g, guidance=a.guidance, reranker=reranker)
+        except ValueError as e:  # the model's own numbers (non-finite logits of a diverged run): one line, no image
+            print(f"python -m dalle.generate: error: {a.run}: {e}", file=sys.stderr)
+            sys.exit(1)
 
     out = Path(a.out) if a.out else Path(a.run) / "generated.png"
     caps = [c for c in a.captions for _ in range(a.n)]

@@ -8,6 +8,7 @@ trainer).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
 
@@ -227,6 +228,32 @@ def fresh_run_problem(run, model_files=("model.safetensors",)) -> str | None:
 # what was derived from its data (a dVAE, reranker or token shards in subfolders stay: the pipeline reuses them).
 RUN_OUTPUTS = ("model.safetensors", "config.json", "tokenizer.json", "text_tokens.npy", "text_tokens.json",
                "data_cache.pt", "metrics.csv", "eval.json", "train_config.json", LEGACY_CHECKPOINT)
+
+
+@contextlib.contextmanager
+def lock_run(run):
+    """Hold the exclusive lock ``RUN/.lock`` (``fcntl.flock``) while the block runs: two trainings in one folder
+    would write the same checkpoints. ``OSError`` naming the folder when another process holds it; the lock goes
+    with the block, or with the process however it ends."""
+    import fcntl
+
+    run = Path(run)
+    created = not run.exists()
+    run.mkdir(parents=True, exist_ok=True)
+    f = open(run / ".lock", "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise OSError(f"{run} is in use by another training process (it holds {run / '.lock'}); wait for it to "
+                      "end, or train into another folder") from None
+    try:
+        yield
+    finally:
+        f.close()
+        if created and [p.name for p in run.iterdir()] == [".lock"]:  # a run that wrote nothing leaves no folder
+            (run / ".lock").unlink()
+            run.rmdir()
 
 
 def clear_run(run) -> None:

@@ -31,6 +31,7 @@ training config, step and dVAE; with ``tokenizer.json`` the Hugging Face folder 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -47,15 +48,15 @@ from . import checkpoint, cli, fsdp
 from .common import autocast_context, convert_hint, pretrained_files, rng_state, seed_everything, set_rng_state
 from .data.shards import TokenShards, content_digest
 from .data.tokens import get_batch, prepare_data, with_views
-from .engine import (DIVERGED_EXIT, Diverged, Engine, ResumeError, all_finite, optimizer_tensors, setup_distributed,
-                     teardown_distributed)
+from .engine import (DIVERGED_EXIT, Diverged, Engine, ResumeError, all_finite, optimizer_tensors,
+                     setup_distributed, teardown_distributed)
 from .grad_scale import BlockGradScaler
 from .images import save_grid
 from .model import DALLE, HEAD_DIMS, PRESETS, DALLEConfig, powersgd_uncompressed
 from .optim import AdamW16
 from .plan import PAPER_PRESETS, main as plan_main
 from .runs import (LEGACY_CHECKPOINT, MODEL_TYPE, clear_run, export, file_digest, fresh_run_problem, load_dvae,
-                   run_identity, save_run_model)
+                   lock_run, run_identity, save_run_model)
 from .sampling import generate_images
 from .schedules import PlateauSchedule
 from .tokenizer import CaptionTokenizer
@@ -254,7 +255,8 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, log=print
         raise FileExistsError(fresh_run_problem(cfg.run))
     rank, world, device = setup_distributed(cfg.device, always=cfg.fsdp)
     try:
-        return _train(cfg, resume, force, log, rank, world, device)
+        with lock_run(cfg.run) if rank == 0 else contextlib.nullcontext():
+            return _train(cfg, resume, force, log, rank, world, device)
     finally:
         teardown_distributed()
 

@@ -46,9 +46,9 @@ from .data.shapes import ShapesDataset, accuracy
 from .data.sources import is_heldout, is_webdataset, open_source
 from .data.transforms import preprocess
 from .dvae import DVAE, LOGIT_LAPLACE_EPS, DVAEConfig, kmeans_cells
-from .engine import DIVERGED_EXIT, Diverged, Engine, all_finite, optimizer_tensors
+from .engine import DIVERGED_EXIT, Diverged, Engine, ResumeError, all_finite, optimizer_tensors
 from .images import save_grid
-from .runs import check_finite, clear_run, fresh_run_problem
+from .runs import check_finite, clear_run, fresh_run_problem, lock_run
 from .schedules import cosine
 
 PRESETS = {"tiny": DVAEConfig.tiny, "paper": DVAEConfig.paper}
@@ -529,7 +529,8 @@ def train_dvae(config: TrainDVAEConfig) -> Path:
     ``Diverged`` when the run stops on a non-finite loss, gradients or parameters."""
     threads = torch.get_num_threads()
     try:
-        return _train(config)
+        with lock_run(config.run):
+            return _train(config)
     finally:
         torch.set_num_threads(threads)  # --threads is for this run only, not the caller's process
 
@@ -613,7 +614,7 @@ def _train(config: TrainDVAEConfig) -> Path:
     start = 0
     if folder is not None:
         state = dcp_state()
-        ts, rank_state = engine.restore(folder, state)
+        folder, ts, rank_state = engine.resume(state)
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
         if centres is not None:
             centres = state["kmeans_centres"]
@@ -770,6 +771,12 @@ def main(argv=None) -> None:
     except Diverged as e:
         print(f"python -m dalle.train_dvae: stopped: {e}", file=sys.stderr)
         sys.exit(DIVERGED_EXIT)
+    except ResumeError as e:
+        print(f"python -m dalle.train_dvae: error: argument --resume: nothing loads: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # a file the run must write (a full disk, a read-only folder), or the folder in use
+        print(f"python -m dalle.train_dvae: error: {e}", file=sys.stderr)
+        sys.exit(1)
     print(f"wrote {path}")
     ev = Path(cfg.run) / "eval.json"
     if ev.exists() and path == Path(cfg.run):

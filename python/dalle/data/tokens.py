@@ -125,7 +125,10 @@ def prepare_data(cfg, dvae, log=print) -> dict:
             cache = load_checkpoint(cache_path)
         except UnsafeFileError as e:
             raise UnsafeFileError(f"{e}; or delete it: the data cache is rebuilt from the data") from None
-        if cache.get("key") == key:
+        except (RuntimeError, EOFError, OSError) as e:  # torn or damaged: it is only a cache, made again below
+            log(f"the data cache {cache_path} is unreadable ({type(e).__name__}); rebuilding it")
+            cache = {}
+        if isinstance(cache, dict) and cache.get("key") == key:
             return cache
     log(f"preparing data: {len(ds)} captions -> BPE, images -> dVAE codes (once)")
     captions = ds.captions()
