@@ -270,3 +270,81 @@ def test_checkpoint_metadata_cannot_point_outside_its_folder(tmp_path, uninterru
     manifest["files"]["../secret.distcp"] = {"bytes": 1, "sha256": "0" * 64}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     assert "not a file of the checkpoint folder" in checkpoint.verify(folder)
+
+
+def _rewrite_manifest_entry(folder, name):
+    """Make the manifest list ``name`` as it is now (a file rewritten together with its manifest)."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    data = (folder / name).read_bytes()
+    manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_checkpoint_that_verifies_but_does_not_load_is_skipped(tmp_path, dvae, uninterrupted, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted / "six", run)
+    (run / "model.safetensors").unlink()
+    newest = run / "dcp" / "step_00000006"
+    (newest / "rank0.pt").write_bytes(b"not a torch file")
+    _rewrite_manifest_entry(newest, "rank0.pt")
+    assert checkpoint.verify(newest) is None
+    code, out, err = run_main(dalle.train.main, args(run, dvae, 9, "--resume"), capsys)
+    assert code == 0, err
+    assert "skipped checkpoint" in out and "step_00000006: it verifies but does not load" in out
+    assert "step_00000003 at step 3" in out and losses(run) == losses(uninterrupted / "nine")
+
+
+def test_verify_refuses_links_and_a_train_state_of_another_step(tmp_path, uninterrupted):
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted / "six", run)
+    folder = run / "dcp" / "step_00000006"
+    ts = json.loads((folder / "train_state.json").read_text())
+    (folder / "train_state.json").write_text(json.dumps({**ts, "step": 3}))
+    _rewrite_manifest_entry(folder, "train_state.json")
+    assert "train_state.json says step 3, the manifest 6" in checkpoint.verify(folder)
+    outside = tmp_path / "elsewhere.distcp"
+    shutil.copy(run / "dcp" / "step_00000003" / "__0_0.distcp", outside)
+    (run / "dcp" / "step_00000003" / "__0_0.distcp").unlink()
+    (run / "dcp" / "step_00000003" / "__0_0.distcp").symlink_to(outside)
+    assert "symbolic link" in checkpoint.verify(run / "dcp" / "step_00000003")
+
+
+def test_rotation_keeps_the_checkpoint_it_writes_after_resuming_past_a_damaged_one(tmp_path, dvae, uninterrupted,
+                                                                                    capsys):
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted / "six", run)
+    _damage(run / "dcp" / "step_00000006", "changed bytes")
+    code, out, err = run_main(dalle.train.main, args(run, dvae, 5, "--resume", "--ckpt-every", "1",
+                                                     "--keep-checkpoints", "1"), capsys)
+    assert code == 0, err
+    assert [p.name for p in checkpoint.step_dirs(run)] == ["step_00000005"]
+    assert checkpoint.verify(run / "dcp" / "step_00000005") is None
+
+
+def test_lr_may_change_on_resume_with_a_warning(tmp_path, dvae, uninterrupted, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted / "six", run)
+    code, out, err = run_main(dalle.train.main, args(run, dvae, 9, "--resume", "--lr", "1e-4"), capsys)
+    assert code == 0, err
+    assert "warning: --lr 0.00045 -> 0.0001 on resume" in err and "will not equal the run it continues" in err
+    lr = [float(r["lr"]) for r in csv.DictReader(open(run / "metrics.csv"))]
+    assert lr[5] == pytest.approx(4.5e-4) and lr[6] < 1.1e-4
+
+
+def test_force_removes_the_earlier_runs_model_and_a_second_trainer_is_locked_out(tmp_path, dvae, uninterrupted,
+                                                                                  capsys, monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted / "six", run)
+    code, out, err = run_main(dalle.train.main, args(run, dvae, 30, "--force", "--lr", "1e6", "--warmup", "0",
+                                                     "--bpe-vocab", "90"), capsys)
+    assert code == DIVERGED_EXIT
+    assert not (run / "model.safetensors").exists() and not (run / "config.json").exists()  # not the old one
+    from dalle.runs import lock_run
+
+    with lock_run(run):  # another process training in the folder
+        import subprocess
+        import sys
+
+        r = subprocess.run([sys.executable, "-m", "dalle.train", *args(run, dvae, 3, "--force")], capture_output=True,
+                           text=True, timeout=300)
+    assert r.returncode == 1 and "is in use by another training process" in r.stderr, r.stderr[-2000:]
