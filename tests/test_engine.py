@@ -26,10 +26,10 @@ from dalle.dvae import DVAE, DVAEConfig
 from dalle.engine import DIVERGED_EXIT, Diverged, Engine
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def one_thread():
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same arithmetic in every run compared
+    torch.set_num_threads(1)  # the same arithmetic in every run compared (the module's reference runs included)
     yield
     torch.set_num_threads(threads)
 
@@ -63,7 +63,7 @@ def losses(run):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, dvae):
+def uninterrupted(tmp_path_factory, dvae, one_thread):
     """A 9-step run straight through (its metrics and weights), and a 6-step one to damage (copied per test)."""
     root = tmp_path_factory.mktemp("runs")
     dalle.train.main(args(root / "nine", dvae, 9))

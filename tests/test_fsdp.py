@@ -425,7 +425,8 @@ def test_param_dtype_flag_and_identity(tmp_path, dvae_file, capsys):
         parse_args(base + ["--param-dtype", "bf16"])
     err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
     assert "--param-dtype" in err[-1] and "--fsdp" in err[-1]
-    assert "param_dtype" not in TRANSFORMER_RESUMABLE and "param_rounding" not in TRANSFORMER_RESUMABLE
+    # compared as resolved (the raw field may say auto or bf16 for the same storage), the rounding as given
+    assert "param_dtype" in TRANSFORMER_RESUMABLE and "param_rounding" not in TRANSFORMER_RESUMABLE
     cfg, _, _ = parse_args(base)
     assert resolved_param_dtype(cfg) == "fp32"
     paper = dataclasses.replace(cfg, preset="paper", fsdp=True)
@@ -436,6 +437,8 @@ def test_param_dtype_flag_and_identity(tmp_path, dvae_file, capsys):
     fp32 = dataclasses.replace(cfg, fsdp=True, param_dtype="fp32")
     assert ("--param-dtype", "'bf16' -> 'fp32'") in resume_mismatches(saved, fp32, {"--param-dtype": "fp32"})
     assert resume_mismatches(saved, bf16, {"--param-dtype": "bf16"}) == []
+    auto = dataclasses.replace(cfg, fsdp=True, param_dtype="auto", preset="tiny")  # resolves to fp32: refused
+    assert ("--param-dtype", "'bf16' -> 'fp32'") in resume_mismatches(saved, auto, {"--param-dtype": "fp32"})
 
 
 def test_export_command(tmp_path, capsys):

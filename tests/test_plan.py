@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from dalle.model import DALLE, DALLEConfig
 from dalle.plan import meta_model, plan, verdict
