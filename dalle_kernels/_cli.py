@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 class Parser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` whose usage errors are one line on stderr, exit status 2, no traceback:
-    ``PROG: error: MESSAGE (see PROG --help)``."""
+    ``PROG: error: MESSAGE (see PROG --help)``; under torchrun only rank 0 prints it (every rank exits 2)."""
 
     def error(self, message):
+        # under torchrun every process parses the same command line: the first one says what is wrong
+        if os.environ.get("RANK", "0") != "0":
+            self.exit(2)
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
