@@ -36,14 +36,15 @@ RERANKER_FILE = "reranker"  # the run's reranker folder (model.safetensors + con
 
 
 # ------------------------------------------------------------------------------------------------ options
-def option(default, kind, help: str, flags: tuple = (), parse_only: bool = False):
+def option(default, kind, help: str, flags: tuple = (), parse_only: bool = False, required: bool = False):
     """A config field declared once: its ``default``, the values it takes (``kind``: a tuple of choices, an
     argparse type function such as ``positive_int``, or None for an on/off flag) and its ``help``. ``add_options``
     makes every such field a flag and ``check_options`` checks a config built in Python by the same rule.
     ``flags``: more names for the flag (``--run-dir``, which torchrun leaves alone); ``parse_only``: ``kind``
-    checks the command line only (it looks at files: a config built in Python may name one made later)."""
+    checks the command line only (it looks at files: a config built in Python may name one made later);
+    ``required``: the command line must give it (a config built in Python has ``default``)."""
     return dataclasses.field(default=default, metadata={"kind": kind, "help": help, "flags": tuple(flags),
-                                                        "parse_only": parse_only})
+                                                        "parse_only": parse_only, "required": required})
 
 
 def add_options(parser, config_cls, only=None, defaults=None, flags=None, helps=None) -> None:
@@ -64,7 +65,7 @@ def add_options(parser, config_cls, only=None, defaults=None, flags=None, helps=
             parser.add_argument(*names, dest=dest, action=argparse.BooleanOptionalAction, default=default,
                                 help=help_)
             continue
-        required = default is dataclasses.MISSING
+        required = default is dataclasses.MISSING or f.metadata.get("required", False)
         parser.add_argument(*names, dest=dest, default=None if required else default, required=required,
                             help=help_, **kind_kwargs(kind))
 

@@ -22,7 +22,6 @@ Under torchrun each rank (and each of its DataLoader workers) encodes its share 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import sys
@@ -52,17 +51,24 @@ class EncodeError(ValueError):
 
 @dataclass
 class EncodeConfig:
-    data: str = ""
-    dvae: str = ""
-    out: str = ""
-    crops: int = 1
-    heldout: float = 0.02
-    batch_size: int = 64
-    workers: int = 0
-    chunk_size: int = 1000
-    seed: int = 0
-    device: str = "auto"
-    progress: bool = True
+    """Every setting of an encode, each declared once (default, accepted values, help): the flags of
+    ``python -m dalle.encode`` are made from these fields (``--data``, ``--dvae`` and ``--out`` are required there)."""
+
+    data: str = cli.option("", str, "an image folder with same-named .txt captions, a .tsv or .csv table of (path, "
+                           "caption), a .tar, a folder of .tar shards or a brace pattern such as "
+                           "<DIR>/{00000..00099}.tar", required=True)
+    dvae: str = cli.option("", str, "the dVAE's folder (model.safetensors + config.json)", required=True)
+    out: str = cli.option("", cli.output_dir, "folder to write the token shards into (a rerun resumes it)",
+                          required=True)
+    crops: int = cli.option(1, cli.positive_int, "random transformer crops stored per image")
+    heldout: float = cli.option(0.02, cli.probability, "share of samples held out for evaluation (by a hash of the "
+                                "key)")
+    batch_size: int = cli.option(64, cli.positive_int, "images per dVAE forward pass")
+    workers: int = cli.option(0, cli.nonneg_int, "DataLoader worker processes decoding images")
+    chunk_size: int = cli.option(1000, cli.positive_int, "image folder or table: candidate pairs per shard")
+    seed: int = cli.option(0, cli.nonneg_int, "seed of the random crops")
+    device: str = cli.option("auto", cli.device, cli.DEVICE_HELP)
+    progress: bool = cli.option(True, None, "progress bar")
 
 
 def crop_generator(seed: int, key: str, crop: int) -> torch.Generator:
@@ -368,35 +374,9 @@ def _encode_units(cfg, source, dvae, device, writer, settings, done, rank, world
 
 
 # ------------------------------------------------------------------------------------------------ command line
-def _flag_specs() -> dict:
-    return {
-        "data": (str, "an image folder with same-named .txt captions, a .tsv or .csv table of (path, caption), "
-                      "a .tar, a folder of .tar shards or a brace pattern such as <DIR>/{00000..00099}.tar"),
-        "dvae": (str, "the dVAE's folder (model.safetensors + config.json)"),
-        "out": (cli.output_dir, "folder to write the token shards into (a rerun resumes it)"),
-        "crops": (cli.positive_int, "random transformer crops stored per image"),
-        "heldout": (cli.probability, "share of samples held out for evaluation (by a hash of the key)"),
-        "batch_size": (cli.positive_int, "images per dVAE forward pass"),
-        "workers": (cli.nonneg_int, "DataLoader worker processes decoding images"),
-        "chunk_size": (cli.positive_int, "image folder or table: candidate pairs per shard"),
-        "seed": (cli.nonneg_int, "seed of the random crops"),
-        "device": (cli.device, cli.DEVICE_HELP),
-        "progress": (None, "no progress bar"),
-    }
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = cli.Parser(prog=PROG, description="Encode images and captions once into dVAE token shards.")
-    defaults, specs = EncodeConfig(), _flag_specs()
-    for f in dataclasses.fields(EncodeConfig):
-        kind, help_ = specs[f.name]
-        if f.name == "progress":
-            p.add_argument("--no-progress", dest="progress", action="store_false", help=help_)
-            continue
-        required = f.name in ("data", "dvae", "out")
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, required=required,
-                       **({} if required else {"default": getattr(defaults, f.name)}), help=help_,
-                       **cli.kind_kwargs(kind))
+    cli.add_options(p, EncodeConfig)
     return p
 
 
@@ -404,7 +384,7 @@ def parse_args(argv=None) -> EncodeConfig:
     """The checked config; a bad flag, a source that cannot be read or a folder that is no dVAE is a usage
     error (one line, exit status 2) before anything is written."""
     p = build_parser()
-    cfg = EncodeConfig(**vars(p.parse_args(argv)))
+    cfg = EncodeConfig(**cli.options_of(p.parse_args(argv), EncodeConfig))
     try:
         open_source(cfg.data, chunk_size=cfg.chunk_size)
     except ValueError as e:
