@@ -323,3 +323,15 @@ def warn_greedy(temperature: float, rerank: int, top_k=None, top_p=None) -> None
     for flag, value in (("--top-k", top_k), ("--top-p", top_p)):
         if value is not None:
             warn(f"{flag} {value:g}: has no effect with --temperature 0 (greedy)")
+
+
+@dataclasses.dataclass
+class SamplingOptions:
+    """The sampler's flags, declared once for every command that samples (``dalle.generate``, the pipeline)."""
+
+    temperature: float = option(1.0, nonneg_float, "sampling temperature (0: always the likeliest token)")
+    top_k: int = option(None, positive_int, "sample among the k likeliest image tokens")
+    top_p: float = option(None, float_in(0.0, 1.0, low_open=True),
+                          "sample among the likeliest image tokens of total probability p, in (0, 1]")
+    guidance: float = option(1.0, finite_float, "classifier-free guidance scale (1 = off; for a run trained with "
+                                                "--cond-dropout)")

@@ -209,13 +209,7 @@ def build_parser():
     p.add_argument("--run", required=True, help="run folder written by dalle.train / dalle.pipeline")
     p.add_argument("-n", type=cli.positive_int, default=8, help="images per caption")
     p.add_argument("--out", type=_png_path, default=None, help="PNG file to write (default RUN/generated.png)")
-    p.add_argument("--temperature", type=cli.nonneg_float, default=1.0,
-                   help="sampling temperature (0: always the likeliest token)")
-    p.add_argument("--top-k", type=cli.positive_int, default=None, help="sample among the k likeliest image tokens")
-    p.add_argument("--top-p", type=cli.float_in(0.0, 1.0, low_open=True), default=None,
-                   help="sample among the likeliest image tokens of total probability p, in (0, 1]")
-    p.add_argument("--guidance", type=cli.finite_float, default=1.0,
-                   help="classifier-free guidance scale (1 = off; for a run trained with --cond-dropout)")
+    cli.add_options(p, cli.SamplingOptions)
     p.add_argument("--rerank", type=cli.positive_int, default=1,
                    help="candidates per kept image (best kept, see --rank-by)")
     p.add_argument("--rank-by", default="auto", choices=("auto", "reranker", "scorer"),

@@ -108,15 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rerank", type=cli.positive_int, default=16, help="candidates per evaluation caption")
     p.add_argument("--reranker-steps", type=cli.nonneg_int, default=4000,
                    help="updates of the learned reranker (0: none; the scorer then picks the shown images)")
-    p.add_argument("--top-k", type=cli.positive_int, default=16, help="sample among the k likeliest image tokens")
-    p.add_argument("--temperature", type=cli.nonneg_float, default=1.0,
-                   help="sampling temperature (0: always the likeliest token)")
+    cli.add_options(p, cli.SamplingOptions, only=("top_k", "temperature"), defaults={"top_k": 16})
     cli.add_options(p, TrainConfig, only=("image_embedding", "cond_dropout"), defaults={"image_embedding": None},
                     helps={"image_embedding": "dvae: image-token vectors computed from the dVAE's codes "
                            "(dalle.model.CodeEmbedding; the default on the built-in shapes); table: the paper's "
                            "lookup tables (the default with --data)"})
-    p.add_argument("--guidance", type=cli.finite_float, default=1.0,
-                   help="classifier-free guidance scale when sampling (1: off; needs --cond-dropout > 0)")
+    cli.add_options(p, cli.SamplingOptions, only=("guidance",),
+                    helps={"guidance": "classifier-free guidance scale when sampling (1: off; needs --cond-dropout > 0)"})
     cli.add_options(p, TrainConfig, only=("seed", "device", "attn_backend"), helps={"seed": "seed of every random draw"})
     p.add_argument("--resume", action="store_true", help="continue an interrupted run (dVAE or transformer)")
     p.add_argument("--force", action="store_true", help="train the transformer again from step 0 in a run folder "
