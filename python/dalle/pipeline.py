@@ -46,7 +46,7 @@ from .data.shards import TokenShards
 from .data.sources import open_source
 from .data.transforms import preprocess
 from .dvae import DVAE
-from .encode import main as encode_main
+from .encode import EncodeConfig, main as encode_main
 from .generate import CaptionWarning, load_run, rerank_order, sample_captions
 from .images import save_grid
 from .rerank import Reranker, train_for_run
@@ -127,12 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dvae", default=None, help="with --data: use this trained dVAE folder instead of training one")
     g.add_argument("--openai-dvae", nargs=2, metavar=("ENCODER_PKL", "DECODER_PKL"), default=None,
                    help="with --data: OpenAI's released dVAE (encoder.pkl decoder.pkl), converted once into RUN/dvae")
-    g.add_argument("--image-size", type=cli.positive_int, default=64,
-                   help="with --data and a dVAE trained here: its image side in pixels (a multiple of 8)")
-    g.add_argument("--crops", type=cli.positive_int, default=1, help="with --data: random crops encoded per image")
-    g.add_argument("--heldout", type=cli.probability, default=0.02,
-                   help="with --data: share of the pairs held out for evaluation (by a hash of each key)")
-    g.add_argument("--bpe-vocab", type=cli.positive_int, default=4096, help="with --data: BPE vocabulary size")
+    cli.add_options(g, TrainDVAEConfig, only=("image_size",), defaults={"image_size": 64},
+                    helps={"image_size": "with --data and a dVAE trained here: its image side in pixels (a multiple "
+                                         "of 8)"})
+    cli.add_options(g, EncodeConfig, only=("crops", "heldout"),
+                    helps={"crops": "with --data: random crops encoded per image",
+                           "heldout": "with --data: share of the pairs held out for evaluation (by a hash of each "
+                                      "key)"})
+    cli.add_options(g, TrainConfig, only=("bpe_vocab",), defaults={"bpe_vocab": 4096},
+                    helps={"bpe_vocab": "with --data: BPE vocabulary size"})
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p
 
