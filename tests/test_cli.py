@@ -140,11 +140,9 @@ def test_pipeline_warns_of_flags_that_do_nothing(tmp_path, capsys, no_work):
 # ------------------------------------------------------------------------------------------------ dalle.train
 @pytest.fixture
 def dvae_path(tmp_path):
-    path = tmp_path / "dvae"
-    path.mkdir()
-    (path / "model.safetensors").touch()  # the command line checks that the file exists; the trainer reads it
-    (path / "config.json").write_text('{"model_type": "dalle_dvae"}')  # and that it is a dVAE's
-    return path
+    from dalle.dvae import DVAE, DVAEConfig
+
+    return DVAE(DVAEConfig.tiny(n_hid=8, n_init=8, vocab_size=16)).save(tmp_path / "dvae")  # the command line loads it
 
 
 TRAIN_BAD = [
@@ -639,3 +637,22 @@ def test_pipeline_warns_about_code_embedding_with_openai_dvae(tmp_path, capsys):
     assert a.image_embedding == "dvae"
     err = capsys.readouterr().err
     assert "--image-embedding dvae with OpenAI's dVAE" in err and "Traceback" not in err
+
+
+def test_a_dvae_folder_that_does_not_load_is_a_usage_error(tmp_path, capsys, no_work, dvae_path):
+    """--dvae is read as the command will read it: a damaged config is one line naming the flag, not a traceback."""
+    import json
+
+    config = json.loads((dvae_path / "config.json").read_text())
+    (dvae_path / "config.json").write_text(json.dumps({**config, "n_hid": True}))
+    images = tmp_path / "images"
+    images.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (16, 16)).save(images / "a.png")
+    (images / "a.txt").write_text("a black square")
+    for main, argv in ((dalle.train.main, ["--run", str(tmp_path / "r"), "--dvae", str(dvae_path)]),
+                       (dalle.encode.main, ["--data", str(images), "--dvae", str(dvae_path), "--out",
+                                            str(tmp_path / "o")])):
+        line = usage_error(main, argv, capsys, "--dvae")
+        assert "cannot be loaded" in line and "n_hid" in line, line

@@ -137,9 +137,9 @@ def test_config_validation(tmp_path):
         TrainConfig(run=str(tmp_path), steps=0)
     with pytest.raises(ValueError, match="precision"):
         TrainConfig(run=str(tmp_path), precision="fp8")
-    (tmp_path / "dvae").mkdir()
-    (tmp_path / "dvae" / "model.safetensors").touch()
-    (tmp_path / "dvae" / "config.json").write_text('{"model_type": "dalle_dvae"}')
+    from dalle.dvae import DVAE, DVAEConfig
+
+    DVAE(DVAEConfig.tiny(n_hid=8, n_init=8, vocab_size=16)).save(tmp_path / "dvae")  # the command line loads it
     cfg, resume, force = parse_args(["--run", str(tmp_path), "--steps", "7", "--no-progress"])
     assert cfg.steps == 7 and not resume and not force and not cfg.progress
 

@@ -323,3 +323,13 @@ def test_token_shard_reader_checks_every_size_against_the_file(tmp_path):
     assert ds.codes(torch.tensor([0])).shape == (1, 4)
     with pytest.raises(ShardError, match="code 50, the manifest's dvae.vocab_size is 50"):
         ds.codes(torch.tensor([1]))
+
+
+def test_a_table_caption_over_the_budget_is_skipped_as_from_a_file(tmp_path):
+    """Captions from a table meet the same 64 KiB budget as caption files and tar members."""
+    from dalle.data.folder import MAX_CAPTION_BYTES, _pairs_from_table
+
+    table = tmp_path / "t.tsv"
+    table.write_text("a.png\ta red circle\nb.png\t" + "w" * (MAX_CAPTION_BYTES + 1) + "\nc.png\ta blue square\n")
+    pairs, skipped = _pairs_from_table(table)
+    assert [p.key for p in pairs] == ["a", "c"] and dict(skipped) == {"caption_too_large": 1}

@@ -19,7 +19,7 @@ from dalle_kernels.ops.attention import ATTENTION_BACKENDS as ATTN_BACKENDS  # n
 
 from .checkpoint import CHECKPOINT_DIR, has_checkpoints
 from .common import convert_hint, pretrained_files
-from .dvae import MODEL_TYPE
+from .dvae import DVAE, MODEL_TYPE
 from .runs import LEGACY_CHECKPOINT
 
 # The files a trained transformer run folder must hold, by role; any one name of a role will do.
@@ -251,7 +251,8 @@ def run_load_failed(parser, run, exc: Exception, flag: str = "--run"):
 # ------------------------------------------------------------------------------------------------ attention
 def check_dvae(parser, path, flag: str = "--dvae") -> Path:
     """The weights file of the dVAE folder ``path`` (or a file in it), after checking that it exists and that its
-    ``config.json`` says ``model_type`` ``dalle_dvae``; otherwise a usage error naming ``flag``. Reads no weights."""
+    ``config.json`` says ``model_type`` ``dalle_dvae`` and that it loads (``DVAE.load``: config and weights checked
+    against each other); otherwise a usage error naming ``flag``."""
     import json
 
     try:
@@ -269,6 +270,10 @@ def check_dvae(parser, path, flag: str = "--dvae") -> Path:
     if kind != MODEL_TYPE:
         parser.error(f"argument {flag}: {path} does not hold a dVAE (its config.json says model_type {kind!r}, "
                      f"expected {MODEL_TYPE!r}; train one: python -m dalle.train_dvae)")
+    try:  # read as the command will read it: a damaged folder is a usage error here, not a traceback later
+        DVAE.load(path)
+    except (ValueError, TypeError, RuntimeError, OverflowError, RecursionError, OSError) as e:
+        parser.error(f"argument {flag}: {path} cannot be loaded: {str(e).splitlines()[0] if str(e) else type(e)}")
     return weights
 
 

@@ -176,7 +176,8 @@ def _pairs_from_table(table: Path) -> tuple[list[Pair], Counter]:
     """Candidates of a table, in row order: the key is the listed path relative to the table's folder (absolute
     when outside it) without its last extension, ``#2``, ``#3``, ... when a path is listed again. A row that
     csv cannot parse (a field over csv's limit of 131072 characters) or without a caption column is a
-    ``bad_row``; a row whose bytes are not text has caption None (``unreadable_caption``)."""
+    ``bad_row``; a caption over ``MAX_CAPTION_BYTES`` is ``caption_too_large``; a row
+    whose bytes are not text has caption None (``unreadable_caption``)."""
     delimiter = "\t" if table.suffix.lower() == ".tsv" else ","
     pairs, skipped, seen = [], Counter(), Counter()
     try:
@@ -215,7 +216,11 @@ def _pairs_from_table(table: Path) -> tuple[list[Pair], Counter]:
             key = split_key(stem)[0] or stem
             seen[key] += 1
             key = key if seen[key] == 1 else f"{key}#{seen[key]}"
-            pairs.append(Pair(key, path, clean_text(delimiter.join(row[1:])), None, (path,)))
+            caption = delimiter.join(row[1:])
+            if len(caption.encode("utf-8", "surrogatepass")) > MAX_CAPTION_BYTES:
+                skipped["caption_too_large"] += 1  # as a caption file or tar member of that size is
+                continue
+            pairs.append(Pair(key, path, clean_text(caption), None, (path,)))
     return pairs, skipped
 
 
