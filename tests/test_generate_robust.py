@@ -197,3 +197,27 @@ def test_the_generate_flow_writes_a_grid_for_any_captions(parts, tmp_path, monke
     images, _ = sample(parts, caps, n=1)
     path = save_grid(images.flatten(0, 1), tmp_path / "bitmap.png", nrow=1, captions=caps)
     assert Image.open(path).size[1] > 16 * len(caps)
+
+
+def test_a_run_config_edited_by_hand_is_one_line(tmp_path, capsys):
+    """A run whose config.json records its dVAE as a number, or a grid of lists, is refused in one line."""
+    import json
+
+    from dalle.dvae import DVAE, DVAEConfig
+    from dalle.generate import main
+    from dalle.train import main as train_main
+
+    torch.manual_seed(0)
+    DVAE(DVAEConfig.tiny(n_hid=8, n_init=8, vocab_size=32)).save(tmp_path / "dvae")
+    run = tmp_path / "run"
+    train_main(["--run", str(run), "--dvae", str(tmp_path / "dvae"), "--preset", "micro", "--steps", "1",
+                "--dataset-size", "16", "--batch-size", "8", "--text-len", "16", "--bpe-vocab", "64", "--warmup", "1",
+                "--attn-backend", "torch", "--no-progress", "--n-sample-captions", "1"])
+    capsys.readouterr()  # the trainer's own lines
+    config = json.loads((run / "config.json").read_text())
+    for edit, words in (({"dvae": 5}, "records its dVAE as 5"), ({"grid": [[8], [8]]}, "is not a transformer config")):
+        (run / "config.json").write_text(json.dumps({**config, **edit}))
+        with pytest.raises(SystemExit) as e:
+            main(["--run", str(run), "a red circle", "-n", "1"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and words in err[0], err

@@ -71,6 +71,8 @@ def run_dvae_path(run, ckpt) -> Path:
     the digest was added), the folder's weights must match it: a ValueError names the folders looked at
     otherwise, so a run never decodes its codes with another dVAE."""
     run = Path(run)
+    if ckpt.get("dvae") is not None and not isinstance(ckpt["dvae"], str):
+        raise ValueError(f"{run}: the run's config records its dVAE as {ckpt['dvae']!r}, not a folder path")
     recorded = Path(ckpt["dvae"]) if ckpt.get("dvae") else None
     looked = [p for p in (recorded, run / "dvae") if p is not None]
     found = [p for p in looked if pretrained_files(p)[0].is_file()]
@@ -174,7 +176,10 @@ def load_run_model(run, device="cpu") -> tuple[DALLE, dict]:
     if weights.is_file() or config.is_file():
         state_dict, meta = load_pretrained(run, MODEL_TYPE)
         meta = {k: meta.get(k) for k in RUN_META} | {"model_config": meta}
-        cfg = DALLEConfig.from_dict(meta["model_config"])
+        try:
+            cfg = DALLEConfig.from_dict(meta["model_config"])
+        except (TypeError, ValueError, OverflowError) as e:  # a config.json edited by hand, or not ours
+            raise ValueError(f"{run / 'config.json'} is not a transformer config ({e})") from None
         check_weights_match(cfg, state_dict, run)
         model = DALLE(cfg)
         model.load_state_dict(state_dict)
