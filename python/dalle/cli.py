@@ -17,7 +17,7 @@ from pathlib import Path
 from dalle_kernels._cli import Parser, int_at_least, positive_int  # noqa: F401 - shared with dalle_kernels
 from dalle_kernels.ops.attention import ATTENTION_BACKENDS as ATTN_BACKENDS  # noqa: F401 - sparse_attention's
 
-from .checkpoint import CHECKPOINT_DIR, has_checkpoints
+from .checkpoint import CHECKPOINT_DIR, has_checkpoints, newest_verified
 from .common import convert_hint, pretrained_files
 from .dvae import DVAE, MODEL_TYPE
 from .runs import LEGACY_CHECKPOINT
@@ -210,10 +210,26 @@ def check_resume(parser, *runs) -> None:
     for r in runs:
         if (Path(r) / LEGACY_CHECKPOINT).is_file():
             parser.error(f"argument --resume: {Path(r) / LEGACY_CHECKPOINT} is a checkpoint of an earlier version "
-                         f"of dalle; {convert_hint(r, trust=False)}")
+                         f"of dalle; {convert_hint(r, trust=True)}")
     looked = " or ".join(str(Path(r) / CHECKPOINT_DIR) for r in runs)
     parser.error(f"argument --resume: nothing to resume: no checkpoint in {looked}")
 
+
+
+def verified_checkpoint(parser, run) -> Path:
+    """``--resume`` of a trainer: the newest checkpoint of ``run`` that verifies (``checkpoint.newest_verified``),
+    else a usage error naming each checkpoint and why it does not verify, or the conversion of an earlier
+    version's ``checkpoint.pt``."""
+    run = Path(run)
+    folder, skipped = newest_verified(run)
+    if folder is not None:
+        return folder
+    if not skipped and (run / LEGACY_CHECKPOINT).is_file():
+        parser.error(f"argument --resume: {run / LEGACY_CHECKPOINT} is a checkpoint of an earlier version of dalle; "
+                     f"{convert_hint(run, trust=True)}")
+    why = "; ".join(f"{f.name}: {w}" for f, w in skipped)
+    parser.error(f"argument --resume: nothing to resume: no checkpoint in {run / CHECKPOINT_DIR} verifies"
+                 + (f" ({why})" if why else ""))
 
 
 def check_run(parser, run: str, flag: str = "--run") -> Path:

@@ -4,8 +4,7 @@ checkpoints in one format (``dalle.checkpoint``), resume, the divergence guard, 
 A trainer keeps its own flat loop and calls, in order:
 
     engine = Engine(run, name=..., steps=..., ...)
-    folder = engine.resume_point()                 # --resume: the newest checkpoint that verifies
-    train_state, rank_state = engine.restore(folder, state)
+    folder, train_state, rank_state = engine.resume(state)   # --resume: the newest checkpoint that verifies and loads
     engine.start(step, resumed=...)
     for each step:  ...; engine.end_step(done, loss, nonfinite_grads, row)   # raises Diverged
                     if engine.should_save(done): engine.save(done, state, train_state, rank_state, tensors)
@@ -92,11 +91,11 @@ class Engine:
     DTensor shards, so finiteness is agreed across ranks."""
 
     def __init__(self, run, *, name: str, steps: int, ckpt_every: int, log_every: int, rank: int = 0,
-                 world: int = 1, layout=("ddp", 1), sharded: bool = False, keep: int = 2,
+                 layout=("ddp", 1), sharded: bool = False, keep: int = 2,
                  max_nonfinite_steps: int = 25, progress: bool = True, log=print):
         self.run, self.name, self.steps = Path(run), name, steps
         self.ckpt_every, self.log_every, self.keep = ckpt_every, log_every, keep
-        self.rank, self.world, self.layout, self.sharded = rank, world, list(layout), sharded
+        self.layout, self.sharded = list(layout), sharded
         self.max_nonfinite_steps, self.progress = max_nonfinite_steps, progress
         self.is_main = rank == 0
         self.log = log if self.is_main else (lambda *a, **k: None)
@@ -130,14 +129,16 @@ class Engine:
         self.log(f"resumed from {folder} at step {train_state['step']}")
         return train_state, rank_state
 
-    def resume(self, state: dict) -> tuple[Path, dict, dict | None]:
+    def resume(self, state: dict, verified: Path | None = None) -> tuple[Path, dict, dict | None]:
         """``(folder, train_state, rank_state)``: the newest checkpoint that verifies and loads into ``state``.
         One that verifies but does not load (a crafted or inconsistent file the manifest was rewritten for) is
-        skipped with a line saying why, and the next older one tried; ``ResumeError`` when none is left."""
+        skipped with a line saying why, and the next older one tried; ``ResumeError`` when none is left.
+        ``verified``: the folder ``resume_point`` has just returned in this process, tried first without hashing
+        its files again."""
         tried, skip = [], set()
         while True:
             try:
-                folder = self.resume_point(skip)
+                folder = verified if verified is not None and not skip else self.resume_point(skip)
             except FileNotFoundError as e:
                 raise ResumeError("; ".join(tried + [str(e)])) from None
             try:

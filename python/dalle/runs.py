@@ -126,7 +126,7 @@ def _newest(run) -> Path:
         raise ValueError(f"no checkpoint of {run} verifies (newest {skipped[0][0]}: {skipped[0][1]})")
     if (run / LEGACY_CHECKPOINT).is_file():
         raise UnsafeFileError(f"{run / LEGACY_CHECKPOINT} is a checkpoint of an earlier version of dalle; "
-                              f"{convert_hint(run, trust=False)}")
+                              f"{convert_hint(run, trust=True)}")
     raise FileNotFoundError(f"no trained model in {run}: looked for {pretrained_files(run)[0]} + "
                             f"{pretrained_files(run)[1]} (the final model) and checkpoints in "
                             f"{run / checkpoint.CHECKPOINT_DIR}")

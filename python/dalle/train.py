@@ -45,7 +45,7 @@ import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from . import checkpoint, cli, fsdp
-from .common import autocast_context, convert_hint, pretrained_files, rng_state, seed_everything, set_rng_state
+from .common import autocast_context, pretrained_files, rng_state, seed_everything, set_rng_state
 from .data.shards import TokenShards, content_digest
 from .data.tokens import get_batch, prepare_data, with_views
 from .engine import (DIVERGED_EXIT, Diverged, Engine, ResumeError, all_finite, optimizer_tensors,
@@ -55,7 +55,7 @@ from .images import save_grid
 from .model import DALLE, HEAD_DIMS, PRESETS, DALLEConfig, powersgd_uncompressed
 from .optim import AdamW16
 from .plan import PAPER_PRESETS, main as plan_main
-from .runs import (LEGACY_CHECKPOINT, MODEL_TYPE, clear_run, export, file_digest, fresh_run_problem, load_dvae,
+from .runs import (MODEL_TYPE, clear_run, export, file_digest, fresh_run_problem, load_dvae,
                    lock_run, run_identity, save_run_model)
 from .sampling import generate_images
 from .schedules import PlateauSchedule
@@ -313,7 +313,7 @@ def _train(cfg: TrainConfig, resume: bool, force: bool, log, rank: int, world: i
                       rounding=cfg.param_rounding)
     sched = PlateauSchedule(cfg.lr, cfg.warmup, cfg.plateau_window, cfg.plateau_patience, cfg.max_halvings)
     engine = Engine(run, name="transformer", steps=cfg.steps, ckpt_every=cfg.ckpt_every, log_every=cfg.log_every,
-                    rank=rank, world=world, layout=layout, sharded=cfg.fsdp, keep=cfg.keep_checkpoints,
+                    rank=rank, layout=layout, sharded=cfg.fsdp, keep=cfg.keep_checkpoints,
                     max_nonfinite_steps=cfg.max_nonfinite_steps, progress=cfg.progress, log=log)
     # The dVAE the codes came from: its absolute folder (a relative one would be read from wherever the run is
     # used later) and the digest of its weights, which generate checks before it decodes anything.
@@ -530,15 +530,7 @@ def parse_args(argv=None):
 
 def check_resume(p, cfg: TrainConfig, dvae_file) -> None:
     """``--resume``: a checkpoint that verifies, of a run with these settings, else a usage error (one line)."""
-    run = Path(cfg.run)
-    folder, skipped = checkpoint.newest_verified(run)
-    if folder is None:
-        if (run / LEGACY_CHECKPOINT).is_file():
-            p.error(f"argument --resume: {run / LEGACY_CHECKPOINT} is a checkpoint of an earlier version of dalle; "
-                    f"{convert_hint(run, trust=False)}")
-        why = "; ".join(f"{f.name}: {w}" for f, w in skipped)
-        p.error(f"argument --resume: nothing to resume: no checkpoint in {run / checkpoint.CHECKPOINT_DIR} verifies"
-                + (f" ({why})" if why else ""))
+    folder = cli.verified_checkpoint(p, cfg.run)
     try:
         ts = checkpoint.read_json(folder / checkpoint.TRAIN_STATE, "train state")
     except (OSError, ValueError) as e:

@@ -1,7 +1,8 @@
 """Train the dVAE (paper section 2.1, appendix A): ``python -m dalle.train_dvae --run DIR [--preset tiny] [--steps N] [--resume]``.
 
-Writes into the run folder: ``checkpoint.pt`` (model, optimizer, step, RNG state, config; plain data, atomic,
-every ``--ckpt-every`` steps and at the end), the final model as ``model.safetensors`` + ``config.json``
+A flat loop over the transformer's engine (``dalle.engine``). Writes into the run folder: checkpoints
+(``RUN/dcp/step_XXXXXXXX``, ``dalle.checkpoint``: model, optimizer, k-means centres, RNG and data-stream state,
+config; verified on resume, every ``--ckpt-every`` steps and at the end), the final model as ``model.safetensors`` + ``config.json``
 (``DVAE.load`` reads the folder; ``dalle.train --dvae DIR``), ``metrics.csv``
 (and TensorBoard scalars when installed), ``recon_XXXXXX.png`` grids (held-out images above their
 reconstructions) and ``eval.json`` (held-out per-pixel mean absolute error of ``decode(encode(x))``).
@@ -614,7 +615,7 @@ def _train(config: TrainDVAEConfig) -> Path:
     start = 0
     if folder is not None:
         state = dcp_state()
-        folder, ts, rank_state = engine.resume(state)
+        folder, ts, rank_state = engine.resume(state, verified=folder)
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
         if centres is not None:
             centres = state["kmeans_centres"]
@@ -727,11 +728,7 @@ def parse_args(argv=None) -> TrainDVAEConfig:
     if cfg.resume and cfg.force:
         p.error("argument --force: not with --resume (--force starts the run over)")
     if cfg.resume:
-        cli.check_resume(p, cfg.run)
-        folder, skipped = checkpoint.newest_verified(cfg.run)
-        if folder is None:
-            p.error(f"argument --resume: nothing to resume: no checkpoint in {Path(cfg.run) / checkpoint.CHECKPOINT_DIR} "
-                    f"verifies ({'; '.join(f'{f.name}: {w}' for f, w in skipped)})")
+        folder = cli.verified_checkpoint(p, cfg.run)
         try:
             resume_config(cfg, checkpoint.read_json(folder / checkpoint.TRAIN_STATE, "train state"))
         except ValueError as e:
