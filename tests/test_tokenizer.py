@@ -1,6 +1,10 @@
-"""Caption tokenizer: round trip, slot padding, truncation, dropout only in training mode, save/load."""
+"""Caption tokenizer: round trip, slot padding, truncation, dropout only in training mode and seeded, save/load."""
+import collections
+import random
+
 import pytest
 import torch
+from tokenizers import Tokenizer
 
 from dalle.data.shapes import ShapesDataset
 from dalle.tokenizer import CaptionTokenizer, train_tokenizer
@@ -60,6 +64,40 @@ def test_dropout_only_when_training(tok, captions):
             assert tok.decode(row) == cap
     # and the deterministic encoder is unaffected after a dropout call
     assert torch.equal(tok.encode_batch(batch, 32), plain[0])
+
+
+def test_dropout_is_seeded(tok, captions):
+    batch = captions[:64]
+    a = tok.encode_batch(batch, 32, dropout=True, rng=random.Random(3))
+    b = tok.encode_batch(batch, 32, dropout=True, rng=random.Random(3))
+    c = tok.encode_batch(batch, 32, dropout=True, rng=random.Random(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert tok.encode(batch[5], dropout=True, rng=random.Random(9)) == tok.encode(batch[5], dropout=True,
+                                                                                    rng=random.Random(9))
+    with pytest.raises(TypeError, match="rng"):
+        tok.encode_batch(batch, 32, dropout=True, rng=3)
+
+
+def test_dropout_is_the_librarys_bpe_dropout(captions):
+    """Our seeded BPE dropout is the tokenizers library's (same merge procedure): equal encodings when no merge
+    is dropped, and the same distribution of encodings (a chi-square test against the library's own draws)."""
+    tok = train_tokenizer(captions, vocab_size=200, dropout=1e-12)
+    odd = ["A  Zebra ÉCLAIR, 42!!", "", "   ", "a magenta triangle above a small cyan circle ~"]
+    rng = random.Random(0)
+    for c in captions + odd:
+        assert tok.encode(c, dropout=True, rng=rng) == tok.encode(c), c
+    tok.dropout = 0.3
+    lib = Tokenizer.from_str(tok._tok.to_str())
+    lib.model.dropout = 0.3
+    for caption in ("a magenta square", "triangle", "background"):
+        n = 6000
+        ours = collections.Counter(tuple(tok.encode(caption, dropout=True, rng=rng)) for _ in range(n))
+        theirs = collections.Counter(tuple(lib.encode(caption).ids) for _ in range(n))
+        cells = [k for k in set(ours) | set(theirs) if ours[k] + theirs[k] >= 20]
+        assert len(cells) > 10, (caption, ours.most_common(3), theirs.most_common(3))  # many encodings at p = 0.3
+        chi2 = sum((ours[k] - theirs[k]) ** 2 / (ours[k] + theirs[k]) for k in cells)
+        dof = len(cells) - 1
+        assert chi2 < dof + 5 * (2 * dof) ** 0.5, (caption, chi2, dof)  # about 5 sigma above the mean
 
 
 def test_save_load(tok, tmp_path, captions):

@@ -1,11 +1,17 @@
 """Caption tokenizer: lowercased BPE (the ``tokenizers`` library) encoded to exactly ``T`` slots (paper section 2.2).
 
 Unused slot ``i`` of a caption holds the per-slot padding id ``vocab_size + i``, so the transformer's text
-embedding has ``vocab_size + T`` rows. BPE dropout (probability 0.1 by default) is applied only when
-``encode_batch(..., dropout=True)``: the transformer's training batches.
+embedding has ``vocab_size + T`` rows. BPE dropout (Provilkov et al. 2020, "BPE-Dropout"; probability 0.1 by
+default) is applied only when ``encode_batch(..., dropout=True)``: the transformer's training batches. The
+``tokenizers`` library draws its dropout from an unseeded generator, so the dropout encodings are made here
+instead, by the library's own merge procedure (``BPE::merge_all`` of ``tokenizers``) with a generator the caller
+seeds: the same seed gives the same encodings, run after run.
 """
 from __future__ import annotations
 
+import heapq
+import json
+import random
 import string
 from pathlib import Path
 from typing import Iterable
@@ -32,10 +38,7 @@ class CaptionTokenizer:
         self._tok = tokenizer
         self._tok.model.dropout = None
         self.dropout = dropout
-        # A second instance for training mode: dropout is a property of the BPE model, and flipping it per
-        # call on one shared instance would leak into concurrent deterministic encodes.
-        self._tok_dropout = Tokenizer.from_str(tokenizer.to_str())
-        self._tok_dropout.model.dropout = dropout if dropout > 0 else None
+        self._merges = None  # (vocab, {(left id, right id): (rank, merged id)}, unk id), built on first use
 
     @property
     def vocab_size(self) -> int:
@@ -63,11 +66,68 @@ class CaptionTokenizer:
 
         return _atomic_write(path, lambda f: f.write(self._tok.to_str().encode()))
 
-    def encode(self, caption: str, dropout: bool = False) -> list[int]:
-        """BPE ids of one caption, no truncation or padding."""
+    def encode(self, caption: str, dropout: bool = False, rng: random.Random | None = None) -> list[int]:
+        """BPE ids of one caption, no truncation or padding; with ``dropout``, each merge is skipped with
+        probability ``self.dropout``, drawn from ``rng`` (a ``random.Random``; a fresh unseeded one when None)."""
         if not isinstance(caption, str):
             raise TypeError(f"caption must be a str, got {type(caption).__name__}")
-        return (self._tok_dropout if dropout else self._tok).encode(caption).ids
+        if dropout and self.dropout > 0:
+            return self._encode_dropout(caption, _check_rng(rng))
+        return self._tok.encode(caption).ids
+
+    def _merge_table(self):
+        if self._merges is None:
+            model = json.loads(self._tok.to_str())["model"]
+            if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix") or model.get("fuse_unk") \
+                    or model.get("byte_fallback"):
+                raise ValueError("BPE dropout here supports plain BPE models (no continuing-subword prefix, end-of-"
+                                 "word suffix, fused unknowns or byte fallback), as train_tokenizer makes them")
+            vocab = model["vocab"]
+            merges = {}
+            for rank, m in enumerate(model["merges"]):
+                a, b = m.split(" ", 1) if isinstance(m, str) else m
+                merges[(vocab[a], vocab[b])] = (rank, vocab[a + b])
+            self._merges = (vocab, merges, vocab.get(model.get("unk_token") or UNK))
+        return self._merges
+
+    def _encode_dropout(self, caption: str, rng: random.Random) -> list[int]:
+        """The ids of ``tokenizers``' BPE with dropout (normalizer, pre-tokenizer, then ``Word::merge_all``: the
+        applicable merge of lowest rank, then of lowest position, is skipped with probability ``p`` and offered
+        again after the next merge that is made), its draws taken from ``rng``."""
+        vocab, merges, unk = self._merge_table()
+        p = self.dropout
+        text = self._tok.normalizer.normalize_str(caption) if self._tok.normalizer else caption
+        out = []
+        for word, _ in self._tok.pre_tokenizer.pre_tokenize_str(text):
+            ids = [vocab.get(ch, unk) for ch in word]
+            n = len(ids)
+            nxt = list(range(1, n)) + [-1]
+            prv = list(range(-1, n - 1))
+            gone = [False] * n
+            queue = [(merges[pair][0], i, merges[pair][1]) for i, pair in enumerate(zip(ids, ids[1:]))
+                     if pair in merges]
+            heapq.heapify(queue)
+            skipped = []
+            while queue:
+                top = heapq.heappop(queue)
+                if rng.random() < p:
+                    skipped.append(top)
+                    continue
+                for t in skipped:
+                    heapq.heappush(queue, t)
+                skipped.clear()
+                _, pos, new = top
+                j = nxt[pos]
+                if gone[pos] or j == -1 or merges.get((ids[pos], ids[j]), (0, None))[1] != new:
+                    continue  # an expired entry
+                ids[pos], gone[j], nxt[pos] = new, True, nxt[j]
+                if nxt[j] != -1:
+                    prv[nxt[j]] = pos
+                for a, b in ((prv[pos], pos), (pos, nxt[pos])):
+                    if a >= 0 and b != -1 and (ids[a], ids[b]) in merges:
+                        heapq.heappush(queue, (merges[(ids[a], ids[b])][0], a, merges[(ids[a], ids[b])][1]))
+            out += [t for t, g in zip(ids, gone) if not g and t is not None]
+        return out
 
     def unknown_chars(self, caption: str) -> list[str]:
         """The pieces of ``caption`` that encode to [UNK] (characters outside the tokenizer's alphabet)."""
@@ -76,8 +136,10 @@ class CaptionTokenizer:
         enc = self._tok.encode(caption)
         return [caption[a:b] for t, (a, b) in zip(enc.tokens, enc.offsets) if t == UNK]
 
-    def encode_batch(self, captions, text_len: int, dropout: bool = False) -> torch.Tensor:
-        """``(B, text_len)`` int64: BPE ids truncated to ``text_len``; unused slot ``i`` holds ``vocab_size + i``."""
+    def encode_batch(self, captions, text_len: int, dropout: bool = False, rng: random.Random | None = None
+                     ) -> torch.Tensor:
+        """``(B, text_len)`` int64: BPE ids truncated to ``text_len``; unused slot ``i`` holds ``vocab_size + i``.
+        With ``dropout``, BPE dropout drawn from ``rng`` as in ``encode`` (the captions in order, one generator)."""
         if isinstance(captions, str):
             raise TypeError("captions must be a list of str, not a single str")
         captions = list(captions)
@@ -85,10 +147,14 @@ class CaptionTokenizer:
             raise TypeError("captions must be a list of str")
         if isinstance(text_len, bool) or not isinstance(text_len, int) or text_len < 1:
             raise ValueError(f"text_len must be a positive int, got {text_len!r}")
-        tok = self._tok_dropout if dropout else self._tok
         out = padding_ids(text_len, self.vocab_size).repeat(len(captions), 1)
-        for row, enc in enumerate(tok.encode_batch(captions)):
-            ids = enc.ids[:text_len]
+        if dropout and self.dropout > 0:
+            rng = _check_rng(rng)
+            rows = [self._encode_dropout(c, rng) for c in captions]
+        else:
+            rows = [enc.ids for enc in self._tok.encode_batch(captions)]
+        for row, ids in enumerate(rows):
+            ids = ids[:text_len]
             if ids:
                 out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         return out
@@ -107,6 +173,14 @@ class CaptionTokenizer:
 
     def decode_batch(self, ids) -> list[str]:
         return [self.decode(row) for row in ids]
+
+
+def _check_rng(rng):
+    if rng is None:
+        return random.Random()
+    if not isinstance(rng, random.Random):
+        raise TypeError(f"rng must be a random.Random (seeded by the caller) or None, got {type(rng).__name__}")
+    return rng
 
 
 def _new_tokenizer() -> Tokenizer:

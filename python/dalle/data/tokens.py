@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,12 @@ class _TextTable:
         return torch.from_numpy(np.asarray(self.array[var, idx], dtype=np.int64))
 
 
+def dropout_rng(seed: int, variant: int) -> random.Random:
+    """The generator of the BPE-dropout encodings of ``variant`` (1, 2, ...) in a run of ``seed``: the same run
+    settings give the same encodings, run after run (a string seed: independent of ``PYTHONHASHSEED``)."""
+    return random.Random(f"bpe-dropout/{seed}/{variant}")
+
+
 def _shards_key(shards) -> dict:
     m = shards.manifest
     return {"source": m.get("source"), "dvae": shards.dvae_digest, "samples": m.get("samples"),
@@ -65,8 +72,8 @@ def prepare_shard_data(cfg, dvae, log=print) -> dict:
     if tok_src is not None and tok_src.is_dir():
         tok_src = tok_src / "tokenizer.json"
     key = {"data": _shards_key(shards), "text_len": cfg.text_len, "bpe_vocab": cfg.bpe_vocab,
-           "bpe_dropout": cfg.bpe_dropout, "variants": cfg.dropout_variants,
-           "tokenizer": file_digest(tok_src) if tok_src else "trained", "version": 1}
+           "bpe_dropout": cfg.bpe_dropout, "variants": cfg.dropout_variants, "seed": cfg.seed,
+           "tokenizer": file_digest(tok_src) if tok_src else "trained", "version": 2}
     ready = False
     if key_path.is_file() and text_path.is_file() and tok_path.is_file():
         try:
@@ -87,6 +94,7 @@ def prepare_shard_data(cfg, dvae, log=print) -> dict:
         tmp = text_path.with_name(text_path.name + ".tmp")
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n_var, len(shards), cfg.text_len))
         chunk, start = [], 0
+        rngs = [dropout_rng(cfg.seed, v) for v in range(n_var)]  # one stream per variant across the chunks
         it = shards.iter_captions()
         while True:
             chunk = [c for _, c in zip(range(4096), it)]
@@ -95,7 +103,7 @@ def prepare_shard_data(cfg, dvae, log=print) -> dict:
             stop = start + len(chunk)
             out[0, start:stop] = tok.encode_batch(chunk, cfg.text_len).numpy()
             for v in range(1, n_var):
-                out[v, start:stop] = tok.encode_batch(chunk, cfg.text_len, dropout=True).numpy()
+                out[v, start:stop] = tok.encode_batch(chunk, cfg.text_len, dropout=True, rng=rngs[v]).numpy()
             start = stop
         out.flush()
         del out
@@ -118,7 +126,7 @@ def prepare_data(cfg, dvae, log=print) -> dict:
     key = {"dataset": ("shapes", cfg.dataset_size, dvae.cfg.image_size, cfg.data_seed),
            "dvae": file_digest(pretrained_files(cfg.dvae_path)[0]), "text_len": cfg.text_len,
            "bpe_vocab": cfg.bpe_vocab, "bpe_dropout": cfg.bpe_dropout, "variants": cfg.dropout_variants,
-           "version": 1}
+           "seed": cfg.seed, "version": 2}
     cache_path, tok_path = run / "data_cache.pt", run / "tokenizer.json"
     if cache_path.is_file() and tok_path.is_file():
         try:
@@ -135,7 +143,8 @@ def prepare_data(cfg, dvae, log=print) -> dict:
     tok = train_tokenizer(captions, cfg.bpe_vocab, tok_path, dropout=cfg.bpe_dropout)
     text = [tok.encode_batch(captions, cfg.text_len)]
     if cfg.bpe_dropout > 0:
-        text += [tok.encode_batch(captions, cfg.text_len, dropout=True) for _ in range(cfg.dropout_variants)]
+        text += [tok.encode_batch(captions, cfg.text_len, dropout=True, rng=dropout_rng(cfg.seed, v))
+                 for v in range(1, cfg.dropout_variants + 1)]
     device = next(dvae.parameters()).device
     codes = []
     for i in range(0, len(ds), 256):
