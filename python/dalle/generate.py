@@ -140,13 +140,14 @@ def _positive_int(name, v):
 
 @torch.no_grad()
 def sample_captions(model, tok, dvae, captions, n=1, rerank=1, temperature=1.0, top_k=None, top_p=None,
-                    image_prefix=None, generator=None, batch_size=64, guidance=1.0, reranker=None):
+                    image_prefix=None, generator=None, batch_size=64, guidance=1.0, reranker=None, negative=None):
     """Images ``(len(captions), n, 3, S, S)`` in [0, 1] for each caption.
 
     ``rerank > 1``: draw ``n * rerank`` candidates per caption and keep the ``n`` best: by ``reranker``
     (a ``dalle.rerank.Reranker``) when given, else by the built-in dataset's scorer (``rerank_order``).
     ``image_prefix``: ``(h_rows * W,)`` tokens shared by every sample (image-prompt completion).
-    ``guidance``: classifier-free guidance scale (``dalle.sampling.Sampler.generate``; 1 is off).
+    ``guidance``: classifier-free guidance scale (``dalle.sampling.Sampler.generate``; 1 is off), against the
+    empty caption or, given ``negative`` (one str per caption), against those captions.
 
     Every argument is checked before the first token is drawn (``ValueError``/``TypeError``), so no caption
     can fail after the others' samples exist. Any str is a caption: an empty or whitespace-only one is
@@ -170,15 +171,21 @@ def sample_captions(model, tok, dvae, captions, n=1, rerank=1, temperature=1.0, 
                              f"{getattr(image_prefix, 'dtype', type(image_prefix).__name__)} "
                              f"{tuple(getattr(image_prefix, 'shape', ()))}")
         check_id_range(image_prefix, c.image_vocab, "image_prefix", "the dVAE's codes")
+    if negative is not None:
+        negative = check_captions(negative)
+        if len(negative) != len(captions):
+            raise ValueError(f"negative must hold one caption per caption ({len(captions)}), got {len(negative)}")
     ids = encode_captions(tok, captions, c.text_len)
     per = n * rerank
     text = tok.encode_batch(captions, c.text_len).repeat_interleave(per, dim=0).to(dev)
+    neg = None if negative is None else tok.encode_batch(negative, c.text_len).repeat_interleave(per, dim=0).to(dev)
     tokens = []
     for i in range(0, text.shape[0], batch_size):
         t = text[i: i + batch_size]
         prefix = None if image_prefix is None else image_prefix.to(dev).expand(t.shape[0], -1)
         tokens.append(generate_images(model, t, image_prefix=prefix, temperature=temperature, top_k=top_k,
-                                      top_p=top_p, generator=generator, guidance=guidance))
+                                      top_p=top_p, generator=generator, guidance=guidance,
+                                      uncond_text=None if neg is None else neg[i: i + batch_size]))
     tokens = torch.cat(tokens)
     images = torch.cat([dvae.decode(tokens[i: i + 256].view(-1, *c.grid)) for i in range(0, len(tokens), 256)])
     images = images.view(len(captions), per, *images.shape[1:]).cpu()
