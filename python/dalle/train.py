@@ -104,6 +104,7 @@ class TrainConfig:
     dropout_variants: int = option(4, cli.positive_int, "BPE-dropout encodings cached per caption")
     seed: int = option(0, cli.nonneg_int, "seed of the model init and the batches")
     device: str = option("auto", cli.device, cli.DEVICE_HELP)
+    threads: int = cli.threads_option()
     precision: str = option("auto", ("auto", "fp32", "bf16", "fp16"),
                             "auto: bf16 autocast on CUDA, fp32 on the CPU; bf16 and fp16 need CUDA")
     grad_scale: str = option("auto", ("auto", "on", "off"), "per-resblock gradient scaling (auto: on with fp16)")
@@ -253,12 +254,18 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, log=print
                          "takes an equal share of the global batch")
     if not resume and not force and fresh_run_problem(cfg.run):
         raise FileExistsError(fresh_run_problem(cfg.run))
-    rank, world, device = setup_distributed(cfg.device, always=cfg.fsdp)
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     try:
-        with lock_run(cfg.run) if rank == 0 else contextlib.nullcontext():
-            return _train(cfg, resume, force, log, rank, world, device)
+        rank, world, device = setup_distributed(cfg.device, always=cfg.fsdp)
+        try:
+            with lock_run(cfg.run) if rank == 0 else contextlib.nullcontext():
+                return _train(cfg, resume, force, log, rank, world, device)
+        finally:
+            teardown_distributed()
     finally:
-        teardown_distributed()
+        torch.set_num_threads(threads)  # --threads is for this run only, not the caller's process
 
 
 def _train(cfg: TrainConfig, resume: bool, force: bool, log, rank: int, world: int, device) -> Path:
@@ -551,6 +558,8 @@ def main(argv=None):
         return plan_main(argv)
     cfg, resume, force = parse_args(argv)
     main_rank = int(os.environ.get("RANK", "0")) == 0
+    if main_rank:
+        cli.advise_threads(cfg.device, cfg.threads)
     try:
         train(cfg, resume=resume, force=force)
     except Diverged as e:

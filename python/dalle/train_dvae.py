@@ -114,7 +114,7 @@ class TrainDVAEConfig:
     seed: int = option(0, cli.nonneg_int, "seed of the init, the batches and the noise")
     device: str = option("auto", cli.device, cli.DEVICE_HELP)
     precision: str = option("auto", ("auto", "bf16", "fp16", "fp32"), "autocast on CUDA (auto: bf16); the CPU runs fp32")
-    threads: int = option(0, cli.nonneg_int, "torch CPU threads (0: torch's default)")
+    threads: int = cli.threads_option()
     workers: int = option(0, cli.nonneg_int, "DataLoader workers for real data")
     log_every: int = option(10, cli.positive_int, "updates between metrics rows")
     sample_every: int = option(200, cli.positive_int, "updates between reconstruction grids")
@@ -760,6 +760,7 @@ def parse_args(argv=None) -> TrainDVAEConfig:
 
 def main(argv=None) -> None:
     cfg = parse_args(argv)
+    cli.advise_threads(cfg.device, cfg.threads)
     try:
         path = train_dvae(cfg)
     except DataError as e:
