@@ -305,7 +305,9 @@ def run_on_data(a) -> dict:
         for i in range(m):
             rows += [orig[i].float() / 255 if orig[i] is not None else torch.zeros_like(recon[i]), recon[i],
                      images[i, 0].float().cpu(), picked[i].float().cpu()]
-            caps += [captions[i], "dVAE reconstruction", "sample", "reranker's pick" if reranker else "sample"]
+            # every cell says what it shows: the grids alternate images and their reconstructions
+            caps += [f"held-out image{'' if orig[i] is not None else ' (not found)'}: {captions[i]}",
+                     "dVAE reconstruction", "sample", "reranker's pick" if reranker else "sample"]
         save_grid(torch.stack(rows), run / "samples_heldout.png", nrow=4, captions=caps)
         save_grid(torch.stack([r for i, r in enumerate(rows) if i % 4 < 2]), run / "reconstructions_heldout.png",
                   nrow=4, captions=[c for i, c in enumerate(caps) if i % 4 < 2])

@@ -536,6 +536,10 @@ def train_dvae(config: TrainDVAEConfig) -> Path:
         torch.set_num_threads(threads)  # --threads is for this run only, not the caller's process
 
 
+# the left margin of a reconstruction grid's first row, by the split its images come from (``_heldout``)
+RECON_LABELS = {"heldout": "held-out image", "train": "training image"}
+
+
 class DataError(ValueError):
     """``--data`` holds nothing the dVAE can train on (no usable image/caption pair); nothing was written."""
 
@@ -687,7 +691,8 @@ def _train(config: TrainDVAEConfig) -> Path:
         if done % cfg.sample_every == 0 or done == cfg.steps:
             ev, recon = evaluate(model, eval_images, eval_scenes)
             n = min(16, len(eval_images))
-            save_grid(torch.cat([eval_images[:n].float() / 255, recon[:n]]), run / f"recon_{done:06d}.png", nrow=n)
+            save_grid(torch.cat([eval_images[:n].float() / 255, recon[:n]]), run / f"recon_{done:06d}.png", nrow=n,
+                      row_labels=[RECON_LABELS[eval_split], "reconstruction"])
         row = {"loss": loss.item(), "nll": stats["nll"].item(), "kl": stats["kl"].item(),
                "warmup_ce": stats["ce"].item() if warm else "", **s, **ev}
         logged = done % cfg.log_every == 0 or done == end or ev["heldout_mae"] != ""  # eval rows too
