@@ -1,4 +1,5 @@
-"""PNG image grids (samples, reconstructions), optionally with a caption under each image and a label beside each row."""
+"""PNG image grids (samples, reconstructions), optionally with a caption under each image and a label beside
+each row."""
 from __future__ import annotations
 
 import unicodedata
