@@ -620,6 +620,20 @@ def test_readme_quick_start_works_on_a_cpu_as_written():
             "tests benchmarks --benchmark-disable") in commands
 
 
+def test_preset_times_in_the_help_and_the_readme():
+    """Every preset says what it costs: seconds per update on a CPU for the small ones, GPUs for the paper's."""
+    from dalle.model import CPU_SECONDS_PER_UPDATE, PRESETS
+    from dalle.plan import PAPER_PRESETS
+
+    assert set(CPU_SECONDS_PER_UPDATE) | set(PAPER_PRESETS) == set(PRESETS)
+    help_ = " ".join(dalle.train.build_parser().format_help().split())
+    readme = " ".join((REPO / "README.md").read_text().split())
+    for name, seconds in CPU_SECONDS_PER_UPDATE.items():
+        assert f"{name} about {seconds:g} s" in help_
+        assert f"`{name}` about {seconds:g} s" in readme
+    assert all(name in help_ for name in PAPER_PRESETS) and "need GPUs" in help_ and "need GPUs" in readme
+
+
 def test_convert_bad_arguments(tmp_path, capsys):
     usage_error(dalle.convert.main, [str(tmp_path / "nosuch.pt")], capsys, "path")
     (tmp_path / "old").mkdir()

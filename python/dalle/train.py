@@ -52,7 +52,7 @@ from .engine import (DIVERGED_EXIT, Diverged, Engine, ResumeError, all_finite, o
                      setup_distributed, teardown_distributed)
 from .grad_scale import BlockGradScaler
 from .images import save_grid
-from .model import DALLE, HEAD_DIMS, PRESETS, DALLEConfig, powersgd_uncompressed
+from .model import DALLE, HEAD_DIMS, PRESETS, DALLEConfig, powersgd_uncompressed, preset_help
 from .optim import AdamW16
 from .plan import PAPER_PRESETS, main as plan_main
 from .runs import (MODEL_TYPE, clear_run, export, file_digest, fresh_run_problem, load_dvae,
@@ -77,7 +77,7 @@ class TrainConfig:
     data: str = option("", str, "token shards of your own images and captions, as python -m dalle.encode writes "
                                 "them (default: the built-in captioned shapes)")
     tokenizer: str = option("", str, "a tokenizer.json to reuse (default: BPE trained on the training captions)")
-    preset: str = option("tiny", tuple(PRESETS), "transformer size")
+    preset: str = option("tiny", tuple(PRESETS), preset_help())
     n_layers: int = option(0, cli.nonneg_int, "transformer blocks (0: the preset's)")
     n_heads: int = option(0, cli.nonneg_int, "attention heads (0: the preset's)")
     head_dim: int = option(0, cli.nonneg_int, "channels per head (0: the preset's)")
