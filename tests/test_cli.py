@@ -83,6 +83,7 @@ PIPELINE_BAD = [
     (["--data", "no_such_folder"], "--data"),
     (["--dvae", "somewhere"], "--dvae"),
     (["--resume"], "--resume"),
+    (["--threads", "-1"], "--threads"),
 ]
 
 
@@ -137,6 +138,77 @@ def test_pipeline_warns_of_flags_that_do_nothing(tmp_path, capsys, no_work):
     assert "warning" not in capsys.readouterr().err
 
 
+# ------------------------------------------------------------------------------------------------ threads
+def test_thread_advice_only_for_several_threads_on_busy_cores():
+    from dalle import cli
+
+    note = cli.thread_advice(2, 1.83)
+    assert note is not None and "\n" not in note
+    assert "2 CPU threads" in note and "load 1.8" in note and note.endswith("--threads 1")
+    assert cli.thread_advice(1, 5.0) is None  # one thread already
+    assert cli.thread_advice(8, 0.1) is None  # idle cores
+    assert cli.thread_advice(8, None) is None  # no load average on this system
+
+
+def _busy(monkeypatch, load=1.5):
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+
+
+@pytest.mark.parametrize("main,extra", [(dalle.pipeline.main, []), (dalle.train_dvae.main, []),
+                                        (dalle.train.main, ["--dvae", None])])
+def test_commands_advise_one_thread_on_busy_cores(tmp_path, capsys, no_work, monkeypatch, main, extra, dvae_path):
+    """Advice only: the note is one line, and the run goes on with the threads asked for."""
+    _busy(monkeypatch)
+    extra = [str(dvae_path) if a is None else a for a in extra]
+    argv = ["--run", str(tmp_path / "run"), "--device", "cpu", "--no-progress", *extra]
+    with pytest.raises(WorkStarted):
+        main(argv + ["--threads", "2"])
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("note:")]
+    assert len(notes) == 1 and "2 CPU threads" in notes[0] and "--threads 1" in notes[0], notes
+    with pytest.raises(WorkStarted):
+        main(argv + ["--threads", "1"])
+    assert "note:" not in capsys.readouterr().err
+    _busy(monkeypatch, 0.0)
+    with pytest.raises(WorkStarted):
+        main(argv + ["--threads", "2"])
+    assert "note:" not in capsys.readouterr().err
+
+
+def test_pipeline_threads_reach_every_stage(tmp_path, no_work, monkeypatch):
+    seen = []
+
+    def record(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        raise WorkStarted
+
+    monkeypatch.setattr(dalle.pipeline, "train_dvae", record)
+    before = torch.get_num_threads()
+    want = 3 if before != 3 else 2
+    with pytest.raises(WorkStarted):
+        dalle.pipeline.main(["--run", str(tmp_path / "run"), "--device", "cpu", "--no-progress",
+                             "--threads", str(want)])
+    assert seen == [want]
+    assert torch.get_num_threads() == before  # set back for a caller in the same process
+
+
+def test_train_threads_apply_to_the_run_only(tmp_path, monkeypatch):
+    import dalle.train as t
+
+    seen = []
+
+    def record(cfg, *args):
+        seen.append(torch.get_num_threads())
+        raise WorkStarted
+
+    monkeypatch.setattr(t, "_train", record)
+    monkeypatch.setattr(t, "fresh_run_problem", lambda run: None)
+    before = torch.get_num_threads()
+    want = 3 if before != 3 else 2
+    with pytest.raises(WorkStarted):
+        t.train(t.TrainConfig(run=str(tmp_path / "run"), device="cpu", threads=want))
+    assert seen == [want] and torch.get_num_threads() == before
+
+
 # ------------------------------------------------------------------------------------------------ dalle.train
 @pytest.fixture
 def dvae_path(tmp_path):
@@ -157,6 +229,7 @@ TRAIN_BAD = [
     (["--precision", "fp8"], "--precision"),
     (["--image-embedding", "x"], "--image-embedding"),
     (["--n-layers", "-1"], "--n-layers"),
+    (["--threads", "x"], "--threads"),
     (["--device", "cuda:x"], "--device"),
     (["--powersgd-rank", "2"], "--powersgd-rank"),
     (["--resume"], "--resume"),
@@ -291,6 +364,7 @@ def test_generate_unknown_run_lists_the_files_it_needs(tmp_path, capsys, no_work
 def test_rerank_unknown_run(tmp_path, capsys, no_work):
     usage_error(dalle.rerank.main, ["--run", str(tmp_path / "nosuch")], capsys, "--run")
     usage_error(dalle.rerank.main, ["--run", str(tmp_path), "--steps", "0"], capsys, "--steps")
+    usage_error(dalle.rerank.main, ["--run", str(tmp_path), "--threads", "-1"], capsys, "--threads")
 
 
 def test_generate_prompt_image_checks(tmp_path, capsys, no_work, trained_run):
@@ -535,9 +609,29 @@ def test_readme_examples_do_not_write_into_the_main_run():
             assert all(not w.startswith("runs/demo") for w in writes), line
 
 
-def test_readme_says_how_to_skip_the_cuda_build():
+def test_readme_quick_start_works_on_a_cpu_as_written():
+    """The first command a newcomer copies skips the CUDA build (minutes wherever nvcc is, GPU or not); the
+    quick start says what to do on busy cores; the test command stays the one CI runs."""
     quick = (REPO / "README.md").read_text().split("## Quick start")[1].split("\n## ")[0]
-    assert "DALLE_KERNELS_CUDA=0" in quick
+    commands = [ln.strip() for ln in quick.splitlines() if ln.startswith("    ")]
+    assert "DALLE_KERNELS_CUDA=0 pip install -e ." in commands[0] and "dalle.pipeline" in commands[0]
+    assert "--threads 1" in quick
+    assert ('pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest -q -p no:cacheprovider '
+            "tests benchmarks --benchmark-disable") in commands
+
+
+def test_preset_times_in_the_help_and_the_readme():
+    """Every preset says what it costs: seconds per update on a CPU for the small ones, GPUs for the paper's."""
+    from dalle.model import CPU_SECONDS_PER_UPDATE, PRESETS
+    from dalle.plan import PAPER_PRESETS
+
+    assert set(CPU_SECONDS_PER_UPDATE) | set(PAPER_PRESETS) == set(PRESETS)
+    help_ = " ".join(dalle.train.build_parser().format_help().split())
+    readme = " ".join((REPO / "README.md").read_text().split())
+    for name, seconds in CPU_SECONDS_PER_UPDATE.items():
+        assert f"{name} about {seconds:g} s" in help_
+        assert f"`{name}` about {seconds:g} s" in readme
+    assert all(name in help_ for name in PAPER_PRESETS) and "need GPUs" in help_ and "need GPUs" in readme
 
 
 def test_convert_bad_arguments(tmp_path, capsys):

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -158,6 +159,10 @@ def test_tiny_dvae_loss_falls(tmp_path):
     assert last < first - 0.5, (first, last)
     model = DVAE.load(path)
     assert model.cfg.vocab_size == 64 and (tmp_path / "recon_000040.png").is_file()
+    with Image.open(tmp_path / "recon_000040.png") as im:  # 8 held-out images over their reconstructions, 64 px
+        assert im.size[0] > 2 + 8 * (64 + 2) + 40  # and a left margin naming the rows
+        margin = np.asarray(im.convert("L"))[:, :im.size[0] - (2 + 8 * (64 + 2))]
+        assert (margin[2:66] < 160).any() and (margin[68:132] < 160).any()
     assert (tmp_path / "eval.json").is_file()
 
 

@@ -9,8 +9,10 @@ need two flags or the run folder call ``parser.error``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -96,6 +98,59 @@ def check_options(config) -> None:
             kind(str(value))
         except argparse.ArgumentTypeError as e:
             raise ValueError(f"{f.name}: {e}") from None
+
+
+THREADS_HELP = ("torch CPU threads (0: torch's default); on a CPU whose cores are busy with other work, 1 can be "
+                "several times faster")
+
+
+def threads_option():
+    """The ``threads`` field of a trainer's config (``--threads``): one declaration for every command."""
+    return option(0, nonneg_int, THREADS_HELP)
+
+
+# The 1-minute load average at or above which the cores count as busy with other work (before our run starts).
+BUSY_LOAD = 0.5
+
+
+def thread_advice(threads: int, load: float | None) -> str | None:
+    """The one-line note for a CPU run on ``threads`` torch threads while the machine's 1-minute load average is
+    ``load`` (None: unknown), or None when there is nothing to say (one thread, or idle cores). Advice only:
+    the thread count stays what the command line says, so a run's arithmetic never depends on the load."""
+    if threads <= 1 or load is None or load < BUSY_LOAD:
+        return None
+    return (f"note: torch uses {threads} CPU threads while other work is running on this machine (load "
+            f"{load:.1f}); with busy cores one thread can be several times faster: --threads 1")
+
+
+def advise_threads(device_text: str, threads: int = 0) -> None:
+    """Print ``thread_advice`` on stderr, at the start of a command, for a run on ``device_text`` (``auto``,
+    ``cpu``, ``cuda[:N]``) when it runs on the CPU, with ``threads`` torch threads (0: as torch is set now)."""
+    if device_is_cuda(device_text):
+        return
+    import torch
+
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average on this system (Windows)
+        load = None
+    note = thread_advice(threads or torch.get_num_threads(), load)
+    if note:
+        print(note, file=sys.stderr)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """Run the block with ``threads`` torch CPU threads (0: as they are), then set them back."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def warn(message: str) -> None:

@@ -1,7 +1,7 @@
-"""PNG image grids (samples, reconstructions), optionally with a caption under each image."""
+"""PNG image grids (samples, reconstructions), optionally with a caption under each image and a label beside
+each row."""
 from __future__ import annotations
 
-import textwrap
 import unicodedata
 from pathlib import Path
 
@@ -57,10 +57,70 @@ def _drawable(caption, font) -> str:
     return text
 
 
-def make_grid(images, nrow: int = 8, captions=None, scale: int | None = None, pad: int = 2) -> Image.Image:
+LINE_HEIGHT = 12  # pixels per line of caption in the default font
+
+
+def _font():
+    return ImageFont.load_default()
+
+
+def word_gap(font) -> int:
+    """Pixels between two words of a drawn line: the font's space, at least 4 (the default font's space is 2
+    pixels wide, which reads as no space at all: "a photoof an")."""
+    return max(4, round(font.getlength(" ")))
+
+
+def line_width(line: str, font) -> float:
+    """Pixels ``line`` (words split on spaces) takes when drawn as ``make_grid`` draws it."""
+    words = line.split(" ")
+    return sum(font.getlength(w) for w in words) + word_gap(font) * (len(words) - 1)
+
+
+def wrap_caption(caption, font, width: int) -> list[str]:
+    """``caption`` as lines of whole words no wider than ``width`` pixels when drawn in ``font`` (``line_width``),
+    as many lines as it takes; the words of a line are joined by one space. Only a word wider than ``width`` on
+    its own is broken, into pieces that fit (at least one character each)."""
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ValueError(f"width must be a positive int (pixels), got {width!r}")
+    gap = word_gap(font)
+    lines, line, used = [], [], 0.0
+    for word in _drawable(caption, font).split():
+        pieces = []
+        while font.getlength(word) > width and len(word) > 1:
+            k = 1
+            while k < len(word) and font.getlength(word[:k + 1]) <= width:
+                k += 1
+            pieces.append(word[:k])
+            word = word[k:]
+        pieces.append(word)
+        for piece in pieces:
+            w = font.getlength(piece)
+            if line and used + gap + w <= width:
+                line.append(piece)
+                used += gap + w
+            else:
+                if line:
+                    lines.append(" ".join(line))
+                line, used = [piece], w
+    if line:
+        lines.append(" ".join(line))
+    return lines
+
+
+def _draw_line(draw, xy, line: str, font) -> None:
+    x, y = xy
+    for word in line.split(" "):
+        draw.text((x, y), word, fill=(0, 0, 0), font=font)
+        x += font.getlength(word) + word_gap(font)
+
+
+def make_grid(images, nrow: int = 8, captions=None, scale: int | None = None, pad: int = 2,
+              row_labels=None) -> Image.Image:
     """A PIL image: ``images`` in rows of ``nrow``, each upscaled ``scale`` times (nearest; by default so that
-    a cell is at least 128 pixels wide when captions are drawn), captions wrapped under their image (any text:
-    control characters are drawn as spaces, and characters the font lacks as "?" or its missing-glyph box)."""
+    a cell is at least 128 pixels wide when captions are drawn), captions under their image, wrapped over as many
+    lines as they need (``wrap_caption``; any text: control characters are drawn as spaces, and characters the
+    font lacks as "?" or its missing-glyph box). ``row_labels``: one label per row, drawn in a margin on the
+    left ("held-out image", "reconstruction")."""
     arr = to_uint8(images)
     n, h, w, _ = arr.shape
     if n == 0:
@@ -73,29 +133,47 @@ def make_grid(images, nrow: int = 8, captions=None, scale: int | None = None, pa
         raise TypeError("captions must be a list of str (one per image), not a single str")
     if captions is not None and len(captions) != n:
         raise ValueError(f"got {len(captions)} captions for {n} images")
+    ncol = min(nrow, n)
+    rows = -(-n // ncol)
+    if isinstance(row_labels, str):
+        raise TypeError("row_labels must be a list of str (one per row), not a single str")
+    if row_labels is not None and len(row_labels) != rows:
+        raise ValueError(f"got {len(row_labels)} row labels for {rows} rows")
     if scale is None:
         scale = max(1, -(-128 // w)) if captions is not None else max(1, -(-64 // w))
     cw, ch = w * scale, h * scale
-    font = ImageFont.load_default()
-    chars = max(8, cw // 6)
-    lines = [textwrap.wrap(_drawable(c, font), chars)[:4] for c in captions] if captions is not None else None
-    text_h = 12 * max((len(l) for l in lines), default=0) + 2 if lines else 0
-    ncol = min(nrow, n)
-    rows = -(-n // ncol)
-    grid = Image.new("RGB", (pad + ncol * (cw + pad), pad + rows * (ch + text_h + pad)), (255, 255, 255))
+    font = _font()
+    lines = [wrap_caption(c, font, max(1, cw - pad)) for c in captions] if captions is not None else [[]] * n
+    # each row's caption band is as tall as its longest caption
+    band = [LINE_HEIGHT * max(len(l) for l in lines[r * ncol:(r + 1) * ncol]) for r in range(rows)]
+    band = [b + 2 if b else 0 for b in band]
+    label_lines, margin = None, 0
+    if row_labels is not None:
+        label_w = max([int(font.getlength(word)) + 1 for lab in row_labels
+                       for word in _drawable(lab, font).split()] + [48])
+        label_lines = [wrap_caption(lab, font, label_w) for lab in row_labels]
+        margin = label_w + 2 * pad
+    tops = [pad]
+    for r in range(rows):
+        tops.append(tops[-1] + ch + band[r] + pad)
+    grid = Image.new("RGB", (margin + pad + ncol * (cw + pad), tops[-1]), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
     for i in range(n):
         r, c = divmod(i, ncol)
-        x0, y0 = pad + c * (cw + pad), pad + r * (ch + text_h + pad)
+        x0, y0 = margin + pad + c * (cw + pad), tops[r]
         grid.paste(Image.fromarray(arr[i]).resize((cw, ch), Image.NEAREST), (x0, y0))
-        if lines:
-            for k, line in enumerate(lines[i]):
-                draw.text((x0, y0 + ch + 1 + 12 * k), line, fill=(0, 0, 0), font=font)
+        for k, line in enumerate(lines[i]):
+            _draw_line(draw, (x0, y0 + ch + 1 + LINE_HEIGHT * k), line, font)
+    for r, label in enumerate(label_lines or []):
+        y = tops[r] + max(0, (ch - LINE_HEIGHT * len(label)) // 2)
+        for k, line in enumerate(label):
+            _draw_line(draw, (pad, y + LINE_HEIGHT * k), line, font)
     return grid
 
 
-def save_grid(images, path, nrow: int = 8, captions=None, scale: int | None = None) -> Path:
-    """Write ``make_grid(images, nrow, captions, scale)`` as a PNG (atomically: temporary file, then rename)."""
-    grid = make_grid(images, nrow=nrow, captions=captions, scale=scale)  # bad input raises before any folder exists
+def save_grid(images, path, nrow: int = 8, captions=None, scale: int | None = None, row_labels=None) -> Path:
+    """Write ``make_grid(images, nrow, captions, scale, row_labels=row_labels)`` as a PNG (atomically: temporary
+    file, then rename)."""
+    grid = make_grid(images, nrow=nrow, captions=captions, scale=scale, row_labels=row_labels)  # bad input raises before any folder exists
 
     return _atomic_write(path, lambda f: grid.save(f, format="PNG"))

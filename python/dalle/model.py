@@ -470,6 +470,18 @@ PRESETS = {
     "paper-2.8b": dict(n_layers=64, n_heads=30, head_dim=64, conv_kernel=11),
     "paper-5.6b": dict(n_layers=64, n_heads=42, head_dim=64, conv_kernel=11),
 }
+# Seconds per update of ``python -m dalle.train`` at its defaults (batch 32, the built-in shapes, the tiny dVAE's
+# 8x8 codes) on a 2-core CPU with one thread (``--threads 1``), measured with other work on the cores (load 2-4);
+# the paper presets need GPUs (``--plan`` sizes them).
+CPU_SECONDS_PER_UPDATE = {"micro": 0.03, "tiny": 0.25, "small": 1.3}
+
+
+def preset_help() -> str:
+    """``--preset``'s help: the sizes and how long an update takes on a CPU."""
+    cpu = ", ".join(f"{name} about {s:g} s" for name, s in CPU_SECONDS_PER_UPDATE.items())
+    gpu = ", ".join(name for name in PRESETS if name not in CPU_SECONDS_PER_UPDATE)
+    return (f"transformer size ({cpu} per update on a 2-core CPU with --threads 1, at the default batch; "
+            f"{gpu} need GPUs: --plan sizes them)")
 
 
 def powersgd_uncompressed(model: DALLE, prefix: str = "") -> set[str]:

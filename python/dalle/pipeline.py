@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "lookup tables (the default with --data)"})
     cli.add_options(p, cli.SamplingOptions, only=("guidance",),
                     helps={"guidance": "classifier-free guidance scale when sampling (1: off; needs --cond-dropout > 0)"})
-    cli.add_options(p, TrainConfig, only=("seed", "device", "attn_backend"), helps={"seed": "seed of every random draw"})
+    cli.add_options(p, TrainConfig, only=("seed", "device", "threads", "attn_backend"),
+                    helps={"seed": "seed of every random draw"})
     p.add_argument("--resume", action="store_true", help="continue an interrupted run (dVAE or transformer)")
     p.add_argument("--force", action="store_true", help="train the transformer again from step 0 in a run folder "
                    "that holds one (its model and checkpoints are replaced; the dVAE and reranker are reused)")
@@ -303,7 +304,9 @@ def run_on_data(a) -> dict:
         for i in range(m):
             rows += [orig[i].float() / 255 if orig[i] is not None else torch.zeros_like(recon[i]), recon[i],
                      images[i, 0].float().cpu(), picked[i].float().cpu()]
-            caps += [captions[i], "dVAE reconstruction", "sample", "reranker's pick" if reranker else "sample"]
+            # every cell says what it shows: the grids alternate images and their reconstructions
+            caps += [f"held-out image{'' if orig[i] is not None else ' (not found)'}: {captions[i]}",
+                     "dVAE reconstruction", "sample", "reranker's pick" if reranker else "sample"]
         save_grid(torch.stack(rows), run / "samples_heldout.png", nrow=4, captions=caps)
         save_grid(torch.stack([r for i, r in enumerate(rows) if i % 4 < 2]), run / "reconstructions_heldout.png",
                   nrow=4, captions=[c for i, c in enumerate(caps) if i % 4 < 2])
@@ -320,8 +323,13 @@ def run_on_data(a) -> dict:
 
 def main(argv=None):
     a = parse_args(argv)
-    if a.data is not None:
-        return run_on_data(a)
+    cli.advise_threads(a.device, a.threads)
+    with cli.torch_threads(a.threads):  # every stage, trainers and sampling, runs on these threads
+        return run_on_data(a) if a.data is not None else run_demo(a)
+
+
+def run_demo(a) -> dict:
+    """The main job on the built-in captioned shapes (the module's steps 1-6), with the checked arguments ``a``."""
 
     run = Path(a.run)
     run.mkdir(parents=True, exist_ok=True)

@@ -308,6 +308,7 @@ def build_parser():
     p.add_argument("--max-pairs", type=cli.positive_int, default=4096,
                    help="most training pairs of a run on token shards (a seeded subset; the built-in shapes: all)")
     p.add_argument("--device", type=cli.device, default="auto", help=cli.DEVICE_HELP)
+    p.add_argument("--threads", type=cli.nonneg_int, default=0, help=cli.THREADS_HELP)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
 
@@ -316,9 +317,11 @@ def main(argv=None):
     p = build_parser()
     a = p.parse_args(argv)
     cli.check_run(p, a.run)
+    cli.advise_threads(a.device, a.threads)
     try:
-        out = train_for_run(a.run, steps=a.steps, seed=a.seed, device=pick_device(a.device), progress=a.progress,
-                            max_pairs=a.max_pairs)
+        with cli.torch_threads(a.threads):
+            out = train_for_run(a.run, steps=a.steps, seed=a.seed, device=pick_device(a.device),
+                                progress=a.progress, max_pairs=a.max_pairs)
     except (FileNotFoundError, UnsafeFileError) as e:  # the run's dVAE missing, or an earlier version's file
         cli.run_load_failed(p, a.run, e)
     print(f"wrote {out}")

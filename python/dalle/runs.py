@@ -29,7 +29,7 @@ LEGACY_CHECKPOINT = "checkpoint.pt"  # an earlier version's checkpoint: converte
 # the process layout. Every other field must equal the checkpoint's; --dvae, --data and --tokenizer are compared by
 # what their files hold (digests), --precision by what it resolves to on this machine.
 TRANSFORMER_RESUMABLE = frozenset({"run", "steps", "ckpt_every", "keep_checkpoints", "max_nonfinite_steps", "log_every",
-                       "sample_every", "n_sample_captions", "progress", "device", "attn_backend",
+                       "sample_every", "n_sample_captions", "progress", "device", "threads", "attn_backend",
                        "checkpoint_activations", "fsdp", "shard_size", "powersgd_rank", "powersgd_start",
                        "powersgd_layout", "dvae", "data", "tokenizer", "precision", "param_dtype"})
 

@@ -52,7 +52,7 @@ from .engine import (DIVERGED_EXIT, Diverged, Engine, ResumeError, all_finite, o
                      setup_distributed, teardown_distributed)
 from .grad_scale import BlockGradScaler
 from .images import save_grid
-from .model import DALLE, HEAD_DIMS, PRESETS, DALLEConfig, powersgd_uncompressed
+from .model import DALLE, HEAD_DIMS, PRESETS, DALLEConfig, powersgd_uncompressed, preset_help
 from .optim import AdamW16
 from .plan import PAPER_PRESETS, main as plan_main
 from .runs import (MODEL_TYPE, clear_run, export, file_digest, fresh_run_problem, load_dvae,
@@ -77,7 +77,7 @@ class TrainConfig:
     data: str = option("", str, "token shards of your own images and captions, as python -m dalle.encode writes "
                                 "them (default: the built-in captioned shapes)")
     tokenizer: str = option("", str, "a tokenizer.json to reuse (default: BPE trained on the training captions)")
-    preset: str = option("tiny", tuple(PRESETS), "transformer size")
+    preset: str = option("tiny", tuple(PRESETS), preset_help())
     n_layers: int = option(0, cli.nonneg_int, "transformer blocks (0: the preset's)")
     n_heads: int = option(0, cli.nonneg_int, "attention heads (0: the preset's)")
     head_dim: int = option(0, cli.nonneg_int, "channels per head (0: the preset's)")
@@ -107,6 +107,7 @@ class TrainConfig:
     dropout_variants: int = option(4, cli.positive_int, "BPE-dropout encodings cached per caption")
     seed: int = option(0, cli.nonneg_int, "seed of the model init and the batches")
     device: str = option("auto", cli.device, cli.DEVICE_HELP)
+    threads: int = cli.threads_option()
     precision: str = option("auto", ("auto", "fp32", "bf16", "fp16"),
                             "auto: bf16 autocast on CUDA, fp32 on the CPU; bf16 and fp16 need CUDA")
     grad_scale: str = option("auto", ("auto", "on", "off"), "per-resblock gradient scaling (auto: on with fp16)")
@@ -256,12 +257,18 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, log=print
                          "takes an equal share of the global batch")
     if not resume and not force and fresh_run_problem(cfg.run):
         raise FileExistsError(fresh_run_problem(cfg.run))
-    rank, world, device = setup_distributed(cfg.device, always=cfg.fsdp)
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     try:
-        with lock_run(cfg.run) if rank == 0 else contextlib.nullcontext():
-            return _train(cfg, resume, force, log, rank, world, device)
+        rank, world, device = setup_distributed(cfg.device, always=cfg.fsdp)
+        try:
+            with lock_run(cfg.run) if rank == 0 else contextlib.nullcontext():
+                return _train(cfg, resume, force, log, rank, world, device)
+        finally:
+            teardown_distributed()
     finally:
-        teardown_distributed()
+        torch.set_num_threads(threads)  # --threads is for this run only, not the caller's process
 
 
 def _train(cfg: TrainConfig, resume: bool, force: bool, log, rank: int, world: int, device) -> Path:
@@ -557,6 +564,8 @@ def main(argv=None):
         return plan_main(argv)
     cfg, resume, force = parse_args(argv)
     main_rank = int(os.environ.get("RANK", "0")) == 0
+    if main_rank:
+        cli.advise_threads(cfg.device, cfg.threads)
     try:
         train(cfg, resume=resume, force=force)
     except Diverged as e:

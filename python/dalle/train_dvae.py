@@ -114,7 +114,7 @@ class TrainDVAEConfig:
     seed: int = option(0, cli.nonneg_int, "seed of the init, the batches and the noise")
     device: str = option("auto", cli.device, cli.DEVICE_HELP)
     precision: str = option("auto", ("auto", "bf16", "fp16", "fp32"), "autocast on CUDA (auto: bf16); the CPU runs fp32")
-    threads: int = option(0, cli.nonneg_int, "torch CPU threads (0: torch's default)")
+    threads: int = cli.threads_option()
     workers: int = option(0, cli.nonneg_int, "DataLoader workers for real data")
     log_every: int = option(10, cli.positive_int, "updates between metrics rows")
     sample_every: int = option(200, cli.positive_int, "updates between reconstruction grids")
@@ -536,6 +536,10 @@ def train_dvae(config: TrainDVAEConfig) -> Path:
         torch.set_num_threads(threads)  # --threads is for this run only, not the caller's process
 
 
+# the left margin of a reconstruction grid's first row, by the split its images come from (``_heldout``)
+RECON_LABELS = {"heldout": "held-out image", "train": "training image"}
+
+
 class DataError(ValueError):
     """``--data`` holds nothing the dVAE can train on (no usable image/caption pair); nothing was written."""
 
@@ -687,7 +691,8 @@ def _train(config: TrainDVAEConfig) -> Path:
         if done % cfg.sample_every == 0 or done == cfg.steps:
             ev, recon = evaluate(model, eval_images, eval_scenes)
             n = min(16, len(eval_images))
-            save_grid(torch.cat([eval_images[:n].float() / 255, recon[:n]]), run / f"recon_{done:06d}.png", nrow=n)
+            save_grid(torch.cat([eval_images[:n].float() / 255, recon[:n]]), run / f"recon_{done:06d}.png", nrow=n,
+                      row_labels=[RECON_LABELS[eval_split], "reconstruction"])
         row = {"loss": loss.item(), "nll": stats["nll"].item(), "kl": stats["kl"].item(),
                "warmup_ce": stats["ce"].item() if warm else "", **s, **ev}
         logged = done % cfg.log_every == 0 or done == end or ev["heldout_mae"] != ""  # eval rows too
@@ -760,6 +765,7 @@ def parse_args(argv=None) -> TrainDVAEConfig:
 
 def main(argv=None) -> None:
     cfg = parse_args(argv)
+    cli.advise_threads(cfg.device, cfg.threads)
     try:
         path = train_dvae(cfg)
     except DataError as e:
