@@ -25,7 +25,7 @@ import torch
 
 from . import cli
 from .common import pick_device
-from .data.shapes import matches, parse_caption
+from .data.shapes import matches, parse_caption, without_shapes
 from .data.transforms import to_rgb
 from .images import save_grid
 from .model import check_id_range
@@ -195,6 +195,16 @@ def sample_captions(model, tok, dvae, captions, n=1, rerank=1, temperature=1.0, 
     return images
 
 
+def negative_captions(captions, guidance: float, kind: str):
+    """The negative captions of ``--guidance-negative kind`` for ``captions`` (None: the empty caption, or no
+    guidance): ``shapeless``, each caption without its shape words (``dalle.data.shapes.without_shapes``)."""
+    if guidance == 1.0 or kind == "empty":
+        return None
+    if kind != "shapeless":
+        raise ValueError(f"guidance_negative must be empty or shapeless, got {kind!r}")
+    return [without_shapes(c) for c in captions]
+
+
 def load_prompt_tokens(path, dvae, rows: int, grid) -> torch.Tensor:
     """The first ``rows`` token rows ``(rows * W,)`` of the image at ``path`` (resized to the dVAE's size)."""
     from PIL import Image
@@ -287,9 +297,8 @@ def main(argv=None):
         p.error(f"argument --prompt-rows: this run's grid has {model.cfg.grid[0]} rows; expected 1 to "
                 f"{model.cfg.grid[0] - 1}, got {rows}")
     if a.guidance != 1.0:
-        if not (load_run_meta(a.run).get("train_config") or {}).get("cond_dropout", 0.0):
-            cli.warn(f"--guidance {a.guidance:g}: {a.run} was trained without caption dropout (--cond-dropout), "
-                     "so its empty-caption logits were never trained")
+        cli.warn_untrained_negative(a.guidance, a.guidance_negative, load_run_meta(a.run).get("train_config") or {},
+                                    a.run)
     prefix = load_prompt_tokens(a.prompt_image, dvae, rows, model.cfg.grid) if a.prompt_image else None
     reranker = None
     rr_path = Path(a.run) / cli.RERANKER_FILE
@@ -312,7 +321,8 @@ def main(argv=None):
         try:
             images = sample_captions(model, tok, dvae, a.captions, n=a.n, rerank=a.rerank,
                                      temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, image_prefix=prefix,
-                                     generator=g, guidance=a.guidance, reranker=reranker)
+                                     generator=g, guidance=a.guidance, reranker=reranker,
+                                     negative=negative_captions(a.captions, a.guidance, a.guidance_negative))
         except ValueError as e:  # the model's own numbers (non-finite logits of a diverged run): one line, no image
             print(f"python -m dalle.generate: error: {a.run}: {e}", file=sys.stderr)
             sys.exit(1)

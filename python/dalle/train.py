@@ -13,8 +13,9 @@ stops the run, naming the last good checkpoint (README "Checkpoints and resuming
 
 Data (``dalle.data.tokens``): the built-in captioned shapes (the default) or token shards written by ``python -m
 dalle.encode`` (``--data``); the BPE tokenizer is trained on the training captions (``RUN/tokenizer.json``),
-``--dropout-variants`` BPE-dropout encodings of every caption are drawn once and each step picks one per sample
-from a generator seeded by the step, so training is an exact function of the step.
+``--dropout-variants`` BPE-dropout encodings of every caption are drawn once, from generators seeded by ``--seed``
+(``dalle.data.tokens.dropout_rng``), and each step picks one per sample from a generator seeded by the step, so
+training is an exact function of the seed and the step.
 
 Optimizer: AdamW betas (0.9, 0.96), eps 1e-8, weight decay 4.5e-2 on matrices only; step size warmed up
 linearly, then halved each time the training loss plateaus (at most five times); gradient norm clipped at 4

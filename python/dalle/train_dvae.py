@@ -710,9 +710,32 @@ def _train(config: TrainDVAEConfig) -> Path:
     path = model.save(run)
     ev, _ = evaluate(model, eval_images, eval_scenes)
     ev.update(eval_split=eval_split, eval_images=len(eval_images), steps=cfg.steps,
-              train_wall_s=time.time() - engine.t0 if start == 0 else None)
+              train_wall_s=time.time() - engine.t0 if start == 0 else None, **weak_verdict(ev))
     _atomic_write(run / "eval.json", lambda f: f.write(json.dumps(ev, indent=2).encode()))
+    if ev["weak"]:
+        print(f"warning: {ev['weak_reason']}", file=sys.stderr)
     return path
+
+
+# A dVAE whose reconstructions the scorer rejects for more than this share of held-out images is weak: the
+# transformer's samples cannot be better than what the dVAE draws back (README: Results).
+WEAK_BELOW = 0.9
+
+
+def weak_verdict(ev: dict) -> dict:
+    """``{"weak": bool | None, "weak_reason": str}`` for an ``evaluate`` result: weak when the scorer accepts
+    fewer than ``WEAK_BELOW`` of the reconstructions (the built-in shapes; None where no scorer reads the
+    images, as for real data)."""
+    acc = ev.get("heldout_scorer_acc")
+    if not isinstance(acc, float):
+        return {"weak": None, "weak_reason": "no scorer for these images (real data): judge the reconstruction "
+                                              "grids and heldout_mae"}
+    if acc < WEAK_BELOW:
+        return {"weak": True, "weak_reason": f"weak dVAE: the scorer accepts {acc:.1%} of its {ev.get('eval_images')} "
+                                             f"{'held-out' if ev.get('eval_split') == 'heldout' else 'training'} reconstructions, below "
+                                             f"{WEAK_BELOW:.0%}; every sample drawn through it is limited by that "
+                                             "(train it again with more --steps or another --seed)"}
+    return {"weak": False, "weak_reason": ""}
 
 
 def build_parser() -> argparse.ArgumentParser:
