@@ -163,7 +163,19 @@ def test_tiny_dvae_loss_falls(tmp_path):
         assert im.size[0] > 2 + 8 * (64 + 2) + 40  # and a left margin naming the rows
         margin = np.asarray(im.convert("L"))[:, :im.size[0] - (2 + 8 * (64 + 2))]
         assert (margin[2:66] < 160).any() and (margin[68:132] < 160).any()
-    assert (tmp_path / "eval.json").is_file()
+    ev = json.loads((tmp_path / "eval.json").read_text())
+    assert ev["weak"] == (ev["heldout_scorer_acc"] < 0.9) and ev["weak"]  # 40 updates: weak, and said so
+    assert "weak dVAE" in ev["weak_reason"] and "held-out" in ev["weak_reason"]
+
+
+def test_weak_verdict():
+    from dalle.train_dvae import WEAK_BELOW, weak_verdict
+
+    base = {"eval_images": 256, "eval_split": "heldout"}
+    assert weak_verdict({**base, "heldout_scorer_acc": WEAK_BELOW - 0.01})["weak"] is True
+    assert weak_verdict({**base, "heldout_scorer_acc": WEAK_BELOW}) == {"weak": False, "weak_reason": ""}
+    real = weak_verdict({**base, "heldout_scorer_acc": ""})  # real data: no scorer
+    assert real["weak"] is None and "no scorer" in real["weak_reason"]
 
 
 @pytest.mark.parametrize("stop", [6, 10])  # 16 steps, the first 8 the k-means warm start: stop inside and after it

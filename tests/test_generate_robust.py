@@ -112,31 +112,6 @@ def test_guided_and_prompted_sampling_take_unusual_captions(parts):
     assert {str(w.message).split()[1] for w in warned} == {str(i + 1) for i in range(len(UNUSUAL))}
 
 
-def test_guidance_against_negative_captions(parts, monkeypatch):
-    """``negative=``: guidance steers away from each caption's own negative. A caption as its own negative
-    leaves its logits unchanged (u + s (c - u) = c), so the draws equal unguided ones; the shapeless negatives
-    reach the sampler, each beside its caption's draws; a count mismatch is refused."""
-    from dalle.generate import negative_captions
-
-    caps = [NORMAL, "a green triangle"]
-    plain, _ = sample(parts, caps, n=2)
-    same, _ = sample(parts, caps, n=2, guidance=3.0, negative=caps)
-    torch.testing.assert_close(same, plain, atol=1e-6, rtol=0)
-    shapeless = negative_captions(caps, 3.0, "shapeless")
-    assert shapeless == ["a red shape above a blue shape", "a green shape"] and NORMAL == "a red circle above a blue square"
-    seen, real = [], gen.generate_images
-    monkeypatch.setattr(gen, "generate_images", lambda *a, **kw: seen.append(kw["uncond_text"]) or real(*a, **kw))
-    sample(parts, caps, n=2, guidance=3.0, negative=shapeless, batch_size=3)
-    tok, text_len = parts[1], parts[0].cfg.text_len
-    torch.testing.assert_close(torch.cat(seen), tok.encode_batch(shapeless, text_len).repeat_interleave(2, 0))
-    seen.clear()
-    sample(parts, caps, n=2, guidance=3.0)
-    assert seen == [None]  # the empty caption, the sampler's default
-    assert negative_captions(caps, 1.0, "shapeless") is None and negative_captions(caps, 2.0, "empty") is None
-    with pytest.raises(ValueError, match="negative"):
-        sample(parts, caps, guidance=2.0, negative=caps[:1])
-
-
 def test_the_warnings_say_what_happens(parts):
     _, warned = sample(parts, [UNUSUAL["long"], UNUSUAL["emoji"], UNUSUAL["empty"]], n=1)
     text = [str(w.message) for w in warned]

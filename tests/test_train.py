@@ -1,6 +1,5 @@
 """Trainer: exact resume after SIGKILL, plateau schedule, data order, CLI validation."""
 import csv
-import dataclasses
 import os
 import signal
 import subprocess
@@ -204,52 +203,6 @@ def test_cond_dropout_batches():
     for bad in (dict(cond_dropout=1.0), dict(cond_dropout=-0.1), dict(image_embedding="pixels"), dict(dropout=1.0)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             TrainConfig(run="x", **bad)
-
-
-def test_shape_dropout_batches():
-    """A seeded share of each batch gets its caption without the shape words; the rest keep theirs."""
-    from dalle.data.tokens import get_batch
-
-    n, T, V = 64, 6, 50
-    data = {"text": torch.randint(0, V, (3, n, T)), "image": torch.randint(0, 9, (n, 16)), "text_vocab": V,
-            "text_shapeless": torch.randint(0, V, (n, T))}
-    cfg = TrainConfig(run="x", batch_size=16, shape_dropout=0.2)
-    swapped = 0
-    for step in range(100):
-        text, _ = get_batch(data, step, cfg)
-        idx = data["sampler"].indices(step)
-        is_shapeless = (text == data["text_shapeless"][idx]).all(1)
-        swapped += int(is_shapeless.sum())
-        assert torch.equal(get_batch(data, step, cfg)[0], text)  # a pure function of the step
-        halves = [get_batch(data, step, cfg, rank=r, world=2)[0] for r in range(2)]
-        assert torch.equal(torch.stack(halves, 1).flatten(0, 1), text)
-    assert abs(swapped / 1600 - 0.2) < 0.05  # binomial sd 0.01
-    off = TrainConfig(run="x", batch_size=16)
-    assert sum(int((get_batch(data, s, off)[0] == data["text_shapeless"][data["sampler"].indices(s)]).all(1).sum())
-               for s in range(100)) == 0
-
-
-def test_shapeless_captions_in_the_data_cache(tmp_path, dvae_file):
-    """prepare_data with --shape-dropout stores the clean encodings of the shapeless captions, one per caption,
-    and the tokenizer knows the word "shape"; --data refuses the option."""
-    from dalle.data.shapes import without_shapes
-    from dalle.data.tokens import prepare_data
-    from dalle.dvae import DVAE
-    from dalle.tokenizer import CaptionTokenizer
-
-    assert without_shapes("a picture of a small red circle left of a blue square") == \
-        "a picture of a small red shape left of a blue shape"
-    assert without_shapes("circles squared triangle") == "circles squared shape"  # whole words only
-    cfg = TrainConfig(run=str(tmp_path), dvae=str(dvae_file), dataset_size=40, text_len=48, bpe_vocab=128,
-                      shape_dropout=0.3)
-    data = prepare_data(cfg, DVAE.load(dvae_file), log=lambda *a: None)
-    tok = CaptionTokenizer.load(tmp_path)
-    assert data["text_shapeless"].shape == (40, 48)
-    for caption, row in zip(data["captions"], data["text_shapeless"]):
-        assert tok.decode(row) == without_shapes(caption)
-    assert "▁shape" in tok._tok.get_vocab()
-    with pytest.raises(ValueError, match="shape_dropout"):
-        prepare_data(dataclasses.replace(cfg, data=str(tmp_path)), None)
 
 
 def test_resume_with_code_embedding_and_dropouts(tmp_path, dvae_file):

@@ -153,15 +153,10 @@ def torch_threads(threads: int):
         torch.set_num_threads(before)
 
 
-def warn_untrained_negative(guidance: float, negative: str, train_config: dict, run: str = "the transformer") -> None:
-    """A warning line when ``--guidance`` steers away from captions the run never trained on: the empty caption
-    without ``--cond-dropout``, shapeless captions without ``--shape-dropout``."""
-    if guidance == 1.0:
-        return
-    if negative == "shapeless" and not train_config.get("shape_dropout", 0.0):
-        warn(f"--guidance {guidance:g} --guidance-negative shapeless: {run} was trained without --shape-dropout, so "
-             "its logits for captions without shape words were never trained")
-    elif negative == "empty" and not train_config.get("cond_dropout", 0.0):
+def warn_untrained_guidance(guidance: float, train_config: dict, run: str = "the transformer") -> None:
+    """A warning line when ``--guidance`` steers away from the empty caption of a run trained without
+    ``--cond-dropout`` (its empty-caption logits were never trained)."""
+    if guidance != 1.0 and not train_config.get("cond_dropout", 0.0):
         warn(f"--guidance {guidance:g}: {run} was trained without caption dropout (--cond-dropout), so its "
              "empty-caption logits were never trained")
 
@@ -423,10 +418,4 @@ class SamplingOptions:
     top_p: float = option(None, float_in(0.0, 1.0, low_open=True),
                           "sample among the likeliest image tokens of total probability p, in (0, 1]")
     guidance: float = option(1.0, finite_float, "classifier-free guidance scale (1 = off; for a run trained with "
-                                                "--cond-dropout, or with --shape-dropout and --guidance-negative "
-                                                "shapeless)")
-    guidance_negative: str = option("empty", ("empty", "shapeless"),
-                                    "what --guidance steers away from: empty: the empty caption (classifier-free "
-                                    "guidance); shapeless: each caption without its shape words ('a blue shape', "
-                                    "for a run trained with --shape-dropout), so the shape words weigh more than "
-                                    "what the colour words alone suggest")
+                                                "--cond-dropout)")

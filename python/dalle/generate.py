@@ -25,7 +25,7 @@ import torch
 
 from . import cli
 from .common import pick_device
-from .data.shapes import matches, parse_caption, without_shapes
+from .data.shapes import matches, parse_caption
 from .data.transforms import to_rgb
 from .images import save_grid
 from .model import check_id_range
@@ -140,14 +140,13 @@ def _positive_int(name, v):
 
 @torch.no_grad()
 def sample_captions(model, tok, dvae, captions, n=1, rerank=1, temperature=1.0, top_k=None, top_p=None,
-                    image_prefix=None, generator=None, batch_size=64, guidance=1.0, reranker=None, negative=None):
+                    image_prefix=None, generator=None, batch_size=64, guidance=1.0, reranker=None):
     """Images ``(len(captions), n, 3, S, S)`` in [0, 1] for each caption.
 
     ``rerank > 1``: draw ``n * rerank`` candidates per caption and keep the ``n`` best: by ``reranker``
     (a ``dalle.rerank.Reranker``) when given, else by the built-in dataset's scorer (``rerank_order``).
     ``image_prefix``: ``(h_rows * W,)`` tokens shared by every sample (image-prompt completion).
-    ``guidance``: classifier-free guidance scale (``dalle.sampling.Sampler.generate``; 1 is off), against the
-    empty caption or, given ``negative`` (one str per caption), against those captions.
+    ``guidance``: classifier-free guidance scale (``dalle.sampling.Sampler.generate``; 1 is off).
 
     Every argument is checked before the first token is drawn (``ValueError``/``TypeError``), so no caption
     can fail after the others' samples exist. Any str is a caption: an empty or whitespace-only one is
@@ -171,21 +170,15 @@ def sample_captions(model, tok, dvae, captions, n=1, rerank=1, temperature=1.0, 
                              f"{getattr(image_prefix, 'dtype', type(image_prefix).__name__)} "
                              f"{tuple(getattr(image_prefix, 'shape', ()))}")
         check_id_range(image_prefix, c.image_vocab, "image_prefix", "the dVAE's codes")
-    if negative is not None:
-        negative = check_captions(negative)
-        if len(negative) != len(captions):
-            raise ValueError(f"negative must hold one caption per caption ({len(captions)}), got {len(negative)}")
     ids = encode_captions(tok, captions, c.text_len)
     per = n * rerank
     text = tok.encode_batch(captions, c.text_len).repeat_interleave(per, dim=0).to(dev)
-    neg = None if negative is None else tok.encode_batch(negative, c.text_len).repeat_interleave(per, dim=0).to(dev)
     tokens = []
     for i in range(0, text.shape[0], batch_size):
         t = text[i: i + batch_size]
         prefix = None if image_prefix is None else image_prefix.to(dev).expand(t.shape[0], -1)
         tokens.append(generate_images(model, t, image_prefix=prefix, temperature=temperature, top_k=top_k,
-                                      top_p=top_p, generator=generator, guidance=guidance,
-                                      uncond_text=None if neg is None else neg[i: i + batch_size]))
+                                      top_p=top_p, generator=generator, guidance=guidance))
     tokens = torch.cat(tokens)
     images = torch.cat([dvae.decode(tokens[i: i + 256].view(-1, *c.grid)) for i in range(0, len(tokens), 256)])
     images = images.view(len(captions), per, *images.shape[1:]).cpu()
@@ -193,16 +186,6 @@ def sample_captions(model, tok, dvae, captions, n=1, rerank=1, temperature=1.0, 
         images = torch.stack([cand[rerank_order(cand, caption, x, reranker)[:n]]
                               for caption, x, cand in zip(captions, ids, images)])
     return images
-
-
-def negative_captions(captions, guidance: float, kind: str):
-    """The negative captions of ``--guidance-negative kind`` for ``captions`` (None: the empty caption, or no
-    guidance): ``shapeless``, each caption without its shape words (``dalle.data.shapes.without_shapes``)."""
-    if guidance == 1.0 or kind == "empty":
-        return None
-    if kind != "shapeless":
-        raise ValueError(f"guidance_negative must be empty or shapeless, got {kind!r}")
-    return [without_shapes(c) for c in captions]
 
 
 def load_prompt_tokens(path, dvae, rows: int, grid) -> torch.Tensor:
@@ -297,8 +280,7 @@ def main(argv=None):
         p.error(f"argument --prompt-rows: this run's grid has {model.cfg.grid[0]} rows; expected 1 to "
                 f"{model.cfg.grid[0] - 1}, got {rows}")
     if a.guidance != 1.0:
-        cli.warn_untrained_negative(a.guidance, a.guidance_negative, load_run_meta(a.run).get("train_config") or {},
-                                    a.run)
+        cli.warn_untrained_guidance(a.guidance, load_run_meta(a.run).get("train_config") or {}, a.run)
     prefix = load_prompt_tokens(a.prompt_image, dvae, rows, model.cfg.grid) if a.prompt_image else None
     reranker = None
     rr_path = Path(a.run) / cli.RERANKER_FILE
@@ -321,8 +303,7 @@ def main(argv=None):
         try:
             images = sample_captions(model, tok, dvae, a.captions, n=a.n, rerank=a.rerank,
                                      temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, image_prefix=prefix,
-                                     generator=g, guidance=a.guidance, reranker=reranker,
-                                     negative=negative_captions(a.captions, a.guidance, a.guidance_negative))
+                                     generator=g, guidance=a.guidance, reranker=reranker)
         except ValueError as e:  # the model's own numbers (non-finite logits of a diverged run): one line, no image
             print(f"python -m dalle.generate: error: {a.run}: {e}", file=sys.stderr)
             sys.exit(1)

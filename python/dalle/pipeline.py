@@ -47,7 +47,7 @@ from .data.sources import open_source
 from .data.transforms import preprocess
 from .dvae import DVAE
 from .encode import EncodeConfig, main as encode_main
-from .generate import CaptionWarning, load_run, negative_captions, rerank_order, sample_captions
+from .generate import CaptionWarning, load_run, rerank_order, sample_captions
 from .images import save_grid
 from .rerank import Reranker, train_for_run
 from .runs import fresh_run_problem
@@ -55,14 +55,8 @@ from .train import TrainConfig, train
 from .train_dvae import TrainDVAEConfig, train_dvae, weak_verdict
 
 
-# The demo's defaults on the built-in shapes: a share of captions trained without their shape words, and sampling
-# guided away from what those shapeless captions predict (docs/dvae/NOTES.md, "Composition").
-DEMO_SHAPE_DROPOUT = 0.15
-DEMO_GUIDANCE = (2.0, "shapeless")
-
-
 def evaluate_split(model, tok, dvae, split, n_captions, rerank, top_k, temperature, seed, data_seed, guidance=1.0,
-                   reranker=None, log=print, guidance_negative="empty"):
+                   reranker=None, log=print):
     """Scorer accuracy on ``n_captions`` captions of ``split``: one sample, the reranker's pick among ``rerank``
     candidates (when a ``reranker`` is given) and the best of them by the scorer.
 
@@ -75,8 +69,7 @@ def evaluate_split(model, tok, dvae, split, n_captions, rerank, top_k, temperatu
     dev = next(model.parameters()).device
     g = torch.Generator(device=dev).manual_seed(seed)
     images = sample_captions(model, tok, dvae, captions, n=rerank, temperature=temperature, top_k=top_k,
-                             generator=g, guidance=guidance,
-                             negative=negative_captions(captions, guidance, guidance_negative))  # (C, K, 3, S, S)
+                             generator=g, guidance=guidance)  # (C, K, 3, S, S), candidates in draw order
     ok = torch.tensor([[bool(matches(im, sc)) for im in cand] for cand, sc in zip(images, scenes)])
     real = torch.stack([ds[i][0] for i in range(len(ds))])
     recon = dvae.reconstruct(real.to(next(dvae.parameters()).device)).cpu()
@@ -115,19 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reranker-steps", type=cli.nonneg_int, default=4000,
                    help="updates of the learned reranker (0: none; the scorer then picks the shown images)")
     cli.add_options(p, cli.SamplingOptions, only=("top_k", "temperature"), defaults={"top_k": 16})
-    cli.add_options(p, TrainConfig, only=("image_embedding", "cond_dropout", "shape_dropout"),
-                    defaults={"image_embedding": None, "shape_dropout": None},
+    cli.add_options(p, TrainConfig, only=("image_embedding", "cond_dropout"), defaults={"image_embedding": None},
                     helps={"image_embedding": "dvae: image-token vectors computed from the dVAE's codes "
                            "(dalle.model.CodeEmbedding; the default on the built-in shapes); table: the paper's "
                            "lookup tables (the default with --data)"})
-    cli.add_options(p, cli.SamplingOptions, only=("guidance", "guidance_negative"), defaults={"guidance": None,
-                    "guidance_negative": None},
-                    helps={"guidance": f"guidance scale when sampling (1: off; default {DEMO_GUIDANCE[0]:g} on the "
-                                       "built-in shapes, 1 with --data)",
-                           "guidance_negative": "what --guidance steers away from: shapeless (each caption without "
-                                                "its shape words; the default on the built-in shapes, with "
-                                                "--shape-dropout) or empty (the empty caption, with --cond-dropout; "
-                                                "the default with --data)"})
+    cli.add_options(p, cli.SamplingOptions, only=("guidance",),
+                    helps={"guidance": "classifier-free guidance scale when sampling (1: off; needs --cond-dropout > 0)"})
     cli.add_options(p, TrainConfig, only=("seed", "device", "threads", "attn_backend"),
                     helps={"seed": "seed of every random draw"})
     p.add_argument("--resume", action="store_true", help="continue an interrupted run (dVAE or transformer)")
@@ -163,17 +149,7 @@ def parse_args(argv=None):
         a.text_len = 24 if a.data is None else 64
     if a.image_embedding is None:
         a.image_embedding = "dvae" if a.data is None else "table"
-    demo = a.data is None
-    if a.shape_dropout is None:
-        a.shape_dropout = DEMO_SHAPE_DROPOUT if demo else 0.0
-    elif a.shape_dropout > 0 and not demo:
-        p.error("argument --shape-dropout: only for the built-in captioned shapes (their grammar names the shape "
-                "words), not with --data")
-    if a.guidance_negative is None:
-        a.guidance_negative = DEMO_GUIDANCE[1] if demo else "empty"
-    if a.guidance is None:
-        a.guidance = DEMO_GUIDANCE[0] if demo else 1.0
-    if demo:
+    if a.data is None:
         for flag in ("dvae", "openai_dvae"):
             if getattr(a, flag) is not None:
                 p.error(f"argument --{flag.replace('_', '-')}: only with --data (the built-in demo trains its dVAE)")
@@ -187,8 +163,7 @@ def parse_args(argv=None):
         problem = fresh_run_problem(a.run)
         if problem:
             p.error(f"argument --run: {problem}")
-    cli.warn_untrained_negative(a.guidance, a.guidance_negative,
-                                {"cond_dropout": a.cond_dropout, "shape_dropout": a.shape_dropout})
+    cli.warn_untrained_guidance(a.guidance, {"cond_dropout": a.cond_dropout})
     cli.warn_greedy(a.temperature, a.rerank, a.top_k)
     if a.rerank == 1 and a.reranker_steps > 0:
         cli.warn("--rerank 1: one candidate per caption, nothing for the reranker to choose among; "
@@ -326,8 +301,7 @@ def run_on_data(a) -> dict:
         with warnings.catch_warnings(record=True) as caught:  # one summary line, not a warning per caption
             warnings.simplefilter("always", CaptionWarning)
             images = sample_captions(model, tok, dvae, captions, n=a.rerank, temperature=a.temperature,
-                                     top_k=a.top_k, generator=g, guidance=a.guidance,
-                                     negative=negative_captions(captions, a.guidance, a.guidance_negative))
+                                     top_k=a.top_k, generator=g, guidance=a.guidance)
         long = sum("text slots" in str(w.message) for w in caught if issubclass(w.category, CaptionWarning))
         if long:
             print(f"note: {long} of {n} held-out captions have more BPE tokens than the {model.cfg.text_len} text "
@@ -402,7 +376,7 @@ def run_demo(a) -> dict:
     cfg = TrainConfig(run=str(run), dvae=str(dvae_path), preset=a.preset, steps=a.steps, batch_size=a.batch_size,
                       lr=a.lr, warmup=a.warmup, plateau_window=250, plateau_patience=2,
                       dataset_size=a.dataset_size, text_len=a.text_len, seed=a.seed, device=a.device,
-                      cond_dropout=a.cond_dropout, shape_dropout=a.shape_dropout, image_embedding=a.image_embedding,
+                      cond_dropout=a.cond_dropout, image_embedding=a.image_embedding,
                       attn_backend=a.attn_backend, ckpt_every=max(50, a.steps // 10), log_every=10,
                       progress=a.progress)
     train(cfg, resume=a.resume and has_checkpoints(run), force=a.force)
@@ -436,8 +410,7 @@ def run_demo(a) -> dict:
     for split in ("train", "heldout"):
         res, captions, single, picked = evaluate_split(model, tok, dvae, split, a.eval_captions, a.rerank, a.top_k,
                                                        a.temperature, a.seed, data_seed=a.seed,
-                                                       guidance=a.guidance, reranker=reranker,
-                                                       guidance_negative=a.guidance_negative)
+                                                       guidance=a.guidance, reranker=reranker)
         results[split] = res
         n = min(32, len(captions))
         save_grid(torch.cat([single[:n], picked[:n]]), run / f"samples_{split}.png", nrow=8,

@@ -100,9 +100,6 @@ class TrainConfig:
     dropout: float = option(0.0, cli.probability, "residual dropout in every block, in [0, 1)")
     cond_dropout: float = option(0.0, cli.probability, "share of samples trained on the empty caption, in [0, 1) "
                                                        "(classifier-free guidance)")
-    shape_dropout: float = option(0.0, cli.probability, "built-in shapes: share of samples trained on their caption "
-                                  "without its shape words ('a blue shape', dalle.data.shapes.without_shapes), in "
-                                  "[0, 1): the sampler's --guidance-negative shapeless needs it")
     image_embedding: str = option("table", ("table", "dvae"), "table: the paper's lookup tables; dvae: vectors "
                                   "computed from the dVAE's codes (dalle.model.CodeEmbedding)")
     dropout_variants: int = option(4, cli.positive_int, "BPE-dropout encodings cached per caption")
@@ -499,9 +496,6 @@ def parse_args(argv=None):
                     "was encoded with (leave out --dvae) or encode it again with this one (python -m dalle.encode)")
         if len(shards) == 0:
             p.error(f"argument --data: {cfg.data} has no training samples (all are held out)")
-        if cfg.shape_dropout > 0:
-            p.error("argument --shape-dropout: only for the built-in captioned shapes (their grammar names the shape "
-                    "words), not with --data")
     if cfg.tokenizer:
         try:
             CaptionTokenizer.load(cfg.tokenizer)

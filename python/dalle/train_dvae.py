@@ -710,7 +710,8 @@ def _train(config: TrainDVAEConfig) -> Path:
     path = model.save(run)
     ev, _ = evaluate(model, eval_images, eval_scenes)
     ev.update(eval_split=eval_split, eval_images=len(eval_images), steps=cfg.steps,
-              train_wall_s=time.time() - engine.t0 if start == 0 else None, **weak_verdict(ev))
+              train_wall_s=time.time() - engine.t0 if start == 0 else None)
+    ev.update(weak_verdict(ev))
     _atomic_write(run / "eval.json", lambda f: f.write(json.dumps(ev, indent=2).encode()))
     if ev["weak"]:
         print(f"warning: {ev['weak_reason']}", file=sys.stderr)

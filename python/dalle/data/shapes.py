@@ -119,19 +119,6 @@ def caption_of(scene: dict, rng: np.random.Generator | None = None) -> str:
     return pick(_PAIR_TEMPLATES).format(a=_phrase(objs[0]), rel=rel, b=_phrase(objs[1]))
 
 
-_SHAPE_WORDS = re.compile(r"\b(" + "|".join(SHAPES) + r")\b")
-
-
-def without_shapes(caption: str) -> str:
-    """``caption`` with every shape word replaced by "shape": "a blue circle above a red square" -> "a blue shape
-    above a red shape". What the colour words (and sizes, relations) say without the shapes: trained on for a
-    share of samples (``dalle.train --shape-dropout``), its logits are the negative of the sampler's guidance
-    (``--guidance-negative shapeless``), which then weighs what the shape words add beyond the colours."""
-    if not isinstance(caption, str):
-        raise TypeError(f"caption must be a str, got {type(caption).__name__}")
-    return _SHAPE_WORDS.sub("shape", caption)
-
-
 def render(scene: dict, image_size: int = 32) -> torch.Tensor:
     """Draw ``scene`` as a uint8 tensor (3, S, S). Boxes are (x0, y0, width) in pixels."""
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:

@@ -21,7 +21,7 @@ from ..common import UnsafeFileError, atomic_save, load_checkpoint, pretrained_f
 from ..runs import file_digest
 from ..tokenizer import CaptionTokenizer, padding_ids, train_tokenizer
 from .sampler import TRANSFORMER_STRIDE, EpochSampler
-from .shapes import ShapesDataset, without_shapes
+from .shapes import ShapesDataset
 from .shards import TokenShards, content_digest
 
 
@@ -120,16 +120,13 @@ def prepare_shard_data(cfg, dvae, log=print) -> dict:
 def prepare_data(cfg, dvae, log=print) -> dict:
     """Tokenizer + cached (text variants, image codes) for the training split; built once per settings."""
     if cfg.data:
-        if cfg.shape_dropout > 0:
-            raise ValueError("shape_dropout is for the built-in captioned shapes (their grammar names the shape "
-                             "words), not for --data")
         return prepare_shard_data(cfg, dvae, log)
     run = Path(cfg.run)
     ds = ShapesDataset("train", size=cfg.dataset_size, image_size=dvae.cfg.image_size, seed=cfg.data_seed)
     key = {"dataset": ("shapes", cfg.dataset_size, dvae.cfg.image_size, cfg.data_seed),
            "dvae": file_digest(pretrained_files(cfg.dvae_path)[0]), "text_len": cfg.text_len,
            "bpe_vocab": cfg.bpe_vocab, "bpe_dropout": cfg.bpe_dropout, "variants": cfg.dropout_variants,
-           "seed": cfg.seed, "shapeless": cfg.shape_dropout > 0, "version": 2}
+           "seed": cfg.seed, "version": 2}
     cache_path, tok_path = run / "data_cache.pt", run / "tokenizer.json"
     if cache_path.is_file() and tok_path.is_file():
         try:
@@ -143,8 +140,7 @@ def prepare_data(cfg, dvae, log=print) -> dict:
             return cache
     log(f"preparing data: {len(ds)} captions -> BPE, images -> dVAE codes (once)")
     captions = ds.captions()
-    shapeless = [without_shapes(c) for c in captions] if cfg.shape_dropout > 0 else []
-    tok = train_tokenizer(captions + shapeless, cfg.bpe_vocab, tok_path, dropout=cfg.bpe_dropout)
+    tok = train_tokenizer(captions, cfg.bpe_vocab, tok_path, dropout=cfg.bpe_dropout)
     text = [tok.encode_batch(captions, cfg.text_len)]
     if cfg.bpe_dropout > 0:
         text += [tok.encode_batch(captions, cfg.text_len, dropout=True, rng=dropout_rng(cfg.seed, v))
@@ -157,8 +153,6 @@ def prepare_data(cfg, dvae, log=print) -> dict:
     cache = {"key": key, "text": torch.stack(text), "image": torch.cat(codes),
              "text_vocab": tok.vocab_size, "grid": tuple(dvae.grid_size), "image_vocab": dvae.vocab_size,
              "captions": captions}
-    if shapeless:  # (N, text_len): the clean encodings of the captions without their shape words
-        cache["text_shapeless"] = tok.encode_batch(shapeless, cfg.text_len)
     atomic_save(cache, cache_path)
     return cache
 
@@ -186,10 +180,6 @@ def get_batch(data: dict, step: int, cfg, rank: int = 0, world: int = 1):
     else:
         var = torch.zeros(len(idx), dtype=torch.long)
     text = data["text"][var, idx]
-    if cfg.shape_dropout > 0:  # the caption without its shape words for a seeded share of the batch
-        g = torch.Generator().manual_seed(cfg.seed * 1299709 + step)
-        drop = torch.rand(cfg.batch_size, generator=g)[rank::world] < cfg.shape_dropout
-        text = torch.where(drop[:, None], data["text_shapeless"][idx], text)
     if cfg.cond_dropout > 0:  # the empty caption (every slot its padding id) for a seeded share of the batch
         g = torch.Generator().manual_seed(cfg.seed * 104729 + step)
         drop = torch.rand(cfg.batch_size, generator=g)[rank::world] < cfg.cond_dropout
