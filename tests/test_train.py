@@ -122,6 +122,24 @@ def test_plateau_schedule():
     assert t(100) == s(100)
 
 
+def test_warmup_cosine_schedule():
+    import math
+
+    from dalle.schedules import WarmupCosineSchedule
+
+    s = WarmupCosineSchedule(1e-3, warmup=4, steps=104, end_ratio=0.1)
+    assert [s(i) for i in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    lrs = [s(i) for i in range(4, 105)]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4)  # update 104: the end
+    assert lrs[50] == pytest.approx(5.5e-4)  # half way: the mean of the two ends
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert s.state_dict() == {} and all(math.isfinite(x) for x in lrs)
+    assert WarmupCosineSchedule(1.0, 0, 10)(0) == 1.0
+    for bad in (dict(lr_schedule="linear"), dict(lr_end_ratio=1.5), dict(lr_end_ratio=-0.1)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TrainConfig(run="x", **bad)
+
+
 def test_batch_indices_cover_each_epoch_once():
     n, bs = 10, 4
     seen = torch.cat([batch_indices(s, bs, n, seed=3) for s in range(5)])  # 20 = two epochs

@@ -41,6 +41,29 @@ PAPER_TAU = CosineSchedule(1.0, 1.0 / 16, 150_000)
 PAPER_LR = CosineSchedule(1e-4, 1.25e-6, 1_200_000)
 
 
+class WarmupCosineSchedule:
+    """The transformer's step size with ``--lr-schedule cosine``: linear warm-up to ``lr`` over ``warmup`` updates,
+    then a cosine from ``lr`` to ``lr * end_ratio`` at update ``steps`` (the run's last). A pure function of the
+    step: nothing to save, the same interface as ``PlateauSchedule``."""
+
+    def __init__(self, lr, warmup, steps, end_ratio=0.1):
+        self.lr, self.warmup, self.steps, self.end_ratio = lr, warmup, steps, end_ratio
+
+    def __call__(self, step: int) -> float:
+        if self.warmup and step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        return cosine(step - self.warmup, self.lr, self.lr * self.end_ratio, max(1, self.steps - self.warmup))
+
+    def observe(self, step: int, loss: float) -> None:
+        pass
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, s):
+        pass
+
+
 class PlateauSchedule:
     """The transformer's step size: linear warm-up to ``lr``, then halved each time the training loss, averaged over
     windows of ``window`` updates, has not improved by ``threshold`` (1%) for ``patience`` windows, at most

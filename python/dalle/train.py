@@ -59,7 +59,7 @@ from .plan import PAPER_PRESETS, main as plan_main
 from .runs import (MODEL_TYPE, clear_run, export, file_digest, fresh_run_problem, load_dvae,
                    lock_run, run_identity, save_run_model)
 from .sampling import generate_images
-from .schedules import PlateauSchedule
+from .schedules import PlateauSchedule, WarmupCosineSchedule
 from .tokenizer import CaptionTokenizer
 
 option = cli.option
@@ -90,6 +90,11 @@ class TrainConfig:
     batch_size: int = option(32, cli.positive_int, "global batch size (a multiple of the number of processes)")
     lr: float = option(4.5e-4, cli.positive_float, "peak step size")
     warmup: int = option(5000, cli.nonneg_int, "updates of linear warm-up")
+    lr_schedule: str = option("plateau", ("plateau", "cosine"), "after the warm-up: plateau: halve the step size "
+                              "when the loss stops falling (paper appendix B.2); cosine: decay it to --lr-end-ratio "
+                              "times --lr at the last update")
+    lr_end_ratio: float = option(0.1, cli.float_in(0, 1), "with --lr-schedule cosine: the last update's step size "
+                                 "as a share of --lr")
     plateau_window: int = option(100, cli.positive_int, "updates per loss window for plateau detection")
     plateau_patience: int = option(3, cli.positive_int, "windows without 1%% improvement before the step size "
                                                         "halves")
@@ -319,7 +324,10 @@ def _train(cfg: TrainConfig, resume: bool, force: bool, log, rank: int, world: i
     else:  # 16-bit storage: updates with stochastic rounding (dalle.optim)
         opt = AdamW16(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.96), eps=1e-8, seed=cfg.seed,
                       rounding=cfg.param_rounding)
-    sched = PlateauSchedule(cfg.lr, cfg.warmup, cfg.plateau_window, cfg.plateau_patience, cfg.max_halvings)
+    if cfg.lr_schedule == "cosine":
+        sched = WarmupCosineSchedule(cfg.lr, cfg.warmup, cfg.steps, cfg.lr_end_ratio)
+    else:
+        sched = PlateauSchedule(cfg.lr, cfg.warmup, cfg.plateau_window, cfg.plateau_patience, cfg.max_halvings)
     engine = Engine(run, name="transformer", steps=cfg.steps, ckpt_every=cfg.ckpt_every, log_every=cfg.log_every,
                     rank=rank, layout=layout, sharded=cfg.fsdp, keep=cfg.keep_checkpoints,
                     max_nonfinite_steps=cfg.max_nonfinite_steps, progress=cfg.progress, log=log)
@@ -548,6 +556,11 @@ def check_resume(p, cfg: TrainConfig, dvae_file) -> None:
         cli.warn(f"{flag} {change} on resume: the run continues from {folder.name} at another setting, so it "
                  "will not equal the run it continues")
     differ = [d for d in differ if d[0] not in RESUME_WARNS]
+    saved_steps = (ts.get("train_config") or {}).get("steps")
+    if cfg.lr_schedule == "cosine" and saved_steps not in (None, cfg.steps):
+        cli.warn(f"--steps {saved_steps} -> {cfg.steps} on resume with --lr-schedule cosine: the decay is stretched "
+                 f"to the new last update from {folder.name} on, so the run will not equal one trained for "
+                 f"{cfg.steps} updates from the start")
     if differ:
         what = "; ".join(f"{flag} {change}" for flag, change in differ)
         p.error(f"argument {differ[0][0]}: {folder} was trained with other settings ({what}); a resume repeats the "

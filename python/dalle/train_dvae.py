@@ -93,9 +93,9 @@ class TrainDVAEConfig:
     eval_images: int = option(256, cli.positive_int, "held-out images for the reconstruction error")
     heldout: float = option(0.02, cli.float_in(0, 1, high_open=True), "real data: fraction of the pairs held out of training for eval.json and the reconstruction grids, chosen by a hash of each sample's key (the image path relative to the folder or table; a tar's member key); at least one when there are 2 or more pairs; 0: none, evaluate on training images")
     shuffle_buffer: int = option(1000, cli.positive_int, "WebDataset shards: images held in the shuffle buffer (3 * S * S bytes each)")
-    steps: int = option(1200, cli.positive_int, "updates (the k-means warm start included)")
+    steps: int = option(1800, cli.positive_int, "updates (the k-means warm start included)")
     batch_size: int = option(32, cli.positive_int, "batch size")
-    lr: float | None = option(None, cli.positive_float, "peak step size (paper 1e-4, tiny 6e-3)")
+    lr: float | None = option(None, cli.positive_float, "peak step size (paper 1e-4, tiny 3e-3)")
     lr_end: float | None = option(None, cli.nonneg_float, "final step size (paper 1.25e-6, tiny lr / 100)")
     lr_steps: int | None = option(None, cli.positive_int, "updates of the step-size schedule (default: the ELBO updates)")
     beta: float | None = option(None, cli.nonneg_float, "final KL weight (paper 6.6, tiny 0)")
@@ -157,7 +157,7 @@ class TrainDVAEConfig:
             c.channel_shuffle = "on" if c.data == "shapes" else "off"
         elbo = c.steps - c.kmeans_warmup_steps  # the schedules run over the updates after the warm start
         if c.lr is None:
-            c.lr = 1e-4 if paper else 6e-3
+            c.lr = 1e-4 if paper else 3e-3  # tiny: 6e-3 left some seeds' warm start unsettled (docs/dvae/NOTES.md)
         if c.lr_end is None:
             c.lr_end = 1.25e-6 if paper else c.lr / 100
         if c.lr_steps is None:
