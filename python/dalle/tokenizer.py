@@ -123,9 +123,10 @@ class CaptionTokenizer:
                 ids[pos], gone[j], nxt[pos] = new, True, nxt[j]
                 if nxt[j] != -1:
                     prv[nxt[j]] = pos
-                for a, b in ((prv[pos], pos), (pos, nxt[pos])):
-                    if a >= 0 and b != -1 and (ids[a], ids[b]) in merges:
-                        heapq.heappush(queue, (merges[(ids[a], ids[b])][0], a, merges[(ids[a], ids[b])][1]))
+                for a, b in ((prv[pos], pos), (pos, nxt[pos])):  # the new pairs on either side of the merge
+                    merge = merges.get((ids[a], ids[b])) if a >= 0 and b != -1 else None
+                    if merge is not None:
+                        heapq.heappush(queue, (merge[0], a, merge[1]))
             out += [t for t, g in zip(ids, gone) if not g and t is not None]
         return out
 

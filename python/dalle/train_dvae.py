@@ -732,10 +732,11 @@ def weak_verdict(ev: dict) -> dict:
         return {"weak": None, "weak_reason": "no scorer for these images (real data): judge the reconstruction "
                                               "grids and heldout_mae"}
     if acc < WEAK_BELOW:
+        split = "held-out" if ev.get("eval_split") == "heldout" else "training"
         return {"weak": True, "weak_reason": f"weak dVAE: the scorer accepts {acc:.1%} of its {ev.get('eval_images')} "
-                                             f"{'held-out' if ev.get('eval_split') == 'heldout' else 'training'} reconstructions, below "
-                                             f"{WEAK_BELOW:.0%}; every sample drawn through it is limited by that "
-                                             "(train it again with more --steps or another --seed)"}
+                                             f"{split} reconstructions, below {WEAK_BELOW:.0%}; every sample drawn "
+                                             "through it is limited by that (train it again with more --steps or "
+                                             "another --seed)"}
     return {"weak": False, "weak_reason": ""}
 
 
